@@ -1,0 +1,19 @@
+"""fastvq: fast, memory-lean vector quantization for PyTorch.
+
+``import fastvq`` never imports Triton: the kernels load on first use, so the package works
+(with the torch backend) where Triton is absent.
+"""
+
+from .functional import VQOutput, vector_quantize
+from .ops import code_counts, scatter_rows, search, triton_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VQOutput",
+    "code_counts",
+    "scatter_rows",
+    "search",
+    "triton_available",
+    "vector_quantize",
+]

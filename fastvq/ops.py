@@ -1,0 +1,160 @@
+"""Backend dispatch and the primitives registered as torch custom ops.
+
+``search`` and ``scatter_rows`` are the two primitives every part of fastvq builds on (the op's
+forward and backward, the layer's EMA statistics, k-means and the distributed code). Each is a
+``torch.library.custom_op`` so ``torch.compile`` traces models through them without a graph
+break, with a fake (meta) implementation giving output shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ._search_torch import search_torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    """None when ``fastvq.kernels`` (and so Triton) imports, else why it does not."""
+    try:
+        import fastvq.kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken Triton install failing at import
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels import on this machine."""
+    return _triton_import_error() is None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to a concrete backend and check that the requested one can run here.
+
+    ``"auto"`` is Triton for CUDA tensors when Triton imports, torch otherwise. ``"triton"`` needs
+    Triton and CUDA tensors, or CPU tensors under the interpreter (``TRITON_INTERPRET=1``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        err = _triton_import_error()
+        if err is not None:
+            raise ValueError(f"backend='triton' needs a working Triton install ({err}); "
+                             "use backend='torch' or 'auto'")  # fmt: skip
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}); CPU tensors run "
+                "only under Triton's interpreter (TRITON_INTERPRET=1 set before importing triton)"
+            )
+    return backend
+
+
+# --- search -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvq::search", mutates_args=())
+def _search_op(
+    z2d: torch.Tensor, codebook: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Autocast would turn the torch backend's fp32 addmm into bf16: the search sets its own dtype.
+    with torch.autocast(z2d.device.type, enabled=False):
+        if backend == "triton":
+            from fastvq.kernels import vq_search_triton
+
+            if z2d.device.type == "cuda":
+                with torch.cuda.device(z2d.device):
+                    return vq_search_triton(z2d, codebook)
+            return vq_search_triton(z2d, codebook)
+        return search_torch(z2d, codebook)
+
+
+@_search_op.register_fake
+def _(z2d, codebook, backend):
+    n = z2d.shape[0]
+    return (
+        z2d.new_empty((n,), dtype=torch.int64),
+        z2d.new_empty(z2d.shape),
+        z2d.new_empty((n,), dtype=torch.float32),
+    )
+
+
+def search(
+    z2d: torch.Tensor, codebook: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest code for each row, without autograd.
+
+    Args:
+        z2d: (N, D) float32/float16/bfloat16 rows.
+        codebook: (K, D) float32/float16/bfloat16 codes, K >= 1, same device.
+        backend: "auto", "torch" or "triton".
+
+    Returns:
+        indices: int64 (N,), nearest code by squared L2, ties to the lowest index.
+        z_q: (N, D) in ``z2d.dtype``, ``codebook[indices]``.
+        err: fp32 (N,), ``sum_d (z - z_q)^2``.
+    """
+    return _search_op(z2d.detach(), codebook.detach(), resolve_backend(backend, z2d.device))
+
+
+# --- scatter ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvq::scatter_rows", mutates_args=())
+def _scatter_op(
+    indices: torch.Tensor, rows: torch.Tensor, num_codes: int, backend: str, deterministic: bool
+) -> torch.Tensor:
+    if backend == "triton":
+        from fastvq.kernels import scatter_rows_triton
+
+        return scatter_rows_triton(indices, rows, num_codes, deterministic=deterministic)
+    out = torch.zeros((num_codes, rows.shape[1]), dtype=torch.float32, device=rows.device)
+    return out.index_add_(0, indices, rows.to(torch.float32))
+
+
+@_scatter_op.register_fake
+def _(indices, rows, num_codes, backend, deterministic):
+    return rows.new_empty((num_codes, rows.shape[1]), dtype=torch.float32)
+
+
+def scatter_rows(
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    num_codes: int,
+    *,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Sum rows into codes: ``out[k] = sum_{i: indices[i] == k} rows[i]``.
+
+    Args:
+        indices: int64 (N,) in ``[0, num_codes)``.
+        rows: (N, D) float rows.
+        num_codes: K.
+        backend: "auto", "torch" or "triton".
+        deterministic: bitwise-reproducible summation order; default follows
+            ``torch.are_deterministic_algorithms_enabled()``. The torch backend on CPU is always
+            deterministic; on CUDA its ``index_add_`` uses atomics.
+
+    Returns:
+        fp32 (num_codes, D).
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    be = resolve_backend(backend, rows.device)
+    return _scatter_op(indices, rows, int(num_codes), be, bool(deterministic))
+
+
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """fp32 (num_codes,) number of rows assigned to each code (a bincount, no one-hot)."""
+    return torch.bincount(indices, minlength=num_codes).to(torch.float32)

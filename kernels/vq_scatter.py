@@ -1,0 +1,105 @@
+"""Scatter-add of rows into codes: the codebook gradient and the EMA sums share it.
+
+    out[k, :] = sum_{i : idx[i] == k} rows[i, :]      (fp32 accumulation)
+
+Two kernels:
+- ``scatter_rows_atomic_kernel``: one program per (row block, D block), fp32 ``tl.atomic_add``.
+  Fast when codes are spread; the summation order (and so the last bits) varies run to run.
+- ``scatter_rows_segment_kernel``: rows sorted by code, one program per (code, D block) sums its
+  contiguous segment in a fixed order: bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def scatter_rows_atomic_kernel(
+    idx_ptr,
+    rows_ptr,
+    out_ptr,
+    N,
+    D,
+    stride_rn,
+    stride_rd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    m_n = o_n < N
+    m = m_n[:, None] & (o_d < D)[None, :]
+    b_idx = tl.load(idx_ptr + o_n, mask=m_n, other=0)
+    p_r = rows_ptr + o_n[:, None] * stride_rn + o_d[None, :] * stride_rd
+    b_r = tl.load(p_r, mask=m, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + b_idx[:, None] * D + o_d[None, :], b_r, mask=m)
+
+
+@triton.jit
+def scatter_rows_segment_kernel(
+    perm_ptr,
+    offsets_ptr,
+    rows_ptr,
+    out_ptr,
+    D,
+    stride_rn,
+    stride_rd,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    code = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    m_d = o_d < D
+    start = tl.load(offsets_ptr + code)
+    end = tl.load(offsets_ptr + code + 1)
+    b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        m_r = o_r < end
+        b_row = tl.load(perm_ptr + o_r, mask=m_r, other=0)
+        p_r = rows_ptr + b_row[:, None] * stride_rn + o_d[None, :] * stride_rd
+        b_acc += tl.load(p_r, mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + code * D + o_d, tl.sum(b_acc, axis=0), mask=m_d)
+
+
+def scatter_rows_triton(
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    num_codes: int,
+    *,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Sum ``rows`` (N, D) into ``num_codes`` buckets by ``indices`` (N,) int64.
+
+    Returns a new fp32 (num_codes, D) tensor. ``deterministic=True`` sorts the indices and reduces
+    each code's segment in a fixed order (bitwise reproducible); the default uses fp32 atomics.
+    """
+    n, d = rows.shape
+    out = torch.zeros((num_codes, d), dtype=torch.float32, device=rows.device)
+    if n == 0 or d == 0:
+        return out
+    block_d = max(16, min(128, triton.next_power_of_2(d)))
+    if not deterministic:
+        block_n = 64
+        grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+        scatter_rows_atomic_kernel[grid](
+            indices, rows, out, n, d, rows.stride(0), rows.stride(1),
+            BLOCK_N=block_n, BLOCK_D=block_d,
+        )  # fmt: skip
+        return out
+    sorted_idx, perm = torch.sort(indices, stable=True)
+    counts = torch.bincount(sorted_idx, minlength=num_codes)
+    offsets = torch.zeros(num_codes + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    grid = (num_codes, triton.cdiv(d, block_d))
+    scatter_rows_segment_kernel[grid](
+        perm, offsets, rows, out, d, rows.stride(0), rows.stride(1),
+        BLOCK_R=16, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out

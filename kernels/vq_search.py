@@ -1,0 +1,206 @@
+"""Fused nearest-code search: distance + running argmin + gather + squared error, one pass.
+
+For ``z`` (N, D) and a codebook ``C`` (K, D), each program owns ``BLOCK_N`` rows and streams the
+codebook in ``BLOCK_K`` tiles:
+
+    dist[n, k] = ||C_k||^2 - 2 <z_n, C_k>          (fp32 accumulation; ||z_n||^2 is row-constant)
+    idx[n]     = argmin_k dist[n, k]                (ties -> lowest k; NaN never wins)
+    z_q[n]     = C[idx[n]]                          (cast to z's dtype)
+    err[n]     = sum_d (z[n, d] - C[idx[n], d])^2   (fp32, from the gathered row, not from dist)
+
+No N x K tensor exists anywhere: a tile of distances lives in registers only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set this to fill outputs with NaN / -1 before launch, so a row the kernel forgets to write
+# fails loudly instead of passing with whatever memory held.
+POISON_OUTPUTS = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def vq_search_fwd_kernel(
+    # pointers
+    z_ptr,
+    c_ptr,
+    cnorm_ptr,
+    idx_ptr,
+    zq_ptr,
+    err_ptr,
+    # sizes
+    N,
+    K,
+    D,
+    # strides (elements)
+    stride_zn,
+    stride_zd,
+    stride_ck,
+    stride_cd,
+    stride_qn,
+    stride_qd,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    STORE_ZQ: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # int64 before any stride product: N*D may exceed 2^31
+    o_n = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BN]
+    m_n = o_n < N
+    o_d = tl.arange(0, BLOCK_D)
+
+    b_best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    b_idx = tl.zeros([BLOCK_N], dtype=tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
+        m_k = o_k < K
+        b_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            m_d = (d0 + o_d) < D
+            p_z = z_ptr + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
+            b_z = tl.load(p_z, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+            p_c = c_ptr + o_k[None, :] * stride_ck + (d0 + o_d)[:, None] * stride_cd
+            b_c = tl.load(p_c, mask=m_k[None, :] & m_d[:, None], other=0.0)  # [BD, BK]
+            if CAST_FP32:
+                # The interpreter mishandles bf16 dot; mixed input dtypes also meet here in fp32.
+                b_z = b_z.to(tl.float32)
+                b_c = b_c.to(tl.float32)
+            b_acc = tl.dot(b_z, b_c, b_acc, input_precision=INPUT_PRECISION)
+        b_cn = tl.load(cnorm_ptr + o_k, mask=m_k, other=float("inf"))  # [BK]
+        b_dist = b_cn[None, :] - 2.0 * b_acc  # [BN, BK]
+        # NaN and -inf only come from a non-finite row or code: they never win (NaN > x is
+        # false), so such a row falls back to index 0, the torch backend's policy.
+        b_dist = tl.where(b_dist > float("-inf"), b_dist, float("inf"))
+        b_tmin = tl.min(b_dist, axis=1)  # [BN]
+        # lowest index among the tile's minima: tie-breaking independent of tl.argmin's choice
+        b_cand = tl.where(b_dist == b_tmin[:, None], o_k[None, :], K)
+        b_targ = tl.min(b_cand, axis=1)
+        # strict < keeps the earlier tile on exact ties across tiles
+        b_better = b_tmin < b_best
+        b_best = tl.where(b_better, b_tmin, b_best)
+        b_idx = tl.where(b_better, b_targ, b_idx)
+
+    tl.store(idx_ptr + o_n, b_idx, mask=m_n)
+
+    # gather z_q = C[idx] and the per-row squared error from the gathered row
+    b_err = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        m_d = (d0 + o_d) < D
+        m_nd = m_n[:, None] & m_d[None, :]
+        p_z = z_ptr + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
+        b_z = tl.load(p_z, mask=m_nd, other=0.0).to(tl.float32)
+        p_c = c_ptr + b_idx[:, None] * stride_ck + (d0 + o_d)[None, :] * stride_cd
+        b_q = tl.load(p_c, mask=m_nd, other=0.0).to(tl.float32)
+        b_diff = b_z - b_q
+        b_err += tl.sum(b_diff * b_diff, axis=1)
+        if STORE_ZQ:
+            p_q = zq_ptr + o_n[:, None] * stride_qn + (d0 + o_d)[None, :] * stride_qd
+            tl.store(p_q, b_q.to(zq_ptr.dtype.element_ty), mask=m_nd)
+    tl.store(err_ptr + o_n, b_err, mask=m_n)
+
+
+def _pick_config(n: int, k: int, d: int) -> tuple[int, int, int, int, int]:
+    """Return (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages).
+
+    Every tl.dot dimension is >= 16 (the GPU's rule; the interpreter would accept less).
+    GPU tiles follow flash-kmeans' H100 choices (BLOCK_N 128, BLOCK_K 64-128); they are starting
+    points not yet tuned on hardware here. Under the interpreter larger tiles mean fewer numpy
+    steps, so they run faster.
+    """
+    block_d = max(16, min(triton.next_power_of_2(d), 64 if d > 64 else 128))
+    if interpreting():
+        block_n = max(16, min(64, triton.next_power_of_2(n)))
+        block_k = max(16, min(128, triton.next_power_of_2(k)))
+        return block_n, block_k, max(16, min(triton.next_power_of_2(d), 256)), 4, 1
+    block_n = 64 if n <= 4096 else 128
+    block_k = 64 if d >= 256 else 128
+    block_k = max(16, min(block_k, triton.next_power_of_2(k)))
+    return block_n, block_k, block_d, 8 if block_n * block_k >= 128 * 128 else 4, 3
+
+
+def vq_search_triton(
+    z2d: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    fp32_precision: str = "tf32x3",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused search. Same contract as ``fastvq._search_torch.search_torch``.
+
+    Args:
+        z2d: (N, D) float32/float16/bfloat16, any strides.
+        codebook: (K, D) float32/float16/bfloat16, K >= 1, same device.
+        fp32_precision: ``tl.dot`` input precision when the search dtype is fp32 on a GPU:
+            "ieee" (exact fp32, no tensor cores), "tf32x3" (near-fp32 on tensor cores, default),
+            "tf32" (fastest, may misrank near-ties). Ignored for bf16/fp16 (native MMA, fp32
+            accumulation) and by the interpreter (exact fp32).
+
+    Returns:
+        (indices int64 (N,), z_q (N, D) in z2d.dtype, err fp32 (N,)).
+    """
+    n, d = z2d.shape
+    k = codebook.shape[0]
+    dev = z2d.device
+    indices = torch.empty(n, dtype=torch.int64, device=dev)
+    z_q = torch.empty((n, d), dtype=z2d.dtype, device=dev)
+    err = torch.empty(n, dtype=torch.float32, device=dev)
+    if POISON_OUTPUTS:
+        indices.fill_(-1), z_q.fill_(float("nan")), err.fill_(float("nan"))
+    if n == 0:
+        return indices, z_q, err
+
+    # Search dtype: the promotion of both inputs (bf16 z + fp32 codebook searches in fp32).
+    search_dtype = torch.promote_types(z2d.dtype, codebook.dtype)
+    c32 = codebook.to(torch.float32)
+    finite = torch.isfinite(c32).all(dim=1)
+    cnorm = torch.where(finite, (c32 * c32).sum(dim=1), torch.full((), float("inf"), device=dev))
+    del c32
+
+    interp = interpreting()
+    same_dtype = z2d.dtype == codebook.dtype
+    cast_fp32 = interp or search_dtype == torch.float32 or not same_dtype
+    precision = "ieee" if interp else (fp32_precision if search_dtype == torch.float32 else "tf32")
+    block_n, block_k, block_d, warps, stages = _pick_config(n, k, d)
+    grid = (triton.cdiv(n, block_n),)
+    vq_search_fwd_kernel[grid](
+        z2d,
+        codebook,
+        cnorm,
+        indices,
+        z_q,
+        err,
+        n,
+        k,
+        d,
+        z2d.stride(0),
+        z2d.stride(1),
+        codebook.stride(0),
+        codebook.stride(1),
+        z_q.stride(0),
+        z_q.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        CAST_FP32=cast_fp32,
+        INPUT_PRECISION=precision,
+        STORE_ZQ=same_dtype,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    if not same_dtype:
+        # Mixed dtypes: z_q must equal torch's cast (round-to-nearest-even) bit for bit; a gather
+        # of N x D is small next to the search, and the interpreter's cast rounds differently.
+        z_q.copy_(codebook.index_select(0, indices))
+    return indices, z_q, err

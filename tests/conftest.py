@@ -1,0 +1,36 @@
+"""Shared fixtures. Runs Triton kernels under the CPU interpreter where there is no CUDA.
+
+TRITON_INTERPRET must be set before triton is imported; fastvq imports triton lazily, so setting
+it here (before any test module imports fastvq.kernels) is early enough.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastvq  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Every op test runs on both backends (Triton interpreted on CPU)."""
+    if request.param == "triton" and not fastvq.triton_available():
+        pytest.skip("Triton is not importable here")
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,44 @@
+"""The built wheel ships the Triton kernels as fastvq.kernels (no torch reinstall)."""
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(300)
+def test_wheel_contains_kernels_and_imports(tmp_path):
+    wheel_dir = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "-w", str(wheel_dir), str(ROOT)],
+        check=True, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    (wheel,) = wheel_dir.glob("fastvq-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for f in ("fastvq/kernels/__init__.py", "fastvq/kernels/vq_search.py", "fastvq/ops.py"):
+        assert f in names, f"{f} missing from {wheel.name}"
+    assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package leaked"
+
+    # A fresh venv that sees the system torch but installs only the wheel itself (--no-deps).
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    subprocess.run([py, "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=240)  # fmt: skip
+    code = (
+        "import fastvq, fastvq.kernels, sys; "
+        f"assert fastvq.__file__.startswith({str(env_dir)!r}), fastvq.__file__; "
+        "print(fastvq.kernels.vq_search_triton.__module__)"
+    )
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [py, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "fastvq.kernels.vq_search"
