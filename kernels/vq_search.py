@@ -14,6 +14,7 @@ No N x K tensor exists anywhere: a tile of distances lives in registers only.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -38,10 +39,12 @@ def vq_search_fwd_kernel(
     idx_ptr,
     zq_ptr,
     err_ptr,
+    part_ptr,
     # sizes
     N,
     K,
     D,
+    K_PER_SPLIT,
     # strides (elements)
     stride_zn,
     stride_zd,
@@ -56,17 +59,29 @@ def vq_search_fwd_kernel(
     CAST_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     STORE_ZQ: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
+    """One program: BLOCK_N rows x the codes [split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT).
+
+    SPLIT_K=False: the program sees every code, then gathers z_q and the squared error.
+    SPLIT_K=True (small N, large K: too few row blocks to fill the GPU): it writes its partial
+    (min distance, index) pair to ``part_ptr`` [2, splits, N]; the launcher merges the splits.
+    """
     pid = tl.program_id(0).to(tl.int64)  # int64 before any stride product: N*D may exceed 2^31
+    pid_s = tl.program_id(1).to(tl.int64)
     o_n = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BN]
     m_n = o_n < N
     o_d = tl.arange(0, BLOCK_D)
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
 
     b_best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
-    b_idx = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for k0 in range(0, K, BLOCK_K):
+    b_idx = tl.zeros([BLOCK_N], dtype=tl.int64) + k_lo
+    # Every program walks the codebook in the same order, so programs resident at the same time
+    # read the same code tiles and share them through L2.
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
-        m_k = o_k < K
+        m_k = o_k < k_hi
         b_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             m_d = (d0 + o_d) < D
@@ -93,49 +108,72 @@ def vq_search_fwd_kernel(
         b_best = tl.where(b_better, b_tmin, b_best)
         b_idx = tl.where(b_better, b_targ, b_idx)
 
-    tl.store(idx_ptr + o_n, b_idx, mask=m_n)
+    if SPLIT_K:
+        tl.store(part_ptr + pid_s * N + o_n, b_best, mask=m_n)
+        tl.store(idx_ptr + pid_s * N + o_n, b_idx, mask=m_n)
+    else:
+        # A row with no finite distance keeps index 0 (its k_lo): the documented NaN policy.
+        tl.store(idx_ptr + o_n, b_idx, mask=m_n)
+        # gather z_q = C[idx] and the per-row squared error from the gathered row
+        b_err = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            m_d = (d0 + o_d) < D
+            m_nd = m_n[:, None] & m_d[None, :]
+            p_z = z_ptr + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
+            b_z = tl.load(p_z, mask=m_nd, other=0.0).to(tl.float32)
+            p_c = c_ptr + b_idx[:, None] * stride_ck + (d0 + o_d)[None, :] * stride_cd
+            b_q = tl.load(p_c, mask=m_nd, other=0.0).to(tl.float32)
+            b_diff = b_z - b_q
+            b_err += tl.sum(b_diff * b_diff, axis=1)
+            if STORE_ZQ:
+                p_q = zq_ptr + o_n[:, None] * stride_qn + (d0 + o_d)[None, :] * stride_qd
+                tl.store(p_q, b_q.to(zq_ptr.dtype.element_ty), mask=m_nd)
+        tl.store(err_ptr + o_n, b_err, mask=m_n)
 
-    # gather z_q = C[idx] and the per-row squared error from the gathered row
-    b_err = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        m_d = (d0 + o_d) < D
-        m_nd = m_n[:, None] & m_d[None, :]
-        p_z = z_ptr + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
-        b_z = tl.load(p_z, mask=m_nd, other=0.0).to(tl.float32)
-        p_c = c_ptr + b_idx[:, None] * stride_ck + (d0 + o_d)[None, :] * stride_cd
-        b_q = tl.load(p_c, mask=m_nd, other=0.0).to(tl.float32)
-        b_diff = b_z - b_q
-        b_err += tl.sum(b_diff * b_diff, axis=1)
-        if STORE_ZQ:
-            p_q = zq_ptr + o_n[:, None] * stride_qn + (d0 + o_d)[None, :] * stride_qd
-            tl.store(p_q, b_q.to(zq_ptr.dtype.element_ty), mask=m_nd)
-    tl.store(err_ptr + o_n, b_err, mask=m_n)
+
+class SearchConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
 
 
-def _pick_config(n: int, k: int, d: int) -> tuple[int, int, int, int, int]:
-    """Return (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages).
+def pick_config(n: int, k: int, d: int, dtype: torch.dtype) -> SearchConfig:
+    """Tile sizes and launch parameters for one problem.
 
-    Every tl.dot dimension is >= 16 (the GPU's rule; the interpreter would accept less).
-    GPU tiles follow flash-kmeans' H100 choices (BLOCK_N 128, BLOCK_K 64-128); they are starting
-    points not yet tuned on hardware here. Under the interpreter larger tiles mean fewer numpy
-    steps, so they run faster.
+    Every tl.dot dimension is >= 16 (the GPU's rule; the interpreter would accept less). The GPU
+    choices start from flash-kmeans' H100 tiles (BLOCK_N 128, BLOCK_K 64-128, 128x64 for D >= 256)
+    and are keyed on D and dtype, not on N beyond "small N"; they are not yet measured on a GPU
+    here (see benchmarks/gpu_check.sh). Under the interpreter bigger tiles mean fewer numpy steps.
     """
-    block_d = max(16, min(triton.next_power_of_2(d), 64 if d > 64 else 128))
+    p2 = triton.next_power_of_2
     if interpreting():
-        block_n = max(16, min(64, triton.next_power_of_2(n)))
-        block_k = max(16, min(128, triton.next_power_of_2(k)))
-        return block_n, block_k, max(16, min(triton.next_power_of_2(d), 256)), 4, 1
+        return SearchConfig(
+            max(16, min(64, p2(n))), max(16, min(128, p2(k))), max(16, min(p2(d), 256)), 4, 1
+        )
+    wide = dtype == torch.float32  # fp32 tiles take twice the registers / shared memory
+    block_d = max(16, min(p2(d), 32 if wide else 64))
     block_n = 64 if n <= 4096 else 128
-    block_k = 64 if d >= 256 else 128
-    block_k = max(16, min(block_k, triton.next_power_of_2(k)))
-    return block_n, block_k, block_d, 8 if block_n * block_k >= 128 * 128 else 4, 3
+    block_k = 64 if (d >= 256 or wide) else 128
+    block_k = max(16, min(block_k, p2(k)))
+    warps = 8 if block_n * block_k >= 128 * 128 else 4
+    return SearchConfig(block_n, block_k, block_d, warps, 3)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 def vq_search_triton(
     z2d: torch.Tensor,
     codebook: torch.Tensor,
     *,
-    fp32_precision: str = "tf32x3",
+    fp32_precision: str | None = None,
+    config: SearchConfig | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused search. Same contract as ``fastvq._search_torch.search_torch``.
 
@@ -143,9 +181,12 @@ def vq_search_triton(
         z2d: (N, D) float32/float16/bfloat16, any strides.
         codebook: (K, D) float32/float16/bfloat16, K >= 1, same device.
         fp32_precision: ``tl.dot`` input precision when the search dtype is fp32 on a GPU:
-            "ieee" (exact fp32, no tensor cores), "tf32x3" (near-fp32 on tensor cores, default),
-            "tf32" (fastest, may misrank near-ties). Ignored for bf16/fp16 (native MMA, fp32
-            accumulation) and by the interpreter (exact fp32).
+            "ieee" (exact fp32, no tensor cores), "tf32x3" (near-fp32 on tensor cores, default;
+            env ``FASTVQ_FP32_PRECISION`` overrides), "tf32" (fastest, may misrank near-ties).
+            Ignored for bf16/fp16 (native MMA, fp32 accumulation) and by the interpreter.
+        config: tile sizes; default from :func:`pick_config`.
+        splits: number of K splits (1 = none). Default: split K when the row blocks alone
+            would leave most SMs idle (small N) and K is large.
 
     Returns:
         (indices int64 (N,), z_q (N, D) in z2d.dtype, err fp32 (N,)).
@@ -171,35 +212,48 @@ def vq_search_triton(
     interp = interpreting()
     same_dtype = z2d.dtype == codebook.dtype
     cast_fp32 = interp or search_dtype == torch.float32 or not same_dtype
+    if fp32_precision is None:
+        fp32_precision = os.environ.get("FASTVQ_FP32_PRECISION", "tf32x3")
+    if fp32_precision not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(
+            f"fp32_precision must be 'ieee', 'tf32' or 'tf32x3', got {fp32_precision!r}"
+        )
     precision = "ieee" if interp else (fp32_precision if search_dtype == torch.float32 else "tf32")
-    block_n, block_k, block_d, warps, stages = _pick_config(n, k, d)
-    grid = (triton.cdiv(n, block_n),)
-    vq_search_fwd_kernel[grid](
-        z2d,
-        codebook,
-        cnorm,
-        indices,
-        z_q,
-        err,
-        n,
-        k,
-        d,
-        z2d.stride(0),
-        z2d.stride(1),
-        codebook.stride(0),
-        codebook.stride(1),
-        z_q.stride(0),
-        z_q.stride(1),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
-        CAST_FP32=cast_fp32,
-        INPUT_PRECISION=precision,
-        STORE_ZQ=same_dtype,
-        num_warps=warps,
-        num_stages=stages,
-    )
-    if not same_dtype:
+    cfg = config or pick_config(n, k, d, search_dtype)
+    row_blocks = triton.cdiv(n, cfg.block_n)
+    if splits is None:
+        splits = 1
+        if row_blocks < _num_sms(dev) and k >= 32 * cfg.block_k:
+            splits = min(triton.cdiv(2 * _num_sms(dev), row_blocks), k // (16 * cfg.block_k))
+    splits = max(1, min(splits, triton.cdiv(k, cfg.block_k)))
+    # each split covers whole BLOCK_K tiles
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_per_split)
+    split = splits > 1
+    if split:
+        part_d = torch.empty((splits, n), dtype=torch.float32, device=dev)
+        part_i = torch.empty((splits, n), dtype=torch.int64, device=dev)
+    else:
+        part_d, part_i = err, indices
+    vq_search_fwd_kernel[(row_blocks, splits)](
+        z2d, codebook, cnorm, part_i, z_q, err, part_d,
+        n, k, d, k_per_split,
+        z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
+        z_q.stride(0), z_q.stride(1),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        CAST_FP32=cast_fp32, INPUT_PRECISION=precision,
+        STORE_ZQ=same_dtype, SPLIT_K=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split:
+        # Splits are ordered by k, and min() returns the first occurrence: ties -> lowest index.
+        # A row with no finite distance anywhere keeps split 0's index 0.
+        which = part_d.argmin(dim=0, keepdim=True)
+        indices.copy_(part_i.gather(0, which).squeeze(0))
+        gathered = codebook.index_select(0, indices)
+        err.copy_((z2d.to(torch.float32) - gathered.to(torch.float32)).square().sum(dim=1))
+        z_q.copy_(gathered)
+    elif not same_dtype:
         # Mixed dtypes: z_q must equal torch's cast (round-to-nearest-even) bit for bit; a gather
         # of N x D is small next to the search, and the interpreter's cast rounds differently.
         z_q.copy_(codebook.index_select(0, indices))

@@ -339,3 +339,21 @@ def test_torch_backend_memory_stays_far_below_nxk():
     peak_mib = float(out.stdout.strip().splitlines()[-1])
     # z_q, grads and tiles: tens of MiB. 4 GiB is one N x K fp32 matrix.
     assert peak_mib < 256, f"peak RSS rose by {peak_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_triton_split_k_matches(device, splits):
+    """The small-N path splits K across programs and merges (min, index) pairs."""
+    if not fastvq.triton_available():
+        pytest.skip("Triton is not importable here")
+    from fastvq.kernels.vq_search import vq_search_triton
+
+    z = torch.randn(40, 24, device=device)
+    codebook = torch.randint(-3, 3, (700, 24), device=device).float()
+    codebook[650] = codebook[10]  # an exact tie across splits: the lower index must win
+    z[0] = codebook[10] + 0.5
+    idx, z_q, err = vq_search_triton(z, codebook, splits=splits)
+    assert idx[0].item() == 10
+    assert_nearest(idx, z, codebook)
+    assert torch.equal(z_q, codebook[idx])
+    torch.testing.assert_close(err, (z - codebook[idx]).square().sum(1))
