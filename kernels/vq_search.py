@@ -24,6 +24,10 @@ import triton.language as tl
 # fails loudly instead of passing with whatever memory held.
 POISON_OUTPUTS = False
 
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32_rescore")
+# How many rows "tf32_rescore" searched again (read by tests and the GPU exactness report).
+RESCORE_STATS = {"rows": 0}
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -40,6 +44,7 @@ def vq_search_fwd_kernel(
     zq_ptr,
     err_ptr,
     part_ptr,
+    second_ptr,
     # sizes
     N,
     K,
@@ -60,12 +65,15 @@ def vq_search_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     STORE_ZQ: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    TRACK_SECOND: tl.constexpr,
 ):
     """One program: BLOCK_N rows x the codes [split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT).
 
     SPLIT_K=False: the program sees every code, then gathers z_q and the squared error.
     SPLIT_K=True (small N, large K: too few row blocks to fill the GPU): it writes its partial
-    (min distance, index) pair to ``part_ptr`` [2, splits, N]; the launcher merges the splits.
+    (min distance, index) pair to ``part_ptr``/``idx_ptr`` [splits, N]; the launcher merges.
+    TRACK_SECOND=True also keeps each row's second-best distance (``second_ptr``, [splits, N]):
+    the launcher re-scores rows whose top-2 gap is within the fast mode's rounding bound.
     """
     pid = tl.program_id(0).to(tl.int64)  # int64 before any stride product: N*D may exceed 2^31
     pid_s = tl.program_id(1).to(tl.int64)
@@ -77,6 +85,7 @@ def vq_search_fwd_kernel(
 
     b_best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     b_idx = tl.zeros([BLOCK_N], dtype=tl.int64) + k_lo
+    b_second = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     # Every program walks the codebook in the same order, so programs resident at the same time
     # read the same code tiles and share them through L2.
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -105,9 +114,16 @@ def vq_search_fwd_kernel(
         b_targ = tl.min(b_cand, axis=1)
         # strict < keeps the earlier tile on exact ties across tiles
         b_better = b_tmin < b_best
+        if TRACK_SECOND:
+            # tile runner-up: the smallest distance at any other index than the tile's argmin
+            b_t2 = tl.min(tl.where(o_k[None, :] == b_targ[:, None], float("inf"), b_dist), axis=1)
+            b_second = tl.where(b_better, tl.minimum(b_best, b_t2), tl.minimum(b_second, b_tmin))
         b_best = tl.where(b_better, b_tmin, b_best)
         b_idx = tl.where(b_better, b_targ, b_idx)
 
+    if TRACK_SECOND:
+        tl.store(second_ptr + pid_s * N + o_n, b_second, mask=m_n)
+        tl.store(part_ptr + pid_s * N + o_n, b_best, mask=m_n)
     if SPLIT_K:
         tl.store(part_ptr + pid_s * N + o_n, b_best, mask=m_n)
         tl.store(idx_ptr + pid_s * N + o_n, b_idx, mask=m_n)
@@ -182,8 +198,11 @@ def vq_search_triton(
         codebook: (K, D) float32/float16/bfloat16, K >= 1, same device.
         fp32_precision: ``tl.dot`` input precision when the search dtype is fp32 on a GPU:
             "ieee" (exact fp32, no tensor cores), "tf32x3" (near-fp32 on tensor cores, default;
-            env ``FASTVQ_FP32_PRECISION`` overrides), "tf32" (fastest, may misrank near-ties).
-            Ignored for bf16/fp16 (native MMA, fp32 accumulation) and by the interpreter.
+            env ``FASTVQ_FP32_PRECISION`` overrides), "tf32" (fastest, may misrank near-ties),
+            "tf32_rescore" (tf32 pass that also tracks each row's runner-up; rows whose top-2
+            gap is within tf32's rounding bound are searched again in ieee fp32, so the result
+            is exact; costs one host sync). bf16/fp16 searches always use native MMAs with fp32
+            accumulation; the interpreter's dot is exact fp32 whatever is asked.
         config: tile sizes; default from :func:`pick_config`.
         splits: number of K splits (1 = none). Default: split K when the row blocks alone
             would leave most SMs idle (small N) and K is large.
@@ -214,11 +233,13 @@ def vq_search_triton(
     cast_fp32 = interp or search_dtype == torch.float32 or not same_dtype
     if fp32_precision is None:
         fp32_precision = os.environ.get("FASTVQ_FP32_PRECISION", "tf32x3")
-    if fp32_precision not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(
-            f"fp32_precision must be 'ieee', 'tf32' or 'tf32x3', got {fp32_precision!r}"
-        )
-    precision = "ieee" if interp else (fp32_precision if search_dtype == torch.float32 else "tf32")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    track = fp32_precision == "tf32_rescore" and search_dtype == torch.float32
+    if interp or search_dtype != torch.float32:
+        precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
+    else:
+        precision = "tf32" if track else fp32_precision
     cfg = config or pick_config(n, k, d, search_dtype)
     row_blocks = triton.cdiv(n, cfg.block_n)
     if splits is None:
@@ -230,26 +251,39 @@ def vq_search_triton(
     k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_per_split)
     split = splits > 1
-    if split:
+    part_d = part_i = second = err  # placeholders: unused pointers
+    if split or track:
         part_d = torch.empty((splits, n), dtype=torch.float32, device=dev)
-        part_i = torch.empty((splits, n), dtype=torch.int64, device=dev)
-    else:
-        part_d, part_i = err, indices
+    part_i = torch.empty((splits, n), dtype=torch.int64, device=dev) if split else indices
+    if track:
+        second = torch.empty((splits, n), dtype=torch.float32, device=dev)
     vq_search_fwd_kernel[(row_blocks, splits)](
-        z2d, codebook, cnorm, part_i, z_q, err, part_d,
+        z2d, codebook, cnorm, part_i, z_q, err, part_d, second,
         n, k, d, k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
         z_q.stride(0), z_q.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
         CAST_FP32=cast_fp32, INPUT_PRECISION=precision,
-        STORE_ZQ=same_dtype, SPLIT_K=split,
+        STORE_ZQ=same_dtype, SPLIT_K=split, TRACK_SECOND=track,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    redo = None
     if split:
         # Splits are ordered by k, and min() returns the first occurrence: ties -> lowest index.
         # A row with no finite distance anywhere keeps split 0's index 0.
         which = part_d.argmin(dim=0, keepdim=True)
         indices.copy_(part_i.gather(0, which).squeeze(0))
+    if track:
+        which = part_d.argmin(dim=0, keepdim=True)
+        best = part_d.gather(0, which).squeeze(0)
+        # runner-up: the chosen split's own second best, or another split's best
+        sec = second.gather(0, which).squeeze(0)
+        sec = torch.minimum(sec, part_d.scatter(0, which, float("inf")).min(dim=0).values)
+        redo = _rows_to_rescore(z2d, cnorm, finite, best, sec)
+        if redo.numel():
+            sub_idx, _, _ = vq_search_triton(z2d[redo], codebook, fp32_precision="ieee", splits=1)
+            indices[redo] = sub_idx
+    if split:
         gathered = codebook.index_select(0, indices)
         err.copy_((z2d.to(torch.float32) - gathered.to(torch.float32)).square().sum(dim=1))
         z_q.copy_(gathered)
@@ -257,4 +291,24 @@ def vq_search_triton(
         # Mixed dtypes: z_q must equal torch's cast (round-to-nearest-even) bit for bit; a gather
         # of N x D is small next to the search, and the interpreter's cast rounds differently.
         z_q.copy_(codebook.index_select(0, indices))
+    elif redo is not None and redo.numel():
+        gathered = codebook.index_select(0, indices[redo])
+        z_q[redo] = gathered
+        err[redo] = (z2d[redo].to(torch.float32) - gathered.to(torch.float32)).square().sum(1)
     return indices, z_q, err
+
+
+def _rows_to_rescore(z2d, cnorm, finite, best, second) -> torch.Tensor:
+    """Rows whose tf32 top-2 gap is within tf32's rounding bound: the order may be wrong.
+
+    tf32 keeps 10 mantissa bits (unit roundoff 2^-11), so each product z_d c_d is off by at most
+    2 * 2^-11 |z_d c_d|, plus fp32 accumulation (D * 2^-24). One distance ||c||^2 - 2 z.c is off
+    by at most 2 (2^-10 + D 2^-24) ||z|| ||c||, a difference of two by twice that.
+    """
+    d = z2d.shape[1]
+    cmax = torch.where(finite, cnorm, torch.zeros((), device=cnorm.device)).max().sqrt()
+    znorm = torch.linalg.vector_norm(z2d.to(torch.float32), dim=1)
+    tau = 4.0 * (2.0**-10 + d * 2.0**-24) * znorm * cmax
+    redo = ((second - best) <= tau).nonzero().squeeze(1)  # NaN gaps (non-finite rows) stay out
+    RESCORE_STATS["rows"] += redo.numel()
+    return redo

@@ -56,16 +56,18 @@ def _oracle_top2(z, codebook, chunk=2048):
         (torch.float32, "ieee"),
         (torch.float32, "tf32x3"),
         (torch.float32, "tf32"),
+        (torch.float32, "tf32_rescore"),
         (torch.bfloat16, None),
         (torch.float16, None),
     ],
-    ids=["fp32-ieee", "fp32-tf32x3", "fp32-tf32", "bf16", "fp16"],
+    ids=["fp32-ieee", "fp32-tf32x3", "fp32-tf32", "fp32-tf32rescore", "bf16", "fp16"],
 )
 def test_argmin_exactness_vs_fp64(d, dtype, precision):
-    from fastvq.kernels.vq_search import vq_search_triton
+    from fastvq.kernels.vq_search import RESCORE_STATS, vq_search_triton
 
     torch.manual_seed(0)
     n, k = 8192, 16384
+    rescored_before = RESCORE_STATS["rows"]
     z = torch.randn(n, d, device="cuda").to(dtype)
     codebook = torch.randn(k, d, device="cuda").to(dtype)
     idx, z_q, err = vq_search_triton(z, codebook, fp32_precision=precision)
@@ -80,6 +82,8 @@ def test_argmin_exactness_vs_fp64(d, dtype, precision):
         "mismatch_rate_outside_near_ties": rate,
         "any_mismatch_rate": (idx != ref).float().mean().item(),
         "near_tie_rows": int((~clear).sum()),
+        "rescored_rows": RESCORE_STATS["rows"] - rescored_before,
+        "rows": n,
     })  # fmt: skip
     assert torch.equal(z_q, codebook[idx])
     if precision == "tf32":

@@ -357,3 +357,31 @@ def test_triton_split_k_matches(device, splits):
     assert_nearest(idx, z, codebook)
     assert torch.equal(z_q, codebook[idx])
     torch.testing.assert_close(err, (z - codebook[idx]).square().sum(1))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tf32_rescore_path_keeps_exact_argmin(device, splits):
+    """Rows whose top-2 gap is within tf32's bound are searched again in ieee fp32.
+
+    Under the interpreter the dot is exact, so this checks the bookkeeping (which rows, the
+    merge with split-K, z_q/err of rescored rows); the GPU test measures the exactness gain.
+    """
+    if not fastvq.triton_available():
+        pytest.skip("Triton is not importable here")
+    from fastvq.kernels import vq_search
+
+    z = torch.randn(50, 32, device=device)
+    codebook = torch.randn(600, 32, device=device)
+    codebook[500] = z[3] + 1e-3  # a near tie for row 3: codes 20 and 500 (different splits)
+    codebook[20] = z[3] - 1e-3
+    codebook[21] = z[4] + 2e-4
+    before = vq_search.RESCORE_STATS["rows"]
+    idx, z_q, err = vq_search.vq_search_triton(
+        z, codebook, fp32_precision="tf32_rescore", splits=splits
+    )
+    assert vq_search.RESCORE_STATS["rows"] - before >= 1
+    assert_nearest(idx, z, codebook)
+    ref_idx, _, _ = vq_search.vq_search_triton(z, codebook, fp32_precision="ieee")
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(z_q, codebook[idx])
+    torch.testing.assert_close(err, (z - codebook[idx]).square().sum(1))
