@@ -147,6 +147,25 @@ def vq_search_fwd_kernel(
         tl.store(err_ptr + o_n, b_err, mask=m_n)
 
 
+def _autotune_configs() -> list:
+    """Candidate GPU tiles for ``FASTVQ_AUTOTUNE=1`` (all dot dims >= 16)."""
+    out = []
+    for bn, bk, bd, w, st in [
+        (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 3),
+        (256, 64, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
+    ]:  # fmt: skip
+        out.append(
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+        )
+    return out
+
+
+# Keyed on K, D and (implicitly) the tensor dtypes, never on N: a new batch size reuses the tune.
+vq_search_fwd_autotuned = triton.autotune(configs=_autotune_configs(), key=["K", "D"])(
+    vq_search_fwd_kernel
+)
+
+
 class SearchConfig(NamedTuple):
     block_n: int
     block_k: int
@@ -257,16 +276,28 @@ def vq_search_triton(
     part_i = torch.empty((splits, n), dtype=torch.int64, device=dev) if split else indices
     if track:
         second = torch.empty((splits, n), dtype=torch.float32, device=dev)
-    vq_search_fwd_kernel[(row_blocks, splits)](
+    args = (
         z2d, codebook, cnorm, part_i, z_q, err, part_d, second,
         n, k, d, k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
         z_q.stride(0), z_q.stride(1),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        CAST_FP32=cast_fp32, INPUT_PRECISION=precision,
-        STORE_ZQ=same_dtype, SPLIT_K=split, TRACK_SECOND=track,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    flags = dict(
+        CAST_FP32=cast_fp32, INPUT_PRECISION=precision, STORE_ZQ=same_dtype, SPLIT_K=split,
+        TRACK_SECOND=track,
+    )  # fmt: skip
+    use_autotune = (
+        config is None and not interp and not split and os.environ.get("FASTVQ_AUTOTUNE") == "1"
+    )
+    if use_autotune:
+        # The kernel only writes its outputs, so the autotuner's repeated launches are harmless.
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1)
+        vq_search_fwd_autotuned[grid](*args, **flags)
+    else:
+        vq_search_fwd_kernel[(row_blocks, splits)](
+            *args, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        )  # fmt: skip
     redo = None
     if split:
         # Splits are ordered by k, and min() returns the first occurrence: ties -> lowest index.

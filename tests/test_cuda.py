@@ -157,3 +157,14 @@ def test_offsets_beyond_int32():
     ref_idx, _, _ = fastvq.search(z[tail], codebook, backend="torch")
     assert (idx[tail] == ref_idx).float().mean().item() > 0.999
     assert torch.equal(q[tail], codebook[idx[tail]])
+
+
+def test_autotuned_kernel_matches_default(monkeypatch):
+    from fastvq.kernels.vq_search import vq_search_triton
+
+    z = torch.randn(5000, 256, device="cuda", dtype=torch.bfloat16)
+    codebook = torch.randn(16384, 256, device="cuda", dtype=torch.bfloat16)
+    ref = vq_search_triton(z, codebook)
+    monkeypatch.setenv("FASTVQ_AUTOTUNE", "1")
+    got = vq_search_triton(z, codebook)
+    assert (got[0] == ref[0]).float().mean().item() > 0.999
