@@ -5,11 +5,17 @@
 """
 
 from .functional import VQOutput, vector_quantize
+from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .ops import code_counts, scatter_rows, search, triton_available
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CodebookStats",
+    "QuantizeOutput",
+    "UsageMeter",
+    "VectorQuantizer",
+    "codebook_usage",
     "VQOutput",
     "code_counts",
     "scatter_rows",

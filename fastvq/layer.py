@@ -1,0 +1,620 @@
+"""``VectorQuantizer``: the drop-in VQ layer, built on the fused op (no N x K tensor anywhere).
+
+Forward pipeline for ``x`` of shape ``(..., dim)`` (or ``(B, dim, ...)`` with ``channel_first``)::
+
+    z  = project_in(x)                      (N, heads * codebook_dim)   identity when not needed
+    zh = z.view(N, heads, codebook_dim)     one search per codebook (shared: heads folded into N)
+    idx, z_q = nearest code                 fastvq.vector_quantize (gradient codebook) or
+                                            fastvq.search (EMA codebook, masked rows)
+    quantized = project_out(z_q)            forward value exactly the code, gradient straight to x
+
+Codebook learning (training mode only, once per forward, never inside autograd's backward, so the
+recomputation of activation checkpointing does not update twice):
+    * ``ema=True``: counts n_k and sums s_k from one scatter (``fastvq.code_counts`` /
+      ``fastvq.scatter_rows``), all-reduced under DDP, then
+      N_k <- g N_k + (1-g) n_k,  m_k <- g m_k + (1-g) s_k,
+      c_k = m_k / ((N_k + eps) / (sum N + K eps) * sum N); the loss is beta * commitment only.
+    * ``ema=False``: the codebook is an ``nn.Parameter`` trained by the loss's codebook term.
+    * k-means init on the first training batch (gathered from every rank under DDP).
+    * dead-code restart: a code unused for ``dead_code_steps`` consecutive training steps is
+      re-seeded from this step's encoder outputs plus a little noise, with ``torch.where`` on
+      device every step (no host sync).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _dist
+from .functional import vector_quantize
+from .kmeans import kmeans
+from .ops import code_counts, scatter_rows, search
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class QuantizeOutput(NamedTuple):
+    """Unpacks as ``(quantized, indices, loss)``."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+
+
+class CodebookStats(NamedTuple):
+    """Per-batch codebook statistics (0-dim fp32 tensors on the layer's device, no host sync)."""
+
+    perplexity: torch.Tensor  # exp(entropy of the batch's code histogram), mean over codebooks
+    used_fraction: torch.Tensor  # fraction of codes picked by at least one row of the batch
+    counts: torch.Tensor  # fp32 (num_codebooks, K) rows per code in this batch
+
+
+class QuantizeOutputWithStats(NamedTuple):
+    """``forward(..., return_stats=True)``: ``(quantized, indices, loss, stats)``."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    stats: CodebookStats
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs (e.g. activation checkpointing recomputes a forward)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def _sq_err_mean(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """mean over valid rows and dims of (a - b)^2 in fp32; 0 when nothing is valid."""
+    sq = (a.to(torch.float32) - b.to(torch.float32)).square().sum(-1)
+    d = a.shape[-1]
+    if w is None:
+        return sq.sum() / max(sq.numel() * d, 1)
+    return (sq * w).sum() / (w.sum().clamp_min(1.0) * d)
+
+
+def _perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of each row of ``counts`` (G, K), averaged over G."""
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
+
+
+class VectorQuantizer(nn.Module):
+    """Vector quantization layer with EMA or gradient codebooks, k-means init and dead-code restart.
+
+    Args:
+        dim: channels of the input.
+        codebook_size: K, codes per codebook.
+        beta: commitment weight (loss = codebook term + beta * commitment; EMA: beta * commitment).
+        ema: learn the codebook by exponential moving averages (True) or by gradient (False).
+        decay: EMA decay gamma.
+        eps: EMA Laplace smoothing epsilon.
+        kmeans_init: initialise the codebook by k-means on the first training batch.
+        kmeans_iters: Lloyd iterations of that k-means.
+        dead_code_steps: re-seed a code unused for this many training steps (0 = never).
+        restart_noise: relative std of the noise added to a re-seeded code.
+        codebook_dim: dimension of the codes; a linear projection in and out when
+            ``heads * codebook_dim != dim``. Default ``dim // heads``.
+        heads: split each vector into ``heads`` sub-vectors, each quantized separately
+            (``indices`` gains a trailing dim of size ``heads``).
+        shared_codebook: with ``heads > 1``, one codebook for all heads instead of one per head.
+        cosine: l2-normalise inputs and codes (nearest code by cosine similarity).
+        channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
+        backend: "auto", "torch" or "triton", for the search and the scatters.
+        sync_distributed: all-reduce statistics across ranks when torch.distributed is initialised.
+        process_group: the group to synchronise over (default: the default group).
+        seed: seed of the generators used by dead-code restart and k-means (identical on every
+            rank, so every rank makes the same choices).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        beta: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_steps: int = 20,
+        restart_noise: float = 0.01,
+        codebook_dim: int | None = None,
+        heads: int = 1,
+        shared_codebook: bool = False,
+        cosine: bool = False,
+        channel_first: bool = False,
+        backend: str = "auto",
+        sync_distributed: bool = True,
+        process_group=None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for name, v in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if codebook_dim is None:
+            if dim % heads != 0:
+                raise ValueError(
+                    f"dim ({dim}) must be divisible by heads ({heads}), or pass codebook_dim"
+                )
+            codebook_dim = dim // heads
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if dead_code_steps < 0:
+            raise ValueError(f"dead_code_steps must be >= 0, got {dead_code_steps}")
+        self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
+        self.heads, self.shared_codebook = heads, shared_codebook
+        self.num_codebooks = 1 if (shared_codebook or heads == 1) else heads
+        self.beta, self.ema, self.decay, self.eps = float(beta), ema, decay, eps
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_steps, self.restart_noise = dead_code_steps, restart_noise
+        self.cosine, self.channel_first, self.backend = cosine, channel_first, backend
+        self.sync_distributed, self.process_group, self.seed = sync_distributed, process_group, seed
+
+        inner = heads * codebook_dim
+        self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
+        self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
+
+        g, k, cd = self.num_codebooks, codebook_size, codebook_dim
+        init = torch.empty(g, k, cd)
+        for i in range(g):
+            nn.init.kaiming_uniform_(init[i])
+        if cosine:
+            init = F.normalize(init, dim=-1)
+        if ema:
+            self.register_buffer("codebook", init)
+            self.register_buffer("cluster_size", torch.ones(g, k))
+            self.register_buffer("embed_avg", init.clone())
+        else:
+            self.codebook = nn.Parameter(init)
+        self.register_buffer("steps_unused", torch.zeros(g, k, dtype=torch.int64))
+        self.register_buffer("usage_counts", torch.zeros(g, k))  # running, over training batches
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self._initted = not kmeans_init  # host mirror of ``initted``: no sync per forward
+        self.register_buffer("last_perplexity", torch.zeros(()), persistent=False)
+        self.register_buffer("last_used_fraction", torch.zeros(()), persistent=False)
+        self._generators: dict = {}
+        self.register_load_state_dict_post_hook(VectorQuantizer._after_load)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _after_load(module, incompatible_keys) -> None:
+        module._initted = bool(module.initted)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, "
+            f"codebook_dim={self.codebook_dim}, heads={self.heads}, ema={self.ema}, "
+            f"beta={self.beta}, kmeans_init={self.kmeans_init}, "
+            f"dead_code_steps={self.dead_code_steps}, cosine={self.cosine}, "
+            f"channel_first={self.channel_first}"
+        )
+
+    def _group(self):
+        return self.process_group if self.sync_distributed else None
+
+    def _distributed(self) -> bool:
+        return self.sync_distributed and _dist.is_distributed(self.process_group)
+
+    def _generator(self, name: str, device: torch.device, offset: int = 0) -> torch.Generator:
+        key = (name, str(device))
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed * 1000003 + offset)
+            self._generators[key] = gen
+        return gen
+
+    def get_codebook(self) -> torch.Tensor:
+        """The codes searched, ``(K, codebook_dim)`` (or ``(heads, K, codebook_dim)`` when each
+        head has its own codebook); l2-normalised when ``cosine``."""
+        cb = self._codes_all()
+        return cb[0] if self.num_codebooks == 1 else cb
+
+    def _codes_all(self) -> torch.Tensor:
+        cb = self.codebook
+        if self.cosine and not self.ema:
+            cb = F.normalize(cb, dim=-1)
+        return cb
+
+    @torch.no_grad()
+    def load_codebook(self, weight: torch.Tensor) -> None:
+        """Set the codes from ``weight`` (K, codebook_dim) or (num_codebooks, K, codebook_dim).
+
+        Resets the EMA statistics to match, marks the layer initialised (no k-means) and clears
+        the dead-code counters.
+        """
+        weight = torch.as_tensor(weight)
+        if weight.dim() == 2:
+            weight = weight.unsqueeze(0).expand(self.num_codebooks, -1, -1)
+        if tuple(weight.shape) != tuple(self.codebook.shape):
+            raise ValueError(
+                f"weight must have shape {tuple(self.codebook.shape[1:])} or "
+                f"{tuple(self.codebook.shape)}, got {tuple(weight.shape)}"
+            )
+        weight = weight.to(self.codebook)
+        if self.cosine and self.ema:
+            weight = F.normalize(weight, dim=-1)
+        self.codebook.data.copy_(weight)
+        if self.ema:
+            self.cluster_size.fill_(1.0)
+            self.embed_avg.copy_(weight)
+        self.steps_unused.zero_()
+        self.initted.fill_(True)
+        self._initted = True
+
+    # --- input checks and layout -------------------------------------------------------------
+
+    def _check_x(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        if self.channel_first:
+            if x.dim() < 2:
+                raise ValueError(
+                    f"x must have shape (B, dim, ...) with channel_first=True, got {tuple(x.shape)}"
+                )
+            if x.shape[1] != self.dim:
+                hint = (
+                    " (is x channel-last? use channel_first=False)"
+                    if x.shape[-1] == self.dim
+                    else ""
+                )
+                raise ValueError(
+                    f"x has {x.shape[1]} channels in dim 1 but the layer's dim is {self.dim}; "
+                    f"got x of shape {tuple(x.shape)}{hint}"
+                )
+        else:
+            if x.dim() < 1:
+                raise ValueError("x must have shape (..., dim), got a 0-dim tensor")
+            if x.shape[-1] != self.dim:
+                hint = (
+                    " (is x channel-first? use channel_first=True)"
+                    if x.dim() >= 3 and x.shape[1] == self.dim
+                    else ""
+                )
+                raise ValueError(
+                    f"x has {x.shape[-1]} channels in its last dim but the layer's dim is "
+                    f"{self.dim}; got x of shape {tuple(x.shape)}{hint}"
+                )
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False
+    ):
+        """Quantize ``x``.
+
+        Args:
+            x: ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``; fp32/fp16/bf16.
+            mask: optional bool, ``x``'s shape without the channel dim; True = real token. Masked
+                rows still get their nearest code but count neither in the loss nor in the EMA,
+                usage or dead-code statistics.
+            return_stats: also return :class:`CodebookStats` of this batch.
+
+        Returns:
+            ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x`` (forward value
+            the codes, gradient straight through to ``x``), ``indices`` int64 with ``x``'s shape
+            without the channel dim (plus a trailing ``heads`` dim when ``heads > 1``), ``loss``
+            an fp32 scalar. With ``return_stats``: ``(quantized, indices, loss, stats)``.
+        """
+        self._check_x(x)
+        if self.channel_first:
+            x = x.movedim(1, -1)  # (B, ..., dim)
+        lead = x.shape[:-1]
+        n = math.prod(lead)
+        w = None
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError("mask must be a bool tensor (True = real token)")
+            if tuple(mask.shape) != tuple(lead):
+                raise ValueError(
+                    f"mask must have x's shape without the channel dim, {tuple(lead)}; "
+                    f"got {tuple(mask.shape)}"
+                )
+            w = mask.reshape(n).to(torch.float32)
+
+        z = self.project_in(x.reshape(n, self.dim))
+        zh = z.reshape(n, self.heads, self.codebook_dim)
+        update = self.training and not _in_backward()
+        if update and not self._initted:
+            self._kmeans_init(zh, w)
+
+        g_count, k = self.num_codebooks, self.codebook_size
+        codes = self._codes_all()
+        q_parts, idx_parts, losses, counts, sums, rows, weights = [], [], [], [], [], [], []
+        for g in range(g_count):
+            if g_count == 1:
+                zg = zh.reshape(-1, self.codebook_dim)  # (N * heads, cd)
+                wg = None if w is None else w.repeat_interleave(self.heads)
+            else:
+                zg, wg = zh[:, g], w
+            if self.cosine:
+                zg = F.normalize(zg, dim=-1)
+            q, idx, loss = self._quantize(zg, codes[g], wg)
+            q_parts.append(q)
+            idx_parts.append(idx)
+            losses.append(loss)
+            idx_stat = idx if wg is None else torch.where(wg > 0, idx, k)  # masked -> bin K
+            counts.append(code_counts(idx_stat, k + 1)[:k])
+            if update and self.ema:
+                sums.append(scatter_rows(idx_stat, zg.detach(), k + 1, backend=self.backend)[:k])
+            rows.append(zg.detach())
+            weights.append(wg)
+
+        counts = torch.stack(counts)  # (G, K)
+        if update:
+            counts = self._update(counts, sums, rows, weights)
+        with torch.no_grad():
+            stats = CodebookStats(_perplexity(counts), (counts > 0).float().mean(), counts)
+            self.last_perplexity.copy_(stats.perplexity)
+            self.last_used_fraction.copy_(stats.used_fraction)
+
+        if g_count == 1:
+            q = q_parts[0].reshape(n, self.heads * self.codebook_dim)
+            indices = idx_parts[0].reshape(n, self.heads)
+        else:
+            q = torch.stack(q_parts, dim=1).reshape(n, self.heads * self.codebook_dim)
+            indices = torch.stack(idx_parts, dim=1)
+        quantized = self.project_out(q).reshape(*lead, self.dim)
+        indices = indices.reshape(*lead, self.heads) if self.heads > 1 else indices.reshape(lead)
+        if self.channel_first:
+            quantized = quantized.movedim(-1, 1)
+        loss = losses[0] if g_count == 1 else torch.stack(losses).mean()
+        if return_stats:
+            return QuantizeOutputWithStats(quantized, indices, loss, stats)
+        return QuantizeOutput(quantized, indices, loss)
+
+    def _quantize(self, zg: torch.Tensor, cb: torch.Tensor, wg: torch.Tensor | None):
+        """(quantized, indices, loss) for rows ``zg`` (M, cd) against codes ``cb`` (K, cd)."""
+        if not self.ema and wg is None:
+            # the fused op: straight-through, codebook term and commitment in one autograd node
+            return vector_quantize(zg, cb, beta=self.beta, backend=self.backend)
+        idx, z_q, _ = search(zg, cb, self.backend)
+        quantized = z_q + (zg - zg.detach())  # forward value exactly z_q, gradient to zg
+        loss = self.beta * _sq_err_mean(zg, z_q, wg)
+        if not self.ema:  # masked gradient codebook: the codebook term through a gather
+            loss = loss + _sq_err_mean(zg.detach(), F.embedding(idx, cb), wg)
+        return quantized, idx, loss
+
+    # --- codebook learning (training forward only) -------------------------------------------
+
+    @torch.no_grad()
+    def _update(self, counts, sums, rows, weights) -> torch.Tensor:
+        """EMA, usage and dead-code bookkeeping. Returns the (global) counts."""
+        group = self._group()
+        dist_on = self._distributed()
+        if self.ema:
+            stat = torch.cat([torch.stack(sums), counts.unsqueeze(-1)], dim=-1)  # (G, K, cd + 1)
+            if dist_on:
+                _dist.all_reduce_sum_(stat, group)
+            sums, counts = stat[..., :-1], stat[..., -1]
+            self.cluster_size.lerp_(counts, 1.0 - self.decay)
+            self.embed_avg.lerp_(sums, 1.0 - self.decay)
+            self._refresh_codebook()
+        elif dist_on:
+            counts = _dist.all_reduce_sum_(counts.clone(), group)
+        self.usage_counts.add_(counts)
+        self.steps_unused.copy_(torch.where(counts > 0, 0, self.steps_unused + 1))
+        if self.dead_code_steps > 0:
+            self._restart_dead(rows, weights)
+        return counts
+
+    def _refresh_codebook(self) -> None:
+        total = self.cluster_size.sum(-1, keepdim=True)
+        k = self.codebook_size
+        smoothed = (self.cluster_size + self.eps) / (total + k * self.eps) * total
+        cb = self.embed_avg / smoothed.unsqueeze(-1)
+        if self.cosine:
+            cb = F.normalize(cb, dim=-1)
+        self.codebook.copy_(cb)
+
+    def _restart_dead(self, rows: list, weights: list) -> None:
+        """Re-seed codes unused for ``dead_code_steps`` steps from this step's rows, on device.
+
+        Each rank samples ``ceil(K / world)`` candidate rows per codebook (uniformly among its
+        valid rows, with replacement) and their rank's valid-row count; the candidates of all
+        ranks are gathered in rank order (one fixed-size all_gather) and every rank picks the
+        same replacement for each code with a generator seeded identically everywhere, each
+        rank's candidates weighted by its number of valid rows.
+        """
+        k, cd = self.codebook_size, self.codebook_dim
+        dev = self.codebook.device
+        group = self._group()
+        world = _dist.world_size(group) if self._distributed() else 1
+        rank = _dist.rank(group) if self._distributed() else 0
+        p = -(-k // world)
+        local_gen = self._generator("restart-local", dev, 1 + rank)
+        shared_gen = self._generator("restart-shared", dev, 0)
+        cands = []
+        for zg, wg in zip(rows, weights, strict=True):
+            m = zg.shape[0]
+            if m == 0:
+                cands.append(torch.zeros(p, cd + 1, device=dev))
+                continue
+            wv = torch.ones(m, device=dev) if wg is None else wg
+            cdf = torch.cumsum(wv, 0)
+            total = cdf[-1]
+            u = torch.rand(p, device=dev, generator=local_gen) * total
+            j = torch.searchsorted(cdf, u, right=True).clamp_max(m - 1)
+            cand = zg.index_select(0, j).to(torch.float32)
+            cands.append(torch.cat([cand, total.expand(p, 1)], dim=1))
+        pool = torch.stack(cands, dim=1)  # (P, G, cd + 1)
+        if self._distributed():
+            pool = _dist.all_gather_cat(pool, group)  # (world * P, G, cd + 1), rank order
+        pool = pool.transpose(0, 1)  # (G, S, cd + 1)
+        slot_w = pool[..., -1]  # each slot weighted by its rank's valid-row count
+        cdf = torch.cumsum(slot_w, -1)
+        total = cdf[:, -1:]  # (G, 1)
+        u = torch.rand(self.num_codebooks, k, device=dev, generator=shared_gen) * total
+        pick = torch.searchsorted(cdf, u, right=True).clamp_max(pool.shape[1] - 1)  # (G, K)
+        repl = torch.gather(pool[..., :-1], 1, pick.unsqueeze(-1).expand(-1, -1, cd))
+        noise = torch.randn(repl.shape, device=dev, generator=shared_gen)
+        scale = repl.square().mean(-1, keepdim=True).sqrt()
+        repl = repl + self.restart_noise * scale * noise
+        if self.cosine:
+            repl = F.normalize(repl, dim=-1)
+        dead = (self.steps_unused >= self.dead_code_steps) & (total > 0)  # (G, K)
+        dead3 = dead.unsqueeze(-1)
+        self.codebook.data.copy_(torch.where(dead3, repl.to(self.codebook.dtype), self.codebook))
+        if self.ema:
+            self.embed_avg.copy_(torch.where(dead3, repl, self.embed_avg))
+            self.cluster_size.copy_(torch.where(dead, 1.0, self.cluster_size))
+        self.steps_unused.copy_(torch.where(dead, 0, self.steps_unused))
+
+    @torch.no_grad()
+    def _kmeans_init(self, zh: torch.Tensor, w: torch.Tensor | None) -> None:
+        """k-means on this batch's valid rows, gathered from every rank; same result everywhere."""
+        group = self._group()
+        dist_on = self._distributed()
+        valid = zh if w is None else zh[w > 0]  # (M, heads, cd), a one-off host sync
+        gen = torch.Generator().manual_seed(self.seed)
+        new = []
+        for g in range(self.num_codebooks):
+            sample = (
+                valid.reshape(-1, self.codebook_dim) if self.num_codebooks == 1 else valid[:, g]
+            )
+            sample = sample.to(torch.float32).contiguous()
+            if dist_on:
+                sample = _dist.all_gather_varsize(sample, group)
+            if sample.shape[0] == 0:  # no data anywhere yet: try again next batch
+                return
+            centres, _ = kmeans(
+                sample,
+                self.codebook_size,
+                iters=self.kmeans_iters,
+                cosine=self.cosine,
+                generator=gen,
+                backend=self.backend,
+            )
+            new.append(centres)
+        new = torch.stack(new)
+        if dist_on:  # identical inputs give identical centres; broadcast guards against atomics
+            _dist.broadcast_(new, 0, group)
+        self.codebook.data.copy_(new.to(self.codebook.dtype))
+        if self.ema:
+            self.embed_avg.copy_(new)
+            self.cluster_size.fill_(1.0)
+        self.initted.fill_(True)
+        self._initted = True
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Decode indices to the tensor the layer outputs for them (eval mode: bit-identical).
+
+        Args:
+            indices: int, the layer's ``indices`` layout: ``(...)``, or ``(..., heads)`` when
+                ``heads > 1``.
+            check: raise ValueError on indices outside ``[0, codebook_size)`` (a host sync).
+
+        Returns:
+            ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``; in the codebook's dtype.
+        """
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if (
+            indices.dtype.is_floating_point
+            or indices.dtype.is_complex
+            or indices.dtype == torch.bool
+        ):
+            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        if self.heads > 1 and (indices.dim() < 1 or indices.shape[-1] != self.heads):
+            raise ValueError(
+                f"indices must have a trailing dim of size heads={self.heads}, "
+                f"got shape {tuple(indices.shape)}"
+            )
+        if check and indices.numel() > 0:
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(
+                    f"indices must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]"
+                )
+        indices = indices.to(torch.int64)
+        cb = self._codes_all()  # (G, K, cd)
+        if self.heads == 1:
+            q = F.embedding(indices, cb[0])  # (..., cd)
+        elif self.num_codebooks == 1:
+            q = F.embedding(indices, cb[0]).flatten(-2)  # (..., heads * cd)
+        else:
+            offs = torch.arange(self.heads, device=indices.device) * self.codebook_size
+            q = F.embedding(indices + offs, cb.reshape(-1, self.codebook_dim)).flatten(-2)
+        q = self.project_out(q)
+        if self.channel_first:
+            q = q.movedim(-1, 1)
+        return q
+
+    def indices_from_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices of ``x`` (the layer's input layout) without touching any state."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self(x).indices
+        finally:
+            self.train(was)
+
+
+class UsageMeter:
+    """Codebook usage over a fixed evaluation set: feed every batch's indices, then read.
+
+    One batch can use at most N of K codes, so judge usage on a whole evaluation set::
+
+        meter = UsageMeter(vq.codebook_size)
+        for x in test_loader:
+            meter.update(model.encode(x).indices)
+        meter.used_fraction, meter.perplexity
+
+    Counts accumulate on the indices' device (no host sync until read).
+    """
+
+    def __init__(self, codebook_size: int):
+        self.codebook_size = codebook_size
+        self.counts: torch.Tensor | None = None
+
+    def update(self, indices: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        idx = indices.reshape(-1)
+        if mask is not None:  # indices of masked rows go to an extra bin, then dropped
+            m = mask.reshape(mask.shape + (1,) * (indices.dim() - mask.dim())).expand_as(indices)
+            idx = torch.where(m.reshape(-1), idx, self.codebook_size)
+        c = code_counts(idx, self.codebook_size + 1)[: self.codebook_size]
+        self.counts = c if self.counts is None else self.counts + c
+
+    @property
+    def used_fraction(self) -> float:
+        return 0.0 if self.counts is None else float((self.counts > 0).float().mean())
+
+    @property
+    def perplexity(self) -> float:
+        return 0.0 if self.counts is None else float(_perplexity(self.counts[None]))
+
+
+@torch.no_grad()
+def codebook_usage(encode, batches, codebook_size: int) -> dict:
+    """Usage of a codebook over an evaluation set.
+
+    Args:
+        encode: callable mapping a batch to indices (e.g. ``lambda x: model.encode(x)[1]``).
+        batches: iterable of batches.
+        codebook_size: K.
+
+    Returns:
+        ``{"used_fraction", "used", "perplexity"}`` over all batches.
+    """
+    meter = UsageMeter(codebook_size)
+    for b in batches:
+        meter.update(encode(b))
+    used = 0 if meter.counts is None else int((meter.counts > 0).sum())
+    return {"used_fraction": meter.used_fraction, "used": used, "perplexity": meter.perplexity}
