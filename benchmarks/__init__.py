@@ -1,0 +1,1 @@
+"""fastvq benchmarks (pytest-benchmark): ``pytest benchmarks/``; see docs/benchmarks.md."""

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One-shot check on a lent GPU machine (H100; torch, triton, pytest, pytest-benchmark; no network).
+# Finishes in <= 4 minutes: every stage runs under its own `timeout` and writes its results into
+# $OUT as soon as it ends, so a stage that overruns costs only itself.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine
+#   OUT=/tmp/gc bash benchmarks/gpu_check.sh --dry-run    # on CPU: same stages, tiny sizes
+#
+# Stages: preflight (interpreter off, CUDA present, versions) -> CUDA correctness tests
+# (pytest -m cuda) -> pruned grid (N=65536, D=256, K=16384/65536/262144; bf16 and fp32;
+# forward and forward+backward; cuBLAS matmul yardstick; fastvq-torch, naive and
+# vector-quantize-pytorch at one K each) -> markdown/PNG report of whatever JSON exists.
+set -u
+cd "$(dirname "$0")/.."
+
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT="${OUT:-benchmarks/results/gpu-check-$(date -u +%Y%m%d-%H%M)}"
+mkdir -p "$OUT"
+export OUT DRY
+LOG="$OUT/gpu_check.log"
+STATUS="$OUT/stages.tsv"
+: > "$STATUS"
+T0=$(date +%s)
+
+log() { echo "[gpu_check +$(($(date +%s) - T0))s] $*" | tee -a "$LOG"; }
+
+# stage NAME SECONDS CMD...: run CMD under `timeout` (SIGINT first so pytest still writes its
+# JSON, SIGKILL 10 s later), append "name rc seconds" to stages.tsv.
+stage() {
+    local name=$1 secs=$2
+    shift 2
+    local t=$(date +%s)
+    log "stage $name (limit ${secs}s): $*"
+    timeout -s INT -k 10 "$secs" "$@" >> "$OUT/$name.log" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t))" >> "$STATUS"
+    log "stage $name: rc=$rc ($(($(date +%s) - t))s); tail:"
+    tail -n 5 "$OUT/$name.log" | tee -a "$LOG"
+    return $rc
+}
+
+# ---- preflight ---------------------------------------------------------------------------------
+if [ -n "${TRITON_INTERPRET:-}" ] && [ "${TRITON_INTERPRET}" != "0" ]; then
+    if [ $DRY = 1 ]; then
+        log "dry run: unsetting TRITON_INTERPRET=$TRITON_INTERPRET"
+        unset TRITON_INTERPRET
+    else
+        log "FAIL: TRITON_INTERPRET=$TRITON_INTERPRET is set; the GPU check needs compiled kernels"
+        exit 2
+    fi
+fi
+stage preflight 20 python - <<'EOF'
+import json, os, platform, sys
+import torch
+info = {"python": sys.version.split()[0], "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda,
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"), "machine": platform.node()}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except Exception as exc:  # reported, not fatal here: the tests say what breaks
+    info["triton"] = f"import failed: {exc}"
+for mod in ("vector_quantize_pytorch", "faiss", "pytest_benchmark"):
+    try:
+        info[mod] = getattr(__import__(mod), "__version__", "present")
+    except Exception as exc:
+        info[mod] = f"missing ({type(exc).__name__})"
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), sm=f"{p.major}.{p.minor}")
+print(json.dumps(info, indent=1))
+json.dump(info, open(os.path.join(os.environ["OUT"], "env.json"), "w"), indent=1)
+sys.exit(0 if info["cuda_available"] or os.environ.get("DRY") == "1" else 3)
+EOF
+PRE=$?
+if [ $PRE != 0 ]; then
+    log "FAIL: preflight rc=$PRE (no CUDA?); stopping"
+    exit 3
+fi
+command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+# ---- CUDA correctness tests --------------------------------------------------------------------
+# rc 5 = no tests collected (dry run on CPU: the cuda tests are skipped, not deselected).
+FASTVQ_RESULTS_DIR="$OUT" stage cuda-tests 70 \
+    python -m pytest tests -m cuda -q -p no:cacheprovider -x --timeout 60 \
+    --junitxml "$OUT/cuda-tests.xml"
+
+# ---- pruned benchmark grid ---------------------------------------------------------------------
+if [ $DRY = 1 ]; then
+    export FASTVQ_BENCH_GRID=gpu-check-dry
+else
+    export FASTVQ_BENCH_GRID=gpu-check
+fi
+export FASTVQ_BENCH_CALL_TIMEOUT_S=25
+bench() {  # bench NAME SECONDS PROVIDERS DTYPES
+    FASTVQ_BENCH_PROVIDERS=$3 FASTVQ_BENCH_DTYPES=$4 stage "$1" "$2" \
+        python -m pytest benchmarks/test_vq.py -q -p no:cacheprovider --timeout 30 \
+        --benchmark-json "$OUT/$1.json" --benchmark-columns median,rounds
+}
+bench bench-bf16 40 fastvq-triton,matmul bf16
+bench bench-fp32 40 fastvq-triton,matmul fp32
+bench bench-peers 40 fastvq-torch,naive,vqp-train bf16,fp32
+
+# ---- report ------------------------------------------------------------------------------------
+JSONS=$(ls "$OUT"/bench-*.json 2> /dev/null)
+if [ -n "$JSONS" ]; then
+    # shellcheck disable=SC2086
+    stage report 20 python -m benchmarks.report $JSONS --out "$OUT" --name gpu-check
+fi
+log "done in $(($(date +%s) - T0))s; stages (name, rc, seconds):"
+tee -a "$LOG" < "$STATUS"
