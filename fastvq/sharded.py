@@ -1,0 +1,487 @@
+"""Sharded codebook (model-parallel search): each of R ranks holds a contiguous shard of K codes.
+
+Forward, for the rows ``z`` of every rank (per-rank batch sizes may differ, zero included):
+
+1. all-gather the per-rank row counts, then the rows (padded to the largest count, sent as bytes);
+2. each rank searches its shard for every gathered row (``fastvq.search``: no N x K tensor);
+3. one ``all_reduce(MIN)`` over an int64 key per row picks the global winner:
+   ``key = bits(err) << 32 | global_index``. ``err = sum_d (z - c)^2`` is the non-negative fp32
+   squared error that the search already returns, so its IEEE bits order like its values and the
+   lowest key is (smallest error, then lowest global index);
+4. the owner of each row's winning code fills that row, every other rank leaves zeros, and one
+   ``reduce_scatter`` (a byte-wise SUM: exactly one rank is non-zero, so it is a bitwise copy)
+   returns each rank its own rows' codes.
+
+Why pack ``err`` and not the GEMM distance ``||c||^2 - 2 z.c`` that the search minimises: ``err`` is
+computed by one fixed formula from (row, code) values, so duplicate codes in different shards give
+bitwise-equal keys and the tie goes to the lowest global index, as in the unsharded op; a GEMM
+value for the same code can round differently at different tile offsets and may be negative. The
+price: inside a shard codes are ranked by the GEMM distance, across shards by ``err``, so the
+winner can differ from the unsharded op's only when two codes' distances differ by rounding.
+
+Backward (the owner of a shard computes its gradient from every rank's rows, so no codebook
+gradient is communicated; one all-gather of R scalars carries the upstream loss gradients):
+
+    grad_shard = (1/R) sum_r  g_r * 2/(n_r D) * sum_{i in rank r, idx_i in shard} (c_idx_i - z_i)
+
+which is exactly what DDP computes for an unsharded codebook: each rank's gradient of its own loss
+(mean over its n_r rows), averaged over the R ranks. With equal per-rank batches this is the
+gradient of the mean loss over the concatenated batch. ``z``'s gradient is local and identical to
+the unsharded op's (straight-through plus commitment).
+
+Shard parameters must be kept out of DDP (it would average different shards, and it checks that
+parameter shapes agree across ranks): see :func:`ddp_ignore_shards`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .functional import VectorQuantizeFunction, VQOutput, _check_inputs
+from .ops import code_counts, resolve_backend, scatter_rows, search
+
+# Keys: high 32 bits = IEEE bits of the non-negative fp32 error, low 32 bits = global code index.
+_INDEX_BITS = 32
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+_WORST_ERR_BITS = 0x7FFFFFFF  # above +inf's bits: NaN errors sort last
+_NO_CANDIDATE = torch.iinfo(torch.int64).max  # an empty shard, or a rank that must not win
+MAX_CODES = 1 << 31
+
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older torch has only those.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def shard_range(num_codes: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, end)`` of the codes held by ``rank`` out of ``world``: contiguous, in rank order,
+    the first ``num_codes % world`` ranks hold one code more. Ranks beyond ``num_codes`` hold none.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    if num_codes < 0:
+        raise ValueError(f"num_codes must be >= 0, got {num_codes}")
+    base, extra = divmod(num_codes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def pack_keys(err: torch.Tensor, global_indices: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like ``(err, global_index)`` for ``err >= 0`` fp32 (NaN sorts last)."""
+    bits = err.abs().view(torch.int32).to(torch.int64)  # abs: -0.0 -> +0.0, NaN sign cleared
+    bits = torch.where(torch.isnan(err), torch.full_like(bits, _WORST_ERR_BITS), bits)
+    return (bits << _INDEX_BITS) | global_indices
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_keys`: ``(global_indices int64, err fp32)``."""
+    err = (keys >> _INDEX_BITS).to(torch.int32).view(torch.float32)
+    return keys & _INDEX_MASK, err
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """``(rank, world)`` in ``group``; ``(0, 1)`` when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's storage as uint8 (N, D * itemsize): any dtype travels bit-exact."""
+    return t.contiguous().view(torch.uint8)
+
+
+class ShardedSearch(NamedTuple):
+    """Result of :func:`sharded_search` on one rank.
+
+    indices: int64 (n,) global code index of each local row.
+    codes: (n, D) in the shard's dtype, the winning code of each local row (bitwise).
+    err: fp32 (n,) ``sum_d (z - code)^2`` of each local row.
+    rows: (N_total, D) every rank's rows in rank order (z's dtype), for the owner's statistics.
+    row_indices: int64 (N_total,) global winner of each of ``rows``.
+    sizes: per-rank row counts (list of R ints).
+    """
+
+    indices: torch.Tensor
+    codes: torch.Tensor
+    err: torch.Tensor
+    rows: torch.Tensor
+    row_indices: torch.Tensor
+    sizes: list[int]
+
+
+@torch.no_grad()
+def sharded_search(
+    z2d: torch.Tensor, shard: torch.Tensor, num_codes: int, group=None, backend: str = "auto"
+) -> ShardedSearch:
+    """Nearest code among all ranks' shards for each local row; a collective (every rank calls it).
+
+    Args:
+        z2d: (n, D) this rank's rows (n may differ between ranks, 0 allowed).
+        shard: (end - start, D) this rank's codes, ``(start, end) = shard_range(num_codes, r, R)``.
+        num_codes: K, the global codebook size (1 <= K < 2^31).
+        group: process group (default: the world).
+        backend: search backend, "auto", "torch" or "triton".
+
+    Returns:
+        :class:`ShardedSearch`. Ties (bitwise-equal errors) go to the lowest global index; a row
+        holding NaN/Inf gets index 0 and a non-finite code is never selected (as unsharded).
+    """
+    rank, world = rank_and_world(group)
+    start, end = shard_range(num_codes, rank, world)
+    dev, d = z2d.device, z2d.shape[1]
+    n = z2d.shape[0]
+    if not dist.is_initialized():  # one process: the shard is the whole codebook
+        idx, _, err = search(z2d, shard, backend)
+        return ShardedSearch(idx, shard.index_select(0, idx), err, z2d, idx, [n])
+
+    # 1. Row counts, then the rows (padded to the largest count), in rank order.
+    sizes_t = torch.empty(world, dtype=torch.int64, device=dev)
+    _all_gather(sizes_t, torch.tensor([n], device=dev), group=group)
+    sizes = sizes_t.tolist()  # host sync: the buffers below are sized by it
+    n_max, n_total = max(sizes), sum(sizes)
+    offset = sum(sizes[:rank])
+    if n_total == 0:  # every rank sees the same sizes, so every rank returns here together
+        empty = torch.empty(0, dtype=torch.int64, device=dev)
+        return ShardedSearch(
+            empty, shard.new_empty((0, d)), z2d.new_empty(0, dtype=torch.float32),
+            z2d.new_empty((0, d)), empty, sizes,
+        )  # fmt: skip
+    padded = z2d.new_zeros((n_max, d))
+    padded[:n] = z2d
+    gathered = z2d.new_empty((world * n_max, d))
+    _all_gather(_bytes(gathered), _bytes(padded), group=group)
+    if all(s == n_max for s in sizes):
+        pos = None
+        rows = gathered
+    else:  # positions of the real rows inside the padded layout
+        pos = torch.cat([torch.arange(s, device=dev) + r * n_max for r, s in enumerate(sizes)])
+        rows = gathered.index_select(0, pos)
+
+    # 2. Search this shard, 3. one all_reduce(MIN) over the packed keys.
+    if end > start:
+        local_idx, _, err = search(rows, shard, backend)
+        # A shard holding only non-finite codes returns one with error NaN (packed last) or +inf:
+        # any code with a finite error wins over it, as in the unsharded search.
+        keys = pack_keys(err, local_idx + start)
+    else:
+        local_idx = torch.zeros(n_total, dtype=torch.int64, device=dev)
+        keys = torch.full((n_total,), _NO_CANDIDATE, dtype=torch.int64, device=dev)
+    if rank != 0:
+        # A row holding NaN/Inf gets global index 0 (rank 0's first code), as in the unsharded op.
+        row_ok = torch.isfinite(rows).all(dim=1)
+        keys = torch.where(row_ok, keys, torch.full_like(keys, _NO_CANDIDATE))
+    dist.all_reduce(keys, op=dist.ReduceOp.MIN, group=group)
+    row_indices, row_err = unpack_keys(keys)
+
+    # 4. Owner-filled codes, reduce-scattered back to the rank that holds each row.
+    mine = (row_indices >= start) & (row_indices < end)
+    if end > start:
+        owned = shard.index_select(0, local_idx)
+        owned = torch.where(mine[:, None], owned, torch.zeros((), dtype=owned.dtype, device=dev))
+    else:
+        owned = shard.new_zeros((n_total, d))
+    if pos is None:
+        send = owned
+    else:
+        send = shard.new_zeros((world * n_max, d)).index_copy_(0, pos, owned)
+    recv = shard.new_empty((n_max, d))
+    _reduce_scatter(_bytes(recv), _bytes(send), op=dist.ReduceOp.SUM, group=group)
+
+    local = slice(offset, offset + n)
+    return ShardedSearch(
+        row_indices[local], recv[:n], row_err[local].clone(), rows, row_indices, sizes
+    )
+
+
+def shard_statistics(
+    result: ShardedSearch, start: int, end: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shard owner's batch statistics over every rank's rows, for its codes ``[start, end)``:
+    fp32 ``(counts (S,), sums (S, D))``, the all-reduced statistics of the unsharded layer."""
+    mine = (result.row_indices >= start) & (result.row_indices < end)
+    idx = result.row_indices[mine] - start
+    return code_counts(idx, end - start), scatter_rows(idx, result.rows[mine], end - start)
+
+
+class ShardedVectorQuantizeFunction(torch.autograd.Function):
+    """forward(z2d (n, D), shard (S, D), num_codes, beta, group, backend) ->
+    (quantized (n, D) in z's dtype, indices int64 (n,) global, loss fp32 scalar)."""
+
+    @staticmethod
+    def forward(ctx, z2d, shard, num_codes, beta, group, backend):
+        res = sharded_search(z2d, shard, num_codes, group, backend)
+        n, d = z2d.shape
+        loss = res.err.sum() * ((1.0 + beta) / max(n * d, 1))
+        ctx.save_for_backward(z2d, shard, res.codes, res.rows, res.row_indices)
+        ctx.beta, ctx.group, ctx.num_codes, ctx.sizes = beta, group, num_codes, res.sizes
+        ctx.backend = backend
+        ctx.mark_non_differentiable(res.indices)
+        return res.codes.to(z2d.dtype), res.indices, loss
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_idx, grad_loss):
+        z2d, shard, codes, rows, row_indices = ctx.saved_tensors
+        n, d = z2d.shape
+        g = (
+            grad_loss.to(torch.float32)
+            if grad_loss is not None
+            else z2d.new_zeros((), dtype=torch.float32)
+        )
+        grad_z = grad_c = None
+        if ctx.needs_input_grad[0]:
+            # Local and identical to the unsharded op: straight-through + commitment.
+            diff = codes.to(torch.float32) - z2d.to(torch.float32)
+            gz = diff * (-ctx.beta * (2.0 / max(n * d, 1)) * g)
+            if grad_q is not None:
+                gz = gz + grad_q.to(torch.float32)
+            grad_z = gz.to(z2d.dtype)
+        if ctx.needs_input_grad[1] and sum(ctx.sizes) > 0:
+            # Every rank's loss gradient g_r, to weight its rows: 2 g_r / (n_r D) / R (DDP's mean).
+            rank, world = rank_and_world(ctx.group)
+            gs = g.reshape(1)
+            if world > 1:
+                gs = torch.empty(world, dtype=torch.float32, device=z2d.device)
+                _all_gather(gs, g.reshape(1), group=ctx.group)
+            start, end = shard_range(ctx.num_codes, rank, world)
+            sizes = torch.tensor(ctx.sizes, dtype=torch.float32, device=z2d.device)
+            w = gs * 2.0 / (sizes.clamp(min=1) * d * world)
+            src = torch.repeat_interleave(
+                torch.arange(world, device=z2d.device), torch.tensor(ctx.sizes, device=z2d.device)
+            )
+            mine = (row_indices >= start) & (row_indices < end)
+            idx = row_indices[mine] - start
+            diff = shard.detach().to(torch.float32).index_select(0, idx) - rows[mine].to(
+                torch.float32
+            )
+            diff = diff * w.index_select(0, src[mine])[:, None]
+            grad_c = scatter_rows(idx, diff, end - start, backend=ctx.backend).to(shard.dtype)
+        elif ctx.needs_input_grad[1]:
+            grad_c = torch.zeros_like(shard)
+        return grad_z, grad_c, None, None, None, None
+
+
+def _check_shard(z, shard, num_codes, beta, group) -> tuple[int, int]:
+    """Check the inputs of :func:`sharded_vector_quantize`; returns the shard's ``(start, end)``."""
+    if (
+        isinstance(num_codes, bool)
+        or not isinstance(num_codes, int)
+        or not 1 <= num_codes < MAX_CODES
+    ):
+        raise ValueError(f"num_codes must be an int in [1, 2^31), got {num_codes!r}")
+    rank, world = rank_and_world(group)
+    start, end = shard_range(num_codes, rank, world)
+    if not isinstance(shard, torch.Tensor) or shard.dim() != 2 or shard.shape[0] != end - start:
+        shape = tuple(shard.shape) if isinstance(shard, torch.Tensor) else type(shard).__name__
+        raise ValueError(
+            f"rank {rank} of {world} must hold codes [{start}, {end}) of K={num_codes}: a "
+            f"({end - start}, D) shard (see shard_range), got {shape}"
+        )
+    # The op's own checks (dtypes, D, device, beta) on a non-empty stand-in for an empty shard.
+    _check_inputs(z, shard if end > start else shard.new_zeros((1, shard.shape[1])), beta)
+    return start, end
+
+
+def sharded_vector_quantize(
+    z: torch.Tensor,
+    codebook_shard: torch.Tensor,
+    *,
+    num_codes: int,
+    beta: float = 0.25,
+    group=None,
+    backend: str = "auto",
+) -> VQOutput:
+    """:func:`fastvq.vector_quantize` with the codebook sharded across the ranks of ``group``.
+
+    A collective: every rank of ``group`` calls it (with its own rows, any count, zero included)
+    and, when the shard requires grad, runs backward through its outputs.
+
+    Args:
+        z: (..., D) this rank's inputs, float32/float16/bfloat16.
+        codebook_shard: (end - start, D) codes ``[start, end) = shard_range(num_codes, rank, R)``.
+        num_codes: K, the global number of codes.
+        beta: commitment weight.
+        group: process group (default: the world). Without torch.distributed initialised, the
+            shard is the whole codebook and this is ``vector_quantize``.
+        backend: search backend ("auto", "torch", "triton").
+
+    Returns:
+        VQOutput(quantized, indices, loss) as :func:`fastvq.vector_quantize` on this rank's rows,
+        with global indices. The shard's gradient is DDP's: the mean over ranks of the gradients of
+        each rank's loss (module docstring); do not let DDP average it again.
+    """
+    _check_shard(z, codebook_shard, num_codes, beta, group)
+    be = resolve_backend(backend, z.device)
+    lead, d = z.shape[:-1], z.shape[-1]
+    z2d = z.reshape(-1, d)
+    if not dist.is_initialized():
+        q2d, idx, loss = VectorQuantizeFunction.apply(z2d, codebook_shard, float(beta), be, False)
+    else:
+        q2d, idx, loss = ShardedVectorQuantizeFunction.apply(
+            z2d, codebook_shard, num_codes, float(beta), group, be
+        )
+    return VQOutput(q2d.reshape(z.shape), idx.reshape(lead), loss)
+
+
+@torch.no_grad()
+def gather_codebook(shard: torch.Tensor, num_codes: int, group=None) -> torch.Tensor:
+    """The full (K, D) codebook on every rank, from each rank's shard (a collective)."""
+    rank, world = rank_and_world(group)
+    if world == 1:
+        return shard.clone()
+    s_max = shard_range(num_codes, 0, world)[1]
+    padded = shard.new_zeros((s_max, shard.shape[1]))
+    padded[: shard.shape[0]] = shard
+    out = shard.new_empty((world * s_max, shard.shape[1]))
+    _all_gather(_bytes(out), _bytes(padded), group=group)
+    parts = [out[r * s_max : r * s_max + (e - s)] for r in range(world)
+             for s, e in [shard_range(num_codes, r, world)]]  # fmt: skip
+    return torch.cat(parts)
+
+
+def init_codes(start: int, end: int, dim: int, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
+    """Codes ``[start, end)`` of a K x dim codebook drawn from U(-sqrt(6/dim), sqrt(6/dim)) (the
+    layer's kaiming-uniform scale), in chunks of ``chunk`` codes each seeded by ``(seed, chunk)``:
+    the same codes whatever the number of ranks, and no rank ever draws the whole codebook."""
+    bound = (6.0 / dim) ** 0.5
+    parts = []
+    for c in range(start // chunk, -(-end // chunk)):
+        gen = torch.Generator().manual_seed(seed * 1000003 + c)
+        block = torch.rand(chunk, dim, generator=gen) * (2 * bound) - bound
+        lo, hi = max(start, c * chunk) - c * chunk, min(end, (c + 1) * chunk) - c * chunk
+        parts.append(block[lo:hi])
+    return torch.cat(parts) if parts else torch.empty(0, dim)
+
+
+class ShardedVectorQuantizer(nn.Module):
+    """A VQ layer whose K codes are split across the ranks of ``group`` (model-parallel search).
+
+    Each rank holds ``codebook`` = codes ``[start, end)`` of ``shard_range(K, rank, R)``. With
+    ``ema=False`` the shard is an ``nn.Parameter`` trained by the loss's codebook term (its
+    gradient is already DDP's mean over ranks); with ``ema=True`` it is a buffer updated in
+    training forwards from every rank's rows, like ``VectorQuantizer(ema=True)`` under DDP::
+
+        N_k <- g N_k + (1-g) n_k,  m_k <- g m_k + (1-g) s_k,
+        c_k = m_k / ((N_k + eps) / (sum N + K eps) * sum N)      (sum over all K: one all_reduce)
+
+    and the loss is ``beta`` * commitment. Not (yet) here: k-means init, dead-code restart,
+    projections, heads, cosine codes.
+
+    Wrap a model that contains it with DDP after :func:`ddp_ignore_shards`::
+
+        model = Model(...)                # holds a ShardedVectorQuantizer
+        ddp_ignore_shards(model)          # shards: no DDP broadcast, shape check or averaging
+        model = DistributedDataParallel(model)
+
+    Args:
+        dim: D, the code dimension (inputs are (..., dim)).
+        codebook_size: K, the global number of codes.
+        beta: commitment weight.
+        ema, decay, eps: EMA codebook learning (as ``VectorQuantizer``).
+        group: the process group the codebook is sharded over (default: the world).
+        backend: search backend.
+        seed: seed of :func:`init_codes` (same codes for any number of ranks).
+        codebook: optional full (K, dim) initial codebook (each rank keeps its slice).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        beta: float = 0.25,
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        group=None,
+        backend: str = "auto",
+        seed: int = 0,
+        codebook: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.dim, self.codebook_size, self.beta = dim, codebook_size, float(beta)
+        self.ema, self.decay, self.eps = ema, decay, eps
+        self.group, self.backend = group, backend
+        rank, world = rank_and_world(group)
+        self.start, self.end = shard_range(codebook_size, rank, world)
+        if codebook is not None:
+            if tuple(codebook.shape) != (codebook_size, dim):
+                raise ValueError(
+                    f"codebook must be ({codebook_size}, {dim}), got {tuple(codebook.shape)}"
+                )
+            init = codebook.detach()[self.start : self.end].to(torch.float32).clone()
+        else:
+            init = init_codes(self.start, self.end, dim, seed)
+        if ema:
+            self.register_buffer("codebook", init)
+            self.register_buffer("cluster_size", torch.ones(self.end - self.start))
+            self.register_buffer("embed_avg", init.clone())
+        else:
+            self.codebook = nn.Parameter(init)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, "
+            f"shard=[{self.start}, {self.end}), ema={self.ema}, beta={self.beta}"
+        )
+
+    def full_codebook(self) -> torch.Tensor:
+        """The whole (K, dim) codebook gathered on every rank (for export; a collective)."""
+        return gather_codebook(self.codebook.detach(), self.codebook_size, self.group)
+
+    def forward(self, x: torch.Tensor) -> VQOutput:
+        """``x`` (..., dim) -> VQOutput(quantized like x, global indices x.shape[:-1], loss)."""
+        if not self.ema:
+            return sharded_vector_quantize(
+                x, self.codebook, num_codes=self.codebook_size, beta=self.beta,
+                group=self.group, backend=self.backend,
+            )  # fmt: skip
+        _check_shard(x, self.codebook, self.codebook_size, self.beta, self.group)
+        be = resolve_backend(self.backend, x.device)
+        z = x.reshape(-1, self.dim)
+        res = sharded_search(z, self.codebook, self.codebook_size, self.group, be)
+        z_q = res.codes.to(z.dtype)
+        quantized = z_q + (z - z.detach())  # forward value exactly the code, gradient to z
+        sq = (z.to(torch.float32) - z_q.to(torch.float32)).square().sum()
+        loss = self.beta * sq / max(z.numel(), 1)
+        if self.training:
+            self._ema_update(res)
+        return VQOutput(quantized.reshape(x.shape), res.indices.reshape(x.shape[:-1]), loss)
+
+    @torch.no_grad()
+    def _ema_update(self, res: ShardedSearch) -> None:
+        counts, sums = shard_statistics(res, self.start, self.end)
+        self.cluster_size.lerp_(counts, 1.0 - self.decay)
+        self.embed_avg.lerp_(sums, 1.0 - self.decay)
+        total = self.cluster_size.sum().reshape(1)
+        if dist.is_initialized():  # sum N over all K codes: one all_reduce of one number
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        k = self.codebook_size
+        smoothed = (self.cluster_size + self.eps) / (total + k * self.eps) * total
+        self.codebook.copy_(self.embed_avg / smoothed.unsqueeze(-1))
+
+
+def ddp_ignore_shards(model: nn.Module) -> list[str]:
+    """Keep every :class:`ShardedVectorQuantizer`'s parameters and buffers out of DDP.
+
+    Call on the module you pass to ``DistributedDataParallel``, before wrapping it. DDP then
+    neither broadcasts rank 0's shard at construction and per forward, nor checks shard shapes
+    across ranks (they differ when K % R != 0), nor averages shard gradients (the op's backward
+    already returns DDP's mean). Returns the names added to the ignore list.
+    """
+    names = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, ShardedVectorQuantizer):
+            for pname, _ in [
+                *mod.named_parameters(recurse=False),
+                *mod.named_buffers(recurse=False),
+            ]:
+                names.append(f"{mname}.{pname}" if mname else pname)
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, existing + [n for n in names if n not in existing]
+    )
+    return names
