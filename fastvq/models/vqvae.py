@@ -1,0 +1,99 @@
+"""VQ-VAE (van den Oord et al., 2017): conv encoder -> fastvq.VectorQuantizer -> conv decoder.
+
+Encoder: two 4x4 stride-2 convs, a 3x3 conv, residual blocks (ReLU, 3x3 conv, ReLU, 1x1 conv),
+a 1x1 conv to the quantizer's dim. Decoder: a 3x3 conv, residual blocks, two 4x4 stride-2
+transposed convs. A 28x28 image becomes a 7x7 map of code indices.
+
+Loss = ||x - x_hat||^2 / Var(x) + VQ loss (codebook + beta * commitment, from the layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1
+    hidden: int = 64  # channels of the conv trunks
+    res_hidden: int = 32  # bottleneck channels inside a residual block
+    n_res: int = 2  # residual blocks in the encoder and in the decoder
+    dim: int = 16  # channels of the encoder output = the quantizer's input dim
+    codebook_size: int = 256  # K
+    beta: float = 0.25  # commitment weight
+    data_variance: float = 1.0  # recon loss = MSE / data_variance (set from the train set)
+    # passed as-is to fastvq.VectorQuantizer (e.g. ema, kmeans_init, codebook_dim, cosine,
+    # dead-code threshold); empty = the layer's defaults
+    vq_kwargs: dict = field(default_factory=dict)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c: int, c_res: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(c, c_res, 3, padding=1), nn.ReLU(), nn.Conv2d(c_res, c, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VQVAEConfig | None = None):
+        super().__init__()
+        from fastvq.layer import VectorQuantizer  # the layer (issue 3)
+
+        self.cfg = cfg = cfg or VQVAEConfig()
+        h = cfg.hidden
+        self.encoder = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, h // 2, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(h // 2, h, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(h, h, 3, padding=1),
+            *[ResidualBlock(h, cfg.res_hidden) for _ in range(cfg.n_res)],
+            nn.ReLU(),
+            nn.Conv2d(h, cfg.dim, 1),
+        )
+        self.vq = VectorQuantizer(
+            cfg.dim, cfg.codebook_size, beta=cfg.beta, channel_first=True, **cfg.vq_kwargs
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(cfg.dim, h, 3, padding=1),
+            *[ResidualBlock(h, cfg.res_hidden) for _ in range(cfg.n_res)],
+            nn.ReLU(),
+            nn.ConvTranspose2d(h, h // 2, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(h // 2, cfg.in_channels, 4, 2, 1),
+        )
+
+    def encode(self, x: torch.Tensor):
+        """(B, C, H, W) -> (quantized (B, D, H/4, W/4), indices (B, H/4, W/4), vq loss)."""
+        z_e = self.encoder(x)  # (B, D, h, w)
+        quantized, indices, loss = self.vq(z_e)
+        return quantized, indices, loss
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(quantized))  # (B, C, H, W) in [0, 1]
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) int64 code map -> image (B, C, H, W)."""
+        return self.decode(self.vq.codes_from_indices(indices))
+
+    def forward(self, x: torch.Tensor):
+        quantized, indices, vq_loss = self.encode(x)
+        return self.decode(quantized), indices, vq_loss
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)[0]
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        x_hat, _, vq_loss = self(x)
+        mse = F.mse_loss(x_hat, x)
+        loss = mse / self.cfg.data_variance + vq_loss
+        vq_loss = vq_loss.detach()
+        return loss, {"mse": mse.item(), "vq": vq_loss.item()}
