@@ -69,6 +69,10 @@ def save_run(run_dir, model, kind: str, meta: dict, optimizer=None) -> None:
         }
         save_file(tensors, str(run_dir / "optim.safetensors"))
         meta["optimizer"] = {"param_groups": sd["param_groups"]}
+    elif (run_dir / "run.json").is_file():  # keep the saved optimizer state usable for --resume
+        old = json.loads((run_dir / "run.json").read_text())
+        if "optimizer" in old:
+            meta["optimizer"] = old["optimizer"]
     (run_dir / "run.json.tmp").write_text(json.dumps(meta, indent=2, default=str))
     os.replace(run_dir / "run.json.tmp", run_dir / "run.json")
 
