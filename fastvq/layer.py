@@ -85,6 +85,38 @@ def _perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
 
 
+def check_input(x, dim: int, channel_first: bool) -> None:
+    """TypeError/ValueError naming ``x`` for a non-tensor, non-float or wrongly laid-out input."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if channel_first:
+        if x.dim() < 2:
+            raise ValueError(
+                f"x must have shape (B, dim, ...) with channel_first=True, got {tuple(x.shape)}"
+            )
+        if x.shape[1] != dim:
+            hint = " (is x channel-last? use channel_first=False)" if x.shape[-1] == dim else ""
+            raise ValueError(
+                f"x has {x.shape[1]} channels in dim 1 but the layer's dim is {dim}; "
+                f"got x of shape {tuple(x.shape)}{hint}"
+            )
+    else:
+        if x.dim() < 1:
+            raise ValueError("x must have shape (..., dim), got a 0-dim tensor")
+        if x.shape[-1] != dim:
+            hint = (
+                " (is x channel-first? use channel_first=True)"
+                if x.dim() >= 3 and x.shape[1] == dim
+                else ""
+            )
+            raise ValueError(
+                f"x has {x.shape[-1]} channels in its last dim but the layer's dim is "
+                f"{dim}; got x of shape {tuple(x.shape)}{hint}"
+            )
+
+
 class VectorQuantizer(nn.Module):
     """Vector quantization layer with EMA or gradient codebooks, k-means init and dead-code restart.
 
@@ -257,38 +289,7 @@ class VectorQuantizer(nn.Module):
     # --- input checks and layout -------------------------------------------------------------
 
     def _check_x(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-        if self.channel_first:
-            if x.dim() < 2:
-                raise ValueError(
-                    f"x must have shape (B, dim, ...) with channel_first=True, got {tuple(x.shape)}"
-                )
-            if x.shape[1] != self.dim:
-                hint = (
-                    " (is x channel-last? use channel_first=False)"
-                    if x.shape[-1] == self.dim
-                    else ""
-                )
-                raise ValueError(
-                    f"x has {x.shape[1]} channels in dim 1 but the layer's dim is {self.dim}; "
-                    f"got x of shape {tuple(x.shape)}{hint}"
-                )
-        else:
-            if x.dim() < 1:
-                raise ValueError("x must have shape (..., dim), got a 0-dim tensor")
-            if x.shape[-1] != self.dim:
-                hint = (
-                    " (is x channel-first? use channel_first=True)"
-                    if x.dim() >= 3 and x.shape[1] == self.dim
-                    else ""
-                )
-                raise ValueError(
-                    f"x has {x.shape[-1]} channels in its last dim but the layer's dim is "
-                    f"{self.dim}; got x of shape {tuple(x.shape)}{hint}"
-                )
+        check_input(x, self.dim, self.channel_first)
 
     # --- forward -----------------------------------------------------------------------------
 
