@@ -150,8 +150,11 @@ def sharded_search(
             empty, shard.new_empty((0, d)), z2d.new_empty(0, dtype=torch.float32),
             z2d.new_empty((0, d)), empty, sizes,
         )  # fmt: skip
-    padded = z2d.new_zeros((n_max, d))
-    padded[:n] = z2d
+    if n == n_max:
+        padded = z2d
+    else:
+        padded = z2d.new_zeros((n_max, d))
+        padded[:n] = z2d
     gathered = z2d.new_empty((world * n_max, d))
     _all_gather(_bytes(gathered), _bytes(padded), group=group)
     if all(s == n_max for s in sizes):
@@ -447,7 +450,9 @@ class ShardedVectorQuantizer(nn.Module):
         quantized = z_q + (z - z.detach())  # forward value exactly the code, gradient to z
         sq = (z.to(torch.float32) - z_q.to(torch.float32)).square().sum()
         loss = self.beta * sq / max(z.numel(), 1)
-        if self.training:
+        # Not while autograd's engine runs (activation checkpointing recomputing this forward):
+        # every rank recomputes alike, so skipping keeps the collectives matched.
+        if self.training and torch._C._current_graph_task_id() == -1:
             self._ema_update(res)
         return VQOutput(quantized.reshape(x.shape), res.indices.reshape(x.shape[:-1]), loss)
 

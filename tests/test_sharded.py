@@ -31,7 +31,7 @@ from fastvq.sharded import (
     unpack_keys,
 )
 
-GLOO_TIMEOUT_S = 20
+GLOO_TIMEOUT_S = 60
 BACKEND = "torch"
 
 
@@ -362,7 +362,7 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [3, 2])
 @pytest.mark.parametrize("scenario", [fn.__name__ for fn in SCENARIOS])
 def test_multiprocess(results, world, scenario):
