@@ -124,6 +124,8 @@ class VectorQuantizer(nn.Module):
         dim: channels of the input.
         codebook_size: K, codes per codebook.
         beta: commitment weight (loss = codebook term + beta * commitment; EMA: beta * commitment).
+        codebook_loss_weight: weight of the codebook term (gradient codebooks; taming's and
+            diffusers' ``legacy=True`` loss is ``beta=1, codebook_loss_weight=their beta``).
         ema: learn the codebook by exponential moving averages (True) or by gradient (False).
         decay: EMA decay gamma.
         eps: EMA Laplace smoothing epsilon.
@@ -151,6 +153,7 @@ class VectorQuantizer(nn.Module):
         codebook_size: int,
         *,
         beta: float = 0.25,
+        codebook_loss_weight: float = 1.0,
         ema: bool = True,
         decay: float = 0.99,
         eps: float = 1e-5,
@@ -182,12 +185,15 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if not codebook_loss_weight > 0:
+            raise ValueError(f"codebook_loss_weight must be > 0, got {codebook_loss_weight}")
         if dead_code_steps < 0:
             raise ValueError(f"dead_code_steps must be >= 0, got {dead_code_steps}")
         self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
         self.heads, self.shared_codebook = heads, shared_codebook
         self.num_codebooks = 1 if (shared_codebook or heads == 1) else heads
         self.beta, self.ema, self.decay, self.eps = float(beta), ema, decay, eps
+        self.codebook_loss_weight = float(codebook_loss_weight)
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.dead_code_steps, self.restart_noise = dead_code_steps, restart_noise
         self.cosine, self.channel_first, self.backend = cosine, channel_first, backend
@@ -380,14 +386,17 @@ class VectorQuantizer(nn.Module):
 
     def _quantize(self, zg: torch.Tensor, cb: torch.Tensor, wg: torch.Tensor | None):
         """(quantized, indices, loss) for rows ``zg`` (M, cd) against codes ``cb`` (K, cd)."""
+        w_cb = self.codebook_loss_weight
         if not self.ema and wg is None:
-            # the fused op: straight-through, codebook term and commitment in one autograd node
-            return vector_quantize(zg, cb, beta=self.beta, backend=self.backend)
+            # the fused op: straight-through, codebook term and commitment in one autograd node;
+            # w * (codebook + beta / w * commitment) = w * codebook + beta * commitment
+            q, idx, loss = vector_quantize(zg, cb, beta=self.beta / w_cb, backend=self.backend)
+            return q, idx, (loss if w_cb == 1.0 else loss * w_cb)
         idx, z_q, _ = search(zg, cb, self.backend)
         quantized = z_q + (zg - zg.detach())  # forward value exactly z_q, gradient to zg
         loss = self.beta * _sq_err_mean(zg, z_q, wg)
         if not self.ema:  # masked gradient codebook: the codebook term through a gather
-            loss = loss + _sq_err_mean(zg.detach(), F.embedding(idx, cb), wg)
+            loss = loss + w_cb * _sq_err_mean(zg.detach(), F.embedding(idx, cb), wg)
         return quantized, idx, loss
 
     # --- codebook learning (training forward only) -------------------------------------------

@@ -395,3 +395,52 @@ def test_memory_large_codebook_stays_lean():
     peak_gib = int(out.stdout.split()[-1]) / 2**20  # ru_maxrss is KiB on Linux
     assert peak_gib < 1.5, f"peak RSS {peak_gib:.2f} GiB"
     del resource
+
+
+# --- codebooks trained elsewhere -----------------------------------------------------------------
+
+
+class TamingQuantizer(nn.Module):
+    """taming-transformers' VectorQuantizer2 / diffusers' VectorQuantizer forward (no remap),
+    transcribed: channel-first input, argmin of z^2 + e^2 - 2 z.e, the legacy beta placement."""
+
+    def __init__(self, n_e, e_dim, beta, legacy=True):
+        super().__init__()
+        self.beta, self.legacy = beta, legacy
+        self.embedding = nn.Embedding(n_e, e_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
+
+    def forward(self, z):
+        z = z.permute(0, 2, 3, 1).contiguous()
+        z_flat = z.view(-1, z.shape[-1])
+        w = self.embedding.weight
+        d = (z_flat**2).sum(1, keepdim=True) + (w**2).sum(1) - 2 * z_flat @ w.t()
+        idx = torch.argmin(d, dim=1)
+        z_q = self.embedding(idx).view(z.shape)
+        if self.legacy:
+            loss = ((z_q.detach() - z) ** 2).mean() + self.beta * ((z_q - z.detach()) ** 2).mean()
+        else:
+            loss = self.beta * ((z_q.detach() - z) ** 2).mean() + ((z_q - z.detach()) ** 2).mean()
+        z_q = z + (z_q - z).detach()
+        return z_q.permute(0, 3, 1, 2), loss, idx.view(z.shape[:-1])
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "nonlegacy"])
+def test_load_taming_diffusers_codebook(backend, legacy):
+    from fastvq.compat import from_pretrained_codebook
+
+    torch.manual_seed(0)
+    theirs = TamingQuantizer(64, 4, beta=0.25, legacy=legacy)
+    state = {"first_stage_model.quantize.embedding.weight": theirs.embedding.weight.detach()}
+    ours = from_pretrained_codebook(state, beta=0.25, legacy=legacy, backend=backend)
+    z = (0.02 * torch.randn(2, 4, 5, 6)).requires_grad_()
+    z2 = z.detach().clone().requires_grad_()
+    q_t, loss_t, idx_t = theirs(z)
+    q_o, idx_o, loss_o = ours(z2)
+    assert torch.equal(idx_o, idx_t)
+    torch.testing.assert_close(q_o, q_t)
+    torch.testing.assert_close(loss_o, loss_t)
+    (q_t.square().sum() + loss_t).backward()
+    (q_o.square().sum() + loss_o).backward()
+    torch.testing.assert_close(z2.grad, z.grad)
+    torch.testing.assert_close(ours.codebook.grad[0], theirs.embedding.weight.grad)
