@@ -23,11 +23,11 @@ from .models import AE, VAE, VQVAE, AEConfig, PixelCNN, PixelCNNConfig, VAEConfi
 class DemoSteps:
     """Optimizer steps per stage (batch 128) and the number of samples M for Fréchet distances."""
 
-    classifier: int = 600
-    ae: int = 1200
-    vae: int = 1200
-    vqvae: int = 1500
-    pixelcnn: int = 1500
+    classifier: int = 400
+    ae: int = 800
+    vae: int = 800
+    vqvae: int = 1000
+    pixelcnn: int = 1200
     fd_samples: int = 1000
     eval_limit: int | None = None  # test images used for reconstruction metrics (None = all)
 
@@ -158,6 +158,7 @@ def run_demo(
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "loadavg_1min_start": round(os.getloadavg()[0], 2),
         },
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
@@ -356,6 +357,7 @@ def run_demo(
     )
     done("report")
     result["seconds"] = {**timings, "total": round(time.time() - t_start, 1)}
+    result["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "summary.md").write_text(summary_markdown(result))
     return result
