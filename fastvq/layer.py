@@ -33,7 +33,7 @@ from torch import nn
 from . import _dist
 from .functional import vector_quantize
 from .kmeans import kmeans
-from .ops import code_counts, scatter_rows, search
+from .ops import scatter_rows, search
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -77,6 +77,13 @@ def _sq_err_mean(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None) -> to
     if w is None:
         return sq.sum() / max(sq.numel() * d, 1)
     return (sq * w).sum() / (w.sum().clamp_min(1.0) * d)
+
+
+def _counts(idx: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """fp32 (num_bins,) rows per code: an index_add of ones. ``fastvq.code_counts`` is a bincount,
+    which syncs the host on CUDA and breaks ``torch.compile`` graphs (data-dependent shape)."""
+    ones = torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
+    return torch.zeros(num_bins, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
 
 
 def _perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -355,7 +362,7 @@ class VectorQuantizer(nn.Module):
             idx_parts.append(idx)
             losses.append(loss)
             idx_stat = idx if wg is None else torch.where(wg > 0, idx, k)  # masked -> bin K
-            counts.append(code_counts(idx_stat, k + 1)[:k])
+            counts.append(_counts(idx_stat, k + 1)[:k])
             if update and self.ema:
                 sums.append(scatter_rows(idx_stat, zg.detach(), k + 1, backend=self.backend)[:k])
             rows.append(zg.detach())
@@ -599,7 +606,7 @@ class UsageMeter:
         if mask is not None:  # indices of masked rows go to an extra bin, then dropped
             m = mask.reshape(mask.shape + (1,) * (indices.dim() - mask.dim())).expand_as(indices)
             idx = torch.where(m.reshape(-1), idx, self.codebook_size)
-        c = code_counts(idx, self.codebook_size + 1)[: self.codebook_size]
+        c = _counts(idx, self.codebook_size + 1)[: self.codebook_size]
         self.counts = c if self.counts is None else self.counts + c
 
     @property
