@@ -573,8 +573,8 @@ class VectorQuantizer(nn.Module):
             q = q.movedim(-1, 1)
         return q
 
-    def indices_from_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices of ``x`` (the layer's input layout) without touching any state."""
+    def get_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices of ``x`` (the layer's input layout) as in eval mode, without updating state."""
         was = self.training
         self.eval()
         try:

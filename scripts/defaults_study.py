@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", type=str, default=None, help="substring filter on config names")
+    ap.add_argument("--only", type=str, default=None, help="'|'-separated config names to run")
+    ap.add_argument("--K", type=int, default=None, help="run only this codebook size")
     ap.add_argument("--out", type=str, default="docs/defaults_study.json")
     args = ap.parse_args()
     # One thread: on a shared 2-core machine two OpenMP threads were 10-50x slower (spinning).
@@ -145,7 +146,9 @@ def main() -> None:
     train, test = load_split("train"), load_split("t10k")
     results = []
     for cfg in CONFIGS:
-        if args.only and args.only not in cfg[0]:
+        if args.only and cfg[0] not in args.only.split("|"):
+            continue
+        if args.K and cfg[3] != args.K:
             continue
         r = run(cfg, train, test, args.steps, args.batch, args.seed)
         results.append(r)

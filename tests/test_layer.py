@@ -446,3 +446,19 @@ def test_load_taming_diffusers_codebook(backend, legacy):
     (q_o.square().sum() + loss_o).backward()
     torch.testing.assert_close(z2.grad, z.grad)
     torch.testing.assert_close(ours.codebook.grad[0], theirs.embedding.weight.grad)
+
+
+def test_get_indices_and_usage_meter_mask():
+    vq = VectorQuantizer(4, 8, backend="torch")
+    x = torch.randn(2, 5, 4)
+    vq(x)  # init
+    before = vq.state_dict()
+    idx = vq.get_indices(x)
+    assert vq.training and idx.shape == (2, 5)
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    meter = UsageMeter(8)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 0] = True
+    meter.update(idx, mask)
+    assert meter.counts.sum() == 1 and meter.counts[idx[0, 0]] == 1
