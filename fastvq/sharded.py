@@ -229,11 +229,7 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_q, _grad_idx, grad_loss):
         z2d, shard, codes, rows, row_indices = ctx.saved_tensors
         n, d = z2d.shape
-        g = (
-            grad_loss.to(torch.float32)
-            if grad_loss is not None
-            else z2d.new_zeros((), dtype=torch.float32)
-        )
+        g = z2d.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss.float()
         grad_z = grad_c = None
         if ctx.needs_input_grad[0]:
             # Local and identical to the unsharded op: straight-through + commitment.
@@ -257,10 +253,8 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
             )
             mine = (row_indices >= start) & (row_indices < end)
             idx = row_indices[mine] - start
-            diff = shard.detach().to(torch.float32).index_select(0, idx) - rows[mine].to(
-                torch.float32
-            )
-            diff = diff * w.index_select(0, src[mine])[:, None]
+            owned = shard.detach().to(torch.float32).index_select(0, idx)  # (M, D)
+            diff = (owned - rows[mine].to(torch.float32)) * w.index_select(0, src[mine])[:, None]
             grad_c = scatter_rows(idx, diff, end - start, backend=ctx.backend).to(shard.dtype)
         elif ctx.needs_input_grad[1]:
             grad_c = torch.zeros_like(shard)
