@@ -14,6 +14,7 @@ Recorded, to ``<out>/results.json`` and ``<out>/usage.png``:
 
 Usage:
     python scripts/large_codebook.py --sizes 1024 16384 65536 --steps 1500 --out runs/large_k
+    python scripts/large_codebook.py --combine runs/k1024 runs/k16384 --out runs/all  # merge
     torchrun --nproc_per_node=8 scripts/large_codebook.py --device cuda --sizes 65536 ...
 
 Under torchrun each rank trains on its own batches, the model is wrapped in DDP and the layer
@@ -195,7 +196,22 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/large_codebook")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="only merge the results.json of these runs into --out (json + plot)",
+    )
     args = p.parse_args()
+    if args.combine:
+        runs = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        merged = {"runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],
+                  "results": [res for r in runs for res in r["results"]]}  # fmt: skip
+        (out / "results.json").write_text(json.dumps(merged, indent=1))
+        plot(merged["results"], out / "usage.png")
+        return
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
