@@ -118,6 +118,9 @@ def _check_op(rank, world, *, k, d, sizes, seed, integer, duplicates=(), zdtype=
     """Forward and backward of the sharded op against the unsharded op + DDP's gradient mean."""
     zs = _rank_data(world, sizes, d, seed, integer, zdtype)
     cb = _integer_codebook(k, d, seed + 1, duplicates) if integer else torch.randn(k, d)
+    for z in zs:  # rows sitting exactly on a duplicated code: an exact tie between the twins
+        for j, (_, src) in enumerate(duplicates[: z.shape[0]]):
+            z[j] = cb[src]
     start, end = shard_range(k, rank, world)
     weights = [
         torch.randn(s, d, generator=torch.Generator().manual_seed(seed + 2 + r))
@@ -155,9 +158,10 @@ def _check_op(rank, world, *, k, d, sizes, seed, integer, duplicates=(), zdtype=
 
 
 def scenario_ties_across_shards(rank, world):
-    # K=10 over 3 ranks: shards [0,4) [4,7) [7,10). Codes 3/4 and 6/7/9 are bitwise duplicates.
+    # K=10 over 3 ranks: shards [0,4) [4,7) [7,10); over 2: [0,5) [5,10). Twins 3/4, 2/5, 6/7/9
+    # straddle boundaries in one or both layouts; the lower index must win.
     _check_op(rank, world, k=10, d=4, sizes=[9, 5, 12][:world], seed=0, integer=True,
-              duplicates=[(4, 3), (7, 6), (9, 6)])  # fmt: skip
+              duplicates=[(4, 3), (5, 2), (7, 6), (9, 6)])  # fmt: skip
 
 
 def scenario_random_rows_uneven_sizes(rank, world):
