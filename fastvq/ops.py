@@ -156,5 +156,11 @@ def scatter_rows(
 
 
 def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """fp32 (num_codes,) number of rows assigned to each code (a bincount, no one-hot)."""
-    return torch.bincount(indices, minlength=num_codes).to(torch.float32)
+    """fp32 (num_codes,) number of rows assigned to each code (no one-hot).
+
+    An ``index_add_`` of ones rather than ``bincount``: bincount's output size depends on the
+    data, which costs a host sync on CUDA and a graph break under ``torch.compile``. Counts stay
+    exact in fp32 up to 2^24 rows per code.
+    """
+    out = torch.zeros(num_codes, dtype=torch.float32, device=indices.device)
+    return out.index_add_(0, indices, torch.ones_like(indices, dtype=torch.float32))
