@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -106,10 +107,20 @@ def _reference(rows: list[dict]) -> dict | None:
     return None
 
 
+def _short_reason(reason: str) -> str:
+    """Shorten allocator messages: '... you tried to allocate 4294967296 bytes ...' -> '4 GiB'."""
+    m = re.search(r"tried to allocate (\d+) bytes", reason)
+    if m:
+        head = reason.split(": RuntimeError")[0].split(": torch.OutOfMemoryError")[0]
+        return f"{head} (a {_fmt_bytes(int(m.group(1)))} allocation failed)"
+    return reason
+
+
 def _note(r: dict) -> str:
     if r["status"] == "ok":
         return ""
-    return f"**{r['status']}**: {r['reason']}".replace("|", "\\|").replace("\n", " ")
+    note = f"**{r['status']}**: {_short_reason(r['reason'])}"
+    return note.replace("|", "\\|").replace("\n", " ")
 
 
 def render_table(rows: list[dict]) -> list[str]:
@@ -205,7 +216,8 @@ def headline(rows: list[dict]) -> list[str]:
     idx = {
         (r["device"], r["op"], r["provider"], r["N"], r["K"], r["D"], r["dtype"]): r for r in rows
     }
-    for (dev, op, prov, n, k, d, dt), r in sorted(idx.items(), key=lambda kv: str(kv[0])):
+    order = lambda kv: (kv[0][0], OP_ORDER.index(kv[0][1]), kv[0][3], kv[0][5], kv[0][6], kv[0][4])
+    for (dev, op, prov, n, k, d, dt), r in sorted(idx.items(), key=order):
         if prov not in REFERENCES or r["status"] != "ok":
             continue
         if prov == "fastvq-torch" and (dev, op, "fastvq-triton", n, k, d, dt) in idx:
@@ -219,7 +231,7 @@ def headline(rows: list[dict]) -> list[str]:
             where = f"{op} {'B' if op == 'model' else 'N'}={n} K={k} D={d} {dt} ({dev})"
             if q["status"] != "ok":
                 out.append(
-                    f"- {where}: `{peer}` {q['status']} ({q['reason'][:80]}); `{prov}` "
+                    f"- {where}: `{peer}` {q['status']} ({_short_reason(q['reason'])}); `{prov}` "
                     f"{_fmt_time(r['median'])}, peak {_fmt_bytes(r['peak'])}"
                 )
                 continue
