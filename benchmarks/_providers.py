@@ -18,6 +18,7 @@ Raise ``Skip(reason)`` when a provider cannot run a cell (missing peer, wrong de
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,8 @@ def _fastvq(cell: Cell, info: dict):
     import fastvq
 
     info["fastvq_version"] = getattr(fastvq, "__version__", "?")
+    if backend == "triton" and cell.dtype == "fp32":  # tl.dot precision of fp32 searches
+        info["fp32_precision"] = os.environ.get("FASTVQ_FP32_PRECISION", "default (tf32x3)")
     if backend == "triton" and not fastvq.triton_available():
         raise Skip("Triton kernels do not import on this machine")
     if cell.op == "search":

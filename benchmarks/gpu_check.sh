@@ -83,7 +83,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # ---- CUDA correctness tests --------------------------------------------------------------------
 # rc 5 = no tests collected (dry run on CPU: the cuda tests are skipped, not deselected).
 FASTVQ_RESULTS_DIR="$OUT" stage cuda-tests 70 \
-    python -m pytest tests -m cuda -q -p no:cacheprovider -x --timeout 60 \
+    python -m pytest tests -m cuda -q -p no:cacheprovider --timeout 60 \
     --junitxml "$OUT/cuda-tests.xml"
 
 # ---- pruned benchmark grid ---------------------------------------------------------------------
