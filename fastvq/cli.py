@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     d = sub.add_parser("demo", help="train AE, VAE, VQ-VAE + PixelCNN and write a report")
     d.add_argument("--out", default="runs/demo")
