@@ -385,3 +385,16 @@ def test_tf32_rescore_path_keeps_exact_argmin(device, splits):
     assert torch.equal(idx, ref_idx)
     assert torch.equal(z_q, codebook[idx])
     torch.testing.assert_close(err, (z - codebook[idx]).square().sum(1))
+
+
+def test_torch_backend_tiles_carry_the_running_min(device, poison):
+    """Many row and code blocks (odd sizes), with duplicate codes straddling code blocks."""
+    z = torch.randn(100, 12, device=device)
+    codebook = torch.randint(-3, 3, (301, 12), device=device).float()
+    codebook[290] = codebook[12]  # an exact tie in a later code block: the lower index must win
+    z[0] = codebook[12] + 0.5
+    idx, z_q, err = _search_torch.search_torch(z, codebook, block_n=7, block_k=13)
+    assert idx[0].item() == 12
+    assert_nearest(idx, z, codebook)
+    assert torch.equal(z_q, codebook[idx])
+    torch.testing.assert_close(err, (z - codebook[idx]).square().sum(1))
