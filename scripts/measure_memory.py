@@ -38,7 +38,9 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
-def predicted_bytes(impl: str, n: int, k: int, d: int, dtype: str, world: int = 1) -> int:
+def predicted_bytes(
+    impl: str, n: int, k: int, d: int, dtype: str, world: int = 1, tile: int = 16 * MIB
+) -> int:
     """The model of docs/scale.md for the measured quantity (CPU, torch backend), leading terms.
 
     fastvq (torch backend): the forward's fp32 code copy + squared codes for the norms
@@ -56,7 +58,7 @@ def predicted_bytes(impl: str, n: int, k: int, d: int, dtype: str, world: int = 
         s = -(-k // world)
         nt = n * world
         return s * d * (8 if b == 4 else 12) + nt * d * (3 * b + 12) + nt * 48 + n * d * 20
-    return kd + nd + 16 * MIB  # + the torch backend's 4096 x 1024 fp32 distance tile
+    return kd + nd + tile  # + the torch backend's fp32 distance tile (block_n x block_k)
 
 
 def run_case(impl: str, n: int, k: int, d: int, dtype: str) -> dict:
@@ -94,9 +96,12 @@ def run_case(impl: str, n: int, k: int, d: int, dtype: str) -> dict:
     _reset_hwm()
     step()
     hwm = _status_kib("VmHWM")
-    return {"impl": impl, "n": n, "k": k, "d": d, "dtype": dtype,
+    from fastvq import _search_torch as st
+
+    tile = min(n, st.DEFAULT_BLOCK_N) * min(k, st.DEFAULT_BLOCK_K) * 4
+    return {"impl": impl, "n": n, "k": k, "d": d, "dtype": dtype, "tile_bytes": tile,
             "peak_growth_bytes": (hwm - base) * 1024,
-            "predicted_bytes": predicted_bytes(impl, n, k, d, dtype)}  # fmt: skip
+            "predicted_bytes": predicted_bytes(impl, n, k, d, dtype, tile=tile)}  # fmt: skip
 
 
 def _sharded_worker(rank, world, n, k, d, store, out):
@@ -190,7 +195,10 @@ def _print_table(rows: list[dict]) -> None:
         impl, world = r["impl"], 1
         if impl.startswith("sharded"):
             impl, world = "sharded", int(impl.split("=")[1])
-        r["predicted_bytes"] = predicted_bytes(impl, r["n"], r["k"], r["d"], r["dtype"], world)
+        tile = r.get("tile_bytes", 16 * MIB)  # rows measured before tile_bytes: 4096 x 1024
+        r["predicted_bytes"] = predicted_bytes(
+            impl, r["n"], r["k"], r["d"], r["dtype"], world, tile
+        )
     print("| impl | N | K | D | dtype | measured peak growth (MiB) | model (MiB) |")
     print("|---|---:|---:|---:|---|---:|---:|")
     for r in rows:
