@@ -196,6 +196,22 @@ def pick_config(n: int, k: int, d: int, dtype: torch.dtype) -> SearchConfig:
     return SearchConfig(block_n, block_k, block_d, warps, 3)
 
 
+def code_norms(codebook: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """fp32 (K,) squared norms; +inf for a code holding NaN/Inf, so it is never selected.
+
+    Computed in chunks of rows so that a bf16 codebook of K x D never gets a whole K x D fp32 copy
+    (256 MiB at K = 262144, D = 256): memory stays O(K) beyond the codebook itself.
+    """
+    k, d = codebook.shape
+    out = torch.empty(k, dtype=torch.float32, device=codebook.device)
+    step = max(1, chunk_elems // max(d, 1))
+    inf = torch.full((), float("inf"), device=codebook.device)
+    for i in range(0, k, step):
+        c = codebook[i : i + step].to(torch.float32)
+        out[i : i + step] = torch.where(torch.isfinite(c).all(dim=1), c.square().sum(dim=1), inf)
+    return out
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -242,10 +258,8 @@ def vq_search_triton(
 
     # Search dtype: the promotion of both inputs (bf16 z + fp32 codebook searches in fp32).
     search_dtype = torch.promote_types(z2d.dtype, codebook.dtype)
-    c32 = codebook.to(torch.float32)
-    finite = torch.isfinite(c32).all(dim=1)
-    cnorm = torch.where(finite, (c32 * c32).sum(dim=1), torch.full((), float("inf"), device=dev))
-    del c32
+    cnorm = code_norms(codebook)
+    finite = torch.isfinite(cnorm)
 
     interp = interpreting()
     same_dtype = z2d.dtype == codebook.dtype
