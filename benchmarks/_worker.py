@@ -33,6 +33,8 @@ for _mod in ("vector_quantize_pytorch", "faiss", "fastvq"):
     except Exception:  # absent or broken: the provider reports it when used
         pass
 
+from fastvq._procmem import proc_status_kib, reset_peak_rss  # noqa: E402
+
 from ._grid import Cell  # noqa: E402
 from ._providers import Skip, build  # noqa: E402
 
@@ -42,25 +44,8 @@ gc.freeze()
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "bad_alloc", "cannot allocate memory")
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _rss_bytes() -> int:
-    return _proc_status_kib("VmRSS") * 1024
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return proc_status_kib("VmRSS") * 1024
 
 
 def _malloc_return_freed_memory():
@@ -137,12 +122,12 @@ def serve(conn, mem_limit_bytes: int | None) -> None:
                         "peak_mem_method": "torch.cuda.max_memory_allocated (inputs included)",
                     }
                 else:
-                    reset = _reset_hwm()
+                    reset = reset_peak_rss()
                     rss_pre = _rss_bytes()
                     t0 = time.perf_counter()
                     step()
                     seconds = time.perf_counter() - t0
-                    hwm = _proc_status_kib("VmHWM") * 1024
+                    hwm = proc_status_kib("VmHWM") * 1024
                     mem = {
                         # inputs/module state (RSS growth during setup) + the call's own growth
                         "peak_mem_bytes": info["state_bytes"] + max(hwm - rss_pre, 0),

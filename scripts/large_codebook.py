@@ -33,29 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastvq._procmem import proc_status_kib, reset_peak_rss
 from fastvq.data import load_dataset, to_float
 from fastvq.layer import UsageMeter
 from fastvq.models.vqvae import VQVAE, VQVAEConfig
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @torch.no_grad()
@@ -108,7 +89,8 @@ def run_one(k: int, args, data, device, rank: int, world: int, save=None) -> dic
     t_train = time.time()
 
     def result() -> dict:
-        peak_rss = (_status_kib("VmHWM") or 0) * 1024 if device.type == "cpu" else None
+        hwm_kib = proc_status_kib("VmHWM", required=False) or 0
+        peak_rss = hwm_kib * 1024 if device.type == "cpu" else None
         return {
             "codebook_size": k, "init_seconds": init_s, "train_seconds": time.time() - t_train,
             "steps_done": step, "history": history, "evals": evals,
@@ -124,7 +106,7 @@ def run_one(k: int, args, data, device, rank: int, world: int, save=None) -> dic
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             else:
-                rss0, reset = _status_kib("VmRSS"), _reset_hwm()
+                rss0, reset = proc_status_kib("VmRSS", required=False), reset_peak_rss()
         x_hat, _, vq_loss = net(x)
         loss = F.mse_loss(x_hat, x) / var + vq_loss
         opt.zero_grad(set_to_none=True)
@@ -135,7 +117,7 @@ def run_one(k: int, args, data, device, rank: int, world: int, save=None) -> dic
                 torch.cuda.synchronize()
                 step_peak = {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated()}
             elif reset and rss0 is not None:
-                step_peak = {"rss_hwm_growth_bytes": (_status_kib("VmHWM") - rss0) * 1024}
+                step_peak = {"rss_hwm_growth_bytes": (proc_status_kib("VmHWM") - rss0) * 1024}
         if step % args.log_every == 0 or step == 1:
             history.append({"step": step, "loss": float(loss.detach()),
                             "batch_perplexity": float(model.vq.last_perplexity),

@@ -25,19 +25,6 @@ import sys
 MIB = 1 << 20
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def predicted_bytes(
     impl: str, n: int, k: int, d: int, dtype: str, world: int = 1, tile: int = 16 * MIB
 ) -> int:
@@ -66,6 +53,7 @@ def run_case(impl: str, n: int, k: int, d: int, dtype: str) -> dict:
     import torch.nn.functional as F
 
     import fastvq
+    from fastvq._procmem import proc_status_kib, reset_peak_rss
 
     torch.set_num_threads(1)
     dt = getattr(torch, dtype)
@@ -92,10 +80,10 @@ def run_case(impl: str, n: int, k: int, d: int, dtype: str) -> dict:
     # Warm up at a tiny size so one-off allocations (dispatcher, BLAS buffers) are not counted.
     small = fastvq.vector_quantize(z[:8].detach(), cb[:8].detach(), backend="torch")
     del small
-    base = _status_kib("VmRSS")
-    _reset_hwm()
+    base = proc_status_kib("VmRSS")
+    reset_peak_rss(required=True)
     step()
-    hwm = _status_kib("VmHWM")
+    hwm = proc_status_kib("VmHWM")
     from fastvq import _search_torch as st
 
     tile = min(n, st.DEFAULT_BLOCK_N) * min(k, st.DEFAULT_BLOCK_K) * 4
@@ -108,6 +96,7 @@ def _sharded_worker(rank, world, n, k, d, store, out):
     import torch
     import torch.distributed as dist
 
+    from fastvq._procmem import proc_status_kib, reset_peak_rss
     from fastvq.sharded import shard_range, sharded_vector_quantize
 
     torch.set_num_threads(1)
@@ -119,11 +108,11 @@ def _sharded_worker(rank, world, n, k, d, store, out):
     g = torch.randn(n, d, generator=gen)
     sharded_vector_quantize(z[:8], shard, num_codes=k, backend="torch")  # warm-up
     dist.barrier()
-    base = _status_kib("VmRSS")
-    _reset_hwm()
+    base = proc_status_kib("VmRSS")
+    reset_peak_rss(required=True)
     q, _, loss = sharded_vector_quantize(z, shard, num_codes=k, backend="torch")
     torch.autograd.backward([q, loss], [g, torch.ones(())])
-    hwm = _status_kib("VmHWM")
+    hwm = proc_status_kib("VmHWM")
     dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"rank": rank, "peak_growth_bytes": (hwm - base) * 1024}, f)

@@ -320,18 +320,15 @@ def test_torch_backend_memory_stays_far_below_nxk():
     code = textwrap.dedent(
         """
         import torch, fastvq
-        def hwm():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
+        from fastvq._procmem import proc_status_kib, reset_peak_rss
         z = torch.randn(16384, 64, requires_grad=True)
         codebook = torch.randn(65536, 64, requires_grad=True)
         fastvq.vector_quantize(torch.randn(8, 64), codebook[:8], backend="torch")  # warm up
-        open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark
-        base = hwm()
+        reset_peak_rss(required=True)
+        base = proc_status_kib("VmHWM")
         q, i, loss = fastvq.vector_quantize(z, codebook, backend="torch")
         (q.sum() + loss).backward()
-        print((hwm() - base) / 2**20)
+        print((proc_status_kib("VmHWM") - base) / 1024)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -380,7 +380,6 @@ def test_bad_input_errors():
 
 def test_memory_large_codebook_stays_lean():
     """N=16384, K=65536, D=64 training forward+backward: far below one N x K fp32 (4 GiB)."""
-    import resource
     import subprocess
     import sys
 
@@ -396,7 +395,6 @@ def test_memory_large_codebook_stays_lean():
     assert out.returncode == 0, out.stderr
     peak_gib = int(out.stdout.split()[-1]) / 2**20  # ru_maxrss is KiB on Linux
     assert peak_gib < 1.5, f"peak RSS {peak_gib:.2f} GiB"
-    del resource
 
 
 # --- codebooks trained elsewhere -----------------------------------------------------------------
