@@ -26,17 +26,32 @@ DEFAULT_BLOCK_K = 512
 POISON_OUTPUTS = False
 
 
+def code_norms(codebook: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """fp32 (K,) squared norms; +inf for a code holding NaN/Inf, so it is never selected.
+
+    Both backends take their norms from here, so they share the NaN policy (see
+    ``fastvq.functional``). Computed in chunks of rows so that a bf16 codebook never gets a whole
+    K x D fp32 copy (256 MiB at K = 262144, D = 256) just for its norms.
+    """
+    k, d = codebook.shape
+    out = torch.empty(k, dtype=torch.float32, device=codebook.device)
+    step = max(1, chunk_elems // max(d, 1))
+    inf = torch.full((), float("inf"), device=codebook.device)
+    for i in range(0, k, step):
+        c = codebook[i : i + step].to(torch.float32)
+        out[i : i + step] = torch.where(torch.isfinite(c).all(dim=1), c.square().sum(dim=1), inf)
+    return out
+
+
 def sanitize_codes(codebook32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(codes, norms)`` in fp32 where a non-finite code can never be selected.
 
-    A code holding NaN or Inf gets norm +inf and zeroed values, so its distance to every row is
-    +inf. Both backends apply this policy (see ``fastvq.functional`` for the NaN contract).
+    A code with an infinite norm (it holds NaN or Inf) also gets zeroed values, so the GEMM stays
+    finite and its distance to every row is +inf.
     """
-    finite = torch.isfinite(codebook32).all(dim=1)
-    codes = torch.where(finite[:, None], codebook32, torch.zeros((), device=codebook32.device))
-    norms = (codes * codes).sum(dim=1)
-    norms = torch.where(finite, norms, torch.full((), float("inf"), device=norms.device))
-    return codes, norms
+    norms = code_norms(codebook32)
+    zero = torch.zeros((), device=codebook32.device)
+    return torch.where(torch.isfinite(norms)[:, None], codebook32, zero), norms
 
 
 @torch.no_grad()
@@ -74,11 +89,12 @@ def search_torch(
 
     codes, norms = sanitize_codes(codebook.to(torch.float32))
     codes_t = codes.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
-    z32 = z2d.to(torch.float32)
-    row_finite = torch.isfinite(z32).all(dim=1)
+    z_in32 = z2d.to(torch.float32)
+    row_finite = torch.isfinite(z_in32).all(dim=1)
+    z32 = z_in32  # the GEMM operand: non-finite rows zeroed (they get index 0 below)
     # On CPU the finiteness check costs no device sync; elsewhere always take the safe path.
     if dev.type != "cpu" or not bool(row_finite.all()):
-        z32 = torch.where(row_finite[:, None], z32, torch.zeros((), device=dev))
+        z32 = torch.where(row_finite[:, None], z_in32, torch.zeros((), device=dev))
 
     bn = min(block_n, n)
     bk = min(block_k, k)
@@ -101,6 +117,6 @@ def search_torch(
         indices[n0:n1] = best_i
     indices.masked_fill_(~row_finite, 0)
 
-    z_q32 = codebook.to(torch.float32).index_select(0, indices)
-    err = (z2d.to(torch.float32) - z_q32).square().sum(dim=1)
+    z_q32 = codebook.index_select(0, indices).to(torch.float32)
+    err = (z_in32 - z_q32).square().sum(dim=1)
     return indices, z_q32.to(z2d.dtype), err

@@ -33,7 +33,8 @@ def triton_available() -> bool:
     return _triton_import_error() is None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -52,7 +53,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if err is not None:
             raise ValueError(f"backend='triton' needs a working Triton install ({err}); "
                              "use backend='torch' or 'auto'")  # fmt: skip
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got device {device}); CPU tensors run "
                 "only under Triton's interpreter (TRITON_INTERPRET=1 set before importing triton)"

@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvq._search_torch import code_norms
+from fastvq.ops import interpreting
+
 # Tests set this to fill outputs with NaN / -1 before launch, so a row the kernel forgets to write
 # fails loudly instead of passing with whatever memory held.
 POISON_OUTPUTS = False
@@ -27,11 +30,6 @@ POISON_OUTPUTS = False
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32_rescore")
 # How many rows "tf32_rescore" searched again (read by tests and the GPU exactness report).
 RESCORE_STATS = {"rows": 0}
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -196,22 +194,6 @@ def pick_config(n: int, k: int, d: int, dtype: torch.dtype) -> SearchConfig:
     return SearchConfig(block_n, block_k, block_d, warps, 3)
 
 
-def code_norms(codebook: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """fp32 (K,) squared norms; +inf for a code holding NaN/Inf, so it is never selected.
-
-    Computed in chunks of rows so that a bf16 codebook of K x D never gets a whole K x D fp32 copy
-    (256 MiB at K = 262144, D = 256): memory stays O(K) beyond the codebook itself.
-    """
-    k, d = codebook.shape
-    out = torch.empty(k, dtype=torch.float32, device=codebook.device)
-    step = max(1, chunk_elems // max(d, 1))
-    inf = torch.full((), float("inf"), device=codebook.device)
-    for i in range(0, k, step):
-        c = codebook[i : i + step].to(torch.float32)
-        out[i : i + step] = torch.where(torch.isfinite(c).all(dim=1), c.square().sum(dim=1), inf)
-    return out
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -312,14 +294,14 @@ def vq_search_triton(
             *args, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
         )  # fmt: skip
-    redo = None
-    if split:
-        # Splits are ordered by k, and min() returns the first occurrence: ties -> lowest index.
+    if split or track:
+        # Splits are ordered by k, and argmin returns the first occurrence: ties -> lowest index.
         # A row with no finite distance anywhere keeps split 0's index 0.
         which = part_d.argmin(dim=0, keepdim=True)
+    if split:
         indices.copy_(part_i.gather(0, which).squeeze(0))
+    redo = None
     if track:
-        which = part_d.argmin(dim=0, keepdim=True)
         best = part_d.gather(0, which).squeeze(0)
         # runner-up: the chosen split's own second best, or another split's best
         sec = second.gather(0, which).squeeze(0)
@@ -329,18 +311,28 @@ def vq_search_triton(
             sub_idx, _, _ = vq_search_triton(z2d[redo], codebook, fp32_precision="ieee", splits=1)
             indices[redo] = sub_idx
     if split:
-        gathered = codebook.index_select(0, indices)
-        err.copy_((z2d.to(torch.float32) - gathered.to(torch.float32)).square().sum(dim=1))
-        z_q.copy_(gathered)
-    elif not same_dtype:
-        # Mixed dtypes: z_q must equal torch's cast (round-to-nearest-even) bit for bit; a gather
-        # of N x D is small next to the search, and the interpreter's cast rounds differently.
-        z_q.copy_(codebook.index_select(0, indices))
-    elif redo is not None and redo.numel():
-        gathered = codebook.index_select(0, indices[redo])
-        z_q[redo] = gathered
-        err[redo] = (z2d[redo].to(torch.float32) - gathered.to(torch.float32)).square().sum(1)
+        _regather(z2d, codebook, indices, None, z_q, err)  # the split kernel gathers nothing
+    else:
+        if redo is not None and redo.numel():
+            _regather(z2d, codebook, indices, redo, z_q, err)  # rescored rows changed code
+        if not same_dtype:
+            # Mixed dtypes: z_q must equal torch's cast (round-to-nearest-even) bit for bit; a
+            # gather of N x D is small next to the search, and the interpreter rounds otherwise.
+            z_q.copy_(codebook.index_select(0, indices))
     return indices, z_q, err
+
+
+def _regather(z2d, codebook, indices, rows, z_q, err) -> None:
+    """Write ``z_q`` and ``err`` of ``rows`` (None: all rows) from the final ``indices``."""
+    z = z2d if rows is None else z2d[rows]
+    gathered = codebook.index_select(0, indices if rows is None else indices[rows])
+    row_err = (z.to(torch.float32) - gathered.to(torch.float32)).square().sum(dim=1)
+    if rows is None:
+        err.copy_(row_err)
+        z_q.copy_(gathered)
+    else:
+        err[rows] = row_err
+        z_q[rows] = gathered.to(z_q.dtype)
 
 
 def _rows_to_rescore(z2d, cnorm, finite, best, second) -> torch.Tensor:

@@ -397,16 +397,13 @@ def test_torch_backend_tiles_carry_the_running_min(device, poison):
     torch.testing.assert_close(err, (z - codebook[idx]).square().sum(1))
 
 
-def test_triton_code_norms_in_chunks():
-    """The launcher's fp32 code norms, chunked over rows; non-finite codes get +inf."""
-    if not fastvq.triton_available():
-        pytest.skip("Triton is not importable here")
-    from fastvq.kernels.vq_search import code_norms
-
+def test_code_norms_in_chunks():
+    """Both backends' fp32 code norms, chunked over rows; non-finite codes get +inf."""
     c = torch.randn(1000, 37).to(torch.bfloat16)
     c[5, 3] = float("nan")
     c[999, 0] = float("inf")
-    norms = code_norms(c, chunk_elems=100)  # 2 rows per chunk: many chunks and a ragged tail
+    # 2 rows per chunk: many chunks and a ragged tail
+    norms = _search_torch.code_norms(c, chunk_elems=100)
     ref = c.float().square().sum(1)
     ref[5] = ref[999] = float("inf")
     assert norms.dtype == torch.float32
