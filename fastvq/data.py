@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.n
                 raw = f.read()
         else:
             raw = path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or not gzip
+    # OSError/EOFError: unreadable or truncated; BadGzipFile: not gzip; zlib.error: a corrupted
+    # deflate stream inside a valid gzip header
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise IDXError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
     if len(raw) < 4:
         raise IDXError(f"{path}: {len(raw)} bytes, too short for an IDX header")
