@@ -26,12 +26,38 @@ DEFAULT_BLOCK_K = 512
 POISON_OUTPUTS = False
 
 
-def code_norms(codebook: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """fp32 (K,) squared norms; +inf for a code holding NaN/Inf, so it is never selected.
+def magnitude_scale(z2d: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """fp32 0-dim power of two ``s`` with ``max |x| * s`` in [0.5, 1) over the finite rows of both.
+
+    Both backends search ``s^2 dist = ||s c||^2 - 2 z.(s^2 c)``: multiplying by a power of two is
+    exact, so the order of the distances is unchanged, while no product, sum or norm can overflow
+    (huge inputs) or underflow (tiny or subnormal inputs). Rows or codes holding NaN/Inf are left
+    out (they are never selected, or get index 0). Computed on the device, so no host sync.
+    """
+
+    def finite_absmax(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return torch.zeros((), dtype=torch.float32, device=x.device)
+        lo, hi = torch.aminmax(x, dim=1)  # per row: a non-finite row is dropped whole
+        m = torch.maximum(hi, -lo).to(torch.float32)
+        return torch.where(torch.isfinite(m), m, torch.zeros((), device=x.device)).amax()
+
+    m = torch.maximum(finite_absmax(z2d), finite_absmax(codebook))
+    _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1); m = 0 gives e = 0
+    # Built from its bits, so s is exactly 2^-e; the clamp keeps s and 1/s normal fp32 numbers.
+    e = e.to(torch.int32).clamp(-126, 126)
+    return ((127 - e) << 23).view(torch.float32)
+
+
+def code_norms(
+    codebook: torch.Tensor, chunk_elems: int = 1 << 24, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 (K,) squared norms ``||scale c||^2``; +inf for a code holding NaN/Inf.
 
     Both backends take their norms from here, so they share the NaN policy (see
-    ``fastvq.functional``). Computed in chunks of rows so that a bf16 codebook never gets a whole
-    K x D fp32 copy (256 MiB at K = 262144, D = 256) just for its norms.
+    ``fastvq.functional``): a code with an infinite norm is never selected. Computed in chunks of
+    rows so that a bf16 codebook never gets a whole K x D fp32 copy (256 MiB at K = 262144,
+    D = 256) just for its norms.
     """
     k, d = codebook.shape
     out = torch.empty(k, dtype=torch.float32, device=codebook.device)
@@ -39,19 +65,25 @@ def code_norms(codebook: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tens
     inf = torch.full((), float("inf"), device=codebook.device)
     for i in range(0, k, step):
         c = codebook[i : i + step].to(torch.float32)
-        out[i : i + step] = torch.where(torch.isfinite(c).all(dim=1), c.square().sum(dim=1), inf)
+        finite = torch.isfinite(c).all(dim=1)
+        if scale is not None:
+            c = c * scale
+        out[i : i + step] = torch.where(finite, c.square().sum(dim=1), inf)
     return out
 
 
-def sanitize_codes(codebook32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(codes, norms)`` in fp32 where a non-finite code can never be selected.
+def sanitize_codes(
+    codebook32: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(scale^2 codes, ||scale c||^2)`` in fp32; a non-finite code is never selected.
 
     A code with an infinite norm (it holds NaN or Inf) also gets zeroed values, so the GEMM stays
     finite and its distance to every row is +inf.
     """
-    norms = code_norms(codebook32)
+    norms = code_norms(codebook32, scale=scale)
     zero = torch.zeros((), device=codebook32.device)
-    return torch.where(torch.isfinite(norms)[:, None], codebook32, zero), norms
+    codes = codebook32 if scale is None else codebook32 * scale * scale  # (c s) s: s^2 may overflow
+    return torch.where(torch.isfinite(norms)[:, None], codes, zero), norms
 
 
 @torch.no_grad()
@@ -76,7 +108,9 @@ def search_torch(
             (adding ``||z||^2`` back to the GEMM distance would cancel catastrophically).
 
     Distances are ``||c||^2 - 2 z.c`` in fp32 whatever the input dtype (``||z||^2`` is constant per
-    row). A row holding NaN/Inf gets index 0; a non-finite code is never selected.
+    row), ranked after an exact power-of-two rescaling (:func:`magnitude_scale`), so huge and tiny
+    finite inputs rank correctly. A row holding NaN/Inf gets index 0; a non-finite code is never
+    selected.
     """
     n, _ = z2d.shape
     k = codebook.shape[0]
@@ -87,7 +121,8 @@ def search_torch(
     if n == 0:
         return indices, z2d.new_empty(z2d.shape), torch.empty(0, dtype=torch.float32, device=dev)
 
-    codes, norms = sanitize_codes(codebook.to(torch.float32))
+    # s^2 dist with one power-of-two scale: exact, and no overflow/underflow at any magnitude
+    codes, norms = sanitize_codes(codebook.to(torch.float32), magnitude_scale(z2d, codebook))
     codes_t = codes.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
     z_in32 = z2d.to(torch.float32)
     row_finite = torch.isfinite(z_in32).all(dim=1)

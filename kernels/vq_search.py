@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvq._search_torch import code_norms
+from fastvq._search_torch import code_norms, magnitude_scale
 from fastvq.ops import interpreting
 
 # Tests set this to fill outputs with NaN / -1 before launch, so a row the kernel forgets to write
@@ -30,6 +30,9 @@ POISON_OUTPUTS = False
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32_rescore")
 # How many rows "tf32_rescore" searched again (read by tests and the GPU exactness report).
 RESCORE_STATS = {"rows": 0}
+# The fp32 precision used when none is asked for: chosen by the static speed model and the GPU
+# measurements in docs/benchmarks.md.
+DEFAULT_FP32_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -37,6 +40,7 @@ def vq_search_fwd_kernel(
     # pointers
     z_ptr,
     c_ptr,
+    cs_ptr,
     cnorm_ptr,
     idx_ptr,
     zq_ptr,
@@ -53,12 +57,15 @@ def vq_search_fwd_kernel(
     stride_zd,
     stride_ck,
     stride_cd,
+    stride_sk,
+    stride_sd,
     stride_qn,
     stride_qd,
     # meta-parameters
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ONE_D: tl.constexpr,
     CAST_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     STORE_ZQ: tl.constexpr,
@@ -67,49 +74,72 @@ def vq_search_fwd_kernel(
 ):
     """One program: BLOCK_N rows x the codes [split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT).
 
+    The search reads ``cs`` (the codebook times the launcher's power-of-two scale s^2) and
+    ``cnorm`` (``||s c||^2``), so it ranks ``s^2 dist``: the same order, with no overflow or
+    underflow at any finite magnitude. The gather reads the unscaled codebook ``c``.
+
     SPLIT_K=False: the program sees every code, then gathers z_q and the squared error.
     SPLIT_K=True (small N, large K: too few row blocks to fill the GPU): it writes its partial
     (min distance, index) pair to ``part_ptr``/``idx_ptr`` [splits, N]; the launcher merges.
     TRACK_SECOND=True also keeps each row's second-best distance (``second_ptr``, [splits, N]):
     the launcher re-scores rows whose top-2 gap is within the fast mode's rounding bound.
+    ONE_D=True (D <= BLOCK_D): the row tile is loaded once, outside the code loop.
     """
-    pid = tl.program_id(0).to(tl.int64)  # int64 before any stride product: N*D may exceed 2^31
-    pid_s = tl.program_id(1).to(tl.int64)
-    o_n = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BN]
-    m_n = o_n < N
-    o_d = tl.arange(0, BLOCK_D)
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # int64 only in per-program (or per-tile) base offsets: N*D and K*D may exceed 2^31, while
+    # in-tile offsets (< BLOCK * stride) stay int32 and cost half the registers.
+    row0 = pid.to(tl.int64) * BLOCK_N
+    n_rows = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    o_n = tl.arange(0, BLOCK_N)  # [BN] int32
+    m_n = o_n < n_rows
+    o_k = tl.arange(0, BLOCK_K)  # [BK] int32
+    o_d = tl.arange(0, BLOCK_D)  # [BD] int32
+    p_z0 = z_ptr + row0 * stride_zn
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
 
+    if ONE_D:
+        m_d = o_d < D
+        p_z = p_z0 + o_n[:, None] * stride_zn + o_d[None, :] * stride_zd
+        b_z1 = tl.load(p_z, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+        if CAST_FP32:
+            # The interpreter mishandles bf16 dot; mixed input dtypes also meet here in fp32.
+            b_z1 = b_z1.to(tl.float32)
+
     b_best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
-    b_idx = tl.zeros([BLOCK_N], dtype=tl.int64) + k_lo
+    b_idx = tl.zeros([BLOCK_N], dtype=tl.int32) + k_lo
     b_second = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     # Every program walks the codebook in the same order, so programs resident at the same time
     # read the same code tiles and share them through L2.
+    p_c0 = cs_ptr + k_lo.to(tl.int64) * stride_sk  # advanced one tile per step: 64-bit pointer
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # [BK]
-        m_k = o_k < k_hi
+        m_k = o_k < k_hi - k0
         b_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            m_d = (d0 + o_d) < D
-            p_z = z_ptr + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
-            b_z = tl.load(p_z, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-            p_c = c_ptr + o_k[None, :] * stride_ck + (d0 + o_d)[:, None] * stride_cd
+        if ONE_D:
+            p_c = p_c0 + o_k[None, :] * stride_sk + o_d[:, None] * stride_sd
             b_c = tl.load(p_c, mask=m_k[None, :] & m_d[:, None], other=0.0)  # [BD, BK]
             if CAST_FP32:
-                # The interpreter mishandles bf16 dot; mixed input dtypes also meet here in fp32.
-                b_z = b_z.to(tl.float32)
                 b_c = b_c.to(tl.float32)
-            b_acc = tl.dot(b_z, b_c, b_acc, input_precision=INPUT_PRECISION)
-        b_cn = tl.load(cnorm_ptr + o_k, mask=m_k, other=float("inf"))  # [BK]
+            b_acc = tl.dot(b_z1, b_c, b_acc, input_precision=INPUT_PRECISION)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                m_d = o_d < D - d0
+                p_z = p_z0 + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
+                b_z = tl.load(p_z, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+                p_c = p_c0 + o_k[None, :] * stride_sk + (d0 + o_d)[:, None] * stride_sd
+                b_c = tl.load(p_c, mask=m_k[None, :] & m_d[:, None], other=0.0)  # [BD, BK]
+                if CAST_FP32:
+                    b_z = b_z.to(tl.float32)
+                    b_c = b_c.to(tl.float32)
+                b_acc = tl.dot(b_z, b_c, b_acc, input_precision=INPUT_PRECISION)
+        b_cn = tl.load(cnorm_ptr + k0 + o_k, mask=m_k, other=float("inf"))  # [BK]
         b_dist = b_cn[None, :] - 2.0 * b_acc  # [BN, BK]
-        # NaN and -inf only come from a non-finite row or code: they never win (NaN > x is
-        # false), so such a row falls back to index 0, the torch backend's policy.
-        b_dist = tl.where(b_dist > float("-inf"), b_dist, float("inf"))
+        # tl.min skips NaN (a NaN code never wins; an all-NaN row keeps k_lo) and NaN == x is
+        # false, so no per-element NaN filter is needed in this loop.
         b_tmin = tl.min(b_dist, axis=1)  # [BN]
-        # lowest index among the tile's minima: tie-breaking independent of tl.argmin's choice
-        b_cand = tl.where(b_dist == b_tmin[:, None], o_k[None, :], K)
-        b_targ = tl.min(b_cand, axis=1)
+        # lowest in-tile index among the tile's minima: ties -> lowest k, whatever tl.argmin does
+        b_targ = tl.min(tl.where(b_dist == b_tmin[:, None], o_k[None, :], BLOCK_K), axis=1)
         # strict < keeps the earlier tile on exact ties across tiles
         b_better = b_tmin < b_best
         if TRACK_SECOND:
@@ -117,51 +147,38 @@ def vq_search_fwd_kernel(
             b_t2 = tl.min(tl.where(o_k[None, :] == b_targ[:, None], float("inf"), b_dist), axis=1)
             b_second = tl.where(b_better, tl.minimum(b_best, b_t2), tl.minimum(b_second, b_tmin))
         b_best = tl.where(b_better, b_tmin, b_best)
-        b_idx = tl.where(b_better, b_targ, b_idx)
+        b_idx = tl.where(b_better, k0 + b_targ, b_idx)
+        p_c0 += BLOCK_K * stride_sk
 
+    # -inf only comes from a row holding Inf (scaled finite inputs cannot overflow): such a row,
+    # like a NaN row, gets k_lo, the torch backend's policy; partial minima stay comparable.
+    b_idx = tl.where(b_best > float("-inf"), b_idx, k_lo)
+    b_best = tl.where(b_best > float("-inf"), b_best, float("inf"))
+    o_row = row0 + o_n  # [BN] int64, output rows
     if TRACK_SECOND:
-        tl.store(second_ptr + pid_s * N + o_n, b_second, mask=m_n)
-        tl.store(part_ptr + pid_s * N + o_n, b_best, mask=m_n)
+        tl.store(second_ptr + pid_s.to(tl.int64) * N + o_row, b_second, mask=m_n)
+        tl.store(part_ptr + pid_s.to(tl.int64) * N + o_row, b_best, mask=m_n)
     if SPLIT_K:
-        tl.store(part_ptr + pid_s * N + o_n, b_best, mask=m_n)
-        tl.store(idx_ptr + pid_s * N + o_n, b_idx, mask=m_n)
+        tl.store(part_ptr + pid_s.to(tl.int64) * N + o_row, b_best, mask=m_n)
+        tl.store(idx_ptr + pid_s.to(tl.int64) * N + o_row, b_idx.to(tl.int64), mask=m_n)
     else:
-        # A row with no finite distance keeps index 0 (its k_lo): the documented NaN policy.
-        tl.store(idx_ptr + o_n, b_idx, mask=m_n)
+        tl.store(idx_ptr + o_row, b_idx.to(tl.int64), mask=m_n)
         # gather z_q = C[idx] and the per-row squared error from the gathered row
         b_err = tl.zeros([BLOCK_N], dtype=tl.float32)
+        p_q0 = zq_ptr + row0 * stride_qn
         for d0 in range(0, D, BLOCK_D):
-            m_d = (d0 + o_d) < D
+            m_d = o_d < D - d0
             m_nd = m_n[:, None] & m_d[None, :]
-            p_z = z_ptr + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
+            p_z = p_z0 + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
             b_z = tl.load(p_z, mask=m_nd, other=0.0).to(tl.float32)
-            p_c = c_ptr + b_idx[:, None] * stride_ck + (d0 + o_d)[None, :] * stride_cd
+            p_c = c_ptr + b_idx.to(tl.int64)[:, None] * stride_ck + (d0 + o_d)[None, :] * stride_cd
             b_q = tl.load(p_c, mask=m_nd, other=0.0).to(tl.float32)
             b_diff = b_z - b_q
             b_err += tl.sum(b_diff * b_diff, axis=1)
             if STORE_ZQ:
-                p_q = zq_ptr + o_n[:, None] * stride_qn + (d0 + o_d)[None, :] * stride_qd
+                p_q = p_q0 + o_n[:, None] * stride_qn + (d0 + o_d)[None, :] * stride_qd
                 tl.store(p_q, b_q.to(zq_ptr.dtype.element_ty), mask=m_nd)
-        tl.store(err_ptr + o_n, b_err, mask=m_n)
-
-
-def _autotune_configs() -> list:
-    """Candidate GPU tiles for ``FASTVQ_AUTOTUNE=1`` (all dot dims >= 16)."""
-    out = []
-    for bn, bk, bd, w, st in [
-        (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 3),
-        (256, 64, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
-    ]:  # fmt: skip
-        out.append(
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-        )
-    return out
-
-
-# Keyed on K, D and (implicitly) the tensor dtypes, never on N: a new batch size reuses the tune.
-vq_search_fwd_autotuned = triton.autotune(configs=_autotune_configs(), key=["K", "D"])(
-    vq_search_fwd_kernel
-)
+        tl.store(err_ptr + o_row, b_err, mask=m_n)
 
 
 class SearchConfig(NamedTuple):
@@ -172,26 +189,145 @@ class SearchConfig(NamedTuple):
     num_stages: int
 
 
-def pick_config(n: int, k: int, d: int, dtype: torch.dtype) -> SearchConfig:
+# Autotune candidates (``FASTVQ_AUTOTUNE=1``); every one is compiled and gated statically by
+# benchmarks/gpu_static.py for sm_80 and sm_90 (all dot dims >= 16).
+AUTOTUNE_CONFIGS = [
+    SearchConfig(128, 128, 64, 8, 3), SearchConfig(128, 64, 64, 4, 3),
+    SearchConfig(128, 64, 64, 8, 4), SearchConfig(64, 128, 64, 4, 3),
+    SearchConfig(256, 64, 64, 8, 3), SearchConfig(128, 128, 32, 8, 4),
+    SearchConfig(64, 64, 64, 4, 4), SearchConfig(128, 64, 32, 8, 3),
+]  # fmt: skip
+
+
+# Keyed on K, D and (implicitly) the tensor dtypes, never on N: a new batch size reuses the tune.
+vq_search_fwd_autotuned = triton.autotune(
+    configs=[
+        triton.Config(
+            {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "BLOCK_D": c.block_d},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in AUTOTUNE_CONFIGS
+    ],
+    key=["K", "D"],
+)(triton.heuristics({"ONE_D": lambda a: a["D"] <= a["BLOCK_D"]})(vq_search_fwd_kernel))
+
+
+def gpu_arch(device: torch.device) -> int | None:
+    """``10 * major + minor`` of a CUDA device (90 for H100), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def pick_config(
+    n: int, k: int, d: int, dtype: torch.dtype, *, arch: int | None = None
+) -> SearchConfig:
     """Tile sizes and launch parameters for one problem.
 
-    Every tl.dot dimension is >= 16 (the GPU's rule; the interpreter would accept less). The GPU
-    choices start from flash-kmeans' H100 tiles (BLOCK_N 128, BLOCK_K 64-128, 128x64 for D >= 256)
-    and are keyed on D and dtype, not on N beyond "small N"; they are not yet measured on a GPU
-    here (see benchmarks/gpu_check.sh). Under the interpreter bigger tiles mean fewer numpy steps.
+    Args:
+        n, k, d: rows, codes, dimension.
+        dtype: the search dtype (the promotion of both inputs' dtypes).
+        arch: the GPU it is for (80: A100, 90: H100/H200). None: interpreter tiles when
+            ``TRITON_INTERPRET`` is set, else the sm_90 choice. Passing an arch returns the GPU
+            choice whatever the interpreter says, so the static gate sees what a GPU launches.
+
+    Every tl.dot dimension is >= 16 (the GPU's rule). The GPU tiles are the spill-free ones the
+    static model in docs/benchmarks.md ranks best per (arch, dtype, D); benchmarks/gpu_static.py
+    compiles and gates them, and the README says which were measured on a GPU.
     """
     p2 = triton.next_power_of_2
-    if interpreting():
+    if arch is None and interpreting():
+        # fewer, bigger numpy steps; BLOCK_D covers D up to 256 so ONE_D is exercised too
         return SearchConfig(
             max(16, min(64, p2(n))), max(16, min(128, p2(k))), max(16, min(p2(d), 256)), 4, 1
         )
-    wide = dtype == torch.float32  # fp32 tiles take twice the registers / shared memory
-    block_d = max(16, min(p2(d), 32 if wide else 64))
+    arch = 90 if arch is None else arch
     block_n = 64 if n <= 4096 else 128
-    block_k = 64 if (d >= 256 or wide) else 128
+    if dtype == torch.float32:
+        # fp32 tiles hold twice the operand bytes, and tf32x3 splits each into two tf32 parts
+        block_k, block_d, warps = 64, 32, 8
+    else:
+        block_k = 64 if d > 64 else 128
+        block_d = max(16, min(p2(d), 64))
+        warps = 8
     block_k = max(16, min(block_k, p2(k)))
-    warps = 8 if block_n * block_k >= 128 * 128 else 4
-    return SearchConfig(block_n, block_k, block_d, warps, 3)
+    stages = 3 if arch >= 90 else 3
+    return SearchConfig(block_n, block_k, block_d, warps, stages)
+
+
+class SearchPlan(NamedTuple):
+    """Everything a launch decides besides the tensors: one plan, one binary."""
+
+    config: SearchConfig
+    splits: int
+    k_per_split: int
+    one_d: bool
+    cast_fp32: bool
+    input_precision: str
+    store_zq: bool
+    track_second: bool
+
+    def constexprs(self) -> dict:
+        return dict(
+            BLOCK_N=self.config.block_n, BLOCK_K=self.config.block_k,
+            BLOCK_D=self.config.block_d, ONE_D=self.one_d, CAST_FP32=self.cast_fp32,
+            INPUT_PRECISION=self.input_precision, STORE_ZQ=self.store_zq,
+            SPLIT_K=self.splits > 1, TRACK_SECOND=self.track_second,
+        )  # fmt: skip
+
+
+def default_fp32_precision() -> str:
+    """``FASTVQ_FP32_PRECISION`` if set, else the default chosen in docs/benchmarks.md."""
+    return os.environ.get("FASTVQ_FP32_PRECISION", DEFAULT_FP32_PRECISION)
+
+
+def plan_search(
+    n: int,
+    k: int,
+    d: int,
+    z_dtype: torch.dtype,
+    c_dtype: torch.dtype,
+    *,
+    arch: int | None,
+    num_sms: int,
+    fp32_precision: str | None = None,
+    config: SearchConfig | None = None,
+    splits: int | None = None,
+) -> SearchPlan:
+    """Decide the launch of one search: config, K splits and the kernel's constexpr flags.
+
+    ``arch`` None means "whatever runs here" (the interpreter under ``TRITON_INTERPRET``);
+    the static gate passes 80 or 90 to get exactly what the launcher would run on that GPU.
+    """
+    interp = arch is None and interpreting()
+    search_dtype = torch.promote_types(z_dtype, c_dtype)
+    same_dtype = z_dtype == c_dtype
+    if fp32_precision is None:
+        fp32_precision = default_fp32_precision()
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    track = fp32_precision == "tf32_rescore" and search_dtype == torch.float32
+    if interp or search_dtype != torch.float32:
+        precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
+    else:
+        precision = "tf32" if track else fp32_precision
+    cfg = config or pick_config(n, k, d, search_dtype, arch=arch)
+    row_blocks = triton.cdiv(n, cfg.block_n)
+    if splits is None:
+        splits = 1
+        if row_blocks < num_sms and k >= 32 * cfg.block_k:
+            splits = min(triton.cdiv(2 * num_sms, row_blocks), k // (16 * cfg.block_k))
+    splits = max(1, min(splits, triton.cdiv(k, cfg.block_k)))
+    # each split covers whole BLOCK_K tiles
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_per_split)
+    return SearchPlan(
+        config=cfg, splits=splits, k_per_split=k_per_split, one_d=d <= cfg.block_d,
+        cast_fp32=interp or search_dtype == torch.float32 or not same_dtype,
+        input_precision=precision, store_zq=same_dtype, track_second=track,
+    )  # fmt: skip
 
 
 def _num_sms(device: torch.device) -> int:
@@ -214,12 +350,13 @@ def vq_search_triton(
         z2d: (N, D) float32/float16/bfloat16, any strides.
         codebook: (K, D) float32/float16/bfloat16, K >= 1, same device.
         fp32_precision: ``tl.dot`` input precision when the search dtype is fp32 on a GPU:
-            "ieee" (exact fp32, no tensor cores), "tf32x3" (near-fp32 on tensor cores, default;
-            env ``FASTVQ_FP32_PRECISION`` overrides), "tf32" (fastest, may misrank near-ties),
-            "tf32_rescore" (tf32 pass that also tracks each row's runner-up; rows whose top-2
-            gap is within tf32's rounding bound are searched again in ieee fp32, so the result
-            is exact; costs one host sync). bf16/fp16 searches always use native MMAs with fp32
-            accumulation; the interpreter's dot is exact fp32 whatever is asked.
+            "ieee" (exact fp32, no tensor cores), "tf32x3" (near-fp32 on tensor cores, three
+            MMAs per product), "tf32" (fastest, may misrank near-ties), "tf32_rescore" (tf32
+            pass that also tracks each row's runner-up; rows whose top-2 gap is within tf32's
+            rounding bound are searched again in ieee fp32, so the result is exact; costs one
+            host sync). Default: :data:`DEFAULT_FP32_PRECISION`; env ``FASTVQ_FP32_PRECISION``
+            overrides. bf16/fp16 searches always use native MMAs with fp32 accumulation; the
+            interpreter's dot is exact fp32 whatever is asked.
         config: tile sizes; default from :func:`pick_config`.
         splits: number of K splits (1 = none). Default: split K when the row blocks alone
             would leave most SMs idle (small N) and K is large.
@@ -237,76 +374,70 @@ def vq_search_triton(
         indices.fill_(-1), z_q.fill_(float("nan")), err.fill_(float("nan"))
     if n == 0:
         return indices, z_q, err
+    plan = plan_search(
+        n, k, d, z2d.dtype, codebook.dtype, arch=gpu_arch(dev), num_sms=_num_sms(dev),
+        fp32_precision=fp32_precision, config=config, splits=splits,
+    )  # fmt: skip
+    if plan.config.block_n * max(abs(z2d.stride(0)), abs(z2d.stride(1))) >= 2**31 - 1:
+        z2d = z2d.contiguous()  # in-tile offsets are int32 (see the kernel)
 
-    # Search dtype: the promotion of both inputs (bf16 z + fp32 codebook searches in fp32).
-    search_dtype = torch.promote_types(z2d.dtype, codebook.dtype)
-    cnorm = code_norms(codebook)
+    # One power-of-two scale s for both operands (a device scalar: no host sync). The kernel
+    # searches ||s c||^2 - 2 z.(s^2 c) = s^2 dist: exact rescaling, same order, and neither the
+    # dot nor the norms overflow or underflow for any finite input.
+    if torch.promote_types(z2d.dtype, codebook.dtype) == torch.float16:
+        # fp16's range cannot overflow fp32 sums, and s^2 would flush fp16 codes to zero
+        scale = torch.ones((), dtype=torch.float32, device=dev)
+        codes_s = codebook
+    else:
+        scale = magnitude_scale(z2d, codebook)
+        # (c s) s, never c s^2: s^2 itself may not be representable
+        codes_s = (codebook * scale).mul_(scale).contiguous()
+    cnorm = code_norms(codebook, scale=scale)
     finite = torch.isfinite(cnorm)
 
-    interp = interpreting()
-    same_dtype = z2d.dtype == codebook.dtype
-    cast_fp32 = interp or search_dtype == torch.float32 or not same_dtype
-    if fp32_precision is None:
-        fp32_precision = os.environ.get("FASTVQ_FP32_PRECISION", "tf32x3")
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
-    track = fp32_precision == "tf32_rescore" and search_dtype == torch.float32
-    if interp or search_dtype != torch.float32:
-        precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
-    else:
-        precision = "tf32" if track else fp32_precision
-    cfg = config or pick_config(n, k, d, search_dtype)
-    row_blocks = triton.cdiv(n, cfg.block_n)
-    if splits is None:
-        splits = 1
-        if row_blocks < _num_sms(dev) and k >= 32 * cfg.block_k:
-            splits = min(triton.cdiv(2 * _num_sms(dev), row_blocks), k // (16 * cfg.block_k))
-    splits = max(1, min(splits, triton.cdiv(k, cfg.block_k)))
-    # each split covers whole BLOCK_K tiles
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, k_per_split)
-    split = splits > 1
+    split = plan.splits > 1
     part_d = part_i = second = err  # placeholders: unused pointers
-    if split or track:
-        part_d = torch.empty((splits, n), dtype=torch.float32, device=dev)
-    part_i = torch.empty((splits, n), dtype=torch.int64, device=dev) if split else indices
-    if track:
-        second = torch.empty((splits, n), dtype=torch.float32, device=dev)
+    if split or plan.track_second:
+        part_d = torch.empty((plan.splits, n), dtype=torch.float32, device=dev)
+    part_i = torch.empty((plan.splits, n), dtype=torch.int64, device=dev) if split else indices
+    if plan.track_second:
+        second = torch.empty((plan.splits, n), dtype=torch.float32, device=dev)
     args = (
-        z2d, codebook, cnorm, part_i, z_q, err, part_d, second,
-        n, k, d, k_per_split,
+        z2d, codebook, codes_s, cnorm, part_i, z_q, err, part_d, second,
+        n, k, d, plan.k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
-        z_q.stride(0), z_q.stride(1),
+        codes_s.stride(0), codes_s.stride(1), z_q.stride(0), z_q.stride(1),
     )  # fmt: skip
-    flags = dict(
-        CAST_FP32=cast_fp32, INPUT_PRECISION=precision, STORE_ZQ=same_dtype, SPLIT_K=split,
-        TRACK_SECOND=track,
-    )  # fmt: skip
+    flags = plan.constexprs()
     use_autotune = (
-        config is None and not interp and not split and os.environ.get("FASTVQ_AUTOTUNE") == "1"
-    )
+        config is None and gpu_arch(dev) is not None and not split
+        and os.environ.get("FASTVQ_AUTOTUNE") == "1"
+    )  # fmt: skip
     if use_autotune:
         # The kernel only writes its outputs, so the autotuner's repeated launches are harmless.
+        for name in ("BLOCK_N", "BLOCK_K", "BLOCK_D", "ONE_D"):
+            flags.pop(name)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1)
         vq_search_fwd_autotuned[grid](*args, **flags)
     else:
-        vq_search_fwd_kernel[(row_blocks, splits)](
-            *args, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-        )  # fmt: skip
-    if split or track:
+        cfg = plan.config
+        vq_search_fwd_kernel[(triton.cdiv(n, cfg.block_n), plan.splits)](
+            *args, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+    if split or plan.track_second:
         # Splits are ordered by k, and argmin returns the first occurrence: ties -> lowest index.
-        # A row with no finite distance anywhere keeps split 0's index 0.
+        # A row with no finite distance anywhere keeps split 0's index 0 (the kernel stores
+        # +inf, never NaN or -inf, as such a row's partial minimum).
         which = part_d.argmin(dim=0, keepdim=True)
     if split:
         indices.copy_(part_i.gather(0, which).squeeze(0))
     redo = None
-    if track:
+    if plan.track_second:
         best = part_d.gather(0, which).squeeze(0)
         # runner-up: the chosen split's own second best, or another split's best
         sec = second.gather(0, which).squeeze(0)
         sec = torch.minimum(sec, part_d.scatter(0, which, float("inf")).min(dim=0).values)
-        redo = _rows_to_rescore(z2d, cnorm, finite, best, sec)
+        redo = _rows_to_rescore(z2d, cnorm, finite, best, sec, scale)
         if redo.numel():
             sub_idx, _, _ = vq_search_triton(z2d[redo], codebook, fp32_precision="ieee", splits=1)
             indices[redo] = sub_idx
@@ -315,7 +446,7 @@ def vq_search_triton(
     else:
         if redo is not None and redo.numel():
             _regather(z2d, codebook, indices, redo, z_q, err)  # rescored rows changed code
-        if not same_dtype:
+        if not plan.store_zq:
             # Mixed dtypes: z_q must equal torch's cast (round-to-nearest-even) bit for bit; a
             # gather of N x D is small next to the search, and the interpreter rounds otherwise.
             z_q.copy_(codebook.index_select(0, indices))
@@ -335,16 +466,17 @@ def _regather(z2d, codebook, indices, rows, z_q, err) -> None:
         z_q[rows] = gathered.to(z_q.dtype)
 
 
-def _rows_to_rescore(z2d, cnorm, finite, best, second) -> torch.Tensor:
+def _rows_to_rescore(z2d, cnorm, finite, best, second, scale) -> torch.Tensor:
     """Rows whose tf32 top-2 gap is within tf32's rounding bound: the order may be wrong.
 
     tf32 keeps 10 mantissa bits (unit roundoff 2^-11), so each product z_d c_d is off by at most
     2 * 2^-11 |z_d c_d|, plus fp32 accumulation (D * 2^-24). One distance ||c||^2 - 2 z.c is off
-    by at most 2 (2^-10 + D 2^-24) ||z|| ||c||, a difference of two by twice that.
+    by at most 2 (2^-10 + D 2^-24) ||z|| ||c||, a difference of two by twice that. Everything is
+    in the kernel's scaled units (``cnorm`` is ``||s c||^2``, distances are ``s^2 dist``).
     """
     d = z2d.shape[1]
     cmax = torch.where(finite, cnorm, torch.zeros((), device=cnorm.device)).max().sqrt()
-    znorm = torch.linalg.vector_norm(z2d.to(torch.float32), dim=1)
+    znorm = torch.linalg.vector_norm(z2d.to(torch.float32) * scale, dim=1)
     tau = 4.0 * (2.0**-10 + d * 2.0**-24) * znorm * cmax
     redo = ((second - best) <= tau).nonzero().squeeze(1)  # NaN gaps (non-finite rows) stay out
     RESCORE_STATS["rows"] += redo.numel()
