@@ -24,9 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from .ops import resolve_backend, scatter_rows, search
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._checks import check_rows_and_codebook
+from .ops import _scatter_rows_unchecked, resolve_backend, search
 
 
 class VQOutput(NamedTuple):
@@ -78,7 +77,7 @@ class VectorQuantizeFunction(torch.autograd.Function):
             grad_z = gz.to(z2d.dtype)
         if need_c:
             # codebook term: d/dC_k mean((sg(z) - C_idx)^2) = 2 sum_{i: idx_i = k} (z_q_i - z_i)/nd
-            summed = scatter_rows(
+            summed = _scatter_rows_unchecked(
                 indices, diff, codebook.shape[0], backend=ctx.backend,
                 deterministic=ctx.deterministic,
             )  # fmt: skip
@@ -87,31 +86,7 @@ class VectorQuantizeFunction(torch.autograd.Function):
 
 
 def _check_inputs(z, codebook, beta) -> None:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-    if not isinstance(codebook, torch.Tensor):
-        raise TypeError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
-    for name, t in (("z", z), ("codebook", codebook)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if codebook.dim() != 2:
-        raise ValueError(f"codebook must have shape (K, D), got shape {tuple(codebook.shape)}")
-    if codebook.shape[0] == 0:
-        raise ValueError("codebook must hold at least one code (K >= 1), got K = 0")
-    if codebook.shape[1] == 0:
-        raise ValueError("codebook must have D >= 1, got D = 0")
-    if z.dim() < 1:
-        raise ValueError("z must have shape (..., D), got a 0-dim tensor")
-    if z.shape[-1] != codebook.shape[1]:
-        raise ValueError(
-            f"z's last dim ({z.shape[-1]}) must equal codebook's D ({codebook.shape[1]}); "
-            f"got z {tuple(z.shape)} and codebook {tuple(codebook.shape)}"
-        )
-    if z.device != codebook.device:
-        raise ValueError(
-            f"z and codebook must be on the same device, got z on {z.device} and codebook on "
-            f"{codebook.device}"
-        )
+    check_rows_and_codebook(z, codebook)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
         raise TypeError(f"beta must be a finite float, got {beta!r}")
     if beta < 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import code_counts, scatter_rows, search
+from .ops import _scatter_rows_unchecked, code_counts, search
 
 # k-means++ costs K sequential O(M D) passes: fine up to a few thousand codes.
 PLUSPLUS_MAX_K = 2048
@@ -82,7 +82,7 @@ def kmeans(
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
         idx, _, _ = search(x, centres, backend)
-        sums = scatter_rows(idx, x, k, backend=backend)
+        sums = _scatter_rows_unchecked(idx, x, k, backend=backend)
         counts = code_counts(idx, k)
         new = sums / counts.clamp_min(1.0)[:, None]
         if cosine:

@@ -33,7 +33,7 @@ from torch import nn
 from . import _dist
 from .functional import vector_quantize
 from .kmeans import kmeans
-from .ops import scatter_rows, search
+from .ops import _scatter_rows_unchecked, search
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -364,7 +364,7 @@ class VectorQuantizer(nn.Module):
             idx_stat = idx if wg is None else torch.where(wg > 0, idx, k)  # masked -> bin K
             counts.append(_counts(idx_stat, k + 1)[:k])
             if update and self.ema:
-                sums.append(scatter_rows(idx_stat, zg.detach(), k + 1, backend=self.backend)[:k])
+                sums.append(_scatter_rows_unchecked(idx_stat, zg.detach(), k + 1, backend=self.backend)[:k])
             rows.append(zg.detach())
             weights.append(wg)
 

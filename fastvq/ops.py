@@ -9,10 +9,12 @@ break, with a fake (meta) implementation giving output shapes.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 
 import torch
 
+from ._checks import check_float, check_rows_and_codebook, check_same_device, check_tensor
 from ._search_torch import search_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -96,7 +98,7 @@ def search(
     """Nearest code for each row, without autograd.
 
     Args:
-        z2d: (N, D) float32/float16/bfloat16 rows.
+        z2d: (N, D) float32/float16/bfloat16 rows, N >= 0.
         codebook: (K, D) float32/float16/bfloat16 codes, K >= 1, same device.
         backend: "auto", "torch" or "triton".
 
@@ -104,7 +106,12 @@ def search(
         indices: int64 (N,), nearest code by squared L2, ties to the lowest index.
         z_q: (N, D) in ``z2d.dtype``, ``codebook[indices]``.
         err: fp32 (N,), ``sum_d (z - z_q)^2``.
+
+    Raises:
+        TypeError / ValueError naming the argument, as ``vector_quantize`` does: a non-tensor, an
+        integer or fp64 dtype, a rank other than 2, D mismatch, K = 0, different devices.
     """
+    check_rows_and_codebook(z2d, codebook, z_name="z2d", z_shape="(N, D)", z_ndim=2)
     return _search_op(z2d.detach(), codebook.detach(), resolve_backend(backend, z2d.device))
 
 
@@ -119,13 +126,67 @@ def _scatter_op(
         from fastvq.kernels import scatter_rows_triton
 
         return scatter_rows_triton(indices, rows, num_codes, deterministic=deterministic)
-    out = torch.zeros((num_codes, rows.shape[1]), dtype=torch.float32, device=rows.device)
-    return out.index_add_(0, indices, rows.to(torch.float32))
+    # index_add_ on CUDA writes out of bounds for a bad index (on CPU it raises): send rows with
+    # an index outside [0, K) to a spare bucket K, dropped below, so no index is ever trusted.
+    valid = (indices >= 0) & (indices < num_codes)
+    safe = torch.where(valid, indices, torch.full_like(indices, num_codes))
+    out = torch.zeros((num_codes + 1, rows.shape[1]), dtype=torch.float32, device=rows.device)
+    out.index_add_(0, safe, rows.to(torch.float32))
+    return out[:num_codes]  # a contiguous view: no copy of the K x D sums
 
 
 @_scatter_op.register_fake
 def _(indices, rows, num_codes, backend, deterministic):
     return rows.new_empty((num_codes, rows.shape[1]), dtype=torch.float32)
+
+
+def _scatter_rows_unchecked(
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    num_codes: int,
+    *,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """:func:`scatter_rows` without argument checks, for fastvq's own callers (the op's backward,
+    EMA statistics, k-means, the sharded codebook), whose indices come from the search.
+
+    No host sync and no graph break under ``torch.compile``. ``num_codes = 0`` gives a (0, D)
+    result. Memory-safe whatever the indices: every kernel masks its stores to ``[0, K)``, so a
+    row whose index lies outside is dropped (it adds to no code).
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    be = resolve_backend(backend, rows.device)
+    return _scatter_op(indices, rows, int(num_codes), be, bool(deterministic))
+
+
+def _check_scatter_inputs(indices, rows, num_codes) -> int:
+    """Shapes, dtypes, devices and ``num_codes`` of :func:`scatter_rows`; returns K as an int."""
+    check_tensor("indices", indices)
+    check_tensor("rows", rows)
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    check_float("rows", rows)
+    if indices.dim() != 1:
+        raise ValueError(f"indices must have shape (N,), got shape {tuple(indices.shape)}")
+    if rows.dim() != 2:
+        raise ValueError(f"rows must have shape (N, D), got shape {tuple(rows.shape)}")
+    if indices.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"indices and rows must have the same length N, got {indices.shape[0]} indices and "
+            f"{rows.shape[0]} rows"
+        )
+    check_same_device("indices", indices, "rows", rows)
+    if isinstance(num_codes, bool):
+        raise TypeError(f"num_codes must be an int, got {num_codes!r}")
+    try:
+        k = operator.index(num_codes)
+    except TypeError:
+        raise TypeError(f"num_codes must be an int, got {num_codes!r}") from None
+    if k < 1:
+        raise ValueError(f"num_codes must be >= 1, got {k}")
+    return k
 
 
 def scatter_rows(
@@ -140,8 +201,8 @@ def scatter_rows(
 
     Args:
         indices: int64 (N,) in ``[0, num_codes)``.
-        rows: (N, D) float rows.
-        num_codes: K.
+        rows: (N, D) float32/float16/bfloat16 rows on ``indices``' device, N >= 0.
+        num_codes: K >= 1.
         backend: "auto", "torch" or "triton".
         deterministic: bitwise-reproducible summation order; default follows
             ``torch.are_deterministic_algorithms_enabled()``. The torch backend on CPU is always
@@ -149,11 +210,24 @@ def scatter_rows(
 
     Returns:
         fp32 (num_codes, D).
+
+    Raises:
+        TypeError / ValueError naming the argument: non-tensors, dtypes, ranks, ``len(indices) !=
+        len(rows)``, different devices, ``num_codes < 1``, and an index outside
+        ``[0, num_codes)``. The index-range check reads the indices on the host: on CUDA it is
+        a device sync (and a graph break under ``torch.compile``).
     """
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    be = resolve_backend(backend, rows.device)
-    return _scatter_op(indices, rows, int(num_codes), be, bool(deterministic))
+    k = _check_scatter_inputs(indices, rows, num_codes)
+    # The range check is a host sync, so it lives here and not in the kernels; the kernels mask
+    # their stores anyway, so a skipped or racing check can never write outside the output.
+    bad = (indices < 0) | (indices >= k)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"indices must lie in [0, num_codes) = [0, {k}); got indices[{first}] = "
+            f"{int(indices[first])} (min {int(indices.min())}, max {int(indices.max())})"
+        )
+    return _scatter_rows_unchecked(indices, rows, k, backend=backend, deterministic=deterministic)
 
 
 def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .functional import VectorQuantizeFunction, VQOutput, _check_inputs
-from .ops import code_counts, resolve_backend, scatter_rows, search
+from .ops import _scatter_rows_unchecked, code_counts, resolve_backend, search
 
 # Keys: high 32 bits = IEEE bits of the non-negative fp32 error, low 32 bits = global code index.
 _INDEX_BITS = 32
@@ -207,7 +207,9 @@ def shard_statistics(
     fp32 ``(counts (S,), sums (S, D))``, the all-reduced statistics of the unsharded layer."""
     mine = (result.row_indices >= start) & (result.row_indices < end)
     idx = result.row_indices[mine] - start
-    return code_counts(idx, end - start), scatter_rows(idx, result.rows[mine], end - start)
+    return code_counts(idx, end - start), _scatter_rows_unchecked(
+        idx, result.rows[mine], end - start
+    )
 
 
 class ShardedVectorQuantizeFunction(torch.autograd.Function):
@@ -255,7 +257,9 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
             idx = row_indices[mine] - start
             owned = shard.detach().to(torch.float32).index_select(0, idx)  # (M, D)
             diff = (owned - rows[mine].to(torch.float32)) * w.index_select(0, src[mine])[:, None]
-            grad_c = scatter_rows(idx, diff, end - start, backend=ctx.backend).to(shard.dtype)
+            grad_c = _scatter_rows_unchecked(idx, diff, end - start, backend=ctx.backend).to(
+                shard.dtype
+            )
         elif ctx.needs_input_grad[1]:
             grad_c = torch.zeros_like(shard)
         return grad_z, grad_c, None, None, None, None

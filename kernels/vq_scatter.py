@@ -7,6 +7,12 @@ Two kernels:
   Fast when codes are spread; the summation order (and so the last bits) varies run to run.
 - ``scatter_rows_segment_kernel``: rows sorted by code, one program per (code, D block) sums its
   contiguous segment in a fixed order: bitwise deterministic.
+
+Memory safety: neither kernel trusts an index. The atomic kernel masks every store to
+``0 <= idx < K``; the segment kernel runs one program per code of ``[0, K)`` over segment bounds
+found by a binary search for each code, so a row whose index lies outside ``[0, K)`` falls in no
+segment. Either way such a row is dropped: nothing is written outside the (K, D) output, whoever
+calls the kernel (the public ``fastvq.scatter_rows`` rejects such indices before launching).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ def scatter_rows_atomic_kernel(
     rows_ptr,
     out_ptr,
     N,
+    K,
     D,
     stride_rn,
     stride_rd,
@@ -33,8 +40,10 @@ def scatter_rows_atomic_kernel(
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     m_n = o_n < N
-    m = m_n[:, None] & (o_d < D)[None, :]
-    b_idx = tl.load(idx_ptr + o_n, mask=m_n, other=0)
+    b_idx = tl.load(idx_ptr + o_n, mask=m_n, other=0).to(tl.int64)  # [BN]
+    # a row whose index lies outside [0, K) is dropped: its store would land outside the output
+    m_k = m_n & (b_idx >= 0) & (b_idx < K)
+    m = m_k[:, None] & (o_d < D)[None, :]  # [BN, BD]
     p_r = rows_ptr + o_n[:, None] * stride_rn + o_d[None, :] * stride_rd
     b_r = tl.load(p_r, mask=m, other=0.0).to(tl.float32)
     tl.atomic_add(out_ptr + b_idx[:, None] * D + o_d[None, :], b_r, mask=m)
@@ -79,24 +88,29 @@ def scatter_rows_triton(
 
     Returns a new fp32 (num_codes, D) tensor. ``deterministic=True`` sorts the indices and reduces
     each code's segment in a fixed order (bitwise reproducible); the default uses fp32 atomics.
+    No argument checks (``fastvq.scatter_rows`` does them); a row whose index lies outside
+    ``[0, num_codes)`` is dropped, never written out of bounds.
     """
     n, d = rows.shape
     out = torch.zeros((num_codes, d), dtype=torch.float32, device=rows.device)
-    if n == 0 or d == 0:
+    if n == 0 or d == 0 or num_codes == 0:
         return out
     block_d = max(16, min(128, triton.next_power_of_2(d)))
     if not deterministic:
         block_n = 64
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         scatter_rows_atomic_kernel[grid](
-            indices, rows, out, n, d, rows.stride(0), rows.stride(1),
+            indices, rows, out, n, num_codes, d, rows.stride(0), rows.stride(1),
             BLOCK_N=block_n, BLOCK_D=block_d,
         )  # fmt: skip
         return out
     sorted_idx, perm = torch.sort(indices, stable=True)
-    counts = torch.bincount(sorted_idx, minlength=num_codes)
-    offsets = torch.zeros(num_codes + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    # offsets[k] = first sorted position holding an index >= k, for k in [0, K]: code k's segment
+    # is [offsets[k], offsets[k + 1]). Rows indexed < 0 sort before offsets[0] and rows >= K after
+    # offsets[K], so they fall in no segment. (bincount would fail on a negative index, allocate
+    # max(index) + 1 counts for a huge one, and sync with the host on CUDA.)
+    codes = torch.arange(num_codes + 1, dtype=sorted_idx.dtype, device=rows.device)
+    offsets = torch.searchsorted(sorted_idx, codes)
     grid = (num_codes, triton.cdiv(d, block_d))
     scatter_rows_segment_kernel[grid](
         perm, offsets, rows, out, d, rows.stride(0), rows.stride(1),
