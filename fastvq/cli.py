@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import DATASETS, DataNotFoundError, IDXError, load_dataset
+from .train import CheckpointError, RunLockedError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -164,12 +165,19 @@ def _total_steps(args, n_train: int) -> int:
 
 def cmd_train(args) -> dict:
     from . import train as T
-    from .models import AEConfig, PixelCNNConfig, VAEConfig, VQVAEConfig
 
     torch.manual_seed(args.seed)
     ds = load_dataset(args.dataset, args.data_dir, prefix=args.data_prefix)
-    C, H, _ = ds.image_shape
     out = Path(args.out or f"runs/{args.kind}")
+    with T.run_lock(out):  # one writer per run directory, from the resume read to the last save
+        return _train_locked(args, ds, out)
+
+
+def _train_locked(args, ds, out: Path) -> dict:
+    from . import train as T
+    from .models import AEConfig, PixelCNNConfig, VAEConfig, VQVAEConfig
+
+    C, H, _ = ds.image_shape
     steps = _total_steps(args, len(ds.train))
     test, dev, lim = ds.test, args.device, args.eval_limit
     hidden = {} if args.hidden is None else {"hidden": args.hidden}
@@ -185,7 +193,7 @@ def cmd_train(args) -> dict:
         meta={"dataset": ds.name, "data_dir": args.data_dir},
     )
     resume_cfg = None
-    if args.resume and (out / "run.json").is_file():
+    if args.resume and T.checkpoint_dir(out) is not None:
         resume_cfg = T.read_meta(out)["config"]
 
     if args.kind in ("ae", "vae"):
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
-    except (DataNotFoundError, IDXError) as e:
+    except (DataNotFoundError, IDXError, CheckpointError, RunLockedError) as e:
         print(f"fastvq: error: {e}", file=sys.stderr)
         return 2
     return 0
