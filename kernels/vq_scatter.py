@@ -35,16 +35,18 @@ def scatter_rows_atomic_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    o_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    m_n = o_n < N
-    b_idx = tl.load(idx_ptr + o_n, mask=m_n, other=0).to(tl.int64)  # [BN]
+    # int64 only in the per-program row base (N * stride may exceed 2^31) and in the code index
+    # (K * D may); in-tile offsets stay int32, which keeps the unaligned-D binaries spill-free.
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    n_rows = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    o_n = tl.arange(0, BLOCK_N)  # [BN] int32
+    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD] int32
+    m_n = o_n < n_rows
+    b_idx = tl.load(idx_ptr + row0 + o_n, mask=m_n, other=0).to(tl.int64)  # [BN]
     # a row whose index lies outside [0, K) is dropped: its store would land outside the output
     m_k = m_n & (b_idx >= 0) & (b_idx < K)
     m = m_k[:, None] & (o_d < D)[None, :]  # [BN, BD]
-    p_r = rows_ptr + o_n[:, None] * stride_rn + o_d[None, :] * stride_rd
+    p_r = rows_ptr + row0 * stride_rn + o_n[:, None] * stride_rn + o_d[None, :] * stride_rd
     b_r = tl.load(p_r, mask=m, other=0.0).to(tl.float32)
     tl.atomic_add(out_ptr + b_idx[:, None] * D + o_d[None, :], b_r, mask=m)
 
@@ -97,7 +99,11 @@ def scatter_rows_triton(
         return out
     block_d = max(16, min(128, triton.next_power_of_2(d)))
     if not deterministic:
-        block_n = 64
+        # 32 rows: at 64, ptxas spills (sm_80 fp32; unaligned D's scalar loads and atomics on
+        # sm_90); the atomics' count, not the tile, sets this kernel's speed
+        block_n = 32
+        if block_n * abs(rows.stride(0)) >= 2**31:
+            rows = rows.contiguous()  # in-tile row offsets are int32
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         scatter_rows_atomic_kernel[grid](
             indices, rows, out, n, num_codes, d, rows.stride(0), rows.stride(1),

@@ -222,7 +222,13 @@ def gpu_arch(device: torch.device) -> int | None:
 
 
 def pick_config(
-    n: int, k: int, d: int, dtype: torch.dtype, *, arch: int | None = None
+    n: int,
+    k: int,
+    d: int,
+    dtype: torch.dtype,
+    *,
+    arch: int | None = None,
+    precision: str = "tf32x3",
 ) -> SearchConfig:
     """Tile sizes and launch parameters for one problem.
 
@@ -232,10 +238,11 @@ def pick_config(
         arch: the GPU it is for (80: A100, 90: H100/H200). None: interpreter tiles when
             ``TRITON_INTERPRET`` is set, else the sm_90 choice. Passing an arch returns the GPU
             choice whatever the interpreter says, so the static gate sees what a GPU launches.
+        precision: the fp32 ``tl.dot`` input precision (ignored for 16-bit searches).
 
-    Every tl.dot dimension is >= 16 (the GPU's rule). The GPU tiles are the spill-free ones the
-    static model in docs/benchmarks.md ranks best per (arch, dtype, D); benchmarks/gpu_static.py
-    compiles and gates them, and the README says which were measured on a GPU.
+    Every tl.dot dimension is >= 16 (the GPU's rule). The GPU tiles are the spill-free ones
+    benchmarks/gpu_static.py found for each (arch, dtype, precision, D alignment), ranked by the
+    static model in docs/benchmarks.md; the gate in tests/test_gpu_static.py keeps them so.
     """
     p2 = triton.next_power_of_2
     if arch is None and interpreting():
@@ -244,17 +251,34 @@ def pick_config(
             max(16, min(64, p2(n))), max(16, min(128, p2(k))), max(16, min(p2(d), 256)), 4, 1
         )
     arch = 90 if arch is None else arch
+    # Unaligned D (not a multiple of 16 elements): the loads cannot be vectorised and their
+    # addresses take many more registers, so the D block shrinks to stay spill-free.
+    aligned = d % 16 == 0
+    bd_full = max(16, p2(d))
     block_n = 64 if n <= 4096 else 128
+    block_k = 64
     if dtype == torch.float32:
-        # fp32 tiles hold twice the operand bytes, and tf32x3 splits each into two tf32 parts
-        block_k, block_d, warps = 64, 32, 8
+        if precision == "ieee" and not aligned and d > 16:
+            # CUDA-core FMAs hold the whole BN x BK accumulator per thread and the unaligned loads
+            # are scalar: BK 32 is the one shape found spill-free on both archs (the exception
+            # to BN, BK >= 64; ieee is the exact fallback, not a speed path).
+            return SearchConfig(64, max(16, min(32, p2(k))), 32, 4, 3)
+        if arch >= 90 and precision != "ieee" and d <= 64:
+            block_d = bd_full  # row tile loaded once (ONE_D): 142-178 registers on sm_90
+        elif not aligned and d > 16:
+            # BN 128 x BD 32 spills on sm_80 (and sm_90 ieee); BN 64 x BD 16 lands on ptxas'
+            # 128-register choice and spills a little: these two are clear of both.
+            block_d = 16 if block_n == 128 else 32
+        else:
+            block_d = min(32, bd_full)
+    elif not aligned and d > 32:
+        block_d = 32  # BD 64 spills 27-34 registers' worth on both archs at D=100
+    elif d <= 64:
+        block_d, block_k = bd_full, 128
     else:
-        block_k = 64 if d > 64 else 128
-        block_d = max(16, min(p2(d), 64))
-        warps = 8
+        block_d = 64
     block_k = max(16, min(block_k, p2(k)))
-    stages = 3 if arch >= 90 else 3
-    return SearchConfig(block_n, block_k, block_d, warps, stages)
+    return SearchConfig(block_n, block_k, block_d, 8, 3)
 
 
 class SearchPlan(NamedTuple):
@@ -313,7 +337,7 @@ def plan_search(
         precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
     else:
         precision = "tf32" if track else fp32_precision
-    cfg = config or pick_config(n, k, d, search_dtype, arch=arch)
+    cfg = config or pick_config(n, k, d, search_dtype, arch=arch, precision=precision)
     row_blocks = triton.cdiv(n, cfg.block_n)
     if splits is None:
         splits = 1

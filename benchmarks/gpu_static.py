@@ -1,0 +1,465 @@
+"""Compile every Triton binary fastvq can launch, for sm_80 and sm_90, without a GPU, and read it.
+
+    python -m benchmarks.gpu_static                       # report: JSON + markdown under results/
+    python -m benchmarks.gpu_static --gate                # CI gate: default binaries only
+    python -m benchmarks.gpu_static --gate --arch 90 --only "fp32 tf32x3 D64"
+
+Each binary is compiled the way the runtime specialises a launch (Triton's own binder on meta
+tensors: 16-byte-aligned pointers, ints divisible by 16 marked, unit strides as constants), from
+the same :func:`fastvq.kernels.vq_search.plan_search` the launcher calls, with ``arch`` set so the
+GPU choice is returned even where ``TRITON_INTERPRET`` is set. The cubin is read with the
+``cuobjdump``/``nvdisasm`` shipped in the triton wheel: registers, stack, shared memory, spill
+instructions, the MMA instruction, resident warps per SM and the SASS mix of the code-tile loop.
+:mod:`benchmarks.gpu_model` turns those counts into predicted times (docs/benchmarks.md).
+
+``TRITON_INTERPRET`` is removed from the environment before Triton is imported: under the
+interpreter ``triton.compile`` does not produce a cubin.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # noqa: E402  (must precede the triton import)
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+# Hardware facts used by the gate and the model (per SM). Sources: NVIDIA's A100/H100 whitepapers
+# (dense tensor-core rates, 64 K registers, 64 resident warps, 32 resident blocks, shared memory
+# per SM and per block).
+ARCHS = {
+    90: dict(name="sm_90 (H100 SXM)", sms=132, smem_sm=228 * 1024, smem_block=227 * 1024),
+    80: dict(name="sm_80 (A100 SXM)", sms=108, smem_sm=164 * 1024, smem_block=163 * 1024),
+}
+REGS_PER_SM = 65536
+MAX_WARPS_SM = 64
+MAX_BLOCKS_SM = 32
+MIN_RESIDENT_WARPS = 8  # the gate's occupancy floor (two warpgroups: enough to hide one MMA)
+
+# Problem the defaults are chosen for (the launcher's config depends on N only through "small N").
+N_BIG, K_BIG = 65536, 16384
+N_SMALL, K_SMALL = 1024, 65536  # small N, large K: the split-K binaries
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Binary:
+    """One distinct compiled kernel: what it is for, and how to rebuild it."""
+
+    name: str  # human-readable, unique per arch
+    kernel: str  # "search" | "scatter_atomic" | "scatter_segment"
+    arch: int
+    default: bool  # launched by default (gated) rather than an autotune/precision alternative
+    z_dtype: str = "bfloat16"
+    c_dtype: str = "bfloat16"
+    d: int = 64
+    n: int = N_BIG
+    k: int = K_BIG
+    fp32_precision: str | None = None
+    config: tuple | None = None  # SearchConfig fields, None: the launcher's choice
+    meta: dict = field(default_factory=dict)  # filled after compiling (plan, constexprs)
+
+
+def _dt(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def search_binaries(arch: int, scope: str) -> list[Binary]:
+    """The search binaries: every dtype pair x precision x alignment x default/autotune config."""
+    from fastvq.kernels.vq_search import AUTOTUNE_CONFIGS, FP32_PRECISIONS
+
+    pairs = [("bf16", "bfloat16", "bfloat16"), ("fp16", "float16", "float16"),
+             ("fp32", "float32", "float32"), ("mix", "bfloat16", "float32")]  # fmt: skip
+    out = []
+    for tag, zt, ct in pairs:
+        fp32 = ct == "float32"
+        precisions = FP32_PRECISIONS if fp32 else (None,)
+        for prec in precisions:
+            ptag = f" {prec}" if prec else ""
+            for d in (64, 256, 100, 8):
+                base = dict(arch=arch, z_dtype=zt, c_dtype=ct, d=d, fp32_precision=prec)
+                out.append(Binary(f"{tag}{ptag} D{d}", "search", default=True, **base))
+                out.append(
+                    Binary(f"{tag}{ptag} D{d} splitK", "search", default=True, n=N_SMALL,
+                           k=K_SMALL, **base)
+                )  # fmt: skip
+                if scope == "all" and d in (64, 256) and prec in (None, "tf32x3", "tf32"):
+                    for c in AUTOTUNE_CONFIGS:
+                        out.append(
+                            Binary(f"{tag}{ptag} D{d} autotune {tuple(c)}", "search",
+                                   default=False, config=tuple(c), **base)
+                        )  # fmt: skip
+    return out
+
+
+def scatter_binaries(arch: int) -> list[Binary]:
+    out = []
+    for dt in ("bfloat16", "float16", "float32"):
+        for d in (64, 100):
+            for kern in ("scatter_atomic", "scatter_segment"):
+                out.append(Binary(f"{kern} {dt} D{d}", kern, arch, True, z_dtype=dt, d=d))
+    return out
+
+
+def _specialise(fn, target, args, kwargs):
+    """signature, constexprs, attrs, options exactly as ``JITFunction.run`` derives them."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, spec, opts)
+
+
+def _search_launch(b: Binary):
+    """(kernel, args, kwargs, plan) of the launcher for this binary, on meta tensors."""
+    from fastvq.kernels import vq_search as vs
+
+    zt, ct = _dt(b.z_dtype), _dt(b.c_dtype)
+    cfg = vs.SearchConfig(*b.config) if b.config else None
+    plan = vs.plan_search(
+        b.n, b.k, b.d, zt, ct, arch=b.arch, num_sms=ARCHS[b.arch]["sms"],
+        fp32_precision=b.fp32_precision, config=cfg,
+    )  # fmt: skip
+    meta = torch.device("meta")
+    z = torch.empty(b.n, b.d, dtype=zt, device=meta)
+    c = torch.empty(b.k, b.d, dtype=ct, device=meta)
+    search_t = torch.promote_types(zt, ct)
+    cs = c if search_t == torch.float16 else torch.empty(b.k, b.d, dtype=ct, device=meta)
+    f32 = torch.empty(b.k, dtype=torch.float32, device=meta)
+    i64 = torch.empty(b.n, dtype=torch.int64, device=meta)
+    args = (
+        z, c, cs, f32, i64, z, f32, f32, f32,
+        b.n, b.k, b.d, plan.k_per_split,
+        z.stride(0), z.stride(1), c.stride(0), c.stride(1), cs.stride(0), cs.stride(1),
+        z.stride(0), z.stride(1),
+    )  # fmt: skip
+    kwargs = dict(plan.constexprs(), num_warps=plan.config.num_warps,
+                  num_stages=plan.config.num_stages)  # fmt: skip
+    return vs.vq_search_fwd_kernel, args, kwargs, plan
+
+
+def _scatter_launch(b: Binary):
+    """(kernel, args, kwargs, None) for a scatter kernel, arguments bound by parameter name."""
+    import triton
+    from fastvq.kernels import vq_scatter as sc
+
+    meta = torch.device("meta")
+    rows = torch.empty(b.n, b.d, dtype=_dt(b.z_dtype), device=meta)
+    idx = torch.empty(b.n, dtype=torch.int64, device=meta)
+    values = {
+        "idx_ptr": idx, "perm_ptr": idx, "rows_ptr": rows,
+        "out_ptr": torch.empty(b.k, b.d, dtype=torch.float32, device=meta),
+        "offsets_ptr": torch.empty(b.k + 1, dtype=torch.int64, device=meta),
+        "N": b.n, "K": b.k, "D": b.d, "stride_rn": rows.stride(0), "stride_rd": rows.stride(1),
+        # the launcher's choices (kernels/vq_scatter.py)
+        "BLOCK_N": 32, "BLOCK_R": 16, "BLOCK_D": max(16, min(128, triton.next_power_of_2(b.d))),
+    }  # fmt: skip
+    fn = sc.scatter_rows_atomic_kernel if b.kernel == "scatter_atomic" else (
+        sc.scatter_rows_segment_kernel)  # fmt: skip
+    args = tuple(values[n] for n in fn.arg_names if not n.startswith("BLOCK_"))
+    kwargs = {n: values[n] for n in fn.arg_names if n.startswith("BLOCK_")}
+    return fn, args, dict(kwargs, num_warps=4, num_stages=1), None
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_one(b: Binary) -> dict:
+    """Compile one binary and return its record (resource usage, SASS analysis)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launch = _search_launch if b.kernel == "search" else _scatter_launch
+    fn, args, kwargs, plan = launch(b)
+    target = GPUTarget("cuda", b.arch, 64 if b.arch >= 90 else 32)
+    options, signature, constexprs, attrs = _specialise(fn, target, args, kwargs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=target, options=options.__dict__)
+    rec = asdict(b)
+    if plan is not None:
+        rec["meta"] = dict(plan._asdict(), config=tuple(plan.config))
+    rec["meta"]["divisible_by_16"] = sorted(
+        fn.arg_names[k[0]] for k, v in attrs.items() if ["tt.divisibility", 16] in v
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        sass = subprocess.run([_tool("nvdisasm"), str(cubin)], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    regs, stack, shared_static, local = (int(x) for x in m.groups())
+    rec.update(
+        regs=regs, stack=stack, local=local,
+        shared=int(kernel.metadata.shared) + shared_static,
+        num_warps=kwargs["num_warps"], num_stages=kwargs["num_stages"],
+    )  # fmt: skip
+    rec.update(analyse_sass(sass))
+    rec.update(occupancy(b.arch, regs, rec["shared"], kwargs["num_warps"]))
+    return rec
+
+
+# --- SASS ---------------------------------------------------------------------------------------
+
+# Instruction classes by SASS mnemonic (the part before the first '.').
+TENSOR = {"HGMMA", "HMMA", "IMMA", "WGMMA"}
+FMA_PIPE = {"FFMA", "FADD", "FMUL", "FFMA32I", "FADD32I", "FMUL32I", "IMAD", "IMAD32I", "HFMA2",
+            "HADD2", "HMUL2"}  # fmt: skip
+CMP_SEL = {"FSETP", "ISETP", "FSEL", "SEL", "FMNMX", "IMNMX", "VIMNMX", "PLOP3", "FSET", "ISET"}
+INT_ALU = {"IADD3", "LOP3", "SHF", "LEA", "IABS", "PRMT", "SGXT", "BMSK", "IADD", "VIADD", "POPC",
+           "FLO", "BREV", "LOP", "SHL", "SHR", "IADD32I", "LOP32I"}  # fmt: skip
+CVT = {"F2F", "F2FP", "I2F", "F2I", "FRND", "I2FP", "F2IP"}
+MEM = {"LDG", "STG", "LDS", "STS", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR", "UTMALDG", "UBLKCP",
+       "LD", "ST", "ATOM", "ATOMG", "RED", "REDG", "LDL", "STL", "SYNCS", "STSM"}  # fmt: skip
+MOVE = {"MOV", "SHFL", "S2R", "CS2R", "R2UR", "S2UR", "P2R", "R2P", "MOV32I"}
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([.\w]*)\s*([^;]*);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def analyse_sass(sass: str) -> dict:
+    """Spills, the MMA instruction and the instruction mix of the code-tile loop.
+
+    The code-tile loop is the longest span closed by a backward branch that holds a tensor-core
+    instruction (or the longest loop when there is none: ieee fp32, scatter kernels); a loop
+    nested in it (the D blocks when D > BLOCK_D) is counted separately, once per iteration.
+    """
+    instrs, labels = [], {}
+    pending = []
+    for line in sass.splitlines():
+        lab = _LABEL.match(line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = _LINE.search(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        for name in pending:
+            labels[name] = addr
+        pending = []
+        instrs.append((addr, m.group(3), m.group(3) + m.group(4), m.group(5)))
+    loops = []
+    for addr, op, _full, operands in instrs:
+        if op == "BRA":
+            t = re.search(r"(\.L_x_\d+)", operands)
+            if t and t.group(1) in labels and labels[t.group(1)] < addr:
+                loops.append((labels[t.group(1)], addr))
+    rec = {
+        "spill_stores": sum(op == "STL" for _, op, _, _ in instrs),
+        "spill_loads": sum(op == "LDL" for _, op, _, _ in instrs),
+        "instructions": len(instrs),
+    }
+    mmas = sorted({full for _, op, full, _ in instrs if op in TENSOR})
+    rec["mma"] = mmas[0] if len(mmas) == 1 else (", ".join(mmas) if mmas else None)
+
+    def mix(lo, hi, skip=None):
+        c = dict(tensor=0, fma=0, cmp_sel=0, int_alu=0, cvt=0, mem=0, move=0, uniform=0, other=0)
+        for addr, op, _full, _ in instrs:
+            if not (lo <= addr <= hi) or (skip and skip[0] <= addr <= skip[1]):
+                continue
+            cls = ("tensor" if op in TENSOR else "fma" if op in FMA_PIPE
+                   else "cmp_sel" if op in CMP_SEL else "int_alu" if op in INT_ALU
+                   else "cvt" if op in CVT else "mem" if op in MEM else "move" if op in MOVE
+                   else "uniform" if op.startswith("U") else "other")  # fmt: skip
+            c[cls] += 1
+        return c
+
+    def has_mma(lo, hi):
+        return any(lo <= a <= hi and op in TENSOR for a, op, _, _ in instrs)
+
+    cands = [lp for lp in loops if has_mma(*lp)] or loops
+    if not cands:
+        rec["loop"] = None
+        return rec
+    outer = max(cands, key=lambda lp: lp[1] - lp[0])
+    inner = [lp for lp in loops if outer[0] < lp[0] and lp[1] < outer[1]]
+    inner = max(inner, key=lambda lp: lp[1] - lp[0]) if inner else None
+    rec["loop"] = {"outer": mix(*outer, skip=inner), "inner": mix(*inner) if inner else None}
+    return rec
+
+
+def occupancy(arch: int, regs: int, shared: int, warps: int) -> dict:
+    """Resident blocks and warps per SM from registers, shared memory and the hardware caps."""
+    hw = ARCHS[arch]
+    regs_alloc = -(-max(regs, 1) // 8) * 8  # allocated per thread in units of 8
+    per_warp = -(-(regs_alloc * 32) // 256) * 256  # and per warp in units of 256
+    by_regs = REGS_PER_SM // (per_warp * warps)
+    by_smem = hw["smem_sm"] // (shared + 1024) if shared else MAX_BLOCKS_SM  # 1 KB reserved
+    by_warps = MAX_WARPS_SM // warps
+    blocks = min(by_regs, by_smem, by_warps, MAX_BLOCKS_SM)
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * warps,
+        "limited_by": min(
+            ("registers", by_regs), ("shared", by_smem), ("warps", by_warps), key=lambda t: t[1]
+        )[0],  # fmt: skip
+        "smem_ok": shared <= hw["smem_block"],
+    }
+
+
+# --- gate ---------------------------------------------------------------------------------------
+
+
+def gate_failures(rec: dict) -> list[str]:
+    """Why this binary fails the gate (empty: it passes)."""
+    why = []
+    if rec["spill_stores"] or rec["spill_loads"] or rec["stack"]:
+        why.append(f"spills: {rec['spill_stores']} STL, {rec['spill_loads']} LDL, "
+                   f"stack {rec['stack']} B")  # fmt: skip
+    ieee = rec["kernel"] == "search" and rec["meta"].get("input_precision") == "ieee"
+    if rec["kernel"] == "search" and not ieee and not rec["mma"]:
+        why.append("no tensor-core MMA in a search binary")
+    if not rec["smem_ok"]:
+        why.append(f"shared memory {rec['shared']} B above the per-block limit")
+    if rec["warps_per_sm"] < MIN_RESIDENT_WARPS:
+        why.append(f"{rec['warps_per_sm']} resident warps/SM < {MIN_RESIDENT_WARPS}")
+    return why
+
+
+def run(binaries: list[Binary], workers: int) -> list[dict]:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    out = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        it = pool.map(compile_one, binaries)
+        if tqdm is not None:
+            it = tqdm(it, total=len(binaries), desc="compile", file=sys.stderr, mininterval=5)
+        for rec in it:
+            rec["gate"] = gate_failures(rec)
+            out.append(rec)
+    return out
+
+
+def dedupe(binaries: list[Binary]) -> list[Binary]:
+    """Drop binaries whose launch would compile to the same kernel as an earlier one."""
+    seen, out = set(), []
+    for b in binaries:
+        launch = _search_launch if b.kernel == "search" else _scatter_launch
+        fn, args, kwargs, _ = launch(b)
+        from triton.backends.compiler import GPUTarget
+
+        target = GPUTarget("cuda", b.arch, 64 if b.arch >= 90 else 32)
+        options, signature, constexprs, attrs = _specialise(fn, target, args, kwargs)
+        key = (fn.__name__, b.arch, str(signature), str(constexprs), str(attrs), str(options))
+        if key not in seen:
+            seen.add(key)
+            out.append(b)
+    return out
+
+
+def select(arch_list, scope: str, only: str | None) -> list[Binary]:
+    bins = []
+    for arch in arch_list:
+        bins += search_binaries(arch, scope) + scatter_binaries(arch)
+    if scope == "defaults":
+        bins = [b for b in bins if b.default]
+    if only:
+        bins = [b for b in bins if only in b.name]
+    return dedupe(bins)
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def markdown(records: list[dict], header: str) -> str:
+    lines = [header, ""]
+    for arch in sorted({r["arch"] for r in records}, reverse=True):
+        lines += [f"## {ARCHS[arch]['name']}", "",
+                  "| binary | config (BN,BK,BD,warps,stages) | regs | stack | spills (st/ld) "
+                  "| smem KB | warps/SM | MMA | loop: tensor / fma / cmp+sel / int / cvt / mem "
+                  "| gate |", "|" + "---|" * 10]  # fmt: skip
+        for r in sorted((r for r in records if r["arch"] == arch),
+                        key=lambda r: (not r["default"], r["kernel"], r["name"])):  # fmt: skip
+            cfg = r["meta"].get("config")
+            cfg = ",".join(map(str, cfg)) + f",{r['num_warps']},{r['num_stages']}" if cfg else "-"
+            if cfg != "-":
+                cfg = ",".join(cfg.split(",")[:5])
+            lp = r.get("loop") or {}
+            o = lp.get("outer")
+            mixs = "-"
+            if o:
+                inner = lp.get("inner")
+                mixs = " / ".join(str(o[c] + (inner[c] if inner else 0))
+                                  for c in ("tensor", "fma", "cmp_sel", "int_alu", "cvt",
+                                            "mem"))  # fmt: skip
+                if inner:
+                    mixs += " (D loop incl.)"
+            mma = (r["mma"] or "none").replace(", ", "<br>")
+            gate = "ok" if not r["gate"] else "FAIL: " + "; ".join(r["gate"])
+            if not r["default"]:
+                gate = "(alt) " + gate
+            lines.append(
+                f"| {r['name']} | {cfg} | {r['regs']} | {r['stack']} | "
+                f"{r['spill_stores']}/{r['spill_loads']} | {r['shared'] / 1024:.0f} | "
+                f"{r['warps_per_sm']} | {mma} | {mixs} | {gate} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import triton
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gate", action="store_true", help="default binaries only; exit 1 on failure")
+    ap.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS))
+    ap.add_argument("--only", help="substring of the binary names to keep")
+    ap.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    ap.add_argument("--out", type=Path, help="JSON path (default: results/gpu-static-DATE.json)")
+    a = ap.parse_args(argv)
+    archs = a.arch or [90, 80]
+    scope = "defaults" if a.gate else "all"
+    bins = select(archs, scope, a.only)
+    print(f"compiling {len(bins)} binaries for sm_{'/sm_'.join(map(str, archs))} "
+          f"(triton {triton.__version__}, {a.workers} workers)", file=sys.stderr)  # fmt: skip
+    records = run(bins, a.workers)
+    bad = [r for r in records if r["default"] and r["gate"]]
+    for r in bad:
+        print(f"GATE FAIL sm_{r['arch']} {r['name']}: {'; '.join(r['gate'])} "
+              f"(regs {r['regs']}, config {r['meta'].get('config')})", file=sys.stderr)  # fmt: skip
+    if a.gate and not a.out:
+        print(f"{len(records) - len(bad)}/{len(records)} default binaries pass the gate")
+        return 1 if bad else 0
+    date = datetime.date.today().isoformat()
+    out = a.out or RESULTS / f"gpu-static-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "produced_by": "python -m benchmarks.gpu_static " + " ".join(argv or sys.argv[1:]),
+        "date": date, "triton": triton.__version__, "torch": torch.__version__,
+        "machine": "CPU only: ahead-of-time compiles, no GPU", "binaries": records,
+    }  # fmt: skip
+    out.write_text(json.dumps(doc, indent=1))
+    header = (f"# Static report: every fastvq Triton binary for sm_90 and sm_80\n\n"
+              f"Produced by `{doc['produced_by'].strip()}` on {date} (Triton {triton.__version__}, "
+              f"torch {torch.__version__}), compiled ahead of time on a CPU-only machine. "
+              "'(alt)' rows are autotune candidates or non-default precisions: reported, not "
+              "gated. Loop mix: SASS instructions per warp in the code-tile loop.")  # fmt: skip
+    out.with_suffix(".md").write_text(markdown(records, header))
+    print(f"wrote {out} and {out.with_suffix('.md')}; {len(bad)} default binaries fail the gate")
+    return 1 if (a.gate and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
