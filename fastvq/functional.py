@@ -87,7 +87,19 @@ class VectorQuantizeFunction(torch.autograd.Function):
 
 def _check_inputs(z, codebook, beta) -> None:
     check_rows_and_codebook(z, codebook)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+    check_beta(beta)
+
+
+def check_beta(beta) -> None:
+    """TypeError unless ``beta`` is a finite real number, ValueError when it is negative.
+
+    Comparisons only, no ``math.isfinite``: under ``torch.compile(dynamic=True)`` a Python float
+    argument or module attribute becomes a SymFloat, which comparisons trace and
+    ``math.isfinite`` does not (a graph break, an error with ``fullgraph=True``).
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a finite float, got {beta!r}")
+    if not -math.inf < beta < math.inf:  # False for NaN and +-inf
         raise TypeError(f"beta must be a finite float, got {beta!r}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")

@@ -3,7 +3,8 @@
 Seeding is k-means++ (D^2 sampling) for K <= ``PLUSPLUS_MAX_K`` and K distinct random samples
 above (k-means++ needs K sequential passes over the data: too slow for K = 65536); then Lloyd
 steps assign with :func:`fastvq.search` and average with :func:`fastvq.scatter_rows`.
-A cluster that loses all its points keeps its previous centre.
+A cluster that loses all its points keeps its previous centre. Rows holding NaN/Inf are left out
+(one would make a NaN centre).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def kmeans(
     """Cluster the rows of ``x``.
 
     Args:
-        x: (M, D) float samples, M >= 1.
+        x: (M, D) float samples, at least one of them finite; rows holding NaN/Inf are ignored.
         num_clusters: K.
         iters: Lloyd steps after seeding.
         cosine: spherical k-means (rows and centres l2-normalised).
@@ -61,6 +62,11 @@ def kmeans(
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"x must have shape (M, D) with M >= 1, got {tuple(x.shape)}")
     x = x.to(torch.float32)
+    finite = torch.isfinite(x).all(1)
+    if not bool(finite.all()):  # a host sync, like the seeding's; k-means runs once per layer
+        x = x[finite]
+        if x.shape[0] == 0:
+            raise ValueError("x holds no finite row (every row has a NaN or Inf)")
     if cosine:
         x = F.normalize(x, dim=-1)
     m, _ = x.shape
