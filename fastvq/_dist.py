@@ -12,6 +12,8 @@ fixed-size candidate samples.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.distributed as dist
 
@@ -71,3 +73,44 @@ def broadcast_(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     if is_distributed(group):
         dist.broadcast(t, src=src, group=group)
     return t
+
+
+def _as_int(v) -> int:
+    """An int that equals across ranks exactly when ``v`` does (a float by its fp64 bits)."""
+    if isinstance(v, float):
+        return struct.unpack("<q", struct.pack("<d", v))[0]
+    return int(v)
+
+
+def check_same_across_ranks(what: str, fields: dict, device, group=None) -> None:
+    """ValueError on every rank when the ranks of ``group`` disagree on any of ``fields``.
+
+    ``fields`` maps names to ints, bools or floats; every rank must pass the same names in the
+    same order (the same code does). One all-gather of ``len(fields)`` int64 and a host sync, so
+    callers run it once, or on every call only when debugging. Every rank sees the same table and
+    raises the same error, so no rank is left waiting in a collective. No-op when not distributed.
+    """
+    if not is_distributed(group):
+        return
+    names = list(fields)
+    mine = torch.tensor([[_as_int(fields[n]) for n in names]], dtype=torch.int64, device=device)
+    table = all_gather_cat(mine, group).tolist()  # (R, F), rank order
+    bad = [i for i in range(len(names)) if len({row[i] for row in table}) > 1]
+    if bad:
+        detail = "; ".join(
+            f"{names[i]}: {[_decode(row[i], fields[names[i]]) for row in table]}" for i in bad
+        )
+        raise ValueError(
+            f"{what}: the ranks disagree on {detail} (values in rank order). Every rank must "
+            "build the layer with the same arguments and call it the same number of times; "
+            "otherwise the collectives mix tensors of different layouts."
+        )
+
+
+def _decode(encoded: int, like):
+    """Decode one gathered field for the error message (floats travel as their fp64 bits)."""
+    if isinstance(like, float):
+        return struct.unpack("<d", struct.pack("<q", encoded))[0]
+    if isinstance(like, bool):
+        return bool(encoded)
+    return encoded

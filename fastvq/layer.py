@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dist
-from .functional import vector_quantize
+from .functional import check_beta, vector_quantize
 from .kmeans import kmeans
 from .ops import _scatter_rows_unchecked, search
 
@@ -70,13 +70,39 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _sq_err_mean(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """mean over valid rows and dims of (a - b)^2 in fp32; 0 when nothing is valid."""
-    sq = (a.to(torch.float32) - b.to(torch.float32)).square().sum(-1)
+def _sq_err_mean(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """mean over unmasked rows and dims of (a - b)^2 in fp32; 0 when every row is masked.
+
+    Masked rows are dropped with ``torch.where`` before squaring, not multiplied by a 0/1 weight:
+    a masked row holding NaN/Inf (a padding sentinel) would give NaN * 0 = NaN, in the loss and
+    in its gradient.
+    """
+    diff = a.to(torch.float32) - b.to(torch.float32)
     d = a.shape[-1]
-    if w is None:
-        return sq.sum() / max(sq.numel() * d, 1)
-    return (sq * w).sum() / (w.sum().clamp_min(1.0) * d)
+    if mask is None:
+        return diff.square().sum() / max(diff.numel(), 1)
+    diff = torch.where(mask[:, None], diff, 0.0)
+    return diff.square().sum() / (mask.sum().clamp_min(1) * d)
+
+
+class _SearchStraightThrough(torch.autograd.Function):
+    """forward(z (M, D), codes (K, D), backend) -> (z_q, indices, err) of ``fastvq.search``;
+    backward passes ``z_q``'s gradient straight to ``z``.
+
+    The same gradient as ``z_q + (z - z.detach())``, but the forward value is exactly the code
+    for every row: that formula gives NaN for a row holding NaN/Inf (Inf - Inf), which would
+    carry a masked padding row's NaN into the output and on into the next layer.
+    """
+
+    @staticmethod
+    def forward(ctx, z, codes, backend):
+        idx, z_q, err = search(z, codes, backend)
+        ctx.mark_non_differentiable(idx, err)
+        return z_q, idx, err
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_idx, _grad_err):
+        return grad_q, None, None
 
 
 def _counts(idx: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -152,6 +178,9 @@ class VectorQuantizer(nn.Module):
         process_group: the group to synchronise over (default: the default group).
         seed: seed of the generators used by dead-code restart and k-means (identical on every
             rank, so every rank makes the same choices).
+        debug: under torch.distributed, check that every rank agrees on the layer's
+            configuration (and k-means state) at every training forward (one small all-gather
+            and a host sync each). Without it the check runs at the first training forward only.
     """
 
     def __init__(
@@ -177,6 +206,7 @@ class VectorQuantizer(nn.Module):
         sync_distributed: bool = True,
         process_group=None,
         seed: int = 0,
+        debug: bool = False,
     ):
         super().__init__()
         for name, v in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
@@ -190,8 +220,7 @@ class VectorQuantizer(nn.Module):
             codebook_dim = dim // heads
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        check_beta(beta)
         if not codebook_loss_weight > 0:
             raise ValueError(f"codebook_loss_weight must be > 0, got {codebook_loss_weight}")
         if dead_code_steps < 0:
@@ -205,6 +234,8 @@ class VectorQuantizer(nn.Module):
         self.dead_code_steps, self.restart_noise = dead_code_steps, restart_noise
         self.cosine, self.channel_first, self.backend = cosine, channel_first, backend
         self.sync_distributed, self.process_group, self.seed = sync_distributed, process_group, seed
+        self.debug = debug
+        self._ranks_checked = False  # the cross-rank check has run (host flag: no sync)
 
         inner = heads * codebook_dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
@@ -260,6 +291,26 @@ class VectorQuantizer(nn.Module):
             gen.manual_seed(self.seed * 1000003 + offset)
             self._generators[key] = gen
         return gen
+
+    # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
+    @torch.compiler.disable
+    def _check_ranks(self) -> None:
+        """ValueError on every rank when ranks disagree on anything that fixes the shape or the
+        sequence of this layer's collectives (K, dims, heads, EMA, restart, k-means state) or its
+        result (decay, eps, seed, noise)."""
+        fields = {
+            "dim": self.dim, "codebook_size": self.codebook_size,
+            "codebook_dim": self.codebook_dim, "heads": self.heads,
+            "num_codebooks": self.num_codebooks, "ema": self.ema, "cosine": self.cosine,
+            "channel_first": self.channel_first, "kmeans initialised": self._initted,
+            "kmeans_iters": self.kmeans_iters, "dead_code_steps": self.dead_code_steps,
+            "decay": self.decay, "eps": self.eps, "restart_noise": self.restart_noise,
+            "seed": self.seed, "debug": self.debug,
+        }  # fmt: skip
+        _dist.check_same_across_ranks(
+            "VectorQuantizer", fields, self.codebook.device, self._group()
+        )
+        self._ranks_checked = True
 
     def get_codebook(self) -> torch.Tensor:
         """The codes searched, ``(K, codebook_dim)`` (or ``(heads, K, codebook_dim)`` when each
@@ -329,7 +380,7 @@ class VectorQuantizer(nn.Module):
             x = x.movedim(1, -1)  # (B, ..., dim)
         lead = x.shape[:-1]
         n = math.prod(lead)
-        w = None
+        valid = None  # bool (N,), True = real token
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError("mask must be a bool tensor (True = real token)")
@@ -338,13 +389,15 @@ class VectorQuantizer(nn.Module):
                     f"mask must have x's shape without the channel dim, {tuple(lead)}; "
                     f"got {tuple(mask.shape)}"
                 )
-            w = mask.reshape(n).to(torch.float32)
+            valid = mask.reshape(n)
 
         z = self.project_in(x.reshape(n, self.dim))
         zh = z.reshape(n, self.heads, self.codebook_dim)
         update = self.training and not _in_backward()
+        if update and self._distributed() and (self.debug or not self._ranks_checked):
+            self._check_ranks()
         if update and not self._initted:
-            self._kmeans_init(zh, w)
+            self._kmeans_init(zh, valid)
 
         g_count, k = self.num_codebooks, self.codebook_size
         codes = self._codes_all()
@@ -352,21 +405,24 @@ class VectorQuantizer(nn.Module):
         for g in range(g_count):
             if g_count == 1:
                 zg = zh.reshape(-1, self.codebook_dim)  # (N * heads, cd)
-                wg = None if w is None else w.repeat_interleave(self.heads)
+                mg = None if valid is None else valid.repeat_interleave(self.heads)
             else:
-                zg, wg = zh[:, g], w
+                zg, mg = zh[:, g], valid
             if self.cosine:
                 zg = F.normalize(zg, dim=-1)
-            q, idx, loss = self._quantize(zg, codes[g], wg)
+            q, idx, loss, ok = self._quantize(zg, codes[g], mg)
             q_parts.append(q)
             idx_parts.append(idx)
             losses.append(loss)
-            idx_stat = idx if wg is None else torch.where(wg > 0, idx, k)  # masked -> bin K
+            # Masked and non-finite rows go to an extra bin K, dropped: they count in no
+            # statistic. Their rows are zeroed too, so a NaN never enters a scatter.
+            idx_stat = torch.where(ok, idx, k)
             counts.append(_counts(idx_stat, k + 1)[:k])
             if update and self.ema:
-                sums.append(_scatter_rows_unchecked(idx_stat, zg.detach(), k + 1, backend=self.backend)[:k])
+                zs = torch.where(ok[:, None], zg.detach(), 0.0)
+                sums.append(_scatter_rows_unchecked(idx_stat, zs, k + 1, backend=self.backend)[:k])
             rows.append(zg.detach())
-            weights.append(wg)
+            weights.append(ok.to(torch.float32))
 
         counts = torch.stack(counts)  # (G, K)
         if update:
@@ -391,20 +447,27 @@ class VectorQuantizer(nn.Module):
             return QuantizeOutputWithStats(quantized, indices, loss, stats)
         return QuantizeOutput(quantized, indices, loss)
 
-    def _quantize(self, zg: torch.Tensor, cb: torch.Tensor, wg: torch.Tensor | None):
-        """(quantized, indices, loss) for rows ``zg`` (M, cd) against codes ``cb`` (K, cd)."""
+    def _quantize(self, zg: torch.Tensor, cb: torch.Tensor, mg: torch.Tensor | None):
+        """(quantized, indices, loss, ok) for rows ``zg`` (M, cd) against codes ``cb`` (K, cd)
+        with optional mask ``mg`` (M,); ``ok`` (M,) bool marks the rows that count in the
+        statistics: unmasked and finite."""
         w_cb = self.codebook_loss_weight
-        if not self.ema and wg is None:
+        if not self.ema and mg is None:
             # the fused op: straight-through, codebook term and commitment in one autograd node;
             # w * (codebook + beta / w * commitment) = w * codebook + beta * commitment
             q, idx, loss = vector_quantize(zg, cb, beta=self.beta / w_cb, backend=self.backend)
-            return q, idx, (loss if w_cb == 1.0 else loss * w_cb)
-        idx, z_q, _ = search(zg, cb, self.backend)
-        quantized = z_q + (zg - zg.detach())  # forward value exactly z_q, gradient to zg
-        loss = self.beta * _sq_err_mean(zg, z_q, wg)
+            # it returns no per-row error, so one elementwise pass finds the non-finite rows
+            ok = torch.isfinite(zg.detach()).all(-1)
+            return q, idx, (loss if w_cb == 1.0 else loss * w_cb), ok
+        z_q, idx, err = _SearchStraightThrough.apply(zg, cb, self.backend)
+        # the per-row error is non-finite exactly for rows holding NaN/Inf (or whose squared
+        # error overflows fp32): no extra pass over the rows
+        ok = torch.isfinite(err) if mg is None else torch.isfinite(err) & mg
+        # unmasked non-finite rows stay in the loss (NaN/Inf): the policy is that they surface
+        loss = self.beta * _sq_err_mean(zg, z_q.detach(), mg)
         if not self.ema:  # masked gradient codebook: the codebook term through a gather
-            loss = loss + w_cb * _sq_err_mean(zg.detach(), F.embedding(idx, cb), wg)
-        return quantized, idx, loss
+            loss = loss + w_cb * _sq_err_mean(zg.detach(), F.embedding(idx, cb), mg)
+        return z_q, idx, loss, ok
 
     # --- codebook learning (training forward only) -------------------------------------------
 
@@ -461,8 +524,7 @@ class VectorQuantizer(nn.Module):
             if m == 0:
                 cands.append(torch.zeros(p, cd + 1, device=dev))
                 continue
-            wv = torch.ones(m, device=dev) if wg is None else wg
-            cdf = torch.cumsum(wv, 0)
+            cdf = torch.cumsum(wg, 0)  # masked and non-finite rows weigh 0: never a candidate
             total = cdf[-1]
             u = torch.rand(p, device=dev, generator=local_gen) * total
             j = torch.searchsorted(cdf, u, right=True).clamp_max(m - 1)
@@ -491,19 +553,27 @@ class VectorQuantizer(nn.Module):
             self.cluster_size.copy_(torch.where(dead, 1.0, self.cluster_size))
         self.steps_unused.copy_(torch.where(dead, 0, self.steps_unused))
 
+    # k-means (host syncs, data-dependent shapes, a generator) cannot trace: under torch.compile
+    # it runs eagerly, one graph break on the first training forward only (``_initted`` is a
+    # Python bool, so later calls recompile once without this branch).
+    @torch.compiler.disable
     @torch.no_grad()
-    def _kmeans_init(self, zh: torch.Tensor, w: torch.Tensor | None) -> None:
-        """k-means on this batch's valid rows, gathered from every rank; same result everywhere."""
+    def _kmeans_init(self, zh: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """k-means on this batch's unmasked, finite rows, gathered from every rank; the same
+        result everywhere."""
         group = self._group()
         dist_on = self._distributed()
-        valid = zh if w is None else zh[w > 0]  # (M, heads, cd), a one-off host sync
         gen = torch.Generator().manual_seed(self.seed)
         new = []
         for g in range(self.num_codebooks):
-            sample = (
-                valid.reshape(-1, self.codebook_dim) if self.num_codebooks == 1 else valid[:, g]
-            )
-            sample = sample.to(torch.float32).contiguous()
+            if self.num_codebooks == 1:
+                sample = zh.reshape(-1, self.codebook_dim)
+                keep = None if valid is None else valid.repeat_interleave(self.heads)
+            else:
+                sample, keep = zh[:, g], valid
+            finite = torch.isfinite(sample).all(-1)  # a NaN row would make a NaN centre
+            keep = finite if keep is None else keep & finite
+            sample = sample[keep].to(torch.float32).contiguous()  # a one-off host sync
             if dist_on:
                 sample = _dist.all_gather_varsize(sample, group)
             if sample.shape[0] == 0:  # no data anywhere yet: try again next batch

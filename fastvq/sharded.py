@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .functional import VectorQuantizeFunction, VQOutput, _check_inputs
+from . import _dist
+from .functional import VectorQuantizeFunction, VQOutput, _check_inputs, check_beta
 from .ops import _scatter_rows_unchecked, code_counts, resolve_backend, search
 
 # Keys: high 32 bits = IEEE bits of the non-negative fp32 error, low 32 bits = global code index.
@@ -103,6 +104,8 @@ class ShardedSearch(NamedTuple):
     rows: (N_total, D) every rank's rows in rank order (z's dtype), for the owner's statistics.
     row_indices: int64 (N_total,) global winner of each of ``rows``.
     sizes: per-rank row counts (list of R ints).
+    row_err: fp32 (N_total,) the winning error of each of ``rows``; non-finite exactly for rows
+        holding NaN/Inf (or whose error overflows), which statistics leave out.
     """
 
     indices: torch.Tensor
@@ -111,6 +114,7 @@ class ShardedSearch(NamedTuple):
     rows: torch.Tensor
     row_indices: torch.Tensor
     sizes: list[int]
+    row_err: torch.Tensor
 
 
 @torch.no_grad()
@@ -136,19 +140,24 @@ def sharded_search(
     n = z2d.shape[0]
     if not dist.is_initialized():  # one process: the shard is the whole codebook
         idx, _, err = search(z2d, shard, backend)
-        return ShardedSearch(idx, shard.index_select(0, idx), err, z2d, idx, [n])
+        return ShardedSearch(idx, shard.index_select(0, idx), err, z2d, idx, [n], err)
 
-    # 1. Row counts, then the rows (padded to the largest count), in rank order.
-    sizes_t = torch.empty(world, dtype=torch.int64, device=dev)
-    _all_gather(sizes_t, torch.tensor([n], device=dev), group=group)
-    sizes = sizes_t.tolist()  # host sync: the buffers below are sized by it
+    # 1. Row counts, then the rows (padded to the largest count), in rank order. The counts
+    # travel with what every rank must agree on (K, D, dtypes): a free consistency check on
+    # every call, since this exchange syncs the host anyway.
+    meta = [n, num_codes, d, _DTYPE_CODES[z2d.dtype], _DTYPE_CODES[shard.dtype]]
+    table_t = torch.empty((world, len(meta)), dtype=torch.int64, device=dev)
+    _all_gather(table_t, torch.tensor([meta], device=dev), group=group)
+    table = table_t.tolist()  # host sync: the buffers below are sized by it
+    _check_meta(table)
+    sizes = [row[0] for row in table]
     n_max, n_total = max(sizes), sum(sizes)
     offset = sum(sizes[:rank])
     if n_total == 0:  # every rank sees the same sizes, so every rank returns here together
         empty = torch.empty(0, dtype=torch.int64, device=dev)
+        err0 = z2d.new_empty(0, dtype=torch.float32)
         return ShardedSearch(
-            empty, shard.new_empty((0, d)), z2d.new_empty(0, dtype=torch.float32),
-            z2d.new_empty((0, d)), empty, sizes,
+            empty, shard.new_empty((0, d)), err0, z2d.new_empty((0, d)), empty, sizes, err0,
         )  # fmt: skip
     if n == n_max:
         padded = z2d
@@ -196,16 +205,37 @@ def sharded_search(
 
     local = slice(offset, offset + n)
     return ShardedSearch(
-        row_indices[local], recv[:n], row_err[local].clone(), rows, row_indices, sizes
+        row_indices[local], recv[:n], row_err[local].clone(), rows, row_indices, sizes, row_err
     )
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_NAMES = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_CODES.items()}
+
+
+def _check_meta(table: list[list[int]]) -> None:
+    """ValueError on every rank (all see the same table) when ranks disagree on K, D or dtypes:
+    a differing K returns indices >= K on some rank, a differing D or dtype mixes the bytes of
+    rows of different layouts."""
+    names = ("num_codes", "D", "z dtype", "codebook shard dtype")
+    for j, name in enumerate(names, start=1):
+        values = [row[j] for row in table]
+        if len(set(values)) > 1:
+            if "dtype" in name:
+                values = [_DTYPE_NAMES[v] for v in values]
+            raise ValueError(
+                f"sharded_vector_quantize: the ranks disagree on {name}: {values} (rank order); "
+                "every rank must pass the same num_codes, D and dtypes"
+            )
 
 
 def shard_statistics(
     result: ShardedSearch, start: int, end: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The shard owner's batch statistics over every rank's rows, for its codes ``[start, end)``:
-    fp32 ``(counts (S,), sums (S, D))``, the all-reduced statistics of the unsharded layer."""
-    mine = (result.row_indices >= start) & (result.row_indices < end)
+    fp32 ``(counts (S,), sums (S, D))``, the all-reduced statistics of the unsharded layer.
+    Rows holding NaN/Inf (non-finite error) are left out, as in the unsharded layer."""
+    mine = (result.row_indices >= start) & (result.row_indices < end) & result.row_err.isfinite()
     idx = result.row_indices[mine] - start
     return code_counts(idx, end - start), _scatter_rows_unchecked(
         idx, result.rows[mine], end - start
@@ -386,6 +416,11 @@ class ShardedVectorQuantizer(nn.Module):
         backend: search backend.
         seed: seed of :func:`init_codes` (same codes for any number of ranks).
         codebook: optional full (K, dim) initial codebook (each rank keeps its slice).
+        debug: check that the ranks agree on the layer's configuration at every training
+            forward, not only at the first (one small all-gather and a host sync). K, D and the
+            dtypes are checked on every call in any case (they travel with the row counts).
+
+    Rows holding NaN/Inf are left out of the EMA statistics (they still make the loss NaN/Inf).
     """
 
     def __init__(
@@ -401,9 +436,12 @@ class ShardedVectorQuantizer(nn.Module):
         backend: str = "auto",
         seed: int = 0,
         codebook: torch.Tensor | None = None,
+        debug: bool = False,
     ):
         super().__init__()
+        check_beta(beta)
         self.dim, self.codebook_size, self.beta = dim, codebook_size, float(beta)
+        self.debug, self._ranks_checked = debug, False
         self.ema, self.decay, self.eps = ema, decay, eps
         self.group, self.backend = group, backend
         rank, world = rank_and_world(group)
@@ -433,8 +471,22 @@ class ShardedVectorQuantizer(nn.Module):
         """The whole (K, dim) codebook gathered on every rank (for export; a collective)."""
         return gather_codebook(self.codebook.detach(), self.codebook_size, self.group)
 
+    # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
+    @torch.compiler.disable
+    def _check_ranks(self, device) -> None:
+        """ValueError on every rank when ranks disagree on the layer's configuration (an EMA
+        rank issues an all_reduce that a gradient rank does not: a hang or mixed tensors)."""
+        fields = {
+            "dim": self.dim, "codebook_size": self.codebook_size, "ema": self.ema,
+            "beta": self.beta, "decay": self.decay, "eps": self.eps, "training": self.training,
+        }  # fmt: skip
+        _dist.check_same_across_ranks("ShardedVectorQuantizer", fields, device, self.group)
+        self._ranks_checked = True
+
     def forward(self, x: torch.Tensor) -> VQOutput:
         """``x`` (..., dim) -> VQOutput(quantized like x, global indices x.shape[:-1], loss)."""
+        if self.debug or not self._ranks_checked:
+            self._check_ranks(self.codebook.device)
         if not self.ema:
             return sharded_vector_quantize(
                 x, self.codebook, num_codes=self.codebook_size, beta=self.beta,
