@@ -366,7 +366,9 @@ class VectorQuantizer(nn.Module):
             x: ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``; fp32/fp16/bf16.
             mask: optional bool, ``x``'s shape without the channel dim; True = real token. Masked
                 rows still get their nearest code but count neither in the loss nor in the EMA,
-                usage or dead-code statistics.
+                usage or dead-code statistics, whatever they hold (NaN/Inf padding included).
+                Unmasked rows holding NaN/Inf make the loss NaN/Inf but are left out of those
+                statistics and of k-means init.
             return_stats: also return :class:`CodebookStats` of this batch.
 
         Returns:
