@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100; torch, triton, pytest, pytest-benchmark; no network).
-# Finishes in <= 4 minutes: every stage runs under its own `timeout` and writes its results into
+# Finishes in about 4 minutes: every stage runs under its own `timeout` and writes its results into
 # $OUT as soon as it ends, so a stage that overruns costs only itself.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/gc bash benchmarks/gpu_check.sh --dry-run    # on CPU: same stages, tiny sizes
 #
-# Stages: preflight (interpreter off, CUDA present, versions) -> CUDA correctness tests
-# (pytest -m cuda) -> pruned grid (N=65536, D=256, K=16384/65536/262144; bf16 and fp32;
+# Stages: setup (fastvq.kernels importable from the checkout; carried wheels in .whl/) ->
+# preflight (interpreter off, CUDA present, versions) -> CUDA correctness tests (pytest -m cuda)
+# -> default configs vs alternatives vs cuBLAS, beside the static model's prediction
+# (benchmarks/gpu_configs.py) -> pruned grid (N=65536, D=256, K=16384/65536/262144; bf16 and fp32;
 # forward and forward+backward; cuBLAS matmul yardstick; fastvq-torch, naive and
 # vector-quantize-pytorch at one K each) -> markdown/PNG report of whatever JSON exists.
 set -u
@@ -15,6 +17,15 @@ cd "$(dirname "$0")/.."
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
+PY=${PYTHON:-python3}  # the GPU image's python3 is the one holding torch; there may be no `python`
+# The checkout has kernels/ at the top level (installed as fastvq.kernels by pip): make the
+# import work without installing, and take any wheels carried in .whl/ (no network there).
+[ -e fastvq/kernels ] || ln -s ../kernels fastvq/kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 OUT="${OUT:-benchmarks/results/gpu-check-$(date -u +%Y%m%d-%H%M)}"
 mkdir -p "$OUT"
 export OUT DRY
@@ -50,7 +61,7 @@ if [ -n "${TRITON_INTERPRET:-}" ] && [ "${TRITON_INTERPRET}" != "0" ]; then
         exit 2
     fi
 fi
-stage preflight 20 python - <<'EOF'
+stage preflight 20 "$PY" - <<'EOF'
 import json, os, platform, sys
 import torch
 info = {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -82,9 +93,14 @@ command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 # ---- CUDA correctness tests --------------------------------------------------------------------
 # rc 5 = no tests collected (dry run on CPU: the cuda tests are skipped, not deselected).
-FASTVQ_RESULTS_DIR="$OUT" stage cuda-tests 70 \
-    python -m pytest tests -m cuda -q -p no:cacheprovider --timeout 60 \
+FASTVQ_RESULTS_DIR="$OUT" stage cuda-tests 55 \
+    "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --timeout 50 \
     --junitxml "$OUT/cuda-tests.xml"
+
+# ---- default configs vs alternatives vs cuBLAS, with the static model's prediction -----------
+if [ $DRY = 0 ]; then
+    stage configs 150 "$PY" -m benchmarks.gpu_configs
+fi
 
 # ---- pruned benchmark grid ---------------------------------------------------------------------
 if [ $DRY = 1 ]; then
@@ -95,18 +111,22 @@ fi
 export FASTVQ_BENCH_CALL_TIMEOUT_S=25
 bench() {  # bench NAME SECONDS PROVIDERS DTYPES
     FASTVQ_BENCH_PROVIDERS=$3 FASTVQ_BENCH_DTYPES=$4 stage "$1" "$2" \
-        python -m pytest benchmarks/test_vq.py -q -p no:cacheprovider --timeout 30 \
+        "$PY" -m pytest benchmarks/test_vq.py -q -p no:cacheprovider --timeout 30 \
         --benchmark-json "$OUT/$1.json" --benchmark-columns median,rounds
 }
-bench bench-bf16 40 fastvq-triton,matmul bf16
-bench bench-fp32 40 fastvq-triton,matmul fp32
-bench bench-peers 40 fastvq-torch,naive,vqp-train bf16,fp32
+bench bench-bf16 30 fastvq-triton,matmul bf16
+bench bench-fp32 25 fastvq-triton,matmul fp32
+bench bench-peers 30 fastvq-torch,naive,vqp-train bf16,fp32
 
 # ---- report ------------------------------------------------------------------------------------
-JSONS=$(ls "$OUT"/bench-*.json 2> /dev/null)
+JSONS=""
+for f in "$OUT"/bench-*.json; do  # a stage killed at its limit may leave an empty file
+    [ -s "$f" ] && "$PY" -c "import json,sys; json.load(open(sys.argv[1]))" "$f" 2> /dev/null \
+        && JSONS="$JSONS $f"
+done
 if [ -n "$JSONS" ]; then
     # shellcheck disable=SC2086
-    stage report 20 python -m benchmarks.report $JSONS --out "$OUT" --name gpu-check
+    stage report 20 "$PY" -m benchmarks.report $JSONS --out "$OUT" --name gpu-check
 fi
 log "done in $(($(date +%s) - T0))s; stages (name, rc, seconds):"
 tee -a "$LOG" < "$STATUS"

@@ -12,28 +12,25 @@ GPU choice is returned even where ``TRITON_INTERPRET`` is set. The cubin is read
 instructions, the MMA instruction, resident warps per SM and the SASS mix of the code-tile loop.
 :mod:`benchmarks.gpu_model` turns those counts into predicted times (docs/benchmarks.md).
 
-``TRITON_INTERPRET`` is removed from the environment before Triton is imported: under the
-interpreter ``triton.compile`` does not produce a cubin.
+``main`` removes ``TRITON_INTERPRET`` from the environment before Triton is imported (Triton is
+imported lazily here): under the interpreter ``triton.compile`` does not produce a cubin.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # noqa: E402  (must precede the triton import)
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 # Hardware facts used by the gate and the model (per SM). Sources: NVIDIA's A100/H100 whitepapers
 # (dense tensor-core rates, 64 K registers, 64 resident warps, 32 resident blocks, shared memory
@@ -155,6 +152,7 @@ def _search_launch(b: Binary):
 def _scatter_launch(b: Binary):
     """(kernel, args, kwargs, None) for a scatter kernel, arguments bound by parameter name."""
     import triton
+
     from fastvq.kernels import vq_scatter as sc
 
     meta = torch.device("meta")
@@ -195,7 +193,9 @@ def compile_one(b: Binary) -> dict:
     kernel = triton.compile(src, target=target, options=options.__dict__)
     rec = asdict(b)
     if plan is not None:
-        rec["meta"] = dict(plan._asdict(), config=tuple(plan.config))
+        rec["meta"] = dict(
+            plan._asdict(), config=tuple(plan.config), aliases=b.meta.get("aliases", [])
+        )
     rec["meta"]["divisible_by_16"] = sorted(
         fn.arg_names[k[0]] for k, v in attrs.items() if ["tt.divisibility", 16] in v
     )
@@ -354,7 +354,7 @@ def run(binaries: list[Binary], workers: int) -> list[dict]:
 
 def dedupe(binaries: list[Binary]) -> list[Binary]:
     """Drop binaries whose launch would compile to the same kernel as an earlier one."""
-    seen, out = set(), []
+    seen, out = {}, []
     for b in binaries:
         launch = _search_launch if b.kernel == "search" else _scatter_launch
         fn, args, kwargs, _ = launch(b)
@@ -364,8 +364,11 @@ def dedupe(binaries: list[Binary]) -> list[Binary]:
         options, signature, constexprs, attrs = _specialise(fn, target, args, kwargs)
         key = (fn.__name__, b.arch, str(signature), str(constexprs), str(attrs), str(options))
         if key not in seen:
-            seen.add(key)
+            seen[key] = b
+            b.meta["aliases"] = []
             out.append(b)
+        else:  # remember the name, so the model finds e.g. "fp32 tf32 D256" under "... D64"
+            seen[key].meta["aliases"].append(b.name)
     return out
 
 
@@ -377,7 +380,8 @@ def select(arch_list, scope: str, only: str | None) -> list[Binary]:
         bins = [b for b in bins if b.default]
     if only:
         bins = [b for b in bins if only in b.name]
-    return dedupe(bins)
+    # defaults first: a default that compiles like an autotune candidate keeps its own record
+    return dedupe(sorted(bins, key=lambda b: not b.default))
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -420,6 +424,7 @@ def markdown(records: list[dict], header: str) -> str:
 
 
 def main(argv=None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # before the first triton import
     import triton
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

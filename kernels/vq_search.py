@@ -196,6 +196,9 @@ AUTOTUNE_CONFIGS = [
     SearchConfig(128, 64, 64, 8, 4), SearchConfig(64, 128, 64, 4, 3),
     SearchConfig(256, 64, 64, 8, 3), SearchConfig(128, 128, 32, 8, 4),
     SearchConfig(64, 64, 64, 4, 4), SearchConfig(128, 64, 32, 8, 3),
+    # D = 256 with the row tile held across the code loop, and 256-row blocks (less L2 traffic)
+    SearchConfig(128, 64, 256, 8, 2), SearchConfig(128, 128, 256, 8, 2),
+    SearchConfig(256, 128, 64, 8, 3),
 ]  # fmt: skip
 
 

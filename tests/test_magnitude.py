@@ -1,5 +1,4 @@
 """Huge, tiny and subnormal finite inputs rank correctly on both backends (issue: magnitudes).
-
 Both backends search ``s^2 dist`` with one power-of-two scale ``s`` of the inputs (a device
 scalar), so nothing overflows or underflows; before it, 1.5e19 picked a wrong code, 1e20 returned
 an infinite loss and inputs near 1e-25 all returned code 0.
@@ -10,6 +9,9 @@ import torch
 from test_functional import assert_nearest
 
 import fastvq
+
+# Also selected by `pytest -m cuda` in benchmarks/gpu_check.sh: there they run compiled kernels.
+pytestmark = pytest.mark.cuda
 
 
 @pytest.mark.parametrize(

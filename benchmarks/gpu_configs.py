@@ -1,0 +1,149 @@
+"""On a GPU: time the default search binaries against alternatives and cuBLAS, beside the model.
+
+    OUT=/dir python -m benchmarks.gpu_configs      # run by benchmarks/gpu_check.sh
+
+For N = 65536 and each case (dtype / fp32 precision, D, K) it times, with
+``triton.testing.do_bench`` (median of repeated launches after warm-up, CUDA events):
+the launcher's default config, the pre-static-gate default and a few spill-free alternatives,
+one cuBLAS matmul of the same shape (the yardstick of benchmarks/gpu_model.py), and how many
+rows each fp32 precision assigns differently from ieee fp32. The static model's prediction for
+the default is stored next to each measurement. Results go to ``$OUT/gpu_configs.json`` after
+every case, so a stage killed by its time limit keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+# Spill-free or not, the shapes the static model weighs against the defaults (see
+# docs/benchmarks.md): bigger row blocks (less L2 traffic per MMA), the row tile held across the
+# code loop for D = 256 (BLOCK_D = D), and the smaller fp32 tiles.
+ALTERNATIVES = {  # (fp32 search?, D) -> configs (BN, BK, BD, warps, stages)
+    (False, 64): [(256, 64, 64, 8, 3), (128, 64, 64, 8, 3), (256, 128, 64, 8, 3)],
+    (False, 256): [(128, 64, 256, 8, 2), (128, 128, 256, 8, 2), (128, 128, 64, 8, 3)],
+    (True, 64): [(128, 64, 32, 8, 3), (64, 64, 64, 4, 3)],
+    (True, 256): [(128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
+}
+
+
+def main() -> int:
+    import triton
+    import triton.testing
+
+    from benchmarks import gpu_model
+    from fastvq.kernels import vq_search as vs
+
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    out = os.path.join(os.environ.get("OUT", "."), "gpu_configs.json")
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    model_dev = gpu_model.device_key(name)
+    try:
+        static = gpu_model.load_static()
+    except FileNotFoundError:
+        static = None
+    torch.backends.cuda.matmul.allow_tf32 = True  # the yardstick's fp32 GEMM runs in TF32
+    doc = {"device": name, "capability": torch.cuda.get_device_capability(dev),
+           "torch": torch.__version__, "triton": triton.__version__,
+           "date": time.strftime("%Y-%m-%d"), "model_device": model_dev, "cases": []}  # fmt: skip
+    n = 65536
+    old_fp32 = vs.SearchConfig(128, 64, 32, 4, 3)  # defaults before the static gate (spilled)
+    old_16 = {64: vs.SearchConfig(128, 128, 64, 8, 3), 256: vs.SearchConfig(128, 64, 64, 4, 3)}
+    cases = [  # (label, model prefix, z dtype, codebook dtype, precision, D, K)
+        ("bf16", "bf16", torch.bfloat16, torch.bfloat16, None, 64, 16384),
+        ("bf16", "bf16", torch.bfloat16, torch.bfloat16, None, 256, 16384),
+        ("bf16", "bf16", torch.bfloat16, torch.bfloat16, None, 256, 65536),
+        ("fp32 tf32x3", "fp32 tf32x3", torch.float32, torch.float32, "tf32x3", 64, 16384),
+        ("fp32 tf32", "fp32 tf32", torch.float32, torch.float32, "tf32", 64, 16384),
+        ("fp32 tf32_rescore", "fp32 tf32_rescore", torch.float32, torch.float32,
+         "tf32_rescore", 64, 16384),
+        ("fp32 ieee", "fp32 ieee", torch.float32, torch.float32, "ieee", 64, 16384),
+        ("fp32 tf32x3", "fp32 tf32x3", torch.float32, torch.float32, "tf32x3", 256, 16384),
+        ("fp32 tf32", "fp32 tf32", torch.float32, torch.float32, "tf32", 256, 16384),
+        ("fp32 tf32_rescore", "fp32 tf32_rescore", torch.float32, torch.float32,
+         "tf32_rescore", 256, 16384),
+        ("autocast mix tf32x3", "mix tf32x3", torch.bfloat16, torch.float32, "tf32x3", 256,
+         16384),
+        ("fp32 ieee", "fp32 ieee", torch.float32, torch.float32, "ieee", 256, 16384),
+    ]  # fmt: skip
+    ref_idx = {}
+    for label, prefix, zt, ct, prec, d, k in cases:
+        # same data for every case of one (D, K): the fp32 precisions are compared row by row
+        g = torch.Generator(device=dev).manual_seed(1000003 * d + k)
+        z = torch.randn(n, d, device=dev, generator=g).to(zt)
+        c = torch.randn(k, d, device=dev, generator=g).to(ct)
+        search_t = torch.promote_types(zt, ct)
+        default = vs.pick_config(n, k, d, search_t, arch=vs.gpu_arch(dev), precision=prec or "")
+        alts = {"default": None, "pre-gate default": old_fp32 if search_t == torch.float32
+                else old_16[d]}  # fmt: skip
+        if prec == "ieee":
+            alts = {"default": None}  # the exact reference, not a speed path: defaults only
+        for cfg in ALTERNATIVES[(search_t == torch.float32, d)] if prec != "ieee" else ():
+            alts["BN{} BK{} BD{} w{} s{}".format(*cfg)] = vs.SearchConfig(*cfg)
+        row = {"case": label, "n": n, "k": k, "d": d, "default_config": list(default),
+               "configs": {}}  # fmt: skip
+        for alt, cfg in alts.items():
+            if cfg is not None and cfg == default and alt != "default":
+                continue
+            try:
+
+                def fn(cfg=cfg, z=z, c=c, prec=prec):
+                    return vs.vq_search_triton(z, c, fp32_precision=prec, config=cfg)
+
+                idx = fn()[0]
+                ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+                row["configs"][alt] = {"config": list(cfg or default), "ms": ms,
+                                       "tflops": 2 * n * k * d / ms / 1e9}  # fmt: skip
+                if alt == "default" and search_t == torch.float32:
+                    key = (d, k, zt)
+                    if prec == "ieee":
+                        ref_idx[key] = idx
+                    row["indices"] = idx
+            except Exception as exc:  # recorded: a config that fails to compile is a result
+                row["configs"][alt] = {"config": list(cfg or default), "error": repr(exc)[:300]}
+        mm_out = torch.empty(n, k, device=dev, dtype=ct)
+        cz = z.to(ct)
+        ms = triton.testing.do_bench(
+            lambda cz=cz, c=c, mm_out=mm_out: torch.matmul(cz, c.T, out=mm_out),
+            warmup=10, rep=60, return_mode="median",
+        )  # fmt: skip
+        row["cublas_matmul_ms"] = ms
+        del mm_out
+        if static is not None:
+            try:
+                ez, ec = z.element_size(), c.element_size()
+                p = gpu_model.predict(static, model_dev, n, k, d, prefix, ez, ec, prec)
+                row["predicted"] = {k2: p[k2] for k2 in ("fused_ms", "gemm_ms", "ratio_vs_gemm",
+                                                          "tile_bound")}  # fmt: skip
+            except KeyError as exc:
+                row["predicted"] = {"error": str(exc)}
+        meas = row["configs"].get("default", {}).get("ms")
+        if meas:
+            row["measured_ratio_vs_cublas"] = meas / row["cublas_matmul_ms"]
+        doc["cases"].append(row)
+        print(json.dumps({k2: v for k2, v in row.items() if k2 != "indices"}), flush=True)
+        _dump(doc, out)
+        torch.cuda.empty_cache()
+    # fp32 precisions: rows assigned differently from ieee fp32 (same inputs, same seed order)
+    for row in doc["cases"]:
+        idx = row.pop("indices", None)
+        key = (row["d"], row["k"], torch.float32)
+        if idx is not None and key in ref_idx:
+            row["rows_differing_from_ieee"] = int((idx != ref_idx[key]).sum())
+    _dump(doc, out)
+    return 0
+
+
+def _dump(doc, path):
+    clean = {**doc, "cases": [{k: v for k, v in r.items() if k != "indices"} for r in doc["cases"]]}
+    with open(path, "w") as f:
+        json.dump(clean, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
