@@ -83,7 +83,18 @@ def main() -> int:
                 else old_16[d]}  # fmt: skip
         if prec == "ieee":
             alts = {"default": None}  # the exact reference, not a speed path: defaults only
-        for cfg in ALTERNATIVES[(search_t == torch.float32, d)] if prec != "ieee" else ():
+        extra = []
+        if static is not None and prec != "ieee":
+            # the static model's two best spill-free candidates, so the run can confirm it
+            ez, ec = (
+                torch.tensor([], dtype=zt).element_size(),
+                torch.tensor([], dtype=ct).element_size(),
+            )
+            ranked = gpu_model.rank(static, model_dev, n, k, d, prefix, ez, ec, prec)
+            extra = [tuple(r["config"]) for r in ranked if r["spill_free"]][:2]
+        for cfg in (
+            [*ALTERNATIVES[(search_t == torch.float32, d)], *extra] if prec != "ieee" else ()
+        ):
             alts["BN{} BK{} BD{} w{} s{}".format(*cfg)] = vs.SearchConfig(*cfg)
         row = {"case": label, "n": n, "k": k, "d": d, "default_config": list(default),
                "configs": {}}  # fmt: skip
