@@ -135,14 +135,16 @@ def _search_launch(b: Binary):
     z = torch.empty(b.n, b.d, dtype=zt, device=meta)
     c = torch.empty(b.k, b.d, dtype=ct, device=meta)
     search_t = torch.promote_types(zt, ct)
+    # the launcher's scaled copies (contiguous), or the inputs themselves for fp16
+    zs = z if search_t == torch.float16 else torch.empty(b.n, b.d, dtype=zt, device=meta)
     cs = c if search_t == torch.float16 else torch.empty(b.k, b.d, dtype=ct, device=meta)
     f32 = torch.empty(b.k, dtype=torch.float32, device=meta)
     i64 = torch.empty(b.n, dtype=torch.int64, device=meta)
     args = (
-        z, c, cs, f32, i64, z, f32, f32, f32,
+        z, c, zs, cs, f32, i64, z, f32, f32, f32,
         b.n, b.k, b.d, plan.k_per_split,
-        z.stride(0), z.stride(1), c.stride(0), c.stride(1), cs.stride(0), cs.stride(1),
-        z.stride(0), z.stride(1),
+        z.stride(0), z.stride(1), c.stride(0), c.stride(1), zs.stride(0), zs.stride(1),
+        cs.stride(0), cs.stride(1), z.stride(0), z.stride(1),
     )  # fmt: skip
     kwargs = dict(plan.constexprs(), num_warps=plan.config.num_warps,
                   num_stages=plan.config.num_stages)  # fmt: skip

@@ -29,7 +29,7 @@ POISON_OUTPUTS = False
 def magnitude_scale(z2d: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """fp32 0-dim power of two ``s`` with ``max |x| * s`` in [0.5, 1) over the finite rows of both.
 
-    Both backends search ``s^2 dist = ||s c||^2 - 2 z.(s^2 c)``: multiplying by a power of two is
+    Both backends search ``s^2 dist = ||s c||^2 - 2 (s z).(s c)``: multiplying by a power of two is
     exact, so the order of the distances is unchanged, while no product, sum or norm can overflow
     (huge inputs) or underflow (tiny or subnormal inputs). Rows or codes holding NaN/Inf are left
     out (they are never selected, or get index 0). Computed on the device, so no host sync.
@@ -75,14 +75,14 @@ def code_norms(
 def sanitize_codes(
     codebook32: torch.Tensor, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(scale^2 codes, ||scale c||^2)`` in fp32; a non-finite code is never selected.
+    """Return ``(scale codes, ||scale c||^2)`` in fp32; a non-finite code is never selected.
 
     A code with an infinite norm (it holds NaN or Inf) also gets zeroed values, so the GEMM stays
     finite and its distance to every row is +inf.
     """
     norms = code_norms(codebook32, scale=scale)
     zero = torch.zeros((), device=codebook32.device)
-    codes = codebook32 if scale is None else codebook32 * scale * scale  # (c s) s: s^2 may overflow
+    codes = codebook32 if scale is None else codebook32 * scale
     return torch.where(torch.isfinite(norms)[:, None], codes, zero), norms
 
 
@@ -121,15 +121,17 @@ def search_torch(
     if n == 0:
         return indices, z2d.new_empty(z2d.shape), torch.empty(0, dtype=torch.float32, device=dev)
 
-    # s^2 dist with one power-of-two scale: exact, and no overflow/underflow at any magnitude
-    codes, norms = sanitize_codes(codebook.to(torch.float32), magnitude_scale(z2d, codebook))
+    # s^2 dist with one power-of-two scale of both operands: exact, and no overflow, underflow
+    # or flushed subnormal at any finite magnitude
+    scale = magnitude_scale(z2d, codebook)
+    codes, norms = sanitize_codes(codebook.to(torch.float32), scale)
     codes_t = codes.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
     z_in32 = z2d.to(torch.float32)
     row_finite = torch.isfinite(z_in32).all(dim=1)
-    z32 = z_in32  # the GEMM operand: non-finite rows zeroed (they get index 0 below)
+    z32 = z_in32 * scale  # the GEMM operand: non-finite rows zeroed (they get index 0 below)
     # On CPU the finiteness check costs no device sync; elsewhere always take the safe path.
     if dev.type != "cpu" or not bool(row_finite.all()):
-        z32 = torch.where(row_finite[:, None], z_in32, torch.zeros((), device=dev))
+        z32 = torch.where(row_finite[:, None], z32, torch.zeros((), device=dev))
 
     bn = min(block_n, n)
     bk = min(block_k, k)

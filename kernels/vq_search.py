@@ -40,6 +40,7 @@ def vq_search_fwd_kernel(
     # pointers
     z_ptr,
     c_ptr,
+    zs_ptr,
     cs_ptr,
     cnorm_ptr,
     idx_ptr,
@@ -57,6 +58,8 @@ def vq_search_fwd_kernel(
     stride_zd,
     stride_ck,
     stride_cd,
+    stride_zsn,
+    stride_zsd,
     stride_sk,
     stride_sd,
     stride_qn,
@@ -74,9 +77,10 @@ def vq_search_fwd_kernel(
 ):
     """One program: BLOCK_N rows x the codes [split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT).
 
-    The search reads ``cs`` (the codebook times the launcher's power-of-two scale s^2) and
-    ``cnorm`` (``||s c||^2``), so it ranks ``s^2 dist``: the same order, with no overflow or
-    underflow at any finite magnitude. The gather reads the unscaled codebook ``c``.
+    The search reads ``zs`` and ``cs`` (rows and codebook times the launcher's power-of-two scale
+    s) and ``cnorm`` (``||s c||^2``), so it ranks ``s^2 dist``: the same order, with no overflow,
+    underflow or flushed subnormal at any finite magnitude. The gather reads the unscaled ``z``
+    and ``c``.
 
     SPLIT_K=False: the program sees every code, then gathers z_q and the squared error.
     SPLIT_K=True (small N, large K: too few row blocks to fill the GPU): it writes its partial
@@ -96,12 +100,13 @@ def vq_search_fwd_kernel(
     o_k = tl.arange(0, BLOCK_K)  # [BK] int32
     o_d = tl.arange(0, BLOCK_D)  # [BD] int32
     p_z0 = z_ptr + row0 * stride_zn
+    p_zs0 = zs_ptr + row0 * stride_zsn
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
 
     if ONE_D:
         m_d = o_d < D
-        p_z = p_z0 + o_n[:, None] * stride_zn + o_d[None, :] * stride_zd
+        p_z = p_zs0 + o_n[:, None] * stride_zsn + o_d[None, :] * stride_zsd
         b_z1 = tl.load(p_z, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
         if CAST_FP32:
             # The interpreter mishandles bf16 dot; mixed input dtypes also meet here in fp32.
@@ -125,7 +130,7 @@ def vq_search_fwd_kernel(
         else:
             for d0 in range(0, D, BLOCK_D):
                 m_d = o_d < D - d0
-                p_z = p_z0 + o_n[:, None] * stride_zn + (d0 + o_d)[None, :] * stride_zd
+                p_z = p_zs0 + o_n[:, None] * stride_zsn + (d0 + o_d)[None, :] * stride_zsd
                 b_z = tl.load(p_z, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
                 p_c = p_c0 + o_k[None, :] * stride_sk + (d0 + o_d)[:, None] * stride_sd
                 b_c = tl.load(p_c, mask=m_k[None, :] & m_d[:, None], other=0.0)  # [BD, BK]
@@ -258,30 +263,44 @@ def pick_config(
     # addresses take many more registers, so the D block shrinks to stay spill-free.
     aligned = d % 16 == 0
     bd_full = max(16, p2(d))
-    block_n = 64 if n <= 4096 else 128
-    block_k = 64
+    small = n <= 4096  # few row blocks: 64-row blocks (and split-K, see plan_search)
+    block_n = 64 if small else 128
+    block_k, warps, stages = 64, 8, 3
     if dtype == torch.float32:
         if precision == "ieee" and not aligned and d > 16:
             # CUDA-core FMAs hold the whole BN x BK accumulator per thread and the unaligned loads
             # are scalar: BK 32 is the one shape found spill-free on both archs (the exception
             # to BN, BK >= 64; ieee is the exact fallback, not a speed path).
             return SearchConfig(64, max(16, min(32, p2(k))), 32, 4, 3)
-        if arch >= 90 and precision != "ieee" and d <= 64:
-            block_d = bd_full  # row tile loaded once (ONE_D): 142-178 registers on sm_90
-        elif not aligned and d > 16:
+        if not aligned and d > 16:
             # BN 128 x BD 32 spills on sm_80 (and sm_90 ieee); BN 64 x BD 16 lands on ptxas'
             # 128-register choice and spills a little: these two are clear of both.
             block_d = 16 if block_n == 128 else 32
+        elif arch >= 90 and precision != "ieee" and d <= 64:
+            block_d = bd_full  # row tile loaded once (ONE_D)
+            if not small:
+                # Measured on an H200 (N=65536, K=16384, D=64; docs/benchmarks.md): 256-row
+                # blocks for tf32x3 (2.07 ms vs 2.34 for 128 x 64), 128 x 128 for tf32
+                # (0.88 ms vs 1.02); both spill-free.
+                block_n, block_k = (256, 64) if precision == "tf32x3" else (128, 128)
+        elif precision != "ieee" and d > 64 and (arch >= 90 or precision != "tf32x3"):
+            # H200, D=256: 128 x 128 x 32 in 4 stages, 8.82 ms vs 11.14 (tf32x3), 3.27 vs 3.33
+            # (tf32), 8.56 vs 11.63 (autocast's mix); spills on sm_80 for tf32x3 only.
+            block_d, block_k, stages = 32, 128, 4
         else:
             block_d = min(32, bd_full)
     elif not aligned and d > 32:
         block_d = 32  # BD 64 spills 27-34 registers' worth on both archs at D=100
     elif d <= 64:
         block_d, block_k = bd_full, 128
+    elif d <= 256:
+        # Row tile held across the code loop (ONE_D, BLOCK_D = D): measured on an H200 at
+        # N=65536, D=256: 1.65 ms vs 2.12 (K=16384), 6.31 vs 8.44 (K=65536) for 128 x 64 x 64.
+        block_d, block_k, stages = bd_full, 128, 2
     else:
         block_d = 64
     block_k = max(16, min(block_k, p2(k)))
-    return SearchConfig(block_n, block_k, block_d, 8, 3)
+    return SearchConfig(block_n, block_k, block_d, warps, stages)
 
 
 class SearchPlan(NamedTuple):
@@ -409,16 +428,18 @@ def vq_search_triton(
         z2d = z2d.contiguous()  # in-tile offsets are int32 (see the kernel)
 
     # One power-of-two scale s for both operands (a device scalar: no host sync). The kernel
-    # searches ||s c||^2 - 2 z.(s^2 c) = s^2 dist: exact rescaling, same order, and neither the
+    # searches ||s c||^2 - 2 (s z).(s c) = s^2 dist: exact rescaling, same order, and neither the
     # dot nor the norms overflow or underflow for any finite input.
     if torch.promote_types(z2d.dtype, codebook.dtype) == torch.float16:
-        # fp16's range cannot overflow fp32 sums, and s^2 would flush fp16 codes to zero
+        # fp16's range cannot overflow fp32 sums, and scaling would flush fp16 values to zero
         scale = torch.ones((), dtype=torch.float32, device=dev)
-        codes_s = codebook
+        rows_s, codes_s = z2d, codebook
     else:
         scale = magnitude_scale(z2d, codebook)
-        # (c s) s, never c s^2: s^2 itself may not be representable
-        codes_s = (codebook * scale).mul_(scale).contiguous()
+        # Both operands scaled (copies: N x D and K x D, small next to the search): tensor cores
+        # flush fp32 subnormals, so tiny rows must be scaled up too, not only the codes.
+        rows_s = (z2d * scale).contiguous()
+        codes_s = (codebook * scale).contiguous()
     cnorm = code_norms(codebook, scale=scale)
     finite = torch.isfinite(cnorm)
 
@@ -430,10 +451,11 @@ def vq_search_triton(
     if plan.track_second:
         second = torch.empty((plan.splits, n), dtype=torch.float32, device=dev)
     args = (
-        z2d, codebook, codes_s, cnorm, part_i, z_q, err, part_d, second,
+        z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, part_d, second,
         n, k, d, plan.k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
-        codes_s.stride(0), codes_s.stride(1), z_q.stride(0), z_q.stride(1),
+        rows_s.stride(0), rows_s.stride(1), codes_s.stride(0), codes_s.stride(1),
+        z_q.stride(0), z_q.stride(1),
     )  # fmt: skip
     flags = plan.constexprs()
     use_autotune = (

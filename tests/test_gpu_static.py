@@ -77,7 +77,7 @@ def test_gated_binary_is_the_one_the_launcher_uses(monkeypatch, arch, zt, ct, d,
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 launched.update(kwargs, grid=grid)
-                args[4].zero_()  # the indices: the launcher's post-processing gathers with them
+                args[5].zero_()  # the indices: the launcher's post-processing gathers with them
 
             return launch
 
