@@ -170,6 +170,40 @@ def main() -> int:
     return 0
 
 
+def render(paths: list[str]) -> str:
+    """Markdown tables of one or more ``gpu_configs.json`` files (what the results README holds)."""
+    out = []
+    for path in paths:
+        doc = json.load(open(path))
+        out += [f"### `{path}`", "",
+                f"{doc['device']}, torch {doc['torch']}, Triton {doc['triton']}, {doc['date']}. "
+                "Times: median of `triton.testing.do_bench` (CUDA events), N = 65536. "
+                "'predicted': the static model for the default binary at the time of the run.",
+                "", "| case | D | K | default config | default ms | other configs (ms) | cuBLAS "
+                "matmul ms | default / cuBLAS | predicted ms | rows differing from ieee |",
+                "|" + "---|" * 10]  # fmt: skip
+        for r in doc["cases"]:
+            cfgs = r["configs"]
+            dflt = cfgs.get("default", {})
+            others = "; ".join(
+                f"{k} {','.join(map(str, v['config']))}: "
+                + (f"{v['ms']:.3f}" if "ms" in v else "error")
+                for k, v in sorted(cfgs.items(), key=lambda kv: kv[1].get("ms", 1e9))
+                if k != "default"
+            )
+            pred = r.get("predicted", {}).get("fused_ms")
+            pred = f"{pred:.2f}" if pred is not None else "-"
+            ratio = r.get("measured_ratio_vs_cublas", float("nan"))
+            out.append(
+                f"| {r['case']} | {r['d']} | {r['k']} | {','.join(map(str, r['default_config']))}"
+                f" | {dflt.get('ms', float('nan')):.3f} | {others or '-'} | "
+                f"{r['cublas_matmul_ms']:.3f} | {ratio:.2f} | {pred} | "
+                f"{r.get('rows_differing_from_ieee', '-')} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 def _dump(doc, path):
     clean = {**doc, "cases": [{k: v for k, v in r.items() if k != "indices"} for r in doc["cases"]]}
     with open(path, "w") as f:
@@ -177,4 +211,7 @@ def _dump(doc, path):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--report"]:
+        print(render(sys.argv[2:]))
+        sys.exit(0)
     sys.exit(main())
