@@ -201,6 +201,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def compare(static: dict, measured_paths: list[str]) -> list[dict]:
+    """Model against a GPU run: each measured (case, config) the static report compiled."""
+    by_label = {label: (prefix, ez, ec, prec) for label, prefix, ez, ec, prec in PRECISIONS}
+    rows = []
+    for path in measured_paths:
+        doc = json.loads(Path(path).read_text())
+        device = device_key(doc["device"])
+        for case in doc["cases"]:
+            if case["case"] not in by_label:
+                continue
+            prefix, ez, ec, prec = by_label[case["case"]]
+            arch = DEVICES[device]["arch"]
+            cands = {
+                tuple(r["meta"]["config"]): r for r in candidates(static, arch, prefix, case["d"])
+            }
+            for m in case["configs"].values():
+                rec = cands.get(tuple(m["config"]))
+                if rec is None or "ms" not in m:
+                    continue
+                p = predict(static, device, case["n"], case["k"], case["d"], prefix, ez, ec, prec,
+                            rec=rec)  # fmt: skip
+                rows.append(dict(case=case["case"], d=case["d"], k=case["k"], config=m["config"],
+                                 run=path, measured_ms=m["ms"], predicted_ms=p["fused_ms"],
+                                 bound=p["tile_bound"], spill_free=p["spill_free"]))  # fmt: skip
+    return rows
+
+
 def device_key(name: str) -> str:
     """Map a CUDA device name ("NVIDIA H200", "NVIDIA H100 80GB HBM3") to a DEVICES key."""
     for key in DEVICES:
@@ -214,8 +241,24 @@ def main(argv=None) -> int:
     ap.add_argument("--device", action="append", choices=sorted(DEVICES))
     ap.add_argument("--static", help="static report JSON (default: newest in results/)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    ap.add_argument("--measured", nargs="+", help="gpu_configs.json files: model vs measurement")
     a = ap.parse_args(argv)
     static = load_static(a.static)
+    if a.measured:
+        rows = compare(static, a.measured)
+        print("| case | D | K | config | measured ms | predicted ms | predicted / measured "
+              "| model's bound | spill-free |\n" + "|" + "---|" * 9)  # fmt: skip
+        seen = set()
+        for r in rows:
+            key = (r["case"], r["d"], r["k"], tuple(r["config"]))
+            if key in seen:  # the same config measured in both runs: the first is shown
+                continue
+            seen.add(key)
+            print(f"| {r['case']} | {r['d']} | {r['k']} | {','.join(map(str, r['config']))} | "
+                  f"{r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | "
+                  f"{r['predicted_ms'] / r['measured_ms']:.2f} | {r['bound']} | "
+                  f"{'yes' if r['spill_free'] else 'no'} |")  # fmt: skip
+        return 0
     rows = table(static, tuple(a.device or ("H100", "H200", "A100")))
     if a.json:
         print(json.dumps({"static_report": static["date"], "triton": static["triton"],
