@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-shot check on a lent GPU machine (H100; torch, triton, pytest, pytest-benchmark; no network).
-# Finishes in about 5.5 minutes (the stages' limits add to 345 s): every stage runs under its own `timeout` and writes its results into
-# $OUT as soon as it ends, so a stage that overruns costs only itself.
+# One-shot check on a lent GPU machine (H100/H200; torch, triton, pytest, pytest-benchmark; no
+# network). About 5.5 minutes (the stages' limits add to 345 s): every stage runs under its own
+# `timeout` and writes its results into $OUT as soon as it ends, so a stage that overruns costs
+# only itself.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/gc bash benchmarks/gpu_check.sh --dry-run    # on CPU: same stages, tiny sizes
