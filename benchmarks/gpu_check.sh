@@ -21,8 +21,12 @@ DRY=0
 PY=${PYTHON:-python3}  # the GPU image's python3 is the one holding torch; there may be no `python`
 # The checkout has kernels/ at the top level (installed as fastvq.kernels by pip): make the
 # import work without installing, and take any wheels carried in .whl/ (no network there).
-[ -e fastvq/kernels ] || ln -s ../kernels fastvq/kernels
+# Only where fastvq is not installed: next to an editable install the link would make a second
+# copy of fastvq.kernels importable (seen to hang the DDP tests).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import fastvq.kernels" 2> /dev/null && [ ! -e fastvq/kernels ]; then
+    ln -s ../kernels fastvq/kernels
+fi
 if ls .whl/*.whl > /dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
