@@ -47,7 +47,7 @@ def main() -> int:
     import triton.testing
 
     from benchmarks import gpu_model
-    from fastvq.kernels import vq_search as vs
+    from fastvq import _search_triton as vs
 
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     out = os.path.join(os.environ.get("OUT", "."), "gpu_configs.json")

@@ -6,7 +6,7 @@
 
 Each binary is compiled the way the runtime specialises a launch (Triton's own binder on meta
 tensors: 16-byte-aligned pointers, ints divisible by 16 marked, unit strides as constants), from
-the same :func:`fastvq.kernels.vq_search.plan_search` the launcher calls, with ``arch`` set so the
+the same :func:`fastvq._search_triton.plan_search` the launcher calls, with ``arch`` set so the
 GPU choice is returned even where ``TRITON_INTERPRET`` is set. The cubin is read with the
 ``cuobjdump``/``nvdisasm`` shipped in the triton wheel: registers, stack, shared memory, spill
 instructions, the MMA instruction, resident warps per SM and the SASS mix of the code-tile loop.
@@ -75,7 +75,7 @@ def _dt(name: str) -> torch.dtype:
 
 def search_binaries(arch: int, scope: str) -> list[Binary]:
     """The search binaries: every dtype pair x precision x alignment x default/autotune config."""
-    from fastvq.kernels.vq_search import AUTOTUNE_CONFIGS, FP32_PRECISIONS
+    from fastvq._search_triton import AUTOTUNE_CONFIGS, FP32_PRECISIONS
 
     pairs = [("bf16", "bfloat16", "bfloat16"), ("fp16", "float16", "float16"),
              ("fp32", "float32", "float32"), ("mix", "bfloat16", "float32")]  # fmt: skip
@@ -123,7 +123,7 @@ def _specialise(fn, target, args, kwargs):
 
 def _search_launch(b: Binary):
     """(kernel, args, kwargs, plan) of the launcher for this binary, on meta tensors."""
-    from fastvq.kernels import vq_search as vs
+    from fastvq import _search_triton as vs
 
     zt, ct = _dt(b.z_dtype), _dt(b.c_dtype)
     cfg = vs.SearchConfig(*b.config) if b.config else None
@@ -165,7 +165,7 @@ def _scatter_launch(b: Binary):
         "out_ptr": torch.empty(b.k, b.d, dtype=torch.float32, device=meta),
         "offsets_ptr": torch.empty(b.k + 1, dtype=torch.int64, device=meta),
         "N": b.n, "K": b.k, "D": b.d, "stride_rn": rows.stride(0), "stride_rd": rows.stride(1),
-        # the launcher's choices (kernels/vq_scatter.py)
+        # the launcher's choices (fastvq/_scatter_triton.py)
         "BLOCK_N": 32, "BLOCK_R": 16, "BLOCK_D": max(16, min(128, triton.next_power_of_2(b.d))),
     }  # fmt: skip
     fn = sc.scatter_rows_atomic_kernel if b.kernel == "scatter_atomic" else (

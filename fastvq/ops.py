@@ -9,8 +9,10 @@ break, with a fake (meta) implementation giving output shapes.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import operator
 import os
+import warnings
 
 import torch
 
@@ -22,12 +24,25 @@ BACKENDS = ("auto", "torch", "triton")
 
 @functools.cache
 def _triton_import_error() -> str | None:
-    """None when ``fastvq.kernels`` (and so Triton) imports, else why it does not."""
+    """None when the Triton launchers (and so ``fastvq.kernels`` and Triton) import, else why."""
     try:
-        import fastvq.kernels  # noqa: F401
+        import fastvq._scatter_triton  # noqa: F401
+        import fastvq._search_triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken Triton install failing at import
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+@functools.cache
+def _warn_triton_broken(reason: str) -> None:
+    """Once per process: CUDA tensors would have used Triton, but the kernels do not import."""
+    warnings.warn(
+        f"fastvq: Triton is installed but fastvq's Triton kernels failed to import ({reason}); "
+        "CUDA tensors use the much slower torch backend. Reinstall fastvq (pip install .) so that "
+        "fastvq.kernels exists, or pass backend='torch' to silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def triton_available() -> bool:
@@ -49,7 +64,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        err = _triton_import_error()
+        if err is None:
+            return "triton"
+        if importlib.util.find_spec("triton") is not None:
+            _warn_triton_broken(err)  # never fall back silently from a broken install
+        return "torch"
     if backend == "triton":
         err = _triton_import_error()
         if err is not None:
@@ -73,7 +95,7 @@ def _search_op(
     # Autocast would turn the torch backend's fp32 addmm into bf16: the search sets its own dtype.
     with torch.autocast(z2d.device.type, enabled=False):
         if backend == "triton":
-            from fastvq.kernels import vq_search_triton
+            from fastvq._search_triton import vq_search_triton
 
             if z2d.device.type == "cuda":
                 with torch.cuda.device(z2d.device):
@@ -123,7 +145,7 @@ def _scatter_op(
     indices: torch.Tensor, rows: torch.Tensor, num_codes: int, backend: str, deterministic: bool
 ) -> torch.Tensor:
     if backend == "triton":
-        from fastvq.kernels import scatter_rows_triton
+        from fastvq._scatter_triton import scatter_rows_triton
 
         return scatter_rows_triton(indices, rows, num_codes, deterministic=deterministic)
     # index_add_ on CUDA writes out of bounds for a bad index (on CPU it raises): send rows with

@@ -1,10 +1,12 @@
 """Triton kernels of fastvq, installed as ``fastvq.kernels`` (see pyproject's package-dir).
 
-Importing this package imports Triton; ``fastvq`` only does so lazily, so ``import fastvq`` works
-where Triton is absent (macOS, Windows) and falls back to the torch backend.
+Kernels only (``@triton.jit`` functions): this package imports Triton and nothing from ``fastvq``,
+so it sits at the bottom of the import graph. Their launchers are ``fastvq/_search_triton.py`` and
+``fastvq/_scatter_triton.py``; ``fastvq`` imports them lazily, so ``import fastvq`` works where
+Triton is absent (macOS, Windows) and falls back to the torch backend.
 """
 
-from .vq_scatter import scatter_rows_triton
-from .vq_search import interpreting, vq_search_triton
+from .vq_scatter import scatter_rows_atomic_kernel, scatter_rows_segment_kernel
+from .vq_search import vq_search_fwd_kernel
 
-__all__ = ["interpreting", "scatter_rows_triton", "vq_search_triton"]
+__all__ = ["scatter_rows_atomic_kernel", "scatter_rows_segment_kernel", "vq_search_fwd_kernel"]

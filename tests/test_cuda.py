@@ -30,7 +30,7 @@ def _record(key, value):
 
 def test_interpreter_is_off():
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-    from fastvq.kernels import interpreting
+    from fastvq.ops import interpreting
 
     assert not interpreting()
 
@@ -63,7 +63,7 @@ def _oracle_top2(z, codebook, chunk=2048):
     ids=["fp32-ieee", "fp32-tf32x3", "fp32-tf32", "fp32-tf32rescore", "bf16", "fp16"],
 )
 def test_argmin_exactness_vs_fp64(d, dtype, precision):
-    from fastvq.kernels.vq_search import RESCORE_STATS, vq_search_triton
+    from fastvq._search_triton import RESCORE_STATS, vq_search_triton
 
     torch.manual_seed(0)
     n, k = 8192, 16384
@@ -160,7 +160,7 @@ def test_offsets_beyond_int32():
 
 
 def test_autotuned_kernel_matches_default(monkeypatch):
-    from fastvq.kernels.vq_search import vq_search_triton
+    from fastvq._search_triton import vq_search_triton
 
     z = torch.randn(5000, 256, device="cuda", dtype=torch.bfloat16)
     codebook = torch.randn(16384, 256, device="cuda", dtype=torch.bfloat16)

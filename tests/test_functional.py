@@ -66,7 +66,7 @@ def poison(monkeypatch):
     """Outputs start as NaN / -1 so a row a backend forgets to write fails loudly."""
     monkeypatch.setattr(_search_torch, "POISON_OUTPUTS", True)
     if fastvq.triton_available():
-        from fastvq.kernels import vq_search
+        from fastvq import _search_triton as vq_search
 
         monkeypatch.setattr(vq_search, "POISON_OUTPUTS", True)
 
@@ -343,7 +343,7 @@ def test_triton_split_k_matches(device, splits):
     """The small-N path splits K across programs and merges (min, index) pairs."""
     if not fastvq.triton_available():
         pytest.skip("Triton is not importable here")
-    from fastvq.kernels.vq_search import vq_search_triton
+    from fastvq._search_triton import vq_search_triton
 
     z = torch.randn(40, 24, device=device)
     codebook = torch.randint(-3, 3, (700, 24), device=device).float()
@@ -365,7 +365,7 @@ def test_tf32_rescore_path_keeps_exact_argmin(device, splits):
     """
     if not fastvq.triton_available():
         pytest.skip("Triton is not importable here")
-    from fastvq.kernels import vq_search
+    from fastvq import _search_triton as vq_search
 
     z = torch.randn(50, 32, device=device)
     codebook = torch.randn(600, 32, device=device)

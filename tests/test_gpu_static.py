@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_functional import assert_nearest
 
-from fastvq.kernels import vq_search as vs
+from fastvq import _search_triton as vs
 
 ROOT = Path(__file__).resolve().parents[1]
 

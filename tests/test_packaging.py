@@ -34,7 +34,7 @@ def test_wheel_contains_kernels_and_imports(tmp_path):
     code = (
         "import fastvq, fastvq.kernels, sys; "
         f"assert fastvq.__file__.startswith({str(env_dir)!r}), fastvq.__file__; "
-        "print(fastvq.kernels.vq_search_triton.__module__)"
+        "print(fastvq.kernels.vq_search_fwd_kernel.fn.__module__)"
     )
     env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(

@@ -1,0 +1,374 @@
+"""Launcher of the fused Triton search (``kernels/vq_search.py``): tiles, scaling, post-processing.
+
+The twin of ``fastvq/_search_torch.py``, with the same contract. It imports Triton, so
+``fastvq.ops`` imports it only on first use of the Triton backend.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+
+from fastvq._search_torch import code_norms, magnitude_scale
+from fastvq.kernels.vq_search import vq_search_fwd_kernel
+from fastvq.ops import interpreting
+
+# Tests set this to fill outputs with NaN / -1 before launch, so a row the kernel forgets to write
+# fails loudly instead of passing with whatever memory held.
+POISON_OUTPUTS = False
+
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32_rescore")
+# How many rows "tf32_rescore" searched again (read by tests and the GPU exactness report).
+RESCORE_STATS = {"rows": 0}
+# The fp32 precision used when none is asked for: tf32x3, chosen by the H200 measurements in
+# docs/benchmarks.md (exact in every row checked; tf32_rescore was slower).
+DEFAULT_FP32_PRECISION = "tf32x3"
+
+
+class SearchConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# Autotune candidates (``FASTVQ_AUTOTUNE=1``); every one is compiled and gated statically by
+# benchmarks/gpu_static.py for sm_80 and sm_90 (all dot dims >= 16).
+AUTOTUNE_CONFIGS = [
+    SearchConfig(128, 128, 64, 8, 3), SearchConfig(128, 64, 64, 4, 3),
+    SearchConfig(128, 64, 64, 8, 4), SearchConfig(64, 128, 64, 4, 3),
+    SearchConfig(256, 64, 64, 8, 3), SearchConfig(128, 128, 32, 8, 4),
+    SearchConfig(64, 64, 64, 4, 4), SearchConfig(128, 64, 32, 8, 3),
+    # D = 256 with the row tile held across the code loop, and 256-row blocks (less L2 traffic)
+    SearchConfig(128, 64, 256, 8, 2), SearchConfig(128, 128, 256, 8, 2),
+    SearchConfig(256, 128, 64, 8, 3),
+]  # fmt: skip
+
+
+# Keyed on K, D and (implicitly) the tensor dtypes, never on N: a new batch size reuses the tune.
+vq_search_fwd_autotuned = triton.autotune(
+    configs=[
+        triton.Config(
+            {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "BLOCK_D": c.block_d},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in AUTOTUNE_CONFIGS
+    ],
+    key=["K", "D"],
+)(triton.heuristics({"ONE_D": lambda a: a["D"] <= a["BLOCK_D"]})(vq_search_fwd_kernel))
+
+
+def gpu_arch(device: torch.device) -> int | None:
+    """``10 * major + minor`` of a CUDA device (90 for H100), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def pick_config(
+    n: int,
+    k: int,
+    d: int,
+    dtype: torch.dtype,
+    *,
+    arch: int | None = None,
+    precision: str = "tf32x3",
+) -> SearchConfig:
+    """Tile sizes and launch parameters for one problem.
+
+    Args:
+        n, k, d: rows, codes, dimension.
+        dtype: the search dtype (the promotion of both inputs' dtypes).
+        arch: the GPU it is for (80: A100, 90: H100/H200). None: interpreter tiles when
+            ``TRITON_INTERPRET`` is set, else the sm_90 choice. Passing an arch returns the GPU
+            choice whatever the interpreter says, so the static gate sees what a GPU launches.
+        precision: the fp32 ``tl.dot`` input precision (ignored for 16-bit searches).
+
+    Every tl.dot dimension is >= 16 (the GPU's rule). The GPU tiles are the spill-free ones
+    benchmarks/gpu_static.py found for each (arch, dtype, precision, D alignment), ranked by the
+    static model in docs/benchmarks.md; the gate in tests/test_gpu_static.py keeps them so.
+    """
+    p2 = triton.next_power_of_2
+    if arch is None and interpreting():
+        # fewer, bigger numpy steps; BLOCK_D covers D up to 256 so ONE_D is exercised too
+        return SearchConfig(
+            max(16, min(64, p2(n))), max(16, min(128, p2(k))), max(16, min(p2(d), 256)), 4, 1
+        )
+    arch = 90 if arch is None else arch
+    # Unaligned D (not a multiple of 16 elements): the loads cannot be vectorised and their
+    # addresses take many more registers, so the D block shrinks to stay spill-free.
+    aligned = d % 16 == 0
+    bd_full = max(16, p2(d))
+    small = n <= 4096  # few row blocks: 64-row blocks (and split-K, see plan_search)
+    block_n = 64 if small else 128
+    block_k, warps, stages = 64, 8, 3
+    if dtype == torch.float32:
+        if precision == "ieee" and not aligned and d > 16:
+            # CUDA-core FMAs hold the whole BN x BK accumulator per thread and the unaligned loads
+            # are scalar: BK 32 is the one shape found spill-free on both archs (the exception
+            # to BN, BK >= 64; ieee is the exact fallback, not a speed path).
+            return SearchConfig(64, max(16, min(32, p2(k))), 32, 4, 3)
+        if not aligned and d > 16:
+            # BN 128 x BD 32 spills on sm_80 (and sm_90 ieee); BN 64 x BD 16 lands on ptxas'
+            # 128-register choice and spills a little: these two are clear of both.
+            block_d = 16 if block_n == 128 else 32
+        elif arch >= 90 and precision != "ieee" and d <= 64:
+            block_d = bd_full  # row tile loaded once (ONE_D)
+            if not small:
+                # Measured on an H200 (N=65536, K=16384, D=64; docs/benchmarks.md): 256-row
+                # blocks for tf32x3 (2.07 ms vs 2.34 for 128 x 64), 128 x 128 for tf32
+                # (0.88 ms vs 1.02); both spill-free.
+                block_n, block_k = (256, 64) if precision == "tf32x3" else (128, 128)
+        elif precision != "ieee" and d > 64 and (arch >= 90 or precision != "tf32x3"):
+            # H200, D=256: 128 x 128 x 32 in 4 stages, 8.82 ms vs 11.14 (tf32x3), 3.27 vs 3.33
+            # (tf32), 8.56 vs 11.63 (autocast's mix); spills on sm_80 for tf32x3 only.
+            block_d, block_k, stages = 32, 128, 4
+        else:
+            block_d = min(32, bd_full)
+    elif not aligned and d > 32:
+        block_d = 32  # BD 64 spills 27-34 registers' worth on both archs at D=100
+    elif d <= 64:
+        block_d, block_k = bd_full, 128
+    elif d <= 256:
+        # Row tile held across the code loop (ONE_D, BLOCK_D = D): measured on an H200 at
+        # N=65536, D=256: 1.65 ms vs 2.12 (K=16384), 6.31 vs 8.44 (K=65536) for 128 x 64 x 64.
+        block_d, block_k, stages = bd_full, 128, 2
+    else:
+        block_d = 64
+    block_k = max(16, min(block_k, p2(k)))
+    return SearchConfig(block_n, block_k, block_d, warps, stages)
+
+
+class SearchPlan(NamedTuple):
+    """Everything a launch decides besides the tensors: one plan, one binary."""
+
+    config: SearchConfig
+    splits: int
+    k_per_split: int
+    one_d: bool
+    cast_fp32: bool
+    input_precision: str
+    store_zq: bool
+    track_second: bool
+
+    def constexprs(self) -> dict:
+        return dict(
+            BLOCK_N=self.config.block_n, BLOCK_K=self.config.block_k,
+            BLOCK_D=self.config.block_d, ONE_D=self.one_d, CAST_FP32=self.cast_fp32,
+            INPUT_PRECISION=self.input_precision, STORE_ZQ=self.store_zq,
+            SPLIT_K=self.splits > 1, TRACK_SECOND=self.track_second,
+        )  # fmt: skip
+
+
+def default_fp32_precision() -> str:
+    """``FASTVQ_FP32_PRECISION`` if set, else the default chosen in docs/benchmarks.md."""
+    return os.environ.get("FASTVQ_FP32_PRECISION", DEFAULT_FP32_PRECISION)
+
+
+def plan_search(
+    n: int,
+    k: int,
+    d: int,
+    z_dtype: torch.dtype,
+    c_dtype: torch.dtype,
+    *,
+    arch: int | None,
+    num_sms: int,
+    fp32_precision: str | None = None,
+    config: SearchConfig | None = None,
+    splits: int | None = None,
+) -> SearchPlan:
+    """Decide the launch of one search: config, K splits and the kernel's constexpr flags.
+
+    ``arch`` None means "whatever runs here" (the interpreter under ``TRITON_INTERPRET``);
+    the static gate passes 80 or 90 to get exactly what the launcher would run on that GPU.
+    """
+    interp = arch is None and interpreting()
+    search_dtype = torch.promote_types(z_dtype, c_dtype)
+    same_dtype = z_dtype == c_dtype
+    if fp32_precision is None:
+        fp32_precision = default_fp32_precision()
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    track = fp32_precision == "tf32_rescore" and search_dtype == torch.float32
+    if interp or search_dtype != torch.float32:
+        precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
+    else:
+        precision = "tf32" if track else fp32_precision
+    cfg = config or pick_config(n, k, d, search_dtype, arch=arch, precision=precision)
+    row_blocks = triton.cdiv(n, cfg.block_n)
+    if splits is None:
+        splits = 1
+        if row_blocks < num_sms and k >= 32 * cfg.block_k:
+            splits = min(triton.cdiv(2 * num_sms, row_blocks), k // (16 * cfg.block_k))
+    splits = max(1, min(splits, triton.cdiv(k, cfg.block_k)))
+    # each split covers whole BLOCK_K tiles
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_per_split)
+    return SearchPlan(
+        config=cfg, splits=splits, k_per_split=k_per_split, one_d=d <= cfg.block_d,
+        cast_fp32=interp or search_dtype == torch.float32 or not same_dtype,
+        input_precision=precision, store_zq=same_dtype, track_second=track,
+    )  # fmt: skip
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def vq_search_triton(
+    z2d: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    fp32_precision: str | None = None,
+    config: SearchConfig | None = None,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused search. Same contract as ``fastvq._search_torch.search_torch``.
+
+    Args:
+        z2d: (N, D) float32/float16/bfloat16, any strides.
+        codebook: (K, D) float32/float16/bfloat16, K >= 1, same device.
+        fp32_precision: ``tl.dot`` input precision when the search dtype is fp32 on a GPU:
+            "ieee" (exact fp32, no tensor cores), "tf32x3" (near-fp32 on tensor cores, three
+            MMAs per product), "tf32" (fastest, may misrank near-ties), "tf32_rescore" (tf32
+            pass that also tracks each row's runner-up; rows whose top-2 gap is within tf32's
+            rounding bound are searched again in ieee fp32, so the result is exact; costs one
+            host sync). Default: :data:`DEFAULT_FP32_PRECISION`; env ``FASTVQ_FP32_PRECISION``
+            overrides. bf16/fp16 searches always use native MMAs with fp32 accumulation; the
+            interpreter's dot is exact fp32 whatever is asked.
+        config: tile sizes; default from :func:`pick_config`.
+        splits: number of K splits (1 = none). Default: split K when the row blocks alone
+            would leave most SMs idle (small N) and K is large.
+
+    Returns:
+        (indices int64 (N,), z_q (N, D) in z2d.dtype, err fp32 (N,)).
+    """
+    n, d = z2d.shape
+    k = codebook.shape[0]
+    dev = z2d.device
+    indices = torch.empty(n, dtype=torch.int64, device=dev)
+    z_q = torch.empty((n, d), dtype=z2d.dtype, device=dev)
+    err = torch.empty(n, dtype=torch.float32, device=dev)
+    if POISON_OUTPUTS:
+        indices.fill_(-1), z_q.fill_(float("nan")), err.fill_(float("nan"))
+    if n == 0:
+        return indices, z_q, err
+    plan = plan_search(
+        n, k, d, z2d.dtype, codebook.dtype, arch=gpu_arch(dev), num_sms=_num_sms(dev),
+        fp32_precision=fp32_precision, config=config, splits=splits,
+    )  # fmt: skip
+    if plan.config.block_n * max(abs(z2d.stride(0)), abs(z2d.stride(1))) >= 2**31 - 1:
+        z2d = z2d.contiguous()  # in-tile offsets are int32 (see the kernel)
+
+    # One power-of-two scale s for both operands (a device scalar: no host sync). The kernel
+    # searches ||s c||^2 - 2 (s z).(s c) = s^2 dist: exact rescaling, same order, and neither the
+    # dot nor the norms overflow or underflow for any finite input.
+    if torch.promote_types(z2d.dtype, codebook.dtype) == torch.float16:
+        # fp16's range cannot overflow fp32 sums, and scaling would flush fp16 values to zero
+        scale = torch.ones((), dtype=torch.float32, device=dev)
+        rows_s, codes_s = z2d, codebook
+    else:
+        scale = magnitude_scale(z2d, codebook)
+        # Both operands scaled (copies: N x D and K x D, small next to the search): tensor cores
+        # flush fp32 subnormals, so tiny rows must be scaled up too, not only the codes.
+        rows_s = (z2d * scale).contiguous()
+        codes_s = (codebook * scale).contiguous()
+    cnorm = code_norms(codebook, scale=scale)
+    finite = torch.isfinite(cnorm)
+
+    split = plan.splits > 1
+    part_d = part_i = second = err  # placeholders: unused pointers
+    if split or plan.track_second:
+        part_d = torch.empty((plan.splits, n), dtype=torch.float32, device=dev)
+    part_i = torch.empty((plan.splits, n), dtype=torch.int64, device=dev) if split else indices
+    if plan.track_second:
+        second = torch.empty((plan.splits, n), dtype=torch.float32, device=dev)
+    args = (
+        z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, part_d, second,
+        n, k, d, plan.k_per_split,
+        z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
+        rows_s.stride(0), rows_s.stride(1), codes_s.stride(0), codes_s.stride(1),
+        z_q.stride(0), z_q.stride(1),
+    )  # fmt: skip
+    flags = plan.constexprs()
+    use_autotune = (
+        config is None and gpu_arch(dev) is not None and not split
+        and os.environ.get("FASTVQ_AUTOTUNE") == "1"
+    )  # fmt: skip
+    if use_autotune:
+        # The kernel only writes its outputs, so the autotuner's repeated launches are harmless.
+        for name in ("BLOCK_N", "BLOCK_K", "BLOCK_D", "ONE_D"):
+            flags.pop(name)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1)
+        vq_search_fwd_autotuned[grid](*args, **flags)
+    else:
+        cfg = plan.config
+        vq_search_fwd_kernel[(triton.cdiv(n, cfg.block_n), plan.splits)](
+            *args, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+    if split or plan.track_second:
+        # Splits are ordered by k, and argmin returns the first occurrence: ties -> lowest index.
+        # A row with no finite distance anywhere keeps split 0's index 0 (the kernel stores
+        # +inf, never NaN or -inf, as such a row's partial minimum).
+        which = part_d.argmin(dim=0, keepdim=True)
+    if split:
+        indices.copy_(part_i.gather(0, which).squeeze(0))
+    redo = None
+    if plan.track_second:
+        best = part_d.gather(0, which).squeeze(0)
+        # runner-up: the chosen split's own second best, or another split's best
+        sec = second.gather(0, which).squeeze(0)
+        sec = torch.minimum(sec, part_d.scatter(0, which, float("inf")).min(dim=0).values)
+        redo = _rows_to_rescore(z2d, cnorm, finite, best, sec, scale)
+        if redo.numel():
+            sub_idx, _, _ = vq_search_triton(z2d[redo], codebook, fp32_precision="ieee", splits=1)
+            indices[redo] = sub_idx
+    if split:
+        _regather(z2d, codebook, indices, None, z_q, err)  # the split kernel gathers nothing
+    else:
+        if redo is not None and redo.numel():
+            _regather(z2d, codebook, indices, redo, z_q, err)  # rescored rows changed code
+        if not plan.store_zq:
+            # Mixed dtypes: z_q must equal torch's cast (round-to-nearest-even) bit for bit; a
+            # gather of N x D is small next to the search, and the interpreter rounds otherwise.
+            z_q.copy_(codebook.index_select(0, indices))
+    return indices, z_q, err
+
+
+def _regather(z2d, codebook, indices, rows, z_q, err) -> None:
+    """Write ``z_q`` and ``err`` of ``rows`` (None: all rows) from the final ``indices``."""
+    z = z2d if rows is None else z2d[rows]
+    gathered = codebook.index_select(0, indices if rows is None else indices[rows])
+    row_err = (z.to(torch.float32) - gathered.to(torch.float32)).square().sum(dim=1)
+    if rows is None:
+        err.copy_(row_err)
+        z_q.copy_(gathered)
+    else:
+        err[rows] = row_err
+        z_q[rows] = gathered.to(z_q.dtype)
+
+
+def _rows_to_rescore(z2d, cnorm, finite, best, second, scale) -> torch.Tensor:
+    """Rows whose tf32 top-2 gap is within tf32's rounding bound: the order may be wrong.
+
+    tf32 keeps 10 mantissa bits (unit roundoff 2^-11), so each product z_d c_d is off by at most
+    2 * 2^-11 |z_d c_d|, plus fp32 accumulation (D * 2^-24). One distance ||c||^2 - 2 z.c is off
+    by at most 2 (2^-10 + D 2^-24) ||z|| ||c||, a difference of two by twice that. Everything is
+    in the kernel's scaled units (``cnorm`` is ``||s c||^2``, distances are ``s^2 dist``).
+    """
+    d = z2d.shape[1]
+    cmax = torch.where(finite, cnorm, torch.zeros((), device=cnorm.device)).max().sqrt()
+    znorm = torch.linalg.vector_norm(z2d.to(torch.float32) * scale, dim=1)
+    tau = 4.0 * (2.0**-10 + d * 2.0**-24) * znorm * cmax
+    redo = ((second - best) <= tau).nonzero().squeeze(1)  # NaN gaps (non-finite rows) stay out
+    RESCORE_STATS["rows"] += redo.numel()
+    return redo
