@@ -36,53 +36,122 @@ class VQOutput(NamedTuple):
     loss: torch.Tensor
 
 
+def grad_z(
+    diff: torch.Tensor,
+    grad_q: torch.Tensor | None,
+    g: torch.Tensor,
+    beta: float,
+    denom,
+    dtype: torch.dtype,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``z``'s gradient: straight-through plus commitment, for the plain and the sharded op.
+
+    d/dz beta * sum_{kept i} (z_i - sg(z_q_i))^2 / denom = -2 beta (z_q - z) / denom, times the
+    loss's upstream gradient ``g`` (fp32 0-dim), plus ``grad_q`` (N, D) passed straight through.
+
+    Args:
+        diff: fp32 (N, D) ``z_q - z``.
+        denom: the loss's divisor (a number or a 0-dim tensor): kept rows times D.
+        keep: optional bool (N,); other rows get ``grad_q`` only (``torch.where``: a masked row
+            holding NaN/Inf adds no NaN).
+    """
+    gz = diff * (-beta * (2.0 / denom) * g)
+    if keep is not None:
+        gz = torch.where(keep[:, None], gz, 0.0)
+    if grad_q is not None:
+        gz = gz + grad_q.to(torch.float32)
+    return gz.to(dtype)
+
+
+def _upstream(grad_loss: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The loss's upstream gradient as fp32 0-dim (0 when the loss is unused)."""
+    if grad_loss is None:
+        return torch.zeros((), dtype=torch.float32, device=like.device)
+    return grad_loss.to(torch.float32)
+
+
 class VectorQuantizeFunction(torch.autograd.Function):
     """Straight-through VQ with the codebook and commitment terms, for both backends.
 
-    forward(z2d (N, D), codebook (K, D), beta, backend, deterministic) ->
-        (quantized (N, D) in z's dtype, indices int64 (N,), loss fp32 scalar)
+    forward(z2d (N, D), codebook (K, D), beta, backend, deterministic, keep=None,
+            codebook_weight=1.0) ->
+        (quantized (N, D) in z's dtype, indices int64 (N,), loss fp32 scalar, err fp32 (N,))
+
+    ``loss = (codebook_weight + beta) * sum_{kept i} err_i / (n_kept D)``: the codebook term
+    ``codebook_weight * mse(sg(z), C[idx])`` plus ``beta * mse(z, sg(C[idx]))`` over the rows
+    with ``keep`` (all rows when None; 0 when none). ``err`` is the search's per-row squared
+    error, non-finite exactly for rows holding NaN/Inf. ``codebook_weight=0`` is an EMA codebook.
     """
 
     @staticmethod
-    def forward(ctx, z2d, codebook, beta, backend, deterministic):
+    def forward(ctx, z2d, codebook, beta, backend, deterministic, keep=None, codebook_weight=1.0):
         indices, z_q, err = search(z2d, codebook, backend)
-        n, d = z2d.shape
-        # Both terms share the forward value mean((z - z_q)^2); an empty batch gives 0, not NaN.
-        loss = err.sum() * ((1.0 + beta) / max(n * d, 1))
-        ctx.save_for_backward(z2d, codebook, indices)
+        d = z2d.shape[1]
+        if keep is None:
+            # Both terms share the forward value mean((z - z_q)^2); an empty batch gives 0.
+            denom = max(z2d.shape[0] * d, 1)
+            total = err.sum()
+        else:  # torch.where, not a 0/1 weight: a masked row's NaN error would give NaN * 0 = NaN
+            denom = keep.sum().clamp_min(1) * d
+            total = torch.where(keep, err, 0.0).sum()
+        loss = total * ((codebook_weight + beta) / denom)
+        ctx.save_for_backward(z2d, codebook, indices, keep)
         ctx.beta, ctx.backend, ctx.deterministic = beta, backend, deterministic
-        ctx.mark_non_differentiable(indices)
-        return z_q, indices, loss
+        ctx.denom, ctx.codebook_weight = denom, codebook_weight
+        ctx.mark_non_differentiable(indices, err)
+        return z_q, indices, loss, err
 
     @staticmethod
-    def backward(ctx, grad_q, _grad_idx, grad_loss):
-        z2d, codebook, indices = ctx.saved_tensors
+    def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_err):
+        z2d, codebook, indices, keep = ctx.saved_tensors
         need_z, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_z = grad_c = None
+        grad_z_out = grad_c = None
         if not (need_z or need_c):
-            return None, None, None, None, None
-        n, d = z2d.shape
-        scale = 2.0 / max(n * d, 1)
+            return None, None, None, None, None, None, None
         # diff = z_q - z in fp32, recomputed by a gather instead of saved: saves N x D memory.
         diff = codebook.detach().to(torch.float32).index_select(0, indices) - z2d.to(torch.float32)
-        if grad_loss is not None:
-            g = grad_loss.to(torch.float32)
-        else:
-            g = torch.zeros((), dtype=torch.float32, device=z2d.device)
+        g = _upstream(grad_loss, z2d)
         if need_z:
-            # straight-through + commitment: d/dz beta*mean((z - sg(z_q))^2) = -2 beta (z_q - z)/nd
-            gz = diff * (-ctx.beta * scale * g)
-            if grad_q is not None:
-                gz = gz + grad_q.to(torch.float32)
-            grad_z = gz.to(z2d.dtype)
+            grad_z_out = grad_z(diff, grad_q, g, ctx.beta, ctx.denom, z2d.dtype, keep)
         if need_c:
-            # codebook term: d/dC_k mean((sg(z) - C_idx)^2) = 2 sum_{i: idx_i = k} (z_q_i - z_i)/nd
+            # codebook term: d/dC_k mean((sg(z) - C_idx)^2) = 2 sum_{i: idx_i = k} (z_q_i - z_i)/nd;
+            # rows left out go to bin K, dropped by the scatter
+            idx = indices if keep is None else torch.where(keep, indices, codebook.shape[0])
             summed = _scatter_rows_unchecked(
-                indices, diff, codebook.shape[0], backend=ctx.backend,
-                deterministic=ctx.deterministic,
-            )  # fmt: skip
-            grad_c = (summed * (scale * g)).to(codebook.dtype)
-        return grad_z, grad_c, None, None, None
+                idx, diff, codebook.shape[0], backend=ctx.backend, deterministic=ctx.deterministic
+            )
+            grad_c = (summed * ((2.0 / ctx.denom) * g * ctx.codebook_weight)).to(codebook.dtype)
+        return grad_z_out, grad_c, None, None, None, None, None
+
+
+def quantize_rows(
+    z2d: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    beta: float,
+    backend: str,
+    keep: torch.Tensor | None = None,
+    codebook_weight: float = 1.0,
+    deterministic: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 2-D internal entry, for callers that checked their inputs and resolved ``backend``.
+
+    Args:
+        z2d: (N, D) rows; codebook (K, D); beta the commitment weight.
+        backend: "torch" or "triton" (resolved).
+        keep: optional bool (N,), the rows that count in the loss (the layer's mask).
+        codebook_weight: weight of the codebook term (0 for an EMA codebook).
+
+    Returns:
+        ``(quantized (N, D), indices int64 (N,), loss fp32 0-dim, err fp32 (N,))``, as
+        :class:`VectorQuantizeFunction`.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return VectorQuantizeFunction.apply(
+        z2d, codebook, beta, backend, deterministic, keep, codebook_weight
+    )
 
 
 def _check_inputs(z, codebook, beta) -> None:
@@ -150,7 +219,7 @@ def vector_quantize(
         deterministic = torch.are_deterministic_algorithms_enabled()
     lead, d = z.shape[:-1], z.shape[-1]
     z2d = z.reshape(-1, d)
-    q2d, idx, loss = VectorQuantizeFunction.apply(
+    q2d, idx, loss, _ = VectorQuantizeFunction.apply(
         z2d, codebook, float(beta), be, bool(deterministic)
     )
     return VQOutput(q2d.reshape(z.shape), idx.reshape(lead), loss)

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dist
-from .functional import check_beta, vector_quantize
-from .kmeans import kmeans
-from .ops import _scatter_rows_unchecked, search
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from . import codebook as cb_engine
+from ._checks import FLOAT_DTYPES, check_same_device
+from .codebook import CodebookState, row_counts
+from .functional import check_beta, quantize_rows
+from .ops import resolve_backend
 
 
 class QuantizeOutput(NamedTuple):
@@ -61,61 +61,6 @@ class QuantizeOutputWithStats(NamedTuple):
     indices: torch.Tensor
     loss: torch.Tensor
     stats: CodebookStats
-
-
-def _in_backward() -> bool:
-    """True while autograd's engine runs (e.g. activation checkpointing recomputes a forward)."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
-
-
-def _sq_err_mean(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """mean over unmasked rows and dims of (a - b)^2 in fp32; 0 when every row is masked.
-
-    Masked rows are dropped with ``torch.where`` before squaring, not multiplied by a 0/1 weight:
-    a masked row holding NaN/Inf (a padding sentinel) would give NaN * 0 = NaN, in the loss and
-    in its gradient.
-    """
-    diff = a.to(torch.float32) - b.to(torch.float32)
-    d = a.shape[-1]
-    if mask is None:
-        return diff.square().sum() / max(diff.numel(), 1)
-    diff = torch.where(mask[:, None], diff, 0.0)
-    return diff.square().sum() / (mask.sum().clamp_min(1) * d)
-
-
-class _SearchStraightThrough(torch.autograd.Function):
-    """forward(z (M, D), codes (K, D), backend) -> (z_q, indices, err) of ``fastvq.search``;
-    backward passes ``z_q``'s gradient straight to ``z``.
-
-    The same gradient as ``z_q + (z - z.detach())``, but the forward value is exactly the code
-    for every row: that formula gives NaN for a row holding NaN/Inf (Inf - Inf), which would
-    carry a masked padding row's NaN into the output and on into the next layer.
-    """
-
-    @staticmethod
-    def forward(ctx, z, codes, backend):
-        idx, z_q, err = search(z, codes, backend)
-        ctx.mark_non_differentiable(idx, err)
-        return z_q, idx, err
-
-    @staticmethod
-    def backward(ctx, grad_q, _grad_idx, _grad_err):
-        return grad_q, None, None
-
-
-def _counts(idx: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """fp32 (num_bins,) rows per code: an index_add of ones. ``fastvq.code_counts`` is a bincount,
-    which syncs the host on CUDA and breaks ``torch.compile`` graphs (data-dependent shape)."""
-    ones = torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
-    return torch.zeros(num_bins, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
-
-
-def _perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of each row of ``counts`` (G, K), averaged over G."""
-    p = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
-    return torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
 
 
 def check_input(x, dim: int, channel_first: bool) -> None:
@@ -147,6 +92,58 @@ def check_input(x, dim: int, channel_first: bool) -> None:
             raise ValueError(
                 f"x has {x.shape[-1]} channels in its last dim but the layer's dim is "
                 f"{dim}; got x of shape {tuple(x.shape)}{hint}"
+            )
+
+
+def check_mask(mask, lead: tuple) -> None:
+    """TypeError/ValueError unless ``mask`` is a bool tensor of shape ``lead``."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError("mask must be a bool tensor (True = real token)")
+    if tuple(mask.shape) != tuple(lead):
+        raise ValueError(
+            f"mask must have x's shape without the channel dim, {tuple(lead)}; "
+            f"got {tuple(mask.shape)}"
+        )
+
+
+def check_config(dim, codebook_size, heads, codebook_dim, decay, beta, w_cb, dead_steps) -> int:
+    """ValueError/TypeError for a bad layer argument; returns ``codebook_dim`` resolved."""
+    for name, v in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if codebook_dim is None:
+        if dim % heads != 0:
+            raise ValueError(
+                f"dim ({dim}) must be divisible by heads ({heads}), or pass codebook_dim"
+            )
+        codebook_dim = dim // heads
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    check_beta(beta)
+    if not w_cb > 0:
+        raise ValueError(f"codebook_loss_weight must be > 0, got {w_cb}")
+    if dead_steps < 0:
+        raise ValueError(f"dead_code_steps must be >= 0, got {dead_steps}")
+    return codebook_dim
+
+
+def check_indices(indices, heads: int, codebook_size: int, check: bool) -> None:
+    """TypeError/ValueError for indices that :meth:`VectorQuantizer.codes_from_indices` cannot
+    decode; ``check`` also checks their range (a host sync)."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if heads > 1 and (indices.dim() < 1 or indices.shape[-1] != heads):
+        raise ValueError(
+            f"indices must have a trailing dim of size heads={heads}, "
+            f"got shape {tuple(indices.shape)}"
+        )
+    if check and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= codebook_size:
+            raise ValueError(
+                f"indices must lie in [0, {codebook_size}), got values in [{lo}, {hi}]"
             )
 
 
@@ -184,47 +181,19 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(
-        self,
-        dim: int,
-        codebook_size: int,
-        *,
-        beta: float = 0.25,
-        codebook_loss_weight: float = 1.0,
-        ema: bool = True,
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        kmeans_init: bool = True,
-        kmeans_iters: int = 10,
-        dead_code_steps: int = 20,
-        restart_noise: float = 0.01,
-        codebook_dim: int | None = None,
-        heads: int = 1,
-        shared_codebook: bool = False,
-        cosine: bool = False,
-        channel_first: bool = False,
-        backend: str = "auto",
-        sync_distributed: bool = True,
-        process_group=None,
-        seed: int = 0,
-        debug: bool = False,
-    ):
+        self, dim: int, codebook_size: int, *, beta: float = 0.25,
+        codebook_loss_weight: float = 1.0, ema: bool = True, decay: float = 0.99,
+        eps: float = 1e-5, kmeans_init: bool = True, kmeans_iters: int = 10,
+        dead_code_steps: int = 20, restart_noise: float = 0.01, codebook_dim: int | None = None,
+        heads: int = 1, shared_codebook: bool = False, cosine: bool = False,
+        channel_first: bool = False, backend: str = "auto", sync_distributed: bool = True,
+        process_group=None, seed: int = 0, debug: bool = False,
+    ):  # fmt: skip
         super().__init__()
-        for name, v in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if codebook_dim is None:
-            if dim % heads != 0:
-                raise ValueError(
-                    f"dim ({dim}) must be divisible by heads ({heads}), or pass codebook_dim"
-                )
-            codebook_dim = dim // heads
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        check_beta(beta)
-        if not codebook_loss_weight > 0:
-            raise ValueError(f"codebook_loss_weight must be > 0, got {codebook_loss_weight}")
-        if dead_code_steps < 0:
-            raise ValueError(f"dead_code_steps must be >= 0, got {dead_code_steps}")
+        codebook_dim = check_config(
+            dim, codebook_size, heads, codebook_dim, decay, beta, codebook_loss_weight,
+            dead_code_steps,
+        )  # fmt: skip
         self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
         self.heads, self.shared_codebook = heads, shared_codebook
         self.num_codebooks = 1 if (shared_codebook or heads == 1) else heads
@@ -240,29 +209,25 @@ class VectorQuantizer(nn.Module):
         inner = heads * codebook_dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
-
-        g, k, cd = self.num_codebooks, codebook_size, codebook_dim
-        init = torch.empty(g, k, cd)
-        for i in range(g):
+        init = torch.empty(self.num_codebooks, codebook_size, codebook_dim)
+        for i in range(self.num_codebooks):
             nn.init.kaiming_uniform_(init[i])
         if cosine:
             init = F.normalize(init, dim=-1)
         if ema:
             self.register_buffer("codebook", init)
-            self.register_buffer("cluster_size", torch.ones(g, k))
+            self.register_buffer("cluster_size", torch.ones(self.num_codebooks, codebook_size))
             self.register_buffer("embed_avg", init.clone())
         else:
             self.codebook = nn.Parameter(init)
-        self.register_buffer("steps_unused", torch.zeros(g, k, dtype=torch.int64))
-        self.register_buffer("usage_counts", torch.zeros(g, k))  # running, over training batches
+        self.register_buffer("steps_unused", torch.zeros(init.shape[:2], dtype=torch.int64))
+        self.register_buffer("usage_counts", torch.zeros(init.shape[:2]))  # over training batches
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self._initted = not kmeans_init  # host mirror of ``initted``: no sync per forward
         self.register_buffer("last_perplexity", torch.zeros(()), persistent=False)
         self.register_buffer("last_used_fraction", torch.zeros(()), persistent=False)
         self._generators: dict = {}
         self.register_load_state_dict_post_hook(VectorQuantizer._after_load)
-
-    # --- helpers -----------------------------------------------------------------------------
 
     @staticmethod
     def _after_load(module, incompatible_keys) -> None:
@@ -277,20 +242,19 @@ class VectorQuantizer(nn.Module):
             f"channel_first={self.channel_first}"
         )
 
-    def _group(self):
-        return self.process_group if self.sync_distributed else None
+    def _state(self) -> CodebookState:
+        return CodebookState(
+            self.codebook.data, getattr(self, "cluster_size", None),
+            getattr(self, "embed_avg", None), self.steps_unused, self.usage_counts, self.initted,
+        )  # fmt: skip
 
-    def _distributed(self) -> bool:
-        return self.sync_distributed and _dist.is_distributed(self.process_group)
-
-    def _generator(self, name: str, device: torch.device, offset: int = 0) -> torch.Generator:
-        key = (name, str(device))
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed * 1000003 + offset)
-            self._generators[key] = gen
-        return gen
+    def _dist_policy(self) -> dict:
+        """The group the codebook engine synchronises over, and whether it does."""
+        group = self.process_group if self.sync_distributed else None
+        return {
+            "group": group,
+            "distributed": self.sync_distributed and _dist.is_distributed(group),
+        }
 
     # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
     @torch.compiler.disable
@@ -308,7 +272,7 @@ class VectorQuantizer(nn.Module):
             "seed": self.seed, "debug": self.debug,
         }  # fmt: skip
         _dist.check_same_across_ranks(
-            "VectorQuantizer", fields, self.codebook.device, self._group()
+            "VectorQuantizer", fields, self.codebook.device, self._dist_policy()["group"]
         )
         self._ranks_checked = True
 
@@ -319,10 +283,7 @@ class VectorQuantizer(nn.Module):
         return cb[0] if self.num_codebooks == 1 else cb
 
     def _codes_all(self) -> torch.Tensor:
-        cb = self.codebook
-        if self.cosine and not self.ema:
-            cb = F.normalize(cb, dim=-1)
-        return cb
+        return F.normalize(self.codebook, dim=-1) if self.cosine and not self.ema else self.codebook
 
     @torch.no_grad()
     def load_codebook(self, weight: torch.Tensor) -> None:
@@ -340,22 +301,18 @@ class VectorQuantizer(nn.Module):
                 f"{tuple(self.codebook.shape)}, got {tuple(weight.shape)}"
             )
         weight = weight.to(self.codebook)
-        if self.cosine and self.ema:
-            weight = F.normalize(weight, dim=-1)
-        self.codebook.data.copy_(weight)
-        if self.ema:
-            self.cluster_size.fill_(1.0)
-            self.embed_avg.copy_(weight)
-        self.steps_unused.zero_()
-        self.initted.fill_(True)
+        cb_engine.set_codes_(
+            self._state(), F.normalize(weight, dim=-1) if self.cosine and self.ema else weight
+        )
         self._initted = True
 
-    # --- input checks and layout -------------------------------------------------------------
-
-    def _check_x(self, x) -> None:
-        check_input(x, self.dim, self.channel_first)
-
-    # --- forward -----------------------------------------------------------------------------
+    def _rows(self, zh: torch.Tensor, valid: torch.Tensor | None) -> list:
+        """Per codebook ``(rows (M, cd), mask (M,) or None)``: shared codebooks fold the heads
+        into the rows."""
+        if self.num_codebooks == 1:
+            keep = None if valid is None else valid.repeat_interleave(self.heads)
+            return [(zh.reshape(-1, self.codebook_dim), keep)]
+        return [(zh[:, g], valid) for g in range(self.num_codebooks)]
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False
@@ -377,229 +334,64 @@ class VectorQuantizer(nn.Module):
             without the channel dim (plus a trailing ``heads`` dim when ``heads > 1``), ``loss``
             an fp32 scalar. With ``return_stats``: ``(quantized, indices, loss, stats)``.
         """
-        self._check_x(x)
+        check_input(x, self.dim, self.channel_first)
+        check_same_device("x", x, "codebook", self.codebook)
+        if mask is not None:
+            check_mask(mask, x.movedim(1, -1).shape[:-1] if self.channel_first else x.shape[:-1])
+        backend = resolve_backend(self.backend, x.device)  # once: the rows below go 2-D
         if self.channel_first:
             x = x.movedim(1, -1)  # (B, ..., dim)
         lead = x.shape[:-1]
         n = math.prod(lead)
-        valid = None  # bool (N,), True = real token
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError("mask must be a bool tensor (True = real token)")
-            if tuple(mask.shape) != tuple(lead):
-                raise ValueError(
-                    f"mask must have x's shape without the channel dim, {tuple(lead)}; "
-                    f"got {tuple(mask.shape)}"
-                )
-            valid = mask.reshape(n)
-
+        valid = None if mask is None else mask.reshape(n)  # bool (N,), True = real token
         z = self.project_in(x.reshape(n, self.dim))
-        zh = z.reshape(n, self.heads, self.codebook_dim)
-        update = self.training and not _in_backward()
-        if update and self._distributed() and (self.debug or not self._ranks_checked):
+        groups = self._rows(z.reshape(n, self.heads, self.codebook_dim), valid)
+        update = self.training and not cb_engine.in_backward()
+        pol = self._dist_policy()
+        if update and pol["distributed"] and (self.debug or not self._ranks_checked):
             self._check_ranks()
         if update and not self._initted:
-            self._kmeans_init(zh, valid)
+            self._initted = cb_engine.kmeans_init_(
+                self, self._state(), [zg for zg, _ in groups], [m for _, m in groups], **pol
+            )
 
-        g_count, k = self.num_codebooks, self.codebook_size
-        codes = self._codes_all()
-        q_parts, idx_parts, losses, counts, sums, rows, weights = [], [], [], [], [], [], []
-        for g in range(g_count):
-            if g_count == 1:
-                zg = zh.reshape(-1, self.codebook_dim)  # (N * heads, cd)
-                mg = None if valid is None else valid.repeat_interleave(self.heads)
-            else:
-                zg, mg = zh[:, g], valid
+        w_cb = 0.0 if self.ema else self.codebook_loss_weight
+        k, codes = self.codebook_size, self._codes_all()
+        if update and self.ema:  # the backward reads the codes this forward used, not the update
+            codes = codes.clone()
+        out = []  # per codebook: (q, idx, loss, counts, sums, rows, weights)
+        for g, (zg, mg) in enumerate(groups):
             if self.cosine:
                 zg = F.normalize(zg, dim=-1)
-            q, idx, loss, ok = self._quantize(zg, codes[g], mg)
-            q_parts.append(q)
-            idx_parts.append(idx)
-            losses.append(loss)
-            # Masked and non-finite rows go to an extra bin K, dropped: they count in no
-            # statistic. Their rows are zeroed too, so a NaN never enters a scatter.
-            idx_stat = torch.where(ok, idx, k)
-            counts.append(_counts(idx_stat, k + 1)[:k])
-            if update and self.ema:
-                zs = torch.where(ok[:, None], zg.detach(), 0.0)
-                sums.append(_scatter_rows_unchecked(idx_stat, zs, k + 1, backend=self.backend)[:k])
-            rows.append(zg.detach())
-            weights.append(ok.to(torch.float32))
-
+            q, idx, loss, err = quantize_rows(
+                zg, codes[g], beta=self.beta, backend=backend, keep=mg, codebook_weight=w_cb
+            )
+            # err is non-finite exactly for rows holding NaN/Inf: they count in no statistic
+            ok = torch.isfinite(err) if mg is None else torch.isfinite(err) & mg
+            counts, sums = cb_engine.batch_statistics(
+                idx, ok, zg if update and self.ema else None, k, backend
+            )
+            out.append((q, idx, loss, counts, sums, zg.detach(), ok.to(torch.float32)))
+        q, idx, losses, counts, sums, rows, weights = zip(*out, strict=True)
         counts = torch.stack(counts)  # (G, K)
         if update:
-            counts = self._update(counts, sums, rows, weights)
-        with torch.no_grad():
-            stats = CodebookStats(_perplexity(counts), (counts > 0).float().mean(), counts)
-            self.last_perplexity.copy_(stats.perplexity)
-            self.last_used_fraction.copy_(stats.used_fraction)
+            sums = torch.stack(sums) if self.ema else None
+            counts = cb_engine.update_(self, self._state(), counts, sums, rows, weights, **pol)
+        ppl, used = cb_engine.record_stats_(self.last_perplexity, self.last_used_fraction, counts)
 
-        if g_count == 1:
-            q = q_parts[0].reshape(n, self.heads * self.codebook_dim)
-            indices = idx_parts[0].reshape(n, self.heads)
-        else:
-            q = torch.stack(q_parts, dim=1).reshape(n, self.heads * self.codebook_dim)
-            indices = torch.stack(idx_parts, dim=1)
-        quantized = self.project_out(q).reshape(*lead, self.dim)
-        indices = indices.reshape(*lead, self.heads) if self.heads > 1 else indices.reshape(lead)
+        if len(q) > 1:  # one codebook per head: (N, heads, cd)
+            q, idx = (torch.stack(q, dim=1),), (torch.stack(idx, dim=1),)
+        quantized = self.project_out(q[0].reshape(n, self.heads * self.codebook_dim)).reshape(
+            *lead, self.dim
+        )
+        indices = idx[0].reshape(*lead, self.heads) if self.heads > 1 else idx[0].reshape(lead)
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
-        loss = losses[0] if g_count == 1 else torch.stack(losses).mean()
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         if return_stats:
+            stats = CodebookStats(ppl, used, counts)
             return QuantizeOutputWithStats(quantized, indices, loss, stats)
         return QuantizeOutput(quantized, indices, loss)
-
-    def _quantize(self, zg: torch.Tensor, cb: torch.Tensor, mg: torch.Tensor | None):
-        """(quantized, indices, loss, ok) for rows ``zg`` (M, cd) against codes ``cb`` (K, cd)
-        with optional mask ``mg`` (M,); ``ok`` (M,) bool marks the rows that count in the
-        statistics: unmasked and finite."""
-        w_cb = self.codebook_loss_weight
-        if not self.ema and mg is None:
-            # the fused op: straight-through, codebook term and commitment in one autograd node;
-            # w * (codebook + beta / w * commitment) = w * codebook + beta * commitment
-            q, idx, loss = vector_quantize(zg, cb, beta=self.beta / w_cb, backend=self.backend)
-            # it returns no per-row error, so one elementwise pass finds the non-finite rows
-            ok = torch.isfinite(zg.detach()).all(-1)
-            return q, idx, (loss if w_cb == 1.0 else loss * w_cb), ok
-        z_q, idx, err = _SearchStraightThrough.apply(zg, cb, self.backend)
-        # the per-row error is non-finite exactly for rows holding NaN/Inf (or whose squared
-        # error overflows fp32): no extra pass over the rows
-        ok = torch.isfinite(err) if mg is None else torch.isfinite(err) & mg
-        # unmasked non-finite rows stay in the loss (NaN/Inf): the policy is that they surface
-        loss = self.beta * _sq_err_mean(zg, z_q.detach(), mg)
-        if not self.ema:  # masked gradient codebook: the codebook term through a gather
-            loss = loss + w_cb * _sq_err_mean(zg.detach(), F.embedding(idx, cb), mg)
-        return z_q, idx, loss, ok
-
-    # --- codebook learning (training forward only) -------------------------------------------
-
-    @torch.no_grad()
-    def _update(self, counts, sums, rows, weights) -> torch.Tensor:
-        """EMA, usage and dead-code bookkeeping. Returns the (global) counts."""
-        group = self._group()
-        dist_on = self._distributed()
-        if self.ema:
-            stat = torch.cat([torch.stack(sums), counts.unsqueeze(-1)], dim=-1)  # (G, K, cd + 1)
-            if dist_on:
-                _dist.all_reduce_sum_(stat, group)
-            sums, counts = stat[..., :-1], stat[..., -1]
-            self.cluster_size.lerp_(counts, 1.0 - self.decay)
-            self.embed_avg.lerp_(sums, 1.0 - self.decay)
-            self._refresh_codebook()
-        elif dist_on:
-            counts = _dist.all_reduce_sum_(counts.clone(), group)
-        self.usage_counts.add_(counts)
-        self.steps_unused.copy_(torch.where(counts > 0, 0, self.steps_unused + 1))
-        if self.dead_code_steps > 0:
-            self._restart_dead(rows, weights)
-        return counts
-
-    def _refresh_codebook(self) -> None:
-        total = self.cluster_size.sum(-1, keepdim=True)
-        k = self.codebook_size
-        smoothed = (self.cluster_size + self.eps) / (total + k * self.eps) * total
-        cb = self.embed_avg / smoothed.unsqueeze(-1)
-        if self.cosine:
-            cb = F.normalize(cb, dim=-1)
-        self.codebook.copy_(cb)
-
-    def _restart_dead(self, rows: list, weights: list) -> None:
-        """Re-seed codes unused for ``dead_code_steps`` steps from this step's rows, on device.
-
-        Each rank samples ``ceil(K / world)`` candidate rows per codebook (uniformly among its
-        valid rows, with replacement) and their rank's valid-row count; the candidates of all
-        ranks are gathered in rank order (one fixed-size all_gather) and every rank picks the
-        same replacement for each code with a generator seeded identically everywhere, each
-        rank's candidates weighted by its number of valid rows.
-        """
-        k, cd = self.codebook_size, self.codebook_dim
-        dev = self.codebook.device
-        group = self._group()
-        world = _dist.world_size(group) if self._distributed() else 1
-        rank = _dist.rank(group) if self._distributed() else 0
-        p = -(-k // world)
-        local_gen = self._generator("restart-local", dev, 1 + rank)
-        shared_gen = self._generator("restart-shared", dev, 0)
-        cands = []
-        for zg, wg in zip(rows, weights, strict=True):
-            m = zg.shape[0]
-            if m == 0:
-                cands.append(torch.zeros(p, cd + 1, device=dev))
-                continue
-            cdf = torch.cumsum(wg, 0)  # masked and non-finite rows weigh 0: never a candidate
-            total = cdf[-1]
-            u = torch.rand(p, device=dev, generator=local_gen) * total
-            j = torch.searchsorted(cdf, u, right=True).clamp_max(m - 1)
-            cand = zg.index_select(0, j).to(torch.float32)
-            cands.append(torch.cat([cand, total.expand(p, 1)], dim=1))
-        pool = torch.stack(cands, dim=1)  # (P, G, cd + 1)
-        if self._distributed():
-            pool = _dist.all_gather_cat(pool, group)  # (world * P, G, cd + 1), rank order
-        pool = pool.transpose(0, 1)  # (G, S, cd + 1)
-        slot_w = pool[..., -1]  # each slot weighted by its rank's valid-row count
-        cdf = torch.cumsum(slot_w, -1)
-        total = cdf[:, -1:]  # (G, 1)
-        u = torch.rand(self.num_codebooks, k, device=dev, generator=shared_gen) * total
-        pick = torch.searchsorted(cdf, u, right=True).clamp_max(pool.shape[1] - 1)  # (G, K)
-        repl = torch.gather(pool[..., :-1], 1, pick.unsqueeze(-1).expand(-1, -1, cd))
-        noise = torch.randn(repl.shape, device=dev, generator=shared_gen)
-        scale = repl.square().mean(-1, keepdim=True).sqrt()
-        repl = repl + self.restart_noise * scale * noise
-        if self.cosine:
-            repl = F.normalize(repl, dim=-1)
-        dead = (self.steps_unused >= self.dead_code_steps) & (total > 0)  # (G, K)
-        dead3 = dead.unsqueeze(-1)
-        self.codebook.data.copy_(torch.where(dead3, repl.to(self.codebook.dtype), self.codebook))
-        if self.ema:
-            self.embed_avg.copy_(torch.where(dead3, repl, self.embed_avg))
-            self.cluster_size.copy_(torch.where(dead, 1.0, self.cluster_size))
-        self.steps_unused.copy_(torch.where(dead, 0, self.steps_unused))
-
-    # k-means (host syncs, data-dependent shapes, a generator) cannot trace: under torch.compile
-    # it runs eagerly, one graph break on the first training forward only (``_initted`` is a
-    # Python bool, so later calls recompile once without this branch).
-    @torch.compiler.disable
-    @torch.no_grad()
-    def _kmeans_init(self, zh: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """k-means on this batch's unmasked, finite rows, gathered from every rank; the same
-        result everywhere."""
-        group = self._group()
-        dist_on = self._distributed()
-        gen = torch.Generator().manual_seed(self.seed)
-        new = []
-        for g in range(self.num_codebooks):
-            if self.num_codebooks == 1:
-                sample = zh.reshape(-1, self.codebook_dim)
-                keep = None if valid is None else valid.repeat_interleave(self.heads)
-            else:
-                sample, keep = zh[:, g], valid
-            finite = torch.isfinite(sample).all(-1)  # a NaN row would make a NaN centre
-            keep = finite if keep is None else keep & finite
-            sample = sample[keep].to(torch.float32).contiguous()  # a one-off host sync
-            if dist_on:
-                sample = _dist.all_gather_varsize(sample, group)
-            if sample.shape[0] == 0:  # no data anywhere yet: try again next batch
-                return
-            centres, _ = kmeans(
-                sample,
-                self.codebook_size,
-                iters=self.kmeans_iters,
-                cosine=self.cosine,
-                generator=gen,
-                backend=self.backend,
-            )
-            new.append(centres)
-        new = torch.stack(new)
-        if dist_on:  # identical inputs give identical centres; broadcast guards against atomics
-            _dist.broadcast_(new, 0, group)
-        self.codebook.data.copy_(new.to(self.codebook.dtype))
-        if self.ema:
-            self.embed_avg.copy_(new)
-            self.cluster_size.fill_(1.0)
-        self.initted.fill_(True)
-        self._initted = True
-
-    # --- decoding ----------------------------------------------------------------------------
 
     def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Decode indices to the tensor the layer outputs for them (eval mode: bit-identical).
@@ -612,25 +404,7 @@ class VectorQuantizer(nn.Module):
         Returns:
             ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``; in the codebook's dtype.
         """
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-        if (
-            indices.dtype.is_floating_point
-            or indices.dtype.is_complex
-            or indices.dtype == torch.bool
-        ):
-            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-        if self.heads > 1 and (indices.dim() < 1 or indices.shape[-1] != self.heads):
-            raise ValueError(
-                f"indices must have a trailing dim of size heads={self.heads}, "
-                f"got shape {tuple(indices.shape)}"
-            )
-        if check and indices.numel() > 0:
-            lo, hi = int(indices.min()), int(indices.max())
-            if lo < 0 or hi >= self.codebook_size:
-                raise ValueError(
-                    f"indices must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]"
-                )
+        check_indices(indices, self.heads, self.codebook_size, check)
         indices = indices.to(torch.int64)
         cb = self._codes_all()  # (G, K, cd)
         if self.heads == 1:
@@ -641,9 +415,7 @@ class VectorQuantizer(nn.Module):
             offs = torch.arange(self.heads, device=indices.device) * self.codebook_size
             q = F.embedding(indices + offs, cb.reshape(-1, self.codebook_dim)).flatten(-2)
         q = self.project_out(q)
-        if self.channel_first:
-            q = q.movedim(-1, 1)
-        return q
+        return q.movedim(-1, 1) if self.channel_first else q
 
     def get_indices(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of ``x`` (the layer's input layout) as in eval mode, without updating state."""
@@ -678,7 +450,7 @@ class UsageMeter:
         if mask is not None:  # indices of masked rows go to an extra bin, then dropped
             m = mask.reshape(mask.shape + (1,) * (indices.dim() - mask.dim())).expand_as(indices)
             idx = torch.where(m.reshape(-1), idx, self.codebook_size)
-        c = _counts(idx, self.codebook_size + 1)[: self.codebook_size]
+        c = row_counts(idx, self.codebook_size + 1)[: self.codebook_size]
         self.counts = c if self.counts is None else self.counts + c
 
     @property
@@ -687,7 +459,7 @@ class UsageMeter:
 
     @property
     def perplexity(self) -> float:
-        return 0.0 if self.counts is None else float(_perplexity(self.counts[None]))
+        return 0.0 if self.counts is None else float(cb_engine.perplexity(self.counts[None]))
 
 
 @torch.no_grad()
