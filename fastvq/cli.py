@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from . import recipes as R
+from . import train as T
 from .data import DATASETS, DataNotFoundError, IDXError, load_dataset
+from .figures import save_panels
+from .models import AEConfig, PixelCNNConfig, VQVAEConfig
 from .train import CheckpointError, RunLockedError
 
 
@@ -44,16 +48,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_vq_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("vector quantizer (unset = the layer's defaults)")
-    g.add_argument("--codebook-size", type=int, default=256, help="K (default 256)")
-    g.add_argument("--dim", type=int, default=16, help="encoder output channels fed to the layer")
+    """The VQ-VAE's options, for ``train vqvae`` and ``demo``."""
+    g = p.add_argument_group(
+        "VQ-VAE and its vector quantizer (unset = the model's/layer's defaults)"
+    )
+    g.add_argument(
+        "--codebook-size", type=int, default=None, help=f"K (default {VQVAEConfig.codebook_size})"
+    )
+    g.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help=f"encoder output channels fed to the layer (default {VQVAEConfig.dim})",
+    )
     g.add_argument(
         "--codebook-dim",
         type=int,
         default=None,
         help="project to this dim before the search (layer option)",
     )
-    g.add_argument("--beta", type=float, default=0.25, help="commitment weight")
+    g.add_argument(
+        "--beta", type=float, default=None, help=f"commitment weight (default {VQVAEConfig.beta})"
+    )
     g.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
@@ -95,7 +111,18 @@ VQ_OPTIONS = (
 
 
 def vq_kwargs_from_args(args) -> dict:
+    """The layer options set on the command line (:data:`VQ_OPTIONS`), for ``vq_kwargs``."""
     return {k: getattr(args, k) for k in VQ_OPTIONS if getattr(args, k, None) is not None}
+
+
+def vqvae_options(args) -> dict:
+    """The VQ-VAE config fields given on the command line; None keeps the model's default."""
+    return {
+        "codebook_size": args.codebook_size,
+        "dim": args.dim,
+        "beta": args.beta,
+        "vq_kwargs": vq_kwargs_from_args(args),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,11 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=500, help="evaluate + checkpoint every N")
     t.add_argument("--eval-limit", type=int, default=None, help="test images for evaluation")
     t.add_argument("--resume", action="store_true", help="continue from the run directory")
-    t.add_argument("--latent-dim", type=int, default=16, help="ae/vae latent size")
+    t.add_argument(
+        "--latent-dim",
+        type=int,
+        default=None,
+        help=f"ae/vae latent size (default {AEConfig.latent_dim})",
+    )
     t.add_argument("--hidden", type=int, default=None, help="conv width (model default if unset)")
     t.add_argument("--vqvae", default=None, help="pixelcnn: the VQ-VAE run directory")
-    t.add_argument("--channels", type=int, default=32, help="pixelcnn width")
-    t.add_argument("--layers", type=int, default=6, help="pixelcnn gated layers")
+    t.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        help=f"pixelcnn width (default {PixelCNNConfig.channels})",
+    )
+    t.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help=f"pixelcnn gated layers (default {PixelCNNConfig.n_layers})",
+    )
     t.add_argument("--conditional", action="store_true", help="pixelcnn: condition on the class")
     _add_common(t)
     _add_vq_options(t)
@@ -150,9 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the feature classifier is cached (default ~/.cache/fastvq)",
     )
-    d.add_argument("--codebook-size", type=int, default=256)
-    d.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None)
     _add_common(d)
+    _add_vq_options(d)
     return ap
 
 
@@ -164,9 +205,8 @@ def _total_steps(args, n_train: int) -> int:
 
 
 def cmd_train(args) -> dict:
-    from . import train as T
-
-    torch.manual_seed(args.seed)
+    """``fastvq train KIND``: one stage of :mod:`fastvq.recipes` into its run directory."""
+    T.seed_everything(args.seed)
     ds = load_dataset(args.dataset, args.data_dir, prefix=args.data_prefix)
     out = Path(args.out or f"runs/{args.kind}")
     with T.run_lock(out):  # one writer per run directory, from the resume read to the last save
@@ -174,152 +214,82 @@ def cmd_train(args) -> dict:
 
 
 def _train_locked(args, ds, out: Path) -> dict:
-    from . import train as T
-    from .models import AEConfig, PixelCNNConfig, VAEConfig, VQVAEConfig
-
-    C, H, _ = ds.image_shape
-    steps = _total_steps(args, len(ds.train))
-    test, dev, lim = ds.test, args.device, args.eval_limit
-    hidden = {} if args.hidden is None else {"hidden": args.hidden}
-    common = dict(
-        steps=steps,
+    fit = dict(
+        steps=_total_steps(args, len(ds.train)),
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        device=dev,
+        device=args.device,
         eval_every=args.eval_every,
-        run_dir=out,
         resume=args.resume,
         meta={"dataset": ds.name, "data_dir": args.data_dir},
     )
     resume_cfg = None
     if args.resume and T.checkpoint_dir(out) is not None:
         resume_cfg = T.read_meta(out)["config"]
-
-    if args.kind in ("ae", "vae"):
-        cfg_cls = AEConfig if args.kind == "ae" else VAEConfig
-        cfg = resume_cfg or vars(
-            cfg_cls(in_channels=C, image_size=H, latent_dim=args.latent_dim, **hidden)
+    if args.kind != "pixelcnn":
+        model = T.build(
+            args.kind, resume_cfg or R.model_config(args.kind, ds, **_options(args, ds))
         )
-        model = T.build(args.kind, cfg)
-        ev = (
-            (lambda m: T.eval_recon(m, test, dev, limit=lim))
-            if args.kind == "ae"
-            else (lambda m: T.eval_vae(m, test, dev, limit=lim))
-        )
-        meta = T.fit(model, args.kind, ds.train.images, ds.train.labels, evaluate=ev, **common)
-        if args.kind == "ae":  # latent statistics, for `fastvq sample` on an AE
-            from .data import to_float
-            from .metrics import batched
-
-            with torch.no_grad():
-                z = batched(
-                    lambda b: model.encode(to_float(b).to(dev)).cpu(), ds.train.images[:10000]
-                )
-            meta["latent_mean"], meta["latent_std"] = z.mean(0).tolist(), z.std(0).tolist()
-            T.save_run(out, model, "ae", meta)
-    elif args.kind == "vqvae":
-        var = float(ds.train.images[:10000].float().div(255).var())
-        cfg = resume_cfg or dict(
-            vars(
-                VQVAEConfig(
-                    in_channels=C,
-                    codebook_size=args.codebook_size,
-                    dim=args.dim,
-                    beta=args.beta,
-                    data_variance=var,
-                    **hidden,
-                )
-            ),
-            vq_kwargs=vq_kwargs_from_args(args),
-        )
-        model = T.build("vqvae", cfg)
-        meta = T.fit(
-            model,
-            "vqvae",
-            ds.train.images,
-            ds.train.labels,
-            evaluate=lambda m: T.eval_vqvae(m, test, dev, limit=lim),
-            **common,
-        )
-    else:  # pixelcnn
+        meta = R.train_images(args.kind, model, ds, out, eval_limit=args.eval_limit, **fit)
+    else:
         if args.vqvae is None:
             raise SystemExit("fastvq train pixelcnn needs --vqvae RUN_DIR (a trained VQ-VAE)")
-        vqvae, _ = T.load_run(args.vqvae, dev)
-        train_codes = T.encode_codes(vqvae, ds.train.images, dev, desc="encode train codes")
-        test_codes = T.encode_codes(vqvae, test.images[:lim] if lim else test.images, dev)
-        test_labels = test.labels[: test_codes.shape[0]] if args.conditional else None
-        cfg = resume_cfg or vars(
-            PixelCNNConfig(
-                num_codes=vqvae.cfg.codebook_size,
-                channels=args.channels,
-                n_layers=args.layers,
-                num_classes=ds.num_classes if args.conditional else None,
-            )
-        )
-        model = T.build("pixelcnn", cfg)
-        import os
-
-        common["meta"].update(
-            vqvae=os.path.relpath(Path(args.vqvae), out), code_shape=list(train_codes.shape[1:])
-        )
-        meta = T.fit(
-            model,
-            "pixelcnn",
-            train_codes,
-            ds.train.labels,
-            prepare=lambda c: c,
-            conditional=args.conditional,
-            evaluate=lambda m: T.eval_prior(m, test_codes, test_labels, dev),
-            **common,
-        )
+        vqvae, _ = T.load_run(args.vqvae, args.device)
+        codes = R.encode_dataset(vqvae, ds, args.device, test_limit=args.eval_limit)
+        options = dict(_options(args, ds), num_codes=vqvae.cfg.codebook_size)
+        model = T.build("pixelcnn", resume_cfg or R.model_config("pixelcnn", ds, **options))
+        meta = R.train_prior(model, codes, ds, out, args.vqvae, conditional=args.conditional, **fit)
     print(json.dumps({"run": str(out), "step": meta["step"], **meta.get("metrics", {})}))
     return meta
 
 
-def cmd_sample(args) -> Path:
-    from . import train as T
-    from .demo import save_panels
+def _options(args, ds) -> dict:
+    """The config fields of ``args.kind``'s model given on the command line (None: default)."""
+    if args.kind in ("ae", "vae"):
+        return {"latent_dim": args.latent_dim, "hidden": args.hidden}
+    if args.kind == "vqvae":
+        return {"hidden": args.hidden, **vqvae_options(args)}
+    classes = ds.num_classes if args.conditional else None
+    return {"channels": args.channels, "n_layers": args.layers, "num_classes": classes}
 
+
+def cmd_sample(args) -> Path:
+    """``fastvq sample RUN``: a PNG grid of samples from a vae, ae or pixelcnn run."""
     model, meta = T.load_run(args.run, args.device)
     g = torch.Generator().manual_seed(args.seed)
     kind = meta["kind"]
-    with torch.no_grad():
-        if kind == "vae":
-            images = model.sample(args.n, generator=g)
-        elif kind == "ae":
-            if "latent_mean" not in meta:
-                raise SystemExit(f"{args.run}: AE run without latent statistics; retrain it")
-            mu, sd = torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
-            images = model.decode(
-                (mu + sd * torch.randn(args.n, mu.numel(), generator=g)).to(args.device)
-            )
-        elif kind == "pixelcnn":
-            vq_dir = Path(args.run) / meta["vqvae"]
-            vqvae, _ = T.load_run(vq_dir, args.device)
-            y = None
-            if model.cfg.num_classes:
-                label = 0 if args.label is None else args.label
-                y = torch.full((args.n,), label, dtype=torch.long, device=args.device)
-            codes = model.sample(
-                args.n, tuple(meta["code_shape"]), y=y, temperature=args.temperature, generator=g
-            )
-            images = vqvae.decode_indices(codes)
-        else:
-            raise SystemExit(
-                f"cannot sample from a {kind} run: use a vae, ae or pixelcnn run "
-                "(a VQ-VAE needs a prior: `fastvq train pixelcnn --vqvae RUN`)"
-            )
+    if kind == "vae":
+        images = R.sample_vae(model, args.n, g)
+    elif kind == "ae":
+        if "latent_mean" not in meta:
+            raise SystemExit(f"{args.run}: AE run without latent statistics; retrain it")
+        images = R.sample_ae(model, meta, args.n, g, args.device)
+    elif kind == "pixelcnn":
+        vqvae, _ = T.load_run(Path(args.run) / meta["vqvae"], args.device)
+        y = None
+        if model.cfg.num_classes:
+            label = 0 if args.label is None else args.label
+            y = torch.full((args.n,), label, dtype=torch.long, device=args.device)
+        shape = tuple(meta["code_shape"])
+        images = R.sample_prior(
+            model, vqvae, args.n, shape, g, args.device, y=y, temperature=args.temperature
+        )
+    else:
+        raise SystemExit(
+            f"cannot sample from a {kind} run: use a vae, ae or pixelcnn run "
+            "(a VQ-VAE needs a prior: `fastvq train pixelcnn --vqvae RUN`)"
+        )
     out = Path(args.out or Path(args.run) / "samples.png")
-    save_panels(out, [(f"{kind} samples", images.cpu())], nrow=8)
+    save_panels(out, [(f"{kind} samples", images)], nrow=8)
     print(out)
     return out
 
 
 def cmd_demo(args) -> dict:
+    """``fastvq demo``: :func:`fastvq.demo.run_demo`, then print its ``summary.md``."""
     from .demo import run_demo
 
-    vq = {} if args.ema is None else {"ema": args.ema}
     r = run_demo(
         args.out,
         dataset=args.dataset,
@@ -331,8 +301,7 @@ def cmd_demo(args) -> dict:
         seed=args.seed,
         device=args.device,
         cache=args.cache_dir,
-        vq_kwargs=vq,
-        codebook_size=args.codebook_size,
+        **vqvae_options(args),
     )
     print((Path(args.out) / "summary.md").read_text())
     return r

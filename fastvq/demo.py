@@ -3,6 +3,7 @@ report folder of figures, ``metrics.json`` and ``summary.md``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,9 +15,13 @@ from pathlib import Path
 import torch
 
 from . import metrics as M
+from . import recipes as R
 from . import train as T
 from .data import Dataset, load_dataset, to_float
-from .models import AE, VAE, VQVAE, AEConfig, PixelCNN, PixelCNNConfig, VAEConfig, VQVAEConfig
+from .figures import save_panels, save_usage_histogram
+
+BATCH_SIZE = 128
+NAMES = {"ae": "AE", "vae": "VAE", "vqvae": "VQ-VAE"}  # stages 1-3, in order
 
 
 @dataclass
@@ -41,6 +46,8 @@ QUICK = DemoSteps(
 def steps_for(
     quick: bool, epochs: float | None, scale: float, n_train: int, batch_size: int
 ) -> DemoSteps:
+    """The demo's steps: :data:`QUICK` or :data:`FULL`; ``epochs`` (if set) replaces each
+    model's steps, then ``scale`` multiplies them (the classifier's stay as they are)."""
     s = DemoSteps(**vars(QUICK if quick else FULL))
     if epochs is not None:
         n = max(1, round(epochs * n_train / batch_size))
@@ -50,73 +57,7 @@ def steps_for(
     return s
 
 
-# ---------------------------------------------------------------- figures
-
-
-def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """(N, 1, H, W) in [0, 1] -> (rows*H + pad, nrow*W + pad) single-channel grid."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    g = torch.ones(rows * (h + 1) + 1, nrow * (w + 1) + 1)
-    for k in range(n):
-        r, c = divmod(k, nrow)
-        g[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[
-            k, 0
-        ]
-    return g
-
-
-def save_panels(path, panels: list[tuple[str, torch.Tensor]], nrow: int, title: str | None = None):
-    """One PNG with a titled grid per panel, stacked vertically (rows) or side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grids = [(name, _grid(imgs.cpu().float(), nrow)) for name, imgs in panels]
-    side = all(g.shape[0] > 40 for _, g in grids)  # sample sets: side by side
-    if side:
-        fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6))
-    else:
-        fig, axes = plt.subplots(len(grids), 1, figsize=(nrow * 0.5, 0.75 * len(grids) + 0.5))
-    axes = [axes] if len(grids) == 1 else list(axes)
-    for ax, (name, g) in zip(axes, grids, strict=True):
-        ax.imshow(g.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def save_usage_histogram(path, counts: list[int], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = torch.tensor(counts, dtype=torch.float64)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    axes[0].bar(range(len(c)), c.numpy(), width=1.0)
-    axes[0].set_xlabel("code index")
-    axes[0].set_ylabel("count on test set")
-    axes[1].plot(torch.sort(c, descending=True).values.numpy())
-    axes[1].set_yscale("symlog")
-    axes[1].set_xlabel("code rank")
-    axes[1].set_ylabel("count (sorted)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- the demo
-
-
-def _fmt(x, nd=3):
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
 def run_demo(
@@ -131,26 +72,84 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     cache: str | os.PathLike | None = None,
-    vq_kwargs: dict | None = None,
-    codebook_size: int = 256,
     steps: DemoSteps | None = None,
+    **vqvae,
 ) -> dict:
+    """Train the feature classifier and the four stages of :mod:`fastvq.recipes` on
+    ``dataset``, one run directory each under ``out_dir``, then write ``reconstructions.png``,
+    ``samples.png``, ``codebook_usage.png``, ``metrics.json`` and ``summary.md`` there.
+
+    ``vqvae``: VQ-VAE config fields (``codebook_size``, ``dim``, ``beta``, ``vq_kwargs`` for the
+    layer); unset or None ones keep the model's defaults. Returns ``metrics.json``'s content.
+    """
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds: Dataset = load_dataset(dataset, data_dir, prefix=data_prefix)
-    bs = 128
-    st = steps or steps_for(quick, epochs, scale, len(ds.train), bs)
-    C, H, W = ds.image_shape
-    test = ds.test
+    st = steps or steps_for(quick, epochs, scale, len(ds.train), BATCH_SIZE)
+    result = _header(ds, st, seed, device)
     timings: dict[str, float] = {}
-    result: dict = {
+    common = dict(seed=seed, device=device, eval_limit=st.eval_limit)
+
+    with _timed(timings, "classifier"):
+        clf_cache = Path(cache) if cache is not None else None
+        clf, clf_metrics = T.get_classifier(
+            ds, device, steps=st.classifier, seed=seed, cache=clf_cache
+        )
+    result["classifier"] = {
+        "test_acc": clf_metrics["test_acc"],
+        "steps": st.classifier,
+        "feature_dim": clf.cfg.feature_dim,
+    }
+    models, metas = {}, {}
+    options = {"ae": {}, "vae": {}, "vqvae": vqvae}
+    for i, (kind, name) in enumerate(NAMES.items(), 1):
+        with _timed(timings, kind):
+            T.seed_everything(seed)
+            models[kind] = T.build(kind, R.model_config(kind, ds, **options[kind]))
+            steps_k, desc = getattr(st, kind), f"{i}/4 {name}"
+            metas[kind] = R.train_images(
+                kind, models[kind], ds, out / kind, steps=steps_k, desc=desc, **common
+            )
+    with _timed(timings, "pixelcnn"):
+        codes = R.encode_dataset(models["vqvae"], ds, device)
+        T.seed_everything(seed)
+        K = models["vqvae"].cfg.codebook_size
+        prior = T.build("pixelcnn", R.model_config("pixelcnn", ds, num_codes=K))
+        pixelcnn = dict(steps=st.pixelcnn, desc="4/4 PixelCNN", **common)
+        R.train_prior(prior, codes, ds, out / "pixelcnn", out / "vqvae", **pixelcnn)
+    with _timed(timings, "metrics"):
+        usage = M.code_usage(codes.test, K)
+        result.update(_model_metrics(models, prior, codes, usage, ds, clf, device, st.eval_limit))
+        fd_m = min(st.fd_samples, len(ds.test), len(ds.train))
+        g = torch.Generator().manual_seed(seed + 1)  # draws the samples, then the floor's images
+        samples = _samples(models, metas["ae"], prior, codes, fd_m, g, device)
+        result["frechet_distance"] = _frechet(samples, ds, clf, fd_m, g, device)
+    with _timed(timings, "report"):
+        _figures(out, models, samples, usage, ds, device)
+    result["seconds"] = {**timings, "total": round(time.time() - t_start, 1)}
+    result["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "summary.md").write_text(summary_markdown(result))
+    return result
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str):
+    t0 = time.time()
+    yield
+    timings[name] = round(time.time() - t0, 1)
+
+
+def _header(ds: Dataset, st: DemoSteps, seed: int, device: str) -> dict:
+    """The run's settings and machine, first in ``metrics.json``."""
+    return {
         "dataset": ds.name,
         "data_root": str(ds.root),
         "n_train": len(ds.train),
-        "n_test": len(test),
+        "n_test": len(ds.test),
         "steps": vars(st),
-        "batch_size": bs,
+        "batch_size": BATCH_SIZE,
         "seed": seed,
         "device": device,
         "machine": {
@@ -163,204 +162,85 @@ def run_demo(
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
 
-    def stage(name):
-        timings[name] = time.time()
 
-    def done(name):
-        timings[name] = round(time.time() - timings[name], 1)
-
-    # 1. feature classifier (cached)
-    stage("classifier")
-    clf_cache = Path(cache) if cache is not None else None
-    clf, clf_metrics = T.get_classifier(ds, device, steps=st.classifier, seed=seed, cache=clf_cache)
-    done("classifier")
-    result["classifier"] = {
-        "test_acc": clf_metrics["test_acc"],
-        "steps": st.classifier,
-        "feature_dim": clf.cfg.feature_dim,
-    }
-    lim = st.eval_limit
-    fd_m = min(st.fd_samples, len(test), len(ds.train))
-
-    # 2. AE
-    stage("ae")
-    torch.manual_seed(seed)
-    ae = AE(AEConfig(in_channels=C, image_size=H))
-    T.fit(
-        ae,
-        "ae",
-        ds.train.images,
-        ds.train.labels,
-        steps=st.ae,
-        seed=seed,
-        device=device,
-        run_dir=out / "ae",
-        desc="1/4 AE",
-        evaluate=lambda m: T.eval_recon(m, test, device, limit=lim),
-    )
-    with torch.no_grad():  # Gaussian fitted to the train latents, for "random latents"
-        z = M.batched(lambda b: ae.encode(to_float(b).to(device)).cpu(), ds.train.images[:10000])
-    ae_mu, ae_sd = z.mean(0), z.std(0)
-    meta = T.read_meta(out / "ae")
-    meta["latent_mean"], meta["latent_std"] = ae_mu.tolist(), ae_sd.tolist()
-    T.save_run(out / "ae", ae, "ae", meta)
-    done("ae")
-
-    # 3. VAE
-    stage("vae")
-    torch.manual_seed(seed)
-    vae = VAE(VAEConfig(in_channels=C, image_size=H))
-    T.fit(
-        vae,
-        "vae",
-        ds.train.images,
-        ds.train.labels,
-        steps=st.vae,
-        seed=seed,
-        device=device,
-        run_dir=out / "vae",
-        desc="2/4 VAE",
-        evaluate=lambda m: T.eval_vae(m, test, device, limit=lim),
-    )
-    done("vae")
-
-    # 4. VQ-VAE
-    stage("vqvae")
-    torch.manual_seed(seed)
-    var = float(to_float(ds.train.images[:10000]).var())
-    vqvae = VQVAE(
-        VQVAEConfig(
-            in_channels=C,
-            codebook_size=codebook_size,
-            data_variance=var,
-            vq_kwargs=dict(vq_kwargs or {}),
-        )
-    )
-    T.fit(
-        vqvae,
-        "vqvae",
-        ds.train.images,
-        ds.train.labels,
-        steps=st.vqvae,
-        seed=seed,
-        device=device,
-        run_dir=out / "vqvae",
-        desc="3/4 VQ-VAE",
-        evaluate=lambda m: T.eval_vqvae(m, test, device, limit=lim),
-    )
-    done("vqvae")
-
-    # 5. PixelCNN prior on the VQ-VAE's code maps
-    stage("pixelcnn")
-    train_codes = T.encode_codes(vqvae, ds.train.images, device, desc="encode train codes")
-    test_codes = T.encode_codes(vqvae, test.images, device)
-    hw = tuple(train_codes.shape[1:])
-    torch.manual_seed(seed)
-    prior = PixelCNN(PixelCNNConfig(num_codes=codebook_size))
-    prior_eval_codes = test_codes[:lim] if lim else test_codes
-    T.fit(
-        prior,
-        "pixelcnn",
-        train_codes,
-        ds.train.labels,
-        steps=st.pixelcnn,
-        seed=seed,
-        device=device,
-        prepare=lambda c: c,
-        run_dir=out / "pixelcnn",
-        desc="4/4 PixelCNN",
-        meta={"vqvae": os.path.relpath(out / "vqvae", out / "pixelcnn"), "code_shape": hw},
-        evaluate=lambda m: T.eval_prior(m, prior_eval_codes, None, device),
-    )
-    done("pixelcnn")
-
-    # 6. metrics
-    stage("metrics")
-    K = codebook_size
-    usage = M.code_usage(test_codes, K)
-    result["ae"] = T.eval_recon(ae, test, device, clf, limit=lim)
-    result["vae"] = T.eval_vae(vae, test, device, limit=lim)
-    result["vae"]["classifier_acc_on_recon"] = T.eval_recon(vae, test, device, clf, limit=lim)[
-        "classifier_acc_on_recon"
-    ]
-    result["vae"]["likelihood"] = "discretized logistic over 256 levels per pixel"
-    result["vqvae"] = T.eval_recon(vqvae, test, device, clf, limit=lim)
-    result["vqvae"].update(
+def _model_metrics(models, prior, codes, usage, ds, clf, device, lim) -> dict:
+    """Test-set metrics of the four trained models (reconstructions on ``lim`` images)."""
+    test, vqvae = ds.test, models["vqvae"]
+    K = vqvae.cfg.codebook_size
+    r = {"ae": T.eval_recon(models["ae"], test, device, clf, limit=lim)}
+    r["vae"] = T.eval_vae(models["vae"], test, device, limit=lim)
+    vae_recon = T.eval_recon(models["vae"], test, device, clf, limit=lim)
+    r["vae"]["classifier_acc_on_recon"] = vae_recon["classifier_acc_on_recon"]
+    r["vae"]["likelihood"] = "discretized logistic over 256 levels per pixel"
+    r["vqvae"] = T.eval_recon(vqvae, test, device, clf, limit=lim)
+    r["vqvae"].update(
         codebook_size=K,
-        code_map=list(hw),
+        code_map=list(codes.shape),
         codes_used_test=usage["used"],
         codes_used_fraction=usage["used_fraction"],
         perplexity_test=usage["perplexity"],
         vq_kwargs=vqvae.cfg.vq_kwargs,
     )
-    result["pixelcnn"] = {
-        "test_nll_bits_per_code": T.eval_prior(prior, test_codes, None, device)[
-            "nll_bits_per_code"
-        ],
-        "unigram_bits_per_code": M.unigram_cross_entropy_bits(train_codes, test_codes, K),
+    nll = T.eval_prior(prior, codes.test, None, device)["nll_bits_per_code"]
+    r["pixelcnn"] = {
+        "test_nll_bits_per_code": nll,
+        "unigram_bits_per_code": M.unigram_cross_entropy_bits(codes.train, codes.test, K),
         "test_code_entropy_bits": usage["entropy_bits"],
         "uniform_bits_per_code": math.log2(K),
     }
+    return r
 
-    # samples: M of each kind, features, Fréchet distance against M test images
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        z = ae_mu + ae_sd * torch.randn(fd_m, ae_mu.numel(), generator=g)
-        s_ae = M.batched(lambda b: ae.decode(b.to(device)).cpu(), z)
-        s_vae = torch.cat(
-            [vae.sample(min(500, fd_m - i), generator=g).cpu() for i in range(0, fd_m, 500)]
-        )
-        codes = prior.sample(fd_m, hw, generator=g)
-        s_vq = M.batched(lambda c: vqvae.decode_indices(c.to(device)).cpu(), codes)
-        p = M.unigram_probs(train_codes, K)
-        uni = torch.multinomial(p, fd_m * hw[0] * hw[1], replacement=True, generator=g)
-        s_uni = M.batched(lambda c: vqvae.decode_indices(c.to(device)).cpu(), uni.view(fd_m, *hw))
-        perm = torch.randperm(len(ds.train), generator=g)[:fd_m]
-        f_test = T.features(clf, to_float(test.images[:fd_m]), device)
-        f_train = T.features(clf, to_float(ds.train.images[perm]), device)
-        fd = {
-            "floor_train_vs_test": M.frechet_distance(f_train, f_test),
-            "ae_random_latents": M.frechet_distance(T.features(clf, s_ae, device), f_test),
-            "vae_samples": M.frechet_distance(T.features(clf, s_vae, device), f_test),
-            "vqvae_pixelcnn_samples": M.frechet_distance(T.features(clf, s_vq, device), f_test),
-            "vqvae_unigram_codes": M.frechet_distance(T.features(clf, s_uni, device), f_test),
-        }
-    result["frechet_distance"] = {"M": fd_m, "features": "feature classifier penultimate", **fd}
-    done("metrics")
 
-    # 7. figures and report
-    stage("report")
-    x = to_float(test.images[:16]).to(device)
+def _samples(models, ae_stats, prior, codes, n, g, device) -> dict[str, torch.Tensor]:
+    """``n`` images of each generator, keyed like ``metrics.json``'s Fréchet distances, drawn
+    in this order from the generator ``g``."""
+    vqvae = models["vqvae"]
+    s = {
+        "ae_random_latents": R.sample_ae(models["ae"], ae_stats, n, g, device),
+        "vae_samples": R.sample_vae(models["vae"], n, g),
+        "vqvae_pixelcnn_samples": R.sample_prior(prior, vqvae, n, codes.shape, g, device),
+    }
+    # The baseline the prior must beat: codes drawn i.i.d. from their train-set frequencies.
+    p = M.unigram_probs(codes.train, vqvae.cfg.codebook_size)
+    uni = torch.multinomial(p, n * math.prod(codes.shape), replacement=True, generator=g)
+    s["vqvae_unigram_codes"] = R.decode_codes(vqvae, uni.view(n, *codes.shape), device)
+    return s
+
+
+@torch.no_grad()
+def _frechet(samples, ds, clf, n, g, device) -> dict:
+    """Fréchet distances of each sample set's classifier features to ``n`` test images', with
+    the floor: ``n`` train images drawn with ``g`` against the same test images."""
+    perm = torch.randperm(len(ds.train), generator=g)[:n]
+    f_test = T.features(clf, to_float(ds.test.images[:n]), device)
+    f_train = T.features(clf, to_float(ds.train.images[perm]), device)
+    fd = {"floor_train_vs_test": M.frechet_distance(f_train, f_test)}
+    for name, images in samples.items():
+        fd[name] = M.frechet_distance(T.features(clf, images, device), f_test)
+    return {"M": n, "features": "feature classifier penultimate", **fd}
+
+
+def _figures(out: Path, models, samples, usage, ds, device) -> None:
+    """``reconstructions.png``, ``samples.png`` and ``codebook_usage.png``."""
+    x = to_float(ds.test.images[:16]).to(device)
+    K = models["vqvae"].cfg.codebook_size
+    recon = [("AE", "ae"), ("VAE (decoder mean)", "vae"), (f"VQ-VAE (K={K})", "vqvae")]
     with torch.no_grad():
-        recon_panels = [
-            ("test images", x.cpu()),
-            ("AE", ae.reconstruct(x).cpu()),
-            ("VAE (decoder mean)", vae.reconstruct(x).cpu()),
-            (f"VQ-VAE (K={K})", vqvae.reconstruct(x).cpu()),
-        ]
-    save_panels(out / "reconstructions.png", recon_panels, nrow=16)
-    save_panels(
-        out / "samples.png",
-        [
-            ("AE: random latents", s_ae[:64]),
-            ("VAE: z ~ N(0, I)", s_vae[:64]),
-            ("VQ-VAE + PixelCNN", s_vq[:64]),
-            ("VQ-VAE + unigram codes", s_uni[:64]),
-        ],
-        nrow=8,
-    )
+        panels = [(title, models[k].reconstruct(x).cpu()) for title, k in recon]
+    save_panels(out / "reconstructions.png", [("test images", x.cpu()), *panels], nrow=16)
+    titles = {
+        "ae_random_latents": "AE: random latents",
+        "vae_samples": "VAE: z ~ N(0, I)",
+        "vqvae_pixelcnn_samples": "VQ-VAE + PixelCNN",
+        "vqvae_unigram_codes": "VQ-VAE + unigram codes",
+    }
+    save_panels(out / "samples.png", [(titles[k], s[:64]) for k, s in samples.items()], nrow=8)
     save_usage_histogram(
         out / "codebook_usage.png",
         usage["counts"],
-        f"VQ-VAE code usage on {len(test)} test images: {usage['used']}/{K} used, "
+        f"VQ-VAE code usage on {len(ds.test)} test images: {usage['used']}/{K} used, "
         f"perplexity {usage['perplexity']:.1f}",
     )
-    done("report")
-    result["seconds"] = {**timings, "total": round(time.time() - t_start, 1)}
-    result["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "summary.md").write_text(summary_markdown(result))
-    return result
 
 
 def summary_markdown(r: dict) -> str:

@@ -29,6 +29,7 @@ import fcntl
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import time
@@ -36,6 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -295,6 +297,10 @@ def load_optimizer_state(optimizer, run_dir, meta) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed the global RNGs a run may draw from: torch's (CPU and every CUDA device), numpy's
+    and Python's ``random``. Called where a run starts and before a model is built."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds only
     torch.manual_seed(seed)
 
 
@@ -374,7 +380,7 @@ def _fit(
         meta = {**old, **meta, "history": old.get("history", [])}
     meta.setdefault("history", [])
     meta.update(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    torch.manual_seed(seed + start)
+    seed_everything(seed + start)
     stream = epoch_batches(data, labels, batch_size, seed, start)
     t0 = time.time()
     elapsed0 = float(meta.get("train_seconds", 0.0))
@@ -560,7 +566,7 @@ def get_classifier(
         except Exception:  # a stale or broken cache entry: retrain
             pass
     model = Classifier(cfg)
-    torch.manual_seed(seed)
+    seed_everything(seed)
 
     def evaluate(m):
         with torch.no_grad():
