@@ -565,8 +565,8 @@ def get_classifier(
             return model, meta["metrics"]
         except Exception:  # a stale or broken cache entry: retrain
             pass
+    seed_everything(seed)  # before building: the initial weights are part of the fixed seed
     model = Classifier(cfg)
-    seed_everything(seed)
 
     def evaluate(m):
         with torch.no_grad():
