@@ -47,6 +47,49 @@ def all_gather_cat(t: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older torch has only those.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's storage as uint8 (last dim times itemsize): any dtype travels
+    bit-exact, and gloo needs no support for it."""
+    return t.contiguous().view(torch.uint8)
+
+
+def all_gather_padded(
+    t: torch.Tensor, sizes: list[int], group=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every rank's ``t`` (sizes[r], ...) concatenated along dim 0 in rank order, bit-exact.
+
+    ``sizes`` (one int per rank, the same list everywhere) must be known already. One all-gather
+    of the rows padded to ``max(sizes)``, sent as bytes. Returns ``(rows (sum(sizes), ...), pos)``
+    where ``pos`` int64 holds the real rows' positions in the padded ``(R * max, ...)`` layout
+    (None when every rank sent ``max(sizes)`` rows).
+    """
+    world, n_max, n = len(sizes), max(sizes), t.shape[0]
+    if n == n_max:
+        padded = t
+    else:
+        padded = t.new_zeros((n_max, *t.shape[1:]))
+        padded[:n] = t
+    gathered = t.new_empty((world * n_max, *t.shape[1:]))
+    if n_max > 0:
+        _all_gather_single(as_bytes(gathered), as_bytes(padded), group=group)
+    if all(s == n_max for s in sizes):
+        return gathered, None
+    pos = torch.cat([torch.arange(s, device=t.device) + r * n_max for r, s in enumerate(sizes)])
+    return gathered.index_select(0, pos), pos
+
+
+def reduce_scatter_owned_(recv: torch.Tensor, send: torch.Tensor, group=None) -> torch.Tensor:
+    """``recv`` (n, ...) <- this rank's block of ``send`` (R * n, ...) summed over ranks, as
+    bytes: a bitwise copy where exactly one rank's block is non-zero (its owner)."""
+    _reduce_scatter_single(as_bytes(recv), as_bytes(send), op=dist.ReduceOp.SUM, group=group)
+    return recv
+
+
 def all_gather_varsize(t: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate ``t`` (n_r, ...) from every rank along dim 0, in rank order; n_r may differ.
 
@@ -55,17 +98,9 @@ def all_gather_varsize(t: torch.Tensor, group=None) -> torch.Tensor:
     """
     if not is_distributed(group):
         return t
-    r = dist.get_world_size(group)
     n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-    sizes = [torch.empty_like(n) for _ in range(r)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s.item()) for s in sizes]
-    m = max(sizes)
-    padded = t.new_zeros((m, *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(r)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0)
+    sizes = all_gather_cat(n, group).tolist()
+    return all_gather_padded(t, sizes, group)[0]
 
 
 def broadcast_(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:

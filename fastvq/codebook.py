@@ -8,9 +8,9 @@ is ``end - start``, ``K`` for an unsharded layer)::
     codebook      (G, S, D)  the codes (a buffer, or a parameter's ``.data``)
     cluster_size  (G, S)     EMA counts N_k          (None for a gradient codebook)
     embed_avg     (G, S, D)  EMA sums m_k            (None for a gradient codebook)
-    steps_unused  (G, S)     consecutive training steps without a row
-    usage_counts  (G, S)     rows per code over all training batches
-    initted       ()         k-means init done
+    steps_unused  (G, S)     consecutive training steps without a row  (None: no restart)
+    usage_counts  (G, S)     rows per code over all training batches    (None: not kept)
+    initted       ()         k-means init done                          (None: no k-means)
 
 One training step (:func:`update_`), never inside autograd's backward:
 
@@ -44,9 +44,9 @@ class CodebookState(NamedTuple):
     codebook: torch.Tensor
     cluster_size: torch.Tensor | None
     embed_avg: torch.Tensor | None
-    steps_unused: torch.Tensor
-    usage_counts: torch.Tensor
-    initted: torch.Tensor
+    steps_unused: torch.Tensor | None
+    usage_counts: torch.Tensor | None
+    initted: torch.Tensor | None
 
 
 def in_backward() -> bool:
@@ -162,8 +162,10 @@ def update_(
         st.codebook.copy_(F.normalize(cb, dim=-1) if vq.cosine else cb)
     elif distributed and not sharded:
         counts = _dist.all_reduce_sum_(counts.clone(), group)
-    st.usage_counts.add_(counts)
-    st.steps_unused.copy_(torch.where(counts > 0, 0, st.steps_unused + 1))
+    if st.usage_counts is not None:
+        st.usage_counts.add_(counts)
+    if st.steps_unused is not None:
+        st.steps_unused.copy_(torch.where(counts > 0, 0, st.steps_unused + 1))
     if vq.dead_code_steps > 0:
         restart_dead_(vq, st, rows, weights, group=group, distributed=distributed, start=start)
     return counts
@@ -269,6 +271,7 @@ def set_codes_(st: CodebookState, codes: torch.Tensor, *, clear_unused: bool = T
     if st.cluster_size is not None:
         st.cluster_size.fill_(1.0)
         st.embed_avg.copy_(codes)
-    if clear_unused:
+    if clear_unused and st.steps_unused is not None:
         st.steps_unused.zero_()
-    st.initted.fill_(True)
+    if st.initted is not None:
+        st.initted.fill_(True)

@@ -39,11 +39,16 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from . import _dist
-from .functional import VectorQuantizeFunction, VQOutput, _check_inputs, check_beta
-from .ops import _scatter_rows_unchecked, code_counts, resolve_backend, search
+from . import codebook as cb_engine
+from ._checks import check_same_device
+from .codebook import CodebookState
+from .functional import VectorQuantizeFunction, VQOutput, _check_inputs, check_beta, grad_z
+from .layer import check_input
+from .ops import _scatter_rows_unchecked, resolve_backend, search
 
 # Keys: high 32 bits = IEEE bits of the non-negative fp32 error, low 32 bits = global code index.
 _INDEX_BITS = 32
@@ -51,10 +56,6 @@ _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _WORST_ERR_BITS = 0x7FFFFFFF  # above +inf's bits: NaN errors sort last
 _NO_CANDIDATE = torch.iinfo(torch.int64).max  # an empty shard, or a rank that must not win
 MAX_CODES = 1 << 31
-
-# torch 2.13 renamed the single-tensor collectives (the old names warn); older torch has only those.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def shard_range(num_codes: int, rank: int, world: int) -> tuple[int, int]:
@@ -85,14 +86,7 @@ def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def rank_and_world(group=None) -> tuple[int, int]:
     """``(rank, world)`` in ``group``; ``(0, 1)`` when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's storage as uint8 (N, D * itemsize): any dtype travels bit-exact."""
-    return t.contiguous().view(torch.uint8)
+    return _dist.rank(group), _dist.world_size(group)
 
 
 class ShardedSearch(NamedTuple):
@@ -146,9 +140,7 @@ def sharded_search(
     # travel with what every rank must agree on (K, D, dtypes): a free consistency check on
     # every call, since this exchange syncs the host anyway.
     meta = [n, num_codes, d, _DTYPE_CODES[z2d.dtype], _DTYPE_CODES[shard.dtype]]
-    table_t = torch.empty((world, len(meta)), dtype=torch.int64, device=dev)
-    _all_gather(table_t, torch.tensor([meta], device=dev), group=group)
-    table = table_t.tolist()  # host sync: the buffers below are sized by it
+    table = _dist.all_gather_cat(torch.tensor([meta], device=dev), group).tolist()  # host sync
     _check_meta(table)
     sizes = [row[0] for row in table]
     n_max, n_total = max(sizes), sum(sizes)
@@ -159,19 +151,7 @@ def sharded_search(
         return ShardedSearch(
             empty, shard.new_empty((0, d)), err0, z2d.new_empty((0, d)), empty, sizes, err0,
         )  # fmt: skip
-    if n == n_max:
-        padded = z2d
-    else:
-        padded = z2d.new_zeros((n_max, d))
-        padded[:n] = z2d
-    gathered = z2d.new_empty((world * n_max, d))
-    _all_gather(_bytes(gathered), _bytes(padded), group=group)
-    if all(s == n_max for s in sizes):
-        pos = None
-        rows = gathered
-    else:  # positions of the real rows inside the padded layout
-        pos = torch.cat([torch.arange(s, device=dev) + r * n_max for r, s in enumerate(sizes)])
-        rows = gathered.index_select(0, pos)
+    rows, pos = _dist.all_gather_padded(z2d, sizes, group)  # pos: real rows in the padded layout
 
     # 2. Search this shard, 3. one all_reduce(MIN) over the packed keys.
     if end > start:
@@ -200,8 +180,7 @@ def sharded_search(
         send = owned
     else:
         send = shard.new_zeros((world * n_max, d)).index_copy_(0, pos, owned)
-    recv = shard.new_empty((n_max, d))
-    _reduce_scatter(_bytes(recv), _bytes(send), op=dist.ReduceOp.SUM, group=group)
+    recv = _dist.reduce_scatter_owned_(shard.new_empty((n_max, d)), send, group)
 
     local = slice(offset, offset + n)
     return ShardedSearch(
@@ -230,56 +209,50 @@ def _check_meta(table: list[list[int]]) -> None:
 
 
 def shard_statistics(
-    result: ShardedSearch, start: int, end: int
+    result: ShardedSearch, start: int, end: int, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The shard owner's batch statistics over every rank's rows, for its codes ``[start, end)``:
     fp32 ``(counts (S,), sums (S, D))``, the all-reduced statistics of the unsharded layer.
     Rows holding NaN/Inf (non-finite error) are left out, as in the unsharded layer."""
     mine = (result.row_indices >= start) & (result.row_indices < end) & result.row_err.isfinite()
-    idx = result.row_indices[mine] - start
-    return code_counts(idx, end - start), _scatter_rows_unchecked(
-        idx, result.rows[mine], end - start
+    return cb_engine.batch_statistics(
+        result.row_indices - start, mine, result.rows, end - start, backend
     )
 
 
 class ShardedVectorQuantizeFunction(torch.autograd.Function):
-    """forward(z2d (n, D), shard (S, D), num_codes, beta, group, backend) ->
-    (quantized (n, D) in z's dtype, indices int64 (n,) global, loss fp32 scalar)."""
+    """forward(z2d (n, D), shard (S, D), result, num_codes, beta, codebook_weight, group,
+    backend) -> (quantized (n, D) in z's dtype, loss fp32 scalar), with ``result`` this call's
+    :func:`sharded_search` of ``z2d`` (the indices are ``result.indices``).
+
+    ``loss = (codebook_weight + beta) * mean((z - z_q)^2)`` over this rank's rows, as
+    :class:`~fastvq.functional.VectorQuantizeFunction` (``codebook_weight=0``: an EMA shard)."""
 
     @staticmethod
-    def forward(ctx, z2d, shard, num_codes, beta, group, backend):
-        res = sharded_search(z2d, shard, num_codes, group, backend)
+    def forward(ctx, z2d, shard, res, num_codes, beta, codebook_weight, group, backend):
         n, d = z2d.shape
-        loss = res.err.sum() * ((1.0 + beta) / max(n * d, 1))
+        loss = res.err.sum() * ((codebook_weight + beta) / max(n * d, 1))
         ctx.save_for_backward(z2d, shard, res.codes, res.rows, res.row_indices)
-        ctx.beta, ctx.group, ctx.num_codes, ctx.sizes = beta, group, num_codes, res.sizes
-        ctx.backend = backend
-        ctx.mark_non_differentiable(res.indices)
-        return res.codes.to(z2d.dtype), res.indices, loss
+        ctx.beta, ctx.group, ctx.sizes, ctx.num_codes = beta, group, res.sizes, num_codes
+        ctx.codebook_weight, ctx.backend = codebook_weight, backend
+        return res.codes.to(z2d.dtype), loss
 
     @staticmethod
-    def backward(ctx, grad_q, _grad_idx, grad_loss):
+    def backward(ctx, grad_q, grad_loss):
         z2d, shard, codes, rows, row_indices = ctx.saved_tensors
         n, d = z2d.shape
         g = z2d.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss.float()
-        grad_z = grad_c = None
-        if ctx.needs_input_grad[0]:
-            # Local and identical to the unsharded op: straight-through + commitment.
+        grad_z_out = grad_c = None
+        if ctx.needs_input_grad[0]:  # local and identical to the unsharded op
             diff = codes.to(torch.float32) - z2d.to(torch.float32)
-            gz = diff * (-ctx.beta * (2.0 / max(n * d, 1)) * g)
-            if grad_q is not None:
-                gz = gz + grad_q.to(torch.float32)
-            grad_z = gz.to(z2d.dtype)
+            grad_z_out = grad_z(diff, grad_q, g, ctx.beta, max(n * d, 1), z2d.dtype)
         if ctx.needs_input_grad[1] and sum(ctx.sizes) > 0:
             # Every rank's loss gradient g_r, to weight its rows: 2 g_r / (n_r D) / R (DDP's mean).
             rank, world = rank_and_world(ctx.group)
-            gs = g.reshape(1)
-            if world > 1:
-                gs = torch.empty(world, dtype=torch.float32, device=z2d.device)
-                _all_gather(gs, g.reshape(1), group=ctx.group)
+            gs = _dist.all_gather_cat(g.reshape(1), ctx.group)
             start, end = shard_range(ctx.num_codes, rank, world)
             sizes = torch.tensor(ctx.sizes, dtype=torch.float32, device=z2d.device)
-            w = gs * 2.0 / (sizes.clamp(min=1) * d * world)
+            w = gs * (2.0 * ctx.codebook_weight) / (sizes.clamp(min=1) * d * world)
             src = torch.repeat_interleave(
                 torch.arange(world, device=z2d.device), torch.tensor(ctx.sizes, device=z2d.device)
             )
@@ -292,7 +265,7 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
             )
         elif ctx.needs_input_grad[1]:
             grad_c = torch.zeros_like(shard)
-        return grad_z, grad_c, None, None, None, None
+        return grad_z_out, grad_c, None, None, None, None, None, None
 
 
 def _check_shard(z, shard, num_codes, beta, group) -> tuple[int, int]:
@@ -349,10 +322,14 @@ def sharded_vector_quantize(
     lead, d = z.shape[:-1], z.shape[-1]
     z2d = z.reshape(-1, d)
     if not dist.is_initialized():
-        q2d, idx, loss = VectorQuantizeFunction.apply(z2d, codebook_shard, float(beta), be, False)
+        q2d, idx, loss, _ = VectorQuantizeFunction.apply(
+            z2d, codebook_shard, float(beta), be, False
+        )
     else:
-        q2d, idx, loss = ShardedVectorQuantizeFunction.apply(
-            z2d, codebook_shard, num_codes, float(beta), group, be
+        res = sharded_search(z2d, codebook_shard, num_codes, group, be)
+        idx = res.indices
+        q2d, loss = ShardedVectorQuantizeFunction.apply(
+            z2d, codebook_shard, res, num_codes, float(beta), 1.0, group, be
         )
     return VQOutput(q2d.reshape(z.shape), idx.reshape(lead), loss)
 
@@ -360,17 +337,11 @@ def sharded_vector_quantize(
 @torch.no_grad()
 def gather_codebook(shard: torch.Tensor, num_codes: int, group=None) -> torch.Tensor:
     """The full (K, D) codebook on every rank, from each rank's shard (a collective)."""
-    rank, world = rank_and_world(group)
+    _, world = rank_and_world(group)
     if world == 1:
         return shard.clone()
-    s_max = shard_range(num_codes, 0, world)[1]
-    padded = shard.new_zeros((s_max, shard.shape[1]))
-    padded[: shard.shape[0]] = shard
-    out = shard.new_empty((world * s_max, shard.shape[1]))
-    _all_gather(_bytes(out), _bytes(padded), group=group)
-    parts = [out[r * s_max : r * s_max + (e - s)] for r in range(world)
-             for s, e in [shard_range(num_codes, r, world)]]  # fmt: skip
-    return torch.cat(parts)
+    sizes = [e - s for s, e in (shard_range(num_codes, r, world) for r in range(world))]
+    return _dist.all_gather_padded(shard, sizes, group)[0]
 
 
 def init_codes(start: int, end: int, dim: int, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
@@ -398,8 +369,10 @@ class ShardedVectorQuantizer(nn.Module):
         N_k <- g N_k + (1-g) n_k,  m_k <- g m_k + (1-g) s_k,
         c_k = m_k / ((N_k + eps) / (sum N + K eps) * sum N)      (sum over all K: one all_reduce)
 
-    and the loss is ``beta`` * commitment. Not (yet) here: k-means init, dead-code restart,
-    projections, heads, cosine codes.
+    and the loss is ``beta`` * commitment. k-means init (on the rows of every rank) and dead-code
+    restart run in :mod:`fastvq.codebook`, as for ``VectorQuantizer`` under DDP: every rank
+    computes all K centres or replacements identically and keeps its slice, so the codes equal
+    the unsharded layer's bit for bit. Not here: heads and masks.
 
     Wrap a model that contains it with DDP after :func:`ddp_ignore_shards`::
 
@@ -408,68 +381,110 @@ class ShardedVectorQuantizer(nn.Module):
         model = DistributedDataParallel(model)
 
     Args:
-        dim: D, the code dimension (inputs are (..., dim)).
+        dim: D, the channels of the input (inputs are (..., dim)).
         codebook_size: K, the global number of codes.
         beta: commitment weight.
         ema, decay, eps: EMA codebook learning (as ``VectorQuantizer``).
+        kmeans_init, kmeans_iters: k-means init on the first training batch of every rank
+            (default off: the codes come from ``seed`` or ``codebook``).
+        dead_code_steps, restart_noise: dead-code restart (as ``VectorQuantizer``; 0 = never).
+        codebook_dim: code dimension, with a linear projection in and out when it differs from
+            ``dim`` (the projections are ordinary parameters: DDP averages them).
+        cosine: l2-normalise inputs and codes.
         group: the process group the codebook is sharded over (default: the world).
         backend: search backend.
-        seed: seed of :func:`init_codes` (same codes for any number of ranks).
-        codebook: optional full (K, dim) initial codebook (each rank keeps its slice).
-        debug: check that the ranks agree on the layer's configuration at every training
-            forward, not only at the first (one small all-gather and a host sync). K, D and the
-            dtypes are checked on every call in any case (they travel with the row counts).
+        seed: seed of :func:`init_codes` (same codes for any number of ranks), of k-means and
+            of the restart generators.
+        codebook: optional full (K, codebook_dim) initial codebook (each rank keeps its slice).
+        debug: check that the ranks agree on the layer's configuration at every forward, not
+            only at the first (one small all-gather and a host sync). K, D and the dtypes are
+            checked on every call in any case (they travel with the row counts).
 
-    Rows holding NaN/Inf are left out of the EMA statistics (they still make the loss NaN/Inf).
+    Rows holding NaN/Inf are left out of the EMA, usage, k-means and restart statistics (they
+    still make the loss NaN/Inf).
     """
 
     def __init__(
-        self,
-        dim: int,
-        codebook_size: int,
-        *,
-        beta: float = 0.25,
-        ema: bool = False,
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        group=None,
-        backend: str = "auto",
-        seed: int = 0,
-        codebook: torch.Tensor | None = None,
-        debug: bool = False,
-    ):
+        self, dim: int, codebook_size: int, *, beta: float = 0.25, ema: bool = False,
+        decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = False, kmeans_iters: int = 10,
+        dead_code_steps: int = 0, restart_noise: float = 0.01, codebook_dim: int | None = None,
+        cosine: bool = False, group=None, backend: str = "auto", seed: int = 0,
+        codebook: torch.Tensor | None = None, debug: bool = False,
+    ):  # fmt: skip
         super().__init__()
         check_beta(beta)
-        self.dim, self.codebook_size, self.beta = dim, codebook_size, float(beta)
+        if dead_code_steps < 0:
+            raise ValueError(f"dead_code_steps must be >= 0, got {dead_code_steps}")
+        cd = dim if codebook_dim is None else codebook_dim
+        self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, cd
+        self.beta = float(beta)
         self.debug, self._ranks_checked = debug, False
-        self.ema, self.decay, self.eps = ema, decay, eps
+        self.ema, self.decay, self.eps, self.cosine = ema, decay, eps, cosine
+        self.kmeans_iters, self.dead_code_steps = kmeans_iters, dead_code_steps
+        self.restart_noise, self.seed = restart_noise, seed
         self.group, self.backend = group, backend
         rank, world = rank_and_world(group)
         self.start, self.end = shard_range(codebook_size, rank, world)
+        self.project_in = nn.Linear(dim, cd) if cd != dim else nn.Identity()
+        self.project_out = nn.Linear(cd, dim) if cd != dim else nn.Identity()
         if codebook is not None:
-            if tuple(codebook.shape) != (codebook_size, dim):
+            if tuple(codebook.shape) != (codebook_size, cd):
                 raise ValueError(
-                    f"codebook must be ({codebook_size}, {dim}), got {tuple(codebook.shape)}"
+                    f"codebook must be ({codebook_size}, {cd}), got {tuple(codebook.shape)}"
                 )
             init = codebook.detach()[self.start : self.end].to(torch.float32).clone()
         else:
-            init = init_codes(self.start, self.end, dim, seed)
+            init = init_codes(self.start, self.end, cd, seed)
+        if cosine:
+            init = F.normalize(init, dim=-1)
+        s = self.end - self.start
         if ema:
             self.register_buffer("codebook", init)
-            self.register_buffer("cluster_size", torch.ones(self.end - self.start))
+            self.register_buffer("cluster_size", torch.ones(s))
             self.register_buffer("embed_avg", init.clone())
         else:
             self.codebook = nn.Parameter(init)
+        # Only the features in use add buffers: a default layer's state_dict (and the names
+        # ddp_ignore_shards returns) stay as they were before restart and k-means existed here.
+        if dead_code_steps > 0:
+            self.register_buffer("steps_unused", torch.zeros(s, dtype=torch.int64))
+            self.register_buffer("usage_counts", torch.zeros(s))
+        initted = codebook is not None or not kmeans_init
+        if kmeans_init:
+            self.register_buffer("initted", torch.tensor(initted))
+        self._initted = initted  # host mirror of ``initted``: no sync per forward
+        self._generators: dict = {}
+        self.register_load_state_dict_post_hook(ShardedVectorQuantizer._after_load)
+
+    @staticmethod
+    def _after_load(module, incompatible_keys) -> None:
+        if hasattr(module, "initted"):
+            module._initted = bool(module.initted)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, "
-            f"shard=[{self.start}, {self.end}), ema={self.ema}, beta={self.beta}"
+            f"codebook_dim={self.codebook_dim}, shard=[{self.start}, {self.end}), "
+            f"ema={self.ema}, beta={self.beta}, dead_code_steps={self.dead_code_steps}, "
+            f"cosine={self.cosine}"
         )
 
     def full_codebook(self) -> torch.Tensor:
-        """The whole (K, dim) codebook gathered on every rank (for export; a collective)."""
+        """The whole (K, codebook_dim) codebook gathered on every rank (for export; a
+        collective)."""
         return gather_codebook(self.codebook.detach(), self.codebook_size, self.group)
+
+    def _state(self) -> CodebookState:
+        """The buffers as the codebook engine's (1, S, ...) views."""
+
+        def view(name):
+            t = getattr(self, name, None)
+            return None if t is None else t[None]
+
+        return CodebookState(
+            self.codebook.data[None], view("cluster_size"), view("embed_avg"),
+            view("steps_unused"), view("usage_counts"), getattr(self, "initted", None),
+        )  # fmt: skip
 
     # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
     @torch.compiler.disable
@@ -477,46 +492,56 @@ class ShardedVectorQuantizer(nn.Module):
         """ValueError on every rank when ranks disagree on the layer's configuration (an EMA
         rank issues an all_reduce that a gradient rank does not: a hang or mixed tensors)."""
         fields = {
-            "dim": self.dim, "codebook_size": self.codebook_size, "ema": self.ema,
-            "beta": self.beta, "decay": self.decay, "eps": self.eps, "training": self.training,
+            "dim": self.dim, "codebook_size": self.codebook_size,
+            "codebook_dim": self.codebook_dim, "ema": self.ema, "beta": self.beta,
+            "decay": self.decay, "eps": self.eps, "training": self.training,
+            "cosine": self.cosine, "kmeans initialised": self._initted,
+            "kmeans_iters": self.kmeans_iters, "dead_code_steps": self.dead_code_steps,
+            "restart_noise": self.restart_noise, "seed": self.seed,
         }  # fmt: skip
         _dist.check_same_across_ranks("ShardedVectorQuantizer", fields, device, self.group)
         self._ranks_checked = True
 
     def forward(self, x: torch.Tensor) -> VQOutput:
         """``x`` (..., dim) -> VQOutput(quantized like x, global indices x.shape[:-1], loss)."""
+        check_input(x, self.dim, False)
+        check_same_device("x", x, "codebook", self.codebook)
         if self.debug or not self._ranks_checked:
             self._check_ranks(self.codebook.device)
-        if not self.ema:
-            return sharded_vector_quantize(
-                x, self.codebook, num_codes=self.codebook_size, beta=self.beta,
-                group=self.group, backend=self.backend,
-            )  # fmt: skip
-        _check_shard(x, self.codebook, self.codebook_size, self.beta, self.group)
-        be = resolve_backend(self.backend, x.device)
-        z = x.reshape(-1, self.dim)
-        res = sharded_search(z, self.codebook, self.codebook_size, self.group, be)
-        z_q = res.codes.to(z.dtype)
-        quantized = z_q + (z - z.detach())  # forward value exactly the code, gradient to z
-        sq = (z.to(torch.float32) - z_q.to(torch.float32)).square().sum()
-        loss = self.beta * sq / max(z.numel(), 1)
+        backend = resolve_backend(self.backend, x.device)
+        lead = x.shape[:-1]
+        z = self.project_in(x.reshape(-1, self.dim))
         # Not while autograd's engine runs (activation checkpointing recomputing this forward):
         # every rank recomputes alike, so skipping keeps the collectives matched.
-        if self.training and torch._C._current_graph_task_id() == -1:
-            self._ema_update(res)
-        return VQOutput(quantized.reshape(x.shape), res.indices.reshape(x.shape[:-1]), loss)
-
-    @torch.no_grad()
-    def _ema_update(self, res: ShardedSearch) -> None:
-        counts, sums = shard_statistics(res, self.start, self.end)
-        self.cluster_size.lerp_(counts, 1.0 - self.decay)
-        self.embed_avg.lerp_(sums, 1.0 - self.decay)
-        total = self.cluster_size.sum().reshape(1)
-        if dist.is_initialized():  # sum N over all K codes: one all_reduce of one number
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        k = self.codebook_size
-        smoothed = (self.cluster_size + self.eps) / (total + k * self.eps) * total
-        self.codebook.copy_(self.embed_avg / smoothed.unsqueeze(-1))
+        update = self.training and not cb_engine.in_backward()
+        pol = {"group": self.group, "distributed": _dist.is_distributed(self.group)}
+        if update and not self._initted:
+            self._initted = cb_engine.kmeans_init_(
+                self, self._state(), [z.detach()], [None], start=self.start, **pol
+            )
+        if self.cosine:
+            z = F.normalize(z, dim=-1)
+        codes = (
+            F.normalize(self.codebook, dim=-1) if self.cosine and not self.ema else self.codebook
+        )
+        res = sharded_search(z, codes, self.codebook_size, self.group, backend)
+        q, loss = ShardedVectorQuantizeFunction.apply(
+            z, codes, res, self.codebook_size, self.beta, 0.0 if self.ema else 1.0, self.group,
+            backend,
+        )  # fmt: skip
+        if update:
+            mine = (res.row_indices >= self.start) & (res.row_indices < self.end)
+            counts, sums = cb_engine.batch_statistics(
+                res.row_indices - self.start, mine & res.row_err.isfinite(),
+                res.rows if self.ema else None, self.end - self.start, backend,
+            )  # fmt: skip
+            cb_engine.update_(
+                self, self._state(), counts[None], None if sums is None else sums[None],
+                [z.detach()], [res.err.isfinite().to(torch.float32)], sharded=True,
+                start=self.start, **pol,
+            )  # fmt: skip
+        quantized = self.project_out(q).reshape(*lead, self.dim)
+        return VQOutput(quantized, res.indices.reshape(lead), loss)
 
 
 def ddp_ignore_shards(model: nn.Module) -> list[str]:
