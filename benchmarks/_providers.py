@@ -1,8 +1,9 @@
 """Providers: for one benchmark cell, build fixed inputs and a zero-argument step to time.
 
-Runs inside the worker process (``_worker.py``), never in the pytest process. ``build(cell)``
-returns ``(step, info)``: ``step()`` runs the op once (no host sync: the worker syncs CUDA around
-it), ``info`` is extra metadata (peer versions, notes) and ``info["state_bytes"]`` is unused here.
+Runs inside the worker process (``_worker.py``), never in the pytest process. ``build(cell, info)``
+returns ``step``: ``step()`` runs the op once (no host sync: the worker syncs CUDA around it). It
+fills ``info`` with extra metadata (peer versions and configs, layer options, precision, notes);
+the worker then adds ``info["state_bytes"]``, the RSS growth of the build (CPU; None on CUDA).
 
 Ops (see docs/benchmarks.md for the exact definitions):
 
@@ -11,13 +12,14 @@ Ops (see docs/benchmarks.md for the exact definitions):
   ``vqp-eval``, which is vector-quantize-pytorch in eval mode under ``no_grad`` (inference).
 - ``fwdbwd``: ``fwd`` then backward of ``(quantized, loss)`` with a fixed upstream gradient.
 - ``ema``: one EMA training step: forward (codebook EMA update), backward to the input.
+- ``model``: one VQ-VAE training step (Adam) on random 28x28 images, with fastvq's layer or
+  vector-quantize-pytorch's inside; N is the batch size in images.
 
 Raise ``Skip(reason)`` when a provider cannot run a cell (missing peer, wrong device).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
@@ -116,9 +118,7 @@ def _train_step(forward, upstream, leaves):
 def _fastvq(cell: Cell, info: dict):
     backend = cell.provider.removeprefix("fastvq-")
     if backend == "triton" and cell.device != "cuda":
-        raise Skip(
-            "fastvq triton backend is CUDA-only in benchmarks (CPU needs TRITON_INTERPRET=1)"
-        )
+        raise Skip(TRITON_CPU_SKIP)
     import fastvq
 
     info["fastvq_version"] = getattr(fastvq, "__version__", "?")
@@ -133,22 +133,12 @@ def _fastvq(cell: Cell, info: dict):
         z, cb, up = _inputs(cell, grad=True)
         fwd = lambda: fastvq.vector_quantize(z, cb, beta=BETA, backend=backend)
         return (lambda: fwd()) if cell.op == "fwd" else _train_step(fwd, up, [z, cb])
-    # ema: the layer (issue 3) when it has landed.
-    layer_cls = getattr(fastvq, "VectorQuantizer", None)
-    if layer_cls is None:
-        raise Skip("fastvq.VectorQuantizer is not importable yet (issue 3 not landed)")
-    params = inspect.signature(layer_cls).parameters
-    kwargs = {"ema": True}
-    # Plain EMA like vector-quantize-pytorch's defaults: no k-means init, no dead-code restarts.
-    plain = (("beta", BETA), ("decay", EMA_DECAY), ("kmeans_init", False), ("dead_code_steps", 0))
-    for name, value in plain:
-        if name in params:
-            kwargs[name] = value
-    if "backend" in params:
-        kwargs["backend"] = backend
-    elif (backend == "triton") != (cell.device == "cuda"):
-        raise Skip("VectorQuantizer has no backend argument; its 'auto' backend differs here")
-    layer = layer_cls(cell.D, cell.K, **kwargs).to(cell.device).train()
+    # ema: the layer as plain EMA, like vector-quantize-pytorch's defaults: no k-means init and
+    # no dead-code restarts.
+    kwargs = dict(
+        ema=True, beta=BETA, decay=EMA_DECAY, kmeans_init=False, dead_code_steps=0, backend=backend
+    )
+    layer = fastvq.VectorQuantizer(cell.D, cell.K, **kwargs).to(cell.device).train()
     info["layer_kwargs"] = {k: str(v) for k, v in kwargs.items()}
     z, _, up = _inputs(cell, grad=True)
     return _train_step(lambda: tuple(layer(z[None]))[:3], up[None], [z])
@@ -243,10 +233,8 @@ def _matmul(cell: Cell, info: dict):
 
 def _model(cell: Cell, info: dict):
     """One VQ-VAE training step (Adam) on random 28x28 images: fastvq's layer or vqp's inside."""
-    try:
-        from fastvq.models.vqvae import VQVAE, VQVAEConfig
-    except ImportError as exc:
-        raise Skip(f"fastvq.models.VQVAE is not importable ({exc})") from None
+    from fastvq.models.vqvae import VQVAE, VQVAEConfig
+
     backend = cell.provider.removeprefix("fastvq-") if cell.provider.startswith("fastvq") else ""
     if backend == "triton" and cell.device != "cuda":
         raise Skip(TRITON_CPU_SKIP)
