@@ -13,15 +13,6 @@ from fastvq.cli import build_parser, vqvae_options
 from fastvq.data import load_dataset, write_synthetic_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """See tests/test_models.py: tiny tensors, single-threaded is much faster on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     return load_dataset(data_dir=write_synthetic_dataset(tmp_path_factory.mktemp("idx"), 96, 48))
