@@ -238,6 +238,57 @@ def scenario_ema_layer(rank, world):
         torch.testing.assert_close(z.grad, zr.grad, rtol=1e-6, atol=1e-7)
 
 
+def scenario_layer_init_and_restart_equal_unsharded(rank, world):
+    """k-means init (on every rank's rows) and a dead-code restart give the sharded layer codes
+    bit-identical to ``VectorQuantizer`` under DDP fed the same per-rank rows, K % R != 0.
+
+    Gradient codebooks change only by init and restart in a forward, so the whole codebook is
+    compared bitwise after each step; an EMA step follows init in the same forward and its
+    sums add in another order (close), but its restarted codes are bitwise equal."""
+    try:
+        from fastvq.layer import VectorQuantizer
+    except ImportError as exc:
+        raise _Skip(f"fastvq.layer not importable: {exc}") from exc
+
+    k, d, sizes = 11, 4, [13, 5, 9][:world]
+    modes = [dict(ema=False), dict(ema=False, cosine=True, codebook_dim=3),
+             dict(ema=True), dict(ema=True, cosine=True, codebook_dim=3)]  # fmt: skip
+    for kw in modes:
+        common = dict(kmeans_init=True, kmeans_iters=3, dead_code_steps=1, seed=5,
+                      backend=BACKEND, **kw)  # fmt: skip
+        torch.manual_seed(90)  # the same projections on every rank
+        ref = VectorQuantizer(d, k, **common)
+        vq = ShardedVectorQuantizer(d, k, **common)
+        if kw.get("codebook_dim"):
+            vq.project_in.load_state_dict(ref.project_in.state_dict())
+            vq.project_out.load_state_dict(ref.project_out.state_dict())
+        for step in range(3):
+            # rows around 3 new centres per step: after init, most codes go unused and restart
+            gen = torch.Generator().manual_seed(91 + step)
+            centres = 3 * torch.randn(3, d, generator=gen)
+            zs = [
+                centres[torch.randint(3, (s,), generator=gen)]
+                + 0.1 * torch.randn(s, d, generator=gen)
+                for s in sizes
+            ]
+            rout = ref(zs[rank], return_stats=True)
+            out = vq(zs[rank].clone().requires_grad_(True))
+            assert torch.equal(out.indices, rout.indices), f"{kw} step {step}"
+            full, want = vq.full_codebook(), ref.codebook.detach()[0]
+            restarted = rout.stats.counts[0] == 0  # dead_code_steps=1: every code unused now
+            assert step == 0 or restarted.any(), "no code was restarted"
+            if kw["ema"]:  # the EMA step after init differs by the order of the sums
+                torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-6)
+                assert torch.equal(full[restarted], want[restarted]), f"{kw} step {step}"
+            else:  # k-means init (step 0) and restarts only: bitwise
+                assert torch.equal(full, want), f"{kw} step {step}"
+            torch.testing.assert_close(out.loss, rout.loss, rtol=1e-6, atol=1e-7)
+            s0, s1 = vq.start, vq.end
+            assert torch.equal(vq.steps_unused, ref.steps_unused[0, s0:s1])
+            assert torch.equal(vq.usage_counts, ref.usage_counts[0, s0:s1])
+            (out.quantized.sum() + out.loss).backward()  # the sharded backward runs everywhere
+
+
 class _TinyModel(torch.nn.Module):
     def __init__(self, vq):
         super().__init__()
@@ -305,6 +356,7 @@ SCENARIOS = [
     scenario_bf16_rows,
     scenario_nonfinite,
     scenario_ema_layer,
+    scenario_layer_init_and_restart_equal_unsharded,
     scenario_ddp_training,
 ]
 
