@@ -460,3 +460,82 @@ def test_get_indices_and_usage_meter_mask():
     mask[0, 0] = True
     meter.update(idx, mask)
     assert meter.counts.sum() == 1 and meter.counts[idx[0, 0]] == 1
+
+
+# --- one autograd route: gradients against the literal formula ---------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward value exactly ``c``, gradient straight to ``z`` (the literal ST estimator)."""
+
+    @staticmethod
+    def forward(ctx, z, c):
+        return c.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+@pytest.mark.parametrize("proj", [False, True], ids=["noproj", "proj"])
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cos"])
+@pytest.mark.parametrize("heads", ["1", "2", "2shared"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "mask"])
+@pytest.mark.parametrize("ema", [True, False], ids=["ema", "grad"])
+def test_gradients_equal_literal_formula_in_fp64(ema, masked, heads, cosine, proj):
+    """Every gradient (x, codebook, projections) of the layer's one autograd route equals the
+    literal VQ-VAE formula evaluated in fp64 on the layer's indices:
+    loss = w_cb * mse(sg(z), c) + beta * mse(z, sg(c)) over unmasked rows (w_cb = 0 for EMA),
+    quantized = ST(z, c), heads' losses averaged. Masked rows hold NaN where no projection or
+    normalisation would carry it into a weight gradient (then NaN * 0 = NaN in any formula)."""
+    import copy
+
+    torch.manual_seed(3)
+    h = 1 if heads == "1" else 2
+    cd = 3 if proj else 8 // h
+    vq = VectorQuantizer(
+        8, 16, ema=ema, heads=h, shared_codebook=heads == "2shared", cosine=cosine,
+        codebook_dim=cd, beta=0.3, codebook_loss_weight=0.7, kmeans_init=False,
+        dead_code_steps=0, backend="torch",
+    )  # fmt: skip
+    ref = copy.deepcopy(vq).double()  # the state before the forward (EMA updates it)
+    x = torch.randn(5, 7, 8)
+    mask = torch.rand(5, 7) > 0.3 if masked else None
+    if masked and not proj and not cosine:
+        x[~mask] = float("nan")
+    w_out = torch.randn(5, 7, 8)
+    x.requires_grad_(True)
+    q, idx, loss = vq(x, mask=mask)
+    ((q * w_out).sum() + loss).backward()
+
+    x64 = x.detach().double().requires_grad_(True)
+    n = 35
+    z = ref.project_in(x64.reshape(n, 8)).reshape(n, h, cd)
+    if cosine:
+        z = torch.nn.functional.normalize(z, dim=-1)
+    codes = ref.codebook
+    if cosine and not ema:
+        codes = torch.nn.functional.normalize(codes, dim=-1)
+    idx2 = idx.reshape(n, h)
+    c = torch.stack([codes[0 if codes.shape[0] == 1 else j][idx2[:, j]] for j in range(h)], 1)
+    keep = torch.ones(n, dtype=torch.bool) if mask is None else mask.reshape(n)
+    denom = keep.sum().clamp_min(1) * h * cd  # heads' per-head means, averaged: one mean
+
+    def mse(a, b):
+        return torch.where(keep[:, None, None], a - b, 0.0).square().sum() / denom
+
+    loss64 = 0.3 * mse(z, c.detach()) + (0.0 if ema else 0.7 * mse(z.detach(), c))
+    q64 = ref.project_out(_StraightThrough.apply(z, c.detach()).reshape(n, h * cd))
+    ((q64.reshape(5, 7, 8) * w_out.double()).sum() + loss64).backward()
+
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-6, atol=1e-7)
+    tol = dict(rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    if not ema:
+        torch.testing.assert_close(vq.codebook.grad.double(), ref.codebook.grad, **tol)
+    if proj:
+        for name in ("project_in", "project_out"):
+            for p, p64 in zip(
+                getattr(vq, name).parameters(), getattr(ref, name).parameters(), strict=True
+            ):
+                torch.testing.assert_close(p.grad.double(), p64.grad, **tol)
