@@ -1,5 +1,6 @@
 """The built wheel ships the Triton kernels as fastvq.kernels (no torch reinstall)."""
 
+import site
 import subprocess
 import sys
 import venv
@@ -25,10 +26,20 @@ def test_wheel_contains_kernels_and_imports(tmp_path):
         assert f in names, f"{f} missing from {wheel.name}"
     assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package leaked"
 
-    # A fresh venv that sees the system torch but installs only the wheel itself (--no-deps).
+    # A fresh venv that installs only the wheel itself (--no-deps) and sees torch, triton and the
+    # rest through the running interpreter's own site-packages: a .pth file lists them, which
+    # works whether pytest runs in a venv or in the system Python (system_site_packages would
+    # see the base interpreter, not an outer venv). Directories named in a .pth are not site
+    # dirs, so an editable fastvq there stays invisible.
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    nested_site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    outer = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    (Path(nested_site) / "outer_env.pth").write_text("\n".join(outer) + "\n")
     subprocess.run([py, "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
                    check=True, capture_output=True, text=True, timeout=240)  # fmt: skip
     code = (
