@@ -19,10 +19,17 @@ Fault injection for tests: ``FASTVQ_FAULT_AFTER_WRITE=N`` kills the process with
 after its N-th checkpoint write (a file, or the ``current`` pointer swap);
 ``FASTVQ_FAULT_AFTER_WRITE=NAME`` or ``NAME:K`` right after the first (K-th) write of ``NAME``
 (``model.safetensors``, ``optim.safetensors``, ``run.json``, ``current``).
+
+Interrupts: during :func:`fit` the first Ctrl-C (SIGINT) lets the current step finish, saves a
+checkpoint and raises :class:`TrainingInterrupted`; a second one interrupts at once. Every
+checkpoint records the random states a step draws from (torch, numpy, ``random`` and the
+vector-quantizer layers' own generators), so ``resume=True`` continues bit-identically.
+``FASTVQ_INTERRUPT_AT_STEP=N`` (tests) acts as a Ctrl-C arriving during step N.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import fcntl
@@ -32,6 +39,8 @@ import os
 import random
 import shutil
 import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
@@ -81,6 +90,21 @@ class CheckpointError(RuntimeError):
 
 class RunLockedError(RuntimeError):
     """Another process holds the run directory's lock (it is training or saving there)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """:func:`fit` stopped on Ctrl-C after a complete step; ``saved`` says whether a checkpoint
+    of that step was written to ``run_dir``."""
+
+    def __init__(self, kind: str, step: int, steps: int, run_dir, saved: bool):
+        super().__init__(f"{kind}: interrupted at step {step}/{steps}")
+        self.kind, self.step, self.steps, self.run_dir, self.saved = (
+            kind,
+            step,
+            steps,
+            run_dir,
+            saved,
+        )
 
 
 CURRENT = "current"  # the symlink naming the live checkpoint directory
@@ -239,9 +263,29 @@ def save_run(run_dir, model, kind: str, meta: dict, optimizer=None) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _damaged(path, e: Exception) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a file that cannot be parsed (the library's
+    message may span lines)."""
+    what = " ".join(str(e).split()) or type(e).__name__
+    return CheckpointError(f"{path}: damaged checkpoint file ({what}); retrain or restore it")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _damaged(path, e) from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, TypeError("run.json does not hold an object"))
+    return meta
+
+
 def _saved_step(path: Path) -> str | None:
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get(_STEP_KEY)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(_STEP_KEY)
+    except SafetensorError as e:
+        raise _damaged(path, e) from None
 
 
 def _check_consistent(ckpt: Path, meta: dict) -> None:
@@ -264,7 +308,7 @@ def read_meta(run_dir) -> dict:
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no run.json; not a fastvq run directory")
-    return json.loads((ckpt / "run.json").read_text())
+    return _read_json(ckpt / "run.json")
 
 
 def load_run(run_dir, device="cpu") -> tuple[torch.nn.Module, dict]:
@@ -272,16 +316,29 @@ def load_run(run_dir, device="cpu") -> tuple[torch.nn.Module, dict]:
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no run.json; not a fastvq run directory")
-    meta = json.loads((ckpt / "run.json").read_text())
+    meta = _read_json(ckpt / "run.json")
     _check_consistent(ckpt, meta)
-    model = build(meta["kind"], meta["config"])
-    load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+    try:
+        model = build(meta["kind"], meta["config"])
+    except (KeyError, TypeError) as e:  # a run.json edited by hand or from another version
+        raise _damaged(ckpt / "run.json", e) from None
+    _load_weights(model, ckpt / "model.safetensors", device)
     return model.to(device).eval(), meta
+
+
+def _load_weights(model, path: Path, device) -> None:
+    try:
+        load_model(model, str(path), device=str(device))
+    except (SafetensorError, RuntimeError) as e:  # unparsable, or keys/shapes that do not fit
+        raise _damaged(path, e) from None
 
 
 def load_optimizer_state(optimizer, run_dir, meta) -> None:
     ckpt = checkpoint_dir(run_dir) or Path(run_dir)
-    tensors = load_file(str(ckpt / "optim.safetensors"))
+    try:
+        tensors = load_file(str(ckpt / "optim.safetensors"))
+    except SafetensorError as e:
+        raise _damaged(ckpt / "optim.safetensors", e) from None
     state: dict = {}
     for key, t in tensors.items():
         pid, name = key.split(".", 1)
@@ -302,6 +359,93 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds only
     torch.manual_seed(seed)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state(model: torch.nn.Module) -> dict:
+    """The random states a training step of ``model`` draws from, as JSON (``run.json``'s
+    ``rng_state``): Python's ``random``, numpy's and torch's global generators (CUDA's too, once
+    initialised) and the generators that vector-quantizer layers keep for dead-code restart.
+    Those live outside ``state_dict`` (a cache filled on first use), so they are read here."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+        "layers": {},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(t) for t in torch.cuda.get_rng_state_all()]
+    for name, module in model.named_modules():
+        gens = getattr(module, "_generators", None)
+        if isinstance(gens, dict) and gens:
+            state["layers"][name] = [
+                [gen_name, dev, _b64(g.get_state())] for (gen_name, dev), g in gens.items()
+            ]
+    return state
+
+
+def set_rng_state(model: torch.nn.Module, state: dict) -> None:
+    """Restore what :func:`rng_state` recorded (the layers' generators into their caches)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(t) for t in state["cuda"]])
+    modules = dict(model.named_modules())
+    for name, gens in state.get("layers", {}).items():
+        module = modules.get(name)
+        if module is None or not isinstance(getattr(module, "_generators", None), dict):
+            raise CheckpointError(f"rng_state names layer {name!r}, which the model lacks")
+        for gen_name, dev, blob in gens:
+            g = torch.Generator(device=dev)
+            g.set_state(_unb64(blob))
+            module._generators[(gen_name, dev)] = g
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Within ``fit``: the first SIGINT only sets ``flag["hit"]`` (the loop then finishes its
+    step, saves and stops), and restores the previous handler, so a second Ctrl-C raises
+    ``KeyboardInterrupt`` at once. A no-op off the main thread or under a custom handler."""
+    flag = {"hit": False}
+    prev = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or (
+        prev is not signal.default_int_handler
+    ):
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["hit"] = True
+        signal.signal(signal.SIGINT, prev)
+        print(
+            "\nfastvq: Ctrl-C: finishing this step and saving a checkpoint "
+            "(Ctrl-C again to quit without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
+def _interrupt_requested(flag: dict, step: int) -> bool:
+    at = os.environ.get("FASTVQ_INTERRUPT_AT_STEP")
+    return flag["hit"] or (at is not None and at.isdigit() and int(at) == step)
 
 
 def epoch_batches(
@@ -370,17 +514,22 @@ def _fit(
     meta = dict(meta or {})
     start = 0
     ckpt = checkpoint_dir(run_dir) if resume and run_dir is not None else None
+    saved_rng = None
     if ckpt is not None:
-        old = json.loads((ckpt / "run.json").read_text())
+        old = _read_json(ckpt / "run.json")
         _check_consistent(ckpt, old)
-        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+        _load_weights(model, ckpt / "model.safetensors", device)
         if (ckpt / "optim.safetensors").is_file():
             load_optimizer_state(opt, run_dir, old)
         start = int(old.get("step", 0))
+        saved_rng = old.get("rng_state")
         meta = {**old, **meta, "history": old.get("history", [])}
     meta.setdefault("history", [])
     meta.update(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    seed_everything(seed + start)
+    if saved_rng is not None:  # continue the interrupted run's random streams exactly
+        set_rng_state(model, saved_rng)
+    else:  # a fresh run, or a checkpoint from before rng_state was recorded
+        seed_everything(seed + start)
     stream = epoch_batches(data, labels, batch_size, seed, start)
     t0 = time.time()
     elapsed0 = float(meta.get("train_seconds", 0.0))
@@ -396,9 +545,9 @@ def _fit(
     logs: dict = {}
     step = start
 
-    def checkpoint(final: bool) -> None:
+    def checkpoint(final: bool, run_eval: bool = True) -> None:
         model.eval()
-        if evaluate is not None:
+        if evaluate is not None and run_eval:
             ev = evaluate(model)
             meta["metrics"] = ev
             meta["history"].append({"step": step, **{k: v for k, v in ev.items() if _scalar(v)}})
@@ -406,27 +555,38 @@ def _fit(
         model.train()
         meta["step"] = step
         meta["train_seconds"] = elapsed0 + time.time() - t0
+        # the state after `step`: evaluation draws nothing from it (eval_vae restores torch's)
+        meta["rng_state"] = rng_state(model)
         if run_dir is not None:
             save_run(run_dir, model, kind, meta, opt)
 
     model.train()
-    while step < steps:
-        x, y = next(stream)
-        x = prepare(x).to(device)
-        y = y.to(device)
-        loss, logs = model.training_loss(x, y if conditional or kind == "classifier" else None)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{kind}: loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-        if eval_every and step % eval_every == 0 and step < steps:
-            checkpoint(final=False)
-    checkpoint(final=True)
+    with _deferred_sigint() as sigint:
+        while step < steps:
+            x, y = next(stream)
+            x = prepare(x).to(device)
+            y = y.to(device)
+            loss, logs = model.training_loss(x, y if conditional or kind == "classifier" else None)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{kind}: loss became {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+            if eval_every and step % eval_every == 0 and step < steps:
+                checkpoint(final=False)
+            if step < steps and _interrupt_requested(sigint, step):
+                # no evaluation: the user asked to stop, and the next run evaluates anyway
+                saved = meta.get("step") == step and run_dir is not None
+                if run_dir is not None and not saved:
+                    checkpoint(final=False, run_eval=False)
+                    saved = True
+                bar.close()
+                raise TrainingInterrupted(kind, step, steps, run_dir, saved)
+        checkpoint(final=True)
     bar.close()
     model.eval()
     meta["last_train_logs"] = logs
