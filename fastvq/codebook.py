@@ -68,6 +68,62 @@ def generator(cache: dict, seed: int, name: str, device, offset: int = 0) -> tor
     return gen
 
 
+def register_state(
+    module, init: torch.Tensor, *, ema: bool, restart: bool = True, kmeans: bool = True,
+    initted: bool = False,
+) -> None:  # fmt: skip
+    """Register the codebook state on ``module`` from ``init`` (..., S, D): ``codebook`` (a
+    buffer for EMA, else an ``nn.Parameter``), ``cluster_size``/``embed_avg`` (EMA),
+    ``steps_unused``/``usage_counts`` (``restart``), ``initted`` (``kmeans``), the host mirror
+    ``_initted`` kept by a load hook, and the generator cache."""
+    if ema:
+        module.register_buffer("codebook", init)
+        module.register_buffer("cluster_size", torch.ones(init.shape[:-1]))
+        module.register_buffer("embed_avg", init.clone())
+    else:
+        module.codebook = torch.nn.Parameter(init)
+    if restart:
+        module.register_buffer("steps_unused", torch.zeros(init.shape[:-1], dtype=torch.int64))
+        module.register_buffer("usage_counts", torch.zeros(init.shape[:-1]))  # training batches
+    if kmeans:
+        module.register_buffer("initted", torch.tensor(initted))
+    module._initted = initted  # host mirror of ``initted``: no sync per forward
+    module._generators = {}
+    module.register_load_state_dict_post_hook(_after_load)
+
+
+def _after_load(module, incompatible_keys) -> None:
+    if hasattr(module, "initted"):
+        module._initted = bool(module.initted)
+
+
+def check_ranks(what: str, vq, names: tuple, group) -> None:
+    """ValueError on every rank when ranks disagree on the layer attributes ``names`` (one small
+    all-gather and a host sync; ``_initted`` is reported as "kmeans initialised")."""
+    label = {"_initted": "kmeans initialised"}
+    fields = {label.get(n, n): getattr(vq, n) for n in names}
+    _dist.check_same_across_ranks(what, fields, vq.codebook.device, group)
+    vq._ranks_checked = True
+
+
+def dist_policy(sync: bool, group) -> dict:
+    """The distributed policy as keyword arguments of the engine's functions: synchronise over
+    ``group`` when ``sync`` and torch.distributed runs more than one rank in it."""
+    group = group if sync else None
+    return {"group": group, "distributed": sync and _dist.is_distributed(group)}
+
+
+def lookup(codes: torch.Tensor, indices: torch.Tensor, heads: int) -> torch.Tensor:
+    """Decode int64 ``indices`` (...) (or (..., heads)) against ``codes`` (G, K, D): the codes
+    ``(..., heads * D)`` (``(..., D)`` for one head); G = 1 shares one codebook among heads."""
+    if heads == 1:
+        return F.embedding(indices, codes[0])
+    if codes.shape[0] == 1:
+        return F.embedding(indices, codes[0]).flatten(-2)
+    offs = torch.arange(heads, device=indices.device) * codes.shape[1]
+    return F.embedding(indices + offs, codes.reshape(-1, codes.shape[-1])).flatten(-2)
+
+
 # --- statistics -----------------------------------------------------------------------------------
 
 
@@ -261,6 +317,22 @@ def kmeans_init_(
         _dist.broadcast_(new, 0, group)
     set_codes_(st, new[:, start : start + st.codebook.shape[-2]], clear_unused=False)
     return True
+
+
+@torch.no_grad()
+def load_codes_(st: CodebookState, weight, normalize: bool) -> None:
+    """``load_codebook``: ``weight`` (S, D) for every codebook or (G, S, D), checked, optionally
+    l2-normalised, then :func:`set_codes_`."""
+    weight = torch.as_tensor(weight)
+    if weight.dim() == 2:
+        weight = weight.unsqueeze(0).expand(st.codebook.shape[0], -1, -1)
+    if tuple(weight.shape) != tuple(st.codebook.shape):
+        raise ValueError(
+            f"weight must have shape {tuple(st.codebook.shape[1:])} or "
+            f"{tuple(st.codebook.shape)}, got {tuple(weight.shape)}"
+        )
+    weight = weight.to(st.codebook)
+    set_codes_(st, F.normalize(weight, dim=-1) if normalize else weight)
 
 
 @torch.no_grad()

@@ -64,6 +64,27 @@ def grad_z(
     return gz.to(dtype)
 
 
+def vq_loss(
+    err: torch.Tensor, d: int, beta: float, codebook_weight: float, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, object]:
+    """``(loss, denom)``: ``(codebook_weight + beta) * sum_{kept i} err_i / denom``, the codebook
+    and commitment terms (both have the forward value ``mean((z - z_q)^2)``) over ``denom`` =
+    kept rows times ``d``; an empty or fully masked batch gives 0, not NaN.
+
+    Args:
+        err: fp32 (N,) the search's per-row squared error.
+        keep: optional bool (N,); rows left out are dropped with ``torch.where``, not a 0/1
+            weight: a masked row's NaN error would give NaN * 0 = NaN.
+    """
+    if keep is None:
+        denom = max(err.shape[0] * d, 1)
+        total = err.sum()
+    else:
+        denom = keep.sum().clamp_min(1) * d
+        total = torch.where(keep, err, 0.0).sum()
+    return total * ((codebook_weight + beta) / denom), denom
+
+
 def _upstream(grad_loss: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """The loss's upstream gradient as fp32 0-dim (0 when the loss is unused)."""
     if grad_loss is None:
@@ -87,15 +108,7 @@ class VectorQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z2d, codebook, beta, backend, deterministic, keep=None, codebook_weight=1.0):
         indices, z_q, err = search(z2d, codebook, backend)
-        d = z2d.shape[1]
-        if keep is None:
-            # Both terms share the forward value mean((z - z_q)^2); an empty batch gives 0.
-            denom = max(z2d.shape[0] * d, 1)
-            total = err.sum()
-        else:  # torch.where, not a 0/1 weight: a masked row's NaN error would give NaN * 0 = NaN
-            denom = keep.sum().clamp_min(1) * d
-            total = torch.where(keep, err, 0.0).sum()
-        loss = total * ((codebook_weight + beta) / denom)
+        loss, denom = vq_loss(err, z2d.shape[1], beta, codebook_weight, keep)
         ctx.save_for_backward(z2d, codebook, indices, keep)
         ctx.beta, ctx.backend, ctx.deterministic = beta, backend, deterministic
         ctx.denom, ctx.codebook_weight = denom, codebook_weight

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _dist
 from . import codebook as cb_engine
 from ._checks import FLOAT_DTYPES, check_same_device
 from .codebook import CodebookState, row_counts
@@ -147,6 +146,15 @@ def check_indices(indices, heads: int, codebook_size: int, check: bool) -> None:
             )
 
 
+# What every rank must agree on: the shape and sequence of the layer's collectives (K, dims,
+# heads, EMA, restart, k-means state) and their result (decay, eps, seed, noise).
+_RANK_FIELDS = (
+    "dim", "codebook_size", "codebook_dim", "heads", "num_codebooks", "ema", "cosine",
+    "channel_first", "_initted", "kmeans_iters", "dead_code_steps", "decay", "eps",
+    "restart_noise", "seed", "debug",
+)  # fmt: skip
+
+
 class VectorQuantizer(nn.Module):
     """Vector quantization layer with EMA or gradient codebooks, k-means init and dead-code restart.
 
@@ -212,26 +220,10 @@ class VectorQuantizer(nn.Module):
         init = torch.empty(self.num_codebooks, codebook_size, codebook_dim)
         for i in range(self.num_codebooks):
             nn.init.kaiming_uniform_(init[i])
-        if cosine:
-            init = F.normalize(init, dim=-1)
-        if ema:
-            self.register_buffer("codebook", init)
-            self.register_buffer("cluster_size", torch.ones(self.num_codebooks, codebook_size))
-            self.register_buffer("embed_avg", init.clone())
-        else:
-            self.codebook = nn.Parameter(init)
-        self.register_buffer("steps_unused", torch.zeros(init.shape[:2], dtype=torch.int64))
-        self.register_buffer("usage_counts", torch.zeros(init.shape[:2]))  # over training batches
-        self.register_buffer("initted", torch.tensor(not kmeans_init))
-        self._initted = not kmeans_init  # host mirror of ``initted``: no sync per forward
+        init = F.normalize(init, dim=-1) if cosine else init
+        cb_engine.register_state(self, init, ema=ema, initted=not kmeans_init)
         self.register_buffer("last_perplexity", torch.zeros(()), persistent=False)
         self.register_buffer("last_used_fraction", torch.zeros(()), persistent=False)
-        self._generators: dict = {}
-        self.register_load_state_dict_post_hook(VectorQuantizer._after_load)
-
-    @staticmethod
-    def _after_load(module, incompatible_keys) -> None:
-        module._initted = bool(module.initted)
 
     def extra_repr(self) -> str:
         return (
@@ -249,32 +241,14 @@ class VectorQuantizer(nn.Module):
         )  # fmt: skip
 
     def _dist_policy(self) -> dict:
-        """The group the codebook engine synchronises over, and whether it does."""
-        group = self.process_group if self.sync_distributed else None
-        return {
-            "group": group,
-            "distributed": self.sync_distributed and _dist.is_distributed(group),
-        }
+        return cb_engine.dist_policy(self.sync_distributed, self.process_group)
 
     # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
     @torch.compiler.disable
     def _check_ranks(self) -> None:
         """ValueError on every rank when ranks disagree on anything that fixes the shape or the
-        sequence of this layer's collectives (K, dims, heads, EMA, restart, k-means state) or its
-        result (decay, eps, seed, noise)."""
-        fields = {
-            "dim": self.dim, "codebook_size": self.codebook_size,
-            "codebook_dim": self.codebook_dim, "heads": self.heads,
-            "num_codebooks": self.num_codebooks, "ema": self.ema, "cosine": self.cosine,
-            "channel_first": self.channel_first, "kmeans initialised": self._initted,
-            "kmeans_iters": self.kmeans_iters, "dead_code_steps": self.dead_code_steps,
-            "decay": self.decay, "eps": self.eps, "restart_noise": self.restart_noise,
-            "seed": self.seed, "debug": self.debug,
-        }  # fmt: skip
-        _dist.check_same_across_ranks(
-            "VectorQuantizer", fields, self.codebook.device, self._dist_policy()["group"]
-        )
-        self._ranks_checked = True
+        sequence of this layer's collectives or its result (see ``_RANK_FIELDS``)."""
+        cb_engine.check_ranks("VectorQuantizer", self, _RANK_FIELDS, self._dist_policy()["group"])
 
     def get_codebook(self) -> torch.Tensor:
         """The codes searched, ``(K, codebook_dim)`` (or ``(heads, K, codebook_dim)`` when each
@@ -292,18 +266,7 @@ class VectorQuantizer(nn.Module):
         Resets the EMA statistics to match, marks the layer initialised (no k-means) and clears
         the dead-code counters.
         """
-        weight = torch.as_tensor(weight)
-        if weight.dim() == 2:
-            weight = weight.unsqueeze(0).expand(self.num_codebooks, -1, -1)
-        if tuple(weight.shape) != tuple(self.codebook.shape):
-            raise ValueError(
-                f"weight must have shape {tuple(self.codebook.shape[1:])} or "
-                f"{tuple(self.codebook.shape)}, got {tuple(weight.shape)}"
-            )
-        weight = weight.to(self.codebook)
-        cb_engine.set_codes_(
-            self._state(), F.normalize(weight, dim=-1) if self.cosine and self.ema else weight
-        )
+        cb_engine.load_codes_(self._state(), weight, normalize=self.cosine and self.ema)
         self._initted = True
 
     def _rows(self, zh: torch.Tensor, valid: torch.Tensor | None) -> list:
@@ -405,15 +368,7 @@ class VectorQuantizer(nn.Module):
             ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``; in the codebook's dtype.
         """
         check_indices(indices, self.heads, self.codebook_size, check)
-        indices = indices.to(torch.int64)
-        cb = self._codes_all()  # (G, K, cd)
-        if self.heads == 1:
-            q = F.embedding(indices, cb[0])  # (..., cd)
-        elif self.num_codebooks == 1:
-            q = F.embedding(indices, cb[0]).flatten(-2)  # (..., heads * cd)
-        else:
-            offs = torch.arange(self.heads, device=indices.device) * self.codebook_size
-            q = F.embedding(indices + offs, cb.reshape(-1, self.codebook_dim)).flatten(-2)
+        q = cb_engine.lookup(self._codes_all(), indices.to(torch.int64), self.heads)
         q = self.project_out(q)
         return q.movedim(-1, 1) if self.channel_first else q
 

@@ -46,7 +46,14 @@ from . import _dist
 from . import codebook as cb_engine
 from ._checks import check_same_device
 from .codebook import CodebookState
-from .functional import VectorQuantizeFunction, VQOutput, _check_inputs, check_beta, grad_z
+from .functional import (
+    VectorQuantizeFunction,
+    VQOutput,
+    _check_inputs,
+    check_beta,
+    grad_z,
+    vq_loss,
+)
 from .layer import check_input
 from .ops import _scatter_rows_unchecked, resolve_backend, search
 
@@ -230,8 +237,7 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z2d, shard, res, num_codes, beta, codebook_weight, group, backend):
-        n, d = z2d.shape
-        loss = res.err.sum() * ((codebook_weight + beta) / max(n * d, 1))
+        loss, _ = vq_loss(res.err, z2d.shape[1], beta, codebook_weight, None)
         ctx.save_for_backward(z2d, shard, res.codes, res.rows, res.row_indices)
         ctx.beta, ctx.group, ctx.sizes, ctx.num_codes = beta, group, res.sizes, num_codes
         ctx.codebook_weight, ctx.backend = codebook_weight, backend
@@ -358,6 +364,13 @@ def init_codes(start: int, end: int, dim: int, seed: int = 0, chunk: int = 4096)
     return torch.cat(parts) if parts else torch.empty(0, dim)
 
 
+# What every rank must agree on (see VectorQuantizer's list).
+_RANK_FIELDS = (
+    "dim", "codebook_size", "codebook_dim", "ema", "beta", "decay", "eps", "training", "cosine",
+    "_initted", "kmeans_iters", "dead_code_steps", "restart_noise", "seed",
+)  # fmt: skip
+
+
 class ShardedVectorQuantizer(nn.Module):
     """A VQ layer whose K codes are split across the ranks of ``group`` (model-parallel search).
 
@@ -437,29 +450,12 @@ class ShardedVectorQuantizer(nn.Module):
             init = init_codes(self.start, self.end, cd, seed)
         if cosine:
             init = F.normalize(init, dim=-1)
-        s = self.end - self.start
-        if ema:
-            self.register_buffer("codebook", init)
-            self.register_buffer("cluster_size", torch.ones(s))
-            self.register_buffer("embed_avg", init.clone())
-        else:
-            self.codebook = nn.Parameter(init)
         # Only the features in use add buffers: a default layer's state_dict (and the names
         # ddp_ignore_shards returns) stay as they were before restart and k-means existed here.
-        if dead_code_steps > 0:
-            self.register_buffer("steps_unused", torch.zeros(s, dtype=torch.int64))
-            self.register_buffer("usage_counts", torch.zeros(s))
-        initted = codebook is not None or not kmeans_init
-        if kmeans_init:
-            self.register_buffer("initted", torch.tensor(initted))
-        self._initted = initted  # host mirror of ``initted``: no sync per forward
-        self._generators: dict = {}
-        self.register_load_state_dict_post_hook(ShardedVectorQuantizer._after_load)
-
-    @staticmethod
-    def _after_load(module, incompatible_keys) -> None:
-        if hasattr(module, "initted"):
-            module._initted = bool(module.initted)
+        cb_engine.register_state(
+            self, init, ema=ema, restart=dead_code_steps > 0, kmeans=kmeans_init,
+            initted=codebook is not None or not kmeans_init,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -488,33 +484,24 @@ class ShardedVectorQuantizer(nn.Module):
 
     # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
     @torch.compiler.disable
-    def _check_ranks(self, device) -> None:
+    def _check_ranks(self) -> None:
         """ValueError on every rank when ranks disagree on the layer's configuration (an EMA
         rank issues an all_reduce that a gradient rank does not: a hang or mixed tensors)."""
-        fields = {
-            "dim": self.dim, "codebook_size": self.codebook_size,
-            "codebook_dim": self.codebook_dim, "ema": self.ema, "beta": self.beta,
-            "decay": self.decay, "eps": self.eps, "training": self.training,
-            "cosine": self.cosine, "kmeans initialised": self._initted,
-            "kmeans_iters": self.kmeans_iters, "dead_code_steps": self.dead_code_steps,
-            "restart_noise": self.restart_noise, "seed": self.seed,
-        }  # fmt: skip
-        _dist.check_same_across_ranks("ShardedVectorQuantizer", fields, device, self.group)
-        self._ranks_checked = True
+        cb_engine.check_ranks("ShardedVectorQuantizer", self, _RANK_FIELDS, self.group)
 
     def forward(self, x: torch.Tensor) -> VQOutput:
         """``x`` (..., dim) -> VQOutput(quantized like x, global indices x.shape[:-1], loss)."""
         check_input(x, self.dim, False)
         check_same_device("x", x, "codebook", self.codebook)
         if self.debug or not self._ranks_checked:
-            self._check_ranks(self.codebook.device)
+            self._check_ranks()
         backend = resolve_backend(self.backend, x.device)
         lead = x.shape[:-1]
         z = self.project_in(x.reshape(-1, self.dim))
         # Not while autograd's engine runs (activation checkpointing recomputing this forward):
         # every rank recomputes alike, so skipping keeps the collectives matched.
         update = self.training and not cb_engine.in_backward()
-        pol = {"group": self.group, "distributed": _dist.is_distributed(self.group)}
+        pol = cb_engine.dist_policy(True, self.group)
         if update and not self._initted:
             self._initted = cb_engine.kmeans_init_(
                 self, self._state(), [z.detach()], [None], start=self.start, **pol
