@@ -1,5 +1,12 @@
 """``fastvq demo``: AE, VAE, VQ-VAE and a PixelCNN prior, trained briefly on one dataset, with a
-report folder of figures, ``metrics.json`` and ``summary.md``."""
+report folder of figures, ``metrics.json`` and ``summary.md``.
+
+Every number in ``metrics.json`` is a function of the data, the options and ``--seed`` (and of
+torch's thread count, which changes float summation order): each model and the feature
+classifier are seeded before they are built, and every sample is drawn from its own seeded
+generator. Wall times, the date and the machine go to ``run_info.json`` instead, so two runs
+with the same seed write the same ``metrics.json``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import metrics as M
 from . import recipes as R
@@ -21,6 +29,7 @@ from .data import Dataset, load_dataset, to_float
 from .figures import save_panels, save_usage_histogram
 
 BATCH_SIZE = 128
+FD_SEEDS = 3  # sample sets per generator behind each Fréchet distance's mean and spread
 NAMES = {"ae": "AE", "vae": "VAE", "vqvae": "VQ-VAE"}  # stages 1-3, in order
 
 
@@ -119,17 +128,33 @@ def run_demo(
         pixelcnn = dict(steps=st.pixelcnn, desc="4/4 PixelCNN", **common)
         R.train_prior(prior, codes, ds, out / "pixelcnn", out / "vqvae", **pixelcnn)
     with _timed(timings, "metrics"):
-        usage = M.code_usage(codes.test, K)
-        result.update(_model_metrics(models, prior, codes, usage, ds, clf, device, st.eval_limit))
         fd_m = min(st.fd_samples, len(ds.test), len(ds.train))
-        g = torch.Generator().manual_seed(seed + 1)  # draws the samples, then the floor's images
-        samples = _samples(models, metas["ae"], prior, codes, fd_m, g, device)
-        result["frechet_distance"] = _frechet(samples, ds, clf, fd_m, g, device)
+        # sample seeds seed+1 .. seed+FD_SEEDS; each draws the samples, then the floor's images
+        fd_seeds = [seed + 1 + i for i in range(FD_SEEDS)]
+        # the longest stage after training (~2 min at M = 1000): one bar tick per task
+        bar = tqdm(total=5 + 5 * FD_SEEDS, desc="5/5 metrics", dynamic_ncols=True, leave=True)
+        usage = M.code_usage(codes.test, K)
+        metrics = _model_metrics(models, prior, codes, usage, ds, clf, device, st.eval_limit, bar)
+        result.update(metrics)
+        runs = []
+        for s in fd_seeds:
+            g = torch.Generator().manual_seed(s)
+            samples_s = _samples(models, metas["ae"], prior, codes, fd_m, g, device, bar, s)
+            runs.append(_frechet(samples_s, ds, clf, fd_m, g, device, bar, s))
+            if s == fd_seeds[0]:
+                samples = samples_s  # what the figures show
+        bar.close()
+        result["frechet_distance"], result["frechet_distance_per_seed"] = _fd_spread(
+            runs, fd_seeds, fd_m
+        )
     with _timed(timings, "report"):
         _figures(out, models, samples, usage, ds, device)
-    result["seconds"] = {**timings, "total": round(time.time() - t_start, 1)}
-    result["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+    info = result.pop("run_info")
+    info["seconds"] = {**timings, "total": round(time.time() - t_start, 1)}
+    info["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "run_info.json").write_text(json.dumps(info, indent=2))
+    result.update(info)  # the caller and the summary see both
     (out / "summary.md").write_text(summary_markdown(result))
     return result
 
@@ -142,7 +167,8 @@ def _timed(timings: dict[str, float], name: str):
 
 
 def _header(ds: Dataset, st: DemoSteps, seed: int, device: str) -> dict:
-    """The run's settings and machine, first in ``metrics.json``."""
+    """The run's settings, first in ``metrics.json``; under ``run_info`` the machine and the
+    date, which go to ``run_info.json``."""
     return {
         "dataset": ds.name,
         "data_root": str(ds.root),
@@ -152,27 +178,40 @@ def _header(ds: Dataset, st: DemoSteps, seed: int, device: str) -> dict:
         "batch_size": BATCH_SIZE,
         "seed": seed,
         "device": device,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "loadavg_1min_start": round(os.getloadavg()[0], 2),
+        # what varies between identical runs: written to run_info.json, not metrics.json
+        "run_info": {
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "loadavg_1min_start": round(os.getloadavg()[0], 2),
+            },
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         },
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
 
 
-def _model_metrics(models, prior, codes, usage, ds, clf, device, lim) -> dict:
+def _tick(bar, label: str, fn):
+    """Run ``fn()`` as one task of the metrics stage's progress ``bar``."""
+    bar.set_postfix_str(label, refresh=True)
+    out = fn()
+    bar.update(1)
+    return out
+
+
+def _model_metrics(models, prior, codes, usage, ds, clf, device, lim, bar) -> dict:
     """Test-set metrics of the four trained models (reconstructions on ``lim`` images)."""
     test, vqvae = ds.test, models["vqvae"]
     K = vqvae.cfg.codebook_size
-    r = {"ae": T.eval_recon(models["ae"], test, device, clf, limit=lim)}
-    r["vae"] = T.eval_vae(models["vae"], test, device, limit=lim)
-    vae_recon = T.eval_recon(models["vae"], test, device, clf, limit=lim)
+    r = {"ae": _tick(bar, "AE recon", lambda: T.eval_recon(models["ae"], test, device, clf, lim))}
+    r["vae"] = _tick(bar, "VAE ELBO", lambda: T.eval_vae(models["vae"], test, device, limit=lim))
+    vae_recon = _tick(
+        bar, "VAE recon", lambda: T.eval_recon(models["vae"], test, device, clf, limit=lim)
+    )
     r["vae"]["classifier_acc_on_recon"] = vae_recon["classifier_acc_on_recon"]
     r["vae"]["likelihood"] = "discretized logistic over 256 levels per pixel"
-    r["vqvae"] = T.eval_recon(vqvae, test, device, clf, limit=lim)
+    r["vqvae"] = _tick(bar, "VQ-VAE recon", lambda: T.eval_recon(vqvae, test, device, clf, lim))
     r["vqvae"].update(
         codebook_size=K,
         code_map=list(codes.shape),
@@ -181,7 +220,8 @@ def _model_metrics(models, prior, codes, usage, ds, clf, device, lim) -> dict:
         perplexity_test=usage["perplexity"],
         vq_kwargs=vqvae.cfg.vq_kwargs,
     )
-    nll = T.eval_prior(prior, codes.test, None, device)["nll_bits_per_code"]
+    nll = _tick(bar, "PixelCNN NLL", lambda: T.eval_prior(prior, codes.test, None, device))
+    nll = nll["nll_bits_per_code"]
     r["pixelcnn"] = {
         "test_nll_bits_per_code": nll,
         "unigram_bits_per_code": M.unigram_cross_entropy_bits(codes.train, codes.test, K),
@@ -191,33 +231,62 @@ def _model_metrics(models, prior, codes, usage, ds, clf, device, lim) -> dict:
     return r
 
 
-def _samples(models, ae_stats, prior, codes, n, g, device) -> dict[str, torch.Tensor]:
+def _samples(models, ae_stats, prior, codes, n, g, device, bar, seed) -> dict[str, torch.Tensor]:
     """``n`` images of each generator, keyed like ``metrics.json``'s Fréchet distances, drawn
-    in this order from the generator ``g``."""
+    in this order from the generator ``g`` (seeded ``seed``)."""
     vqvae = models["vqvae"]
+    at = f" (seed {seed})"
     s = {
-        "ae_random_latents": R.sample_ae(models["ae"], ae_stats, n, g, device),
-        "vae_samples": R.sample_vae(models["vae"], n, g),
-        "vqvae_pixelcnn_samples": R.sample_prior(prior, vqvae, n, codes.shape, g, device),
+        "ae_random_latents": _tick(
+            bar, "AE samples" + at, lambda: R.sample_ae(models["ae"], ae_stats, n, g, device)
+        ),
+        "vae_samples": _tick(bar, "VAE samples" + at, lambda: R.sample_vae(models["vae"], n, g)),
+        "vqvae_pixelcnn_samples": _tick(
+            bar,
+            "PixelCNN samples" + at,
+            lambda: R.sample_prior(prior, vqvae, n, codes.shape, g, device),
+        ),
     }
-    # The baseline the prior must beat: codes drawn i.i.d. from their train-set frequencies.
-    p = M.unigram_probs(codes.train, vqvae.cfg.codebook_size)
-    uni = torch.multinomial(p, n * math.prod(codes.shape), replacement=True, generator=g)
-    s["vqvae_unigram_codes"] = R.decode_codes(vqvae, uni.view(n, *codes.shape), device)
+
+    def unigram():
+        # The baseline the prior must beat: codes drawn i.i.d. from their train-set frequencies.
+        p = M.unigram_probs(codes.train, vqvae.cfg.codebook_size)
+        uni = torch.multinomial(p, n * math.prod(codes.shape), replacement=True, generator=g)
+        return R.decode_codes(vqvae, uni.view(n, *codes.shape), device)
+
+    s["vqvae_unigram_codes"] = _tick(bar, "unigram samples" + at, unigram)
     return s
 
 
 @torch.no_grad()
-def _frechet(samples, ds, clf, n, g, device) -> dict:
+def _frechet(samples, ds, clf, n, g, device, bar, seed) -> dict:
     """Fréchet distances of each sample set's classifier features to ``n`` test images', with
     the floor: ``n`` train images drawn with ``g`` against the same test images."""
-    perm = torch.randperm(len(ds.train), generator=g)[:n]
-    f_test = T.features(clf, to_float(ds.test.images[:n]), device)
-    f_train = T.features(clf, to_float(ds.train.images[perm]), device)
-    fd = {"floor_train_vs_test": M.frechet_distance(f_train, f_test)}
-    for name, images in samples.items():
-        fd[name] = M.frechet_distance(T.features(clf, images, device), f_test)
-    return {"M": n, "features": "feature classifier penultimate", **fd}
+
+    def run():
+        perm = torch.randperm(len(ds.train), generator=g)[:n]
+        f_test = T.features(clf, to_float(ds.test.images[:n]), device)
+        f_train = T.features(clf, to_float(ds.train.images[perm]), device)
+        fd = {"floor_train_vs_test": M.frechet_distance(f_train, f_test)}
+        for name, images in samples.items():
+            fd[name] = M.frechet_distance(T.features(clf, images, device), f_test)
+        return fd
+
+    return _tick(bar, f"Fréchet distances (seed {seed})", run)
+
+
+def _fd_spread(runs: list[dict], seeds: list[int], m: int) -> tuple[dict, dict]:
+    """``metrics.json``'s ``frechet_distance`` (each set's mean over the sample seeds, and its
+    sample standard deviation as ``<name>_std``) and ``frechet_distance_per_seed``."""
+    fd = {"M": m, "features": "feature classifier penultimate", "sample_seeds": len(seeds)}
+    per_seed = {"seeds": seeds}
+    for name in runs[0]:
+        values = [r[name] for r in runs]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+        fd[name], fd[f"{name}_std"] = mean, math.sqrt(var)
+        per_seed[name] = values
+    return fd, per_seed
 
 
 def _figures(out: Path, models, samples, usage, ds, device) -> None:
@@ -276,19 +345,26 @@ def summary_markdown(r: dict) -> str:
         f"unigram {pc['unigram_bits_per_code']:.3f} vs uniform log2 K = "
         f"{pc['uniform_bits_per_code']:.3f}.",
         "",
-        f"Fréchet distance on classifier features, M = {fd['M']} (lower is better):",
+        f"Fréchet distance on classifier features, M = {fd['M']} (lower is better); mean ± "
+        f"standard deviation over {fd['sample_seeds']} sample seeds "
+        f"({', '.join(map(str, r['frechet_distance_per_seed']['seeds']))}):",
         "",
         "| samples | FD |",
         "| --- | --- |",
-        f"| train vs test (floor) | {fd['floor_train_vs_test']:.2f} |",
-        f"| AE decoder on random latents | {fd['ae_random_latents']:.2f} |",
-        f"| VAE samples | {fd['vae_samples']:.2f} |",
-        f"| VQ-VAE + unigram codes (what the prior must beat) | {fd['vqvae_unigram_codes']:.2f} |",
-        f"| VQ-VAE + PixelCNN prior | {fd['vqvae_pixelcnn_samples']:.2f} |",
+        f"| train vs test (floor) | {_fd(fd, 'floor_train_vs_test')} |",
+        f"| AE decoder on random latents | {_fd(fd, 'ae_random_latents')} |",
+        f"| VAE samples | {_fd(fd, 'vae_samples')} |",
+        f"| VQ-VAE + unigram codes (what the prior must beat) | {_fd(fd, 'vqvae_unigram_codes')} |",
+        f"| VQ-VAE + PixelCNN prior | {_fd(fd, 'vqvae_pixelcnn_samples')} |",
         "",
         "Figures: `reconstructions.png`, `samples.png`, `codebook_usage.png`. Seconds per stage: "
         + ", ".join(f"{k} {v}" for k, v in r["seconds"].items())
-        + ".",
+        + f" ({r['machine']['torch_threads']} torch threads, 1-min load average "
+        f"{r['machine']['loadavg_1min_start']} at the start; `run_info.json`).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _fd(fd: dict, name: str) -> str:
+    return f"{fd[name]:.2f} ± {fd[name + '_std']:.2f}"

@@ -17,8 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastvq import demo
 from fastvq.cli import auto_threads, build_parser, main
 from fastvq.data import write_synthetic_dataset
+from fastvq.demo import DemoSteps, run_demo
 
 
 @pytest.fixture(autouse=True)
@@ -338,3 +340,44 @@ def test_auto_threads_backs_off_on_a_loaded_machine():
     n, note = auto_threads(cores=2, load=10.8)
     assert n == 1 and "--threads" in note and "10.8" in note
     assert auto_threads(cores=64, load=0.0) == (default, None)  # idle: torch's choice
+
+
+# ---------------------------------------------------------------- the demo (issue 13 item 5)
+
+TINY = DemoSteps(classifier=4, ae=3, vae=3, vqvae=4, pixelcnn=3, fd_samples=24, eval_limit=16)
+
+
+def test_demo_metrics_are_identical_for_the_same_seed(tmp_path, data_dir):
+    """Two demo runs with one seed, each training its own feature classifier (separate caches),
+    write byte-identical metrics.json; the Fréchet distances come with their spread over 3
+    sample seeds, and the times and machine go to run_info.json."""
+    texts = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        run_demo(out, data_dir=data_dir, steps=TINY, codebook_size=16, cache=tmp_path / f"c{run}")
+        texts.append((out / "metrics.json").read_text())
+        info = json.loads((out / "run_info.json").read_text())
+        assert info["seconds"]["total"] > 0 and "torch_threads" in info["machine"]
+    assert texts[0] == texts[1]
+    m = json.loads(texts[0])
+    assert "seconds" not in m and "machine" not in m and "date_utc" not in m
+    fd, per_seed = m["frechet_distance"], m["frechet_distance_per_seed"]
+    assert fd["sample_seeds"] == len(per_seed["seeds"]) == 3
+    # (the tiny VQ-VAE may use one code only, which makes its unigram samples all alike)
+    for name in ("floor_train_vs_test", "ae_random_latents", "vae_samples"):
+        values = per_seed[name]
+        assert len(values) == 3 and len(set(values)) == 3  # three different sample sets
+        assert fd[name] == pytest.approx(sum(values) / 3) and fd[f"{name}_std"] > 0
+    assert "±" in (tmp_path / "a" / "summary.md").read_text()
+
+
+def test_demo_cli_says_where_it_wrote(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "QUICK", TINY)  # `--quick`, test-sized
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--data-dir", str(data_dir), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--codebook-size", "16"]  # fmt: skip
+    assert _rc(argv) == 0
+    captured = capsys.readouterr()
+    assert f"wrote {out.resolve()}/" in captured.out
+    assert "5/5 metrics" in captured.err  # the metrics stage shows progress
+    assert (out / "metrics.json").is_file() and (out / "pixelcnn" / "run.json").is_file()
