@@ -135,6 +135,8 @@ def search_torch(
 
     bn = min(block_n, n)
     bk = min(block_k, k)
+    # nonzero() on an accelerator waits for it: there every row takes the argmin instead
+    sync_free = dev.type != "cpu"
     buf = torch.empty(bn, bk, dtype=torch.float32, device=dev)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
@@ -146,11 +148,21 @@ def search_torch(
             tile = buf[: n1 - n0, : k1 - k0]
             # tile = ||c||^2 - 2 z.c, one BLAS call writing into the reused buffer
             torch.addmm(norms[k0:k1], zb, codes_t[:, k0:k1], beta=1.0, alpha=-2.0, out=tile)
-            tmin, targ = tile.min(dim=1)  # first occurrence on ties -> lowest index
-            # strict < keeps the earlier (lower-index) block on exact ties across blocks
+            # The tile's minimum alone is cheap (a vectorised amin); its index is not (min with
+            # indices or argmin cost as much as the GEMM on CPU). Only rows whose best improved
+            # need one, and after the first tiles those are few. strict < keeps the earlier
+            # (lower-index) block on exact ties across blocks.
+            tmin = tile.amin(dim=1)
             better = tmin < best
+            if sync_free:
+                targ = tile.argmin(dim=1)  # first occurrence on ties -> lowest index
+                best_i = torch.where(better, targ + k0, best_i)
+            else:
+                rows = better.nonzero().squeeze(1)
+                if rows.numel():
+                    targ = tile.index_select(0, rows).argmin(dim=1)  # ties -> lowest index
+                    best_i.index_copy_(0, rows, targ + k0)
             best = torch.where(better, tmin, best)
-            best_i = torch.where(better, targ + k0, best_i)
         indices[n0:n1] = best_i
     indices.masked_fill_(~row_finite, 0)
 
