@@ -26,6 +26,32 @@ DEFAULT_BLOCK_K = 512
 POISON_OUTPUTS = False
 
 
+def _row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """fp32 (rows,) max |x| per row; NaN or Inf exactly for the rows holding NaN/Inf."""
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    lo, hi = torch.aminmax(x, dim=1)  # NaN/Inf propagate: a non-finite row stays non-finite
+    return torch.maximum(hi, -lo).to(torch.float32)
+
+
+def scale_and_row_finite(
+    z2d: torch.Tensor, codebook: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(magnitude_scale(z2d, codebook), bool (N,) rows of z2d without NaN/Inf)`` in one pass."""
+    zmax, cmax = _row_absmax(z2d), _row_absmax(codebook)
+    zero = torch.zeros((), device=z2d.device)
+    row_finite = torch.isfinite(zmax)
+
+    def finite_max(m: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        return torch.where(ok, m, zero).amax() if m.numel() else zero
+
+    m = torch.maximum(finite_max(zmax, row_finite), finite_max(cmax, torch.isfinite(cmax)))
+    _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1); m = 0 gives e = 0
+    # Built from its bits, so s is exactly 2^-e; the clamp keeps s and 1/s normal fp32 numbers.
+    e = e.to(torch.int32).clamp(-126, 126)
+    return ((127 - e) << 23).view(torch.float32), row_finite
+
+
 def magnitude_scale(z2d: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """fp32 0-dim power of two ``s`` with ``max |x| * s`` in [0.5, 1) over the finite rows of both.
 
@@ -34,19 +60,7 @@ def magnitude_scale(z2d: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     (huge inputs) or underflow (tiny or subnormal inputs). Rows or codes holding NaN/Inf are left
     out (they are never selected, or get index 0). Computed on the device, so no host sync.
     """
-
-    def finite_absmax(x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == 0:
-            return torch.zeros((), dtype=torch.float32, device=x.device)
-        lo, hi = torch.aminmax(x, dim=1)  # per row: a non-finite row is dropped whole
-        m = torch.maximum(hi, -lo).to(torch.float32)
-        return torch.where(torch.isfinite(m), m, torch.zeros((), device=x.device)).amax()
-
-    m = torch.maximum(finite_absmax(z2d), finite_absmax(codebook))
-    _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1); m = 0 gives e = 0
-    # Built from its bits, so s is exactly 2^-e; the clamp keeps s and 1/s normal fp32 numbers.
-    e = e.to(torch.int32).clamp(-126, 126)
-    return ((127 - e) << 23).view(torch.float32)
+    return scale_and_row_finite(z2d, codebook)[0]
 
 
 def code_norms(
@@ -65,10 +79,15 @@ def code_norms(
     inf = torch.full((), float("inf"), device=codebook.device)
     for i in range(0, k, step):
         c = codebook[i : i + step].to(torch.float32)
-        finite = torch.isfinite(c).all(dim=1)
-        if scale is not None:
-            c = c * scale
-        out[i : i + step] = torch.where(finite, c.square().sum(dim=1), inf)
+        if scale is None:
+            finite = torch.isfinite(c).all(dim=1)
+            sq = c.square().sum(dim=1)
+        else:
+            # Scaled, a finite code's squares cannot overflow: its norm is finite exactly when the
+            # code is, and no separate finiteness pass is needed.
+            sq = (c * scale).square().sum(dim=1)
+            finite = torch.isfinite(sq)
+        out[i : i + step] = torch.where(finite, sq, inf)
     return out
 
 
@@ -123,11 +142,10 @@ def search_torch(
 
     # s^2 dist with one power-of-two scale of both operands: exact, and no overflow, underflow
     # or flushed subnormal at any finite magnitude
-    scale = magnitude_scale(z2d, codebook)
+    scale, row_finite = scale_and_row_finite(z2d, codebook)
     codes, norms = sanitize_codes(codebook.to(torch.float32), scale)
     codes_t = codes.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
     z_in32 = z2d.to(torch.float32)
-    row_finite = torch.isfinite(z_in32).all(dim=1)
     z32 = z_in32 * scale  # the GEMM operand: non-finite rows zeroed (they get index 0 below)
     # On CPU the finiteness check costs no device sync; elsewhere always take the safe path.
     if dev.type != "cpu" or not bool(row_finite.all()):
