@@ -134,9 +134,12 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tmp_path, data_dir):
             "--eval-limit", "16", "--eval-every", "2", "--steps", "100000", "--threads", "1",
             *OPTIONS["vae"]]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVQ_")}
+    # A shell's background job (CI's runner may be one) starts with SIGINT ignored, and Python
+    # then keeps ignoring it: give the child the default disposition, as a terminal would.
     child = subprocess.Popen(
         [sys.executable, "-m", "fastvq.cli", *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         deadline = time.time() + 90

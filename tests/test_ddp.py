@@ -81,7 +81,9 @@ def _worker(rank, world, init_file, scenarios, outdir):
                 masks.append(torch.full((sizes[rank],), keep, dtype=torch.bool))
             idx = train(ddp, ddp.parameters(), batches, masks if "mask_rank" in scenario else None)
             out = {"state": model.state_dict(), "idx": idx}
-            torch.save(out, os.path.join(outdir, f"s{i}-rank{rank}.pt"))
+            path = os.path.join(outdir, f"s{i}-rank{rank}.pt")
+            torch.save(out, path + ".tmp")
+            os.replace(path + ".tmp", path)  # complete or absent: the parent polls for it
     finally:
         dist.destroy_process_group()
 
@@ -93,12 +95,27 @@ def run_ddp(scenarios: list[dict], world: int, timeout: float = 240.0) -> list[l
         ctx = mp.spawn(
             _worker, args=(world, init_file, scenarios, outdir), nprocs=world, join=False
         )
+        paths = [
+            os.path.join(outdir, f"s{i}-rank{r}.pt") for i in range(len(scenarios))
+            for r in range(world)
+        ]  # fmt: skip
         deadline = time.monotonic() + timeout
+        done_at = None
         while not ctx.join(timeout=1.0):
+            if done_at is None and all(os.path.exists(p) for p in paths):
+                done_at = time.monotonic()
+            # Every rank wrote every result: what is left is process teardown, which gloo was
+            # seen to hang now and then on this 2-core machine (after the worker returned).
+            if done_at is not None and time.monotonic() > done_at + 15:
+                for p in ctx.processes:
+                    p.kill()
+                break
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     p.kill()
-                pytest.fail(f"DDP workers did not finish in {timeout} s (hang?)")
+                have = sorted(os.path.basename(p) for p in paths if os.path.exists(p))
+                pytest.fail(f"DDP workers did not finish in {timeout} s (hang?); results "
+                            f"written: {have}")  # fmt: skip
         return [
             [torch.load(os.path.join(outdir, f"s{i}-rank{r}.pt")) for r in range(world)]
             for i in range(len(scenarios))
