@@ -181,16 +181,22 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_one(b: Binary) -> dict:
-    """Compile one binary and return its record (resource usage, SASS analysis)."""
-    import triton
+def _specialised(b: Binary):
+    """(kernel, target, plan, kwargs, (options, signature, constexprs, attrs)) of one binary."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     launch = _search_launch if b.kernel == "search" else _scatter_launch
     fn, args, kwargs, plan = launch(b)
     target = GPUTarget("cuda", b.arch, 64 if b.arch >= 90 else 32)
-    options, signature, constexprs, attrs = _specialise(fn, target, args, kwargs)
+    return fn, target, plan, kwargs, _specialise(fn, target, args, kwargs)
+
+
+def compile_one(b: Binary) -> dict:
+    """Compile one binary and return its record (resource usage, SASS analysis)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    fn, target, plan, kwargs, (options, signature, constexprs, attrs) = _specialised(b)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=target, options=options.__dict__)
     rec = asdict(b)
@@ -339,16 +345,12 @@ def gate_failures(rec: dict) -> list[str]:
 
 
 def run(binaries: list[Binary], workers: int) -> list[dict]:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+    from tqdm import tqdm  # a dependency of fastvq
+
     out = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         it = pool.map(compile_one, binaries)
-        if tqdm is not None:
-            it = tqdm(it, total=len(binaries), desc="compile", file=sys.stderr, mininterval=5)
-        for rec in it:
+        for rec in tqdm(it, total=len(binaries), desc="compile", file=sys.stderr, mininterval=5):
             rec["gate"] = gate_failures(rec)
             out.append(rec)
     return out
@@ -358,12 +360,7 @@ def dedupe(binaries: list[Binary]) -> list[Binary]:
     """Drop binaries whose launch would compile to the same kernel as an earlier one."""
     seen, out = {}, []
     for b in binaries:
-        launch = _search_launch if b.kernel == "search" else _scatter_launch
-        fn, args, kwargs, _ = launch(b)
-        from triton.backends.compiler import GPUTarget
-
-        target = GPUTarget("cuda", b.arch, 64 if b.arch >= 90 else 32)
-        options, signature, constexprs, attrs = _specialise(fn, target, args, kwargs)
+        fn, _, _, _, (options, signature, constexprs, attrs) = _specialised(b)
         key = (fn.__name__, b.arch, str(signature), str(constexprs), str(attrs), str(options))
         if key not in seen:
             seen[key] = b
@@ -398,10 +395,8 @@ def markdown(records: list[dict], header: str) -> str:
                   "| gate |", "|" + "---|" * 10]  # fmt: skip
         for r in sorted((r for r in records if r["arch"] == arch),
                         key=lambda r: (not r["default"], r["kernel"], r["name"])):  # fmt: skip
-            cfg = r["meta"].get("config")
-            cfg = ",".join(map(str, cfg)) + f",{r['num_warps']},{r['num_stages']}" if cfg else "-"
-            if cfg != "-":
-                cfg = ",".join(cfg.split(",")[:5])
+            cfg = r["meta"].get("config")  # (BN, BK, BD, warps, stages); none for the scatters
+            cfg = ",".join(map(str, cfg)) if cfg else "-"
             lp = r.get("loop") or {}
             o = lp.get("outer")
             mixs = "-"

@@ -90,9 +90,10 @@ def pick_config(
             choice whatever the interpreter says, so the static gate sees what a GPU launches.
         precision: the fp32 ``tl.dot`` input precision (ignored for 16-bit searches).
 
-    Every tl.dot dimension is >= 16 (the GPU's rule). The GPU tiles are the spill-free ones
-    benchmarks/gpu_static.py found for each (arch, dtype, precision, D alignment), ranked by the
-    static model in docs/benchmarks.md; the gate in tests/test_gpu_static.py keeps them so.
+    Every tl.dot dimension is >= 16 (the GPU's rule). The GPU tiles are spill-free ones that
+    benchmarks/gpu_static.py found for each (arch, dtype, precision, D alignment); on sm_90 the
+    fastest of them on an H200 (benchmarks/results/gpu-h200-2026-11-26/), on sm_80 unmeasured.
+    The gate in tests/test_gpu_static.py keeps them spill-free.
     """
     p2 = triton.next_power_of_2
     if arch is None and interpreting():
@@ -107,7 +108,7 @@ def pick_config(
     bd_full = max(16, p2(d))
     small = n <= 4096  # few row blocks: 64-row blocks (and split-K, see plan_search)
     block_n = 64 if small else 128
-    block_k, warps, stages = 64, 8, 3
+    block_k, stages = 64, 3
     if dtype == torch.float32:
         if precision == "ieee" and not aligned and d > 16:
             # CUDA-core FMAs hold the whole BN x BK accumulator per thread and the unaligned loads
@@ -142,7 +143,7 @@ def pick_config(
     else:
         block_d = 64
     block_k = max(16, min(block_k, p2(k)))
-    return SearchConfig(block_n, block_k, block_d, warps, stages)
+    return SearchConfig(block_n, block_k, block_d, 8, stages)  # 8 warps: two warpgroups
 
 
 class SearchPlan(NamedTuple):
