@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .layer import VectorQuantizer
+from ..layer import VectorQuantizer
 
 CODEBOOK_KEYS = ("quantize.embedding.weight", "embedding.weight", "quantize.embed.weight")
 
