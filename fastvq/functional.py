@@ -6,6 +6,11 @@ Semantics (VQ-VAE, van den Oord et al. 2017):
     quantized = z + sg(C[idx] - z)                (forward value exactly C[idx], gradient to z)
     loss      = mse(sg(z), C[idx]) + beta * mse(z, sg(C[idx]))
 
+With ``rotation_trick=True`` (Fifty et al. 2024, arXiv 2410.06424) the forward value is still
+exactly ``C[idx]`` but the gradient reaching ``z`` through ``quantized`` is the rotation trick's,
+``sg(lambda R) z`` with ``R`` the rotation taking ``z``'s direction to ``q``'s and
+``lambda = ||q|| / ||z||`` (see :func:`rotate_grad`), computed from O(N D) tensors in the backward.
+
 Search precision: distances accumulate in fp32. The search runs in the promotion of the two
 input dtypes (bf16 z with an fp32 codebook, as autocast produces, searches in fp32); on a GPU,
 fp32 searches use ``tl.dot`` with tf32x3 (near-fp32) and bf16/fp16 searches use native tensor-core
@@ -36,6 +41,40 @@ class VQOutput(NamedTuple):
     loss: torch.Tensor
 
 
+ROTATION_EPS = 1e-6  # the norms' floor, as vector-quantize-pytorch's ``safe_div`` / ``l2norm``
+
+
+def rotate_grad(grad_q: torch.Tensor, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """The rotation trick's gradient wrt ``z`` (Fifty et al. 2024, section 4.2), in O(N D).
+
+    The estimator's output is ``sg(lambda) (z - 2 (z.w) w + 2 (z.u) q_hat)`` with every factor
+    but ``z`` detached: ``u = z/||z||``, ``q_hat = q/||q||``, ``w = (u + q_hat)/||u + q_hat||``,
+    ``lambda = ||q|| / ||z||`` (norms floored at ``ROTATION_EPS``, as vector-quantize-pytorch
+    does). Its forward value is ``q`` up to rounding; its Jacobian's transpose applied to ``g`` is
+    ``lambda (g - 2 w (w.g) + 2 u (q_hat.g))``, what this returns. Rows of ``z`` holding NaN/Inf
+    have no rotation: they get ``g`` unchanged (straight-through), so NaN padding adds no NaN.
+
+    Args:
+        grad_q: (N, D) upstream gradient of the quantized output.
+        z: fp32 (N, D) the inputs; z_q: (N, D) their codes, in ``z``'s dtype.
+
+    Returns:
+        (N, D) in ``z``'s dtype (the op passes fp32).
+    """
+    g = grad_q.to(z.dtype)
+    nz = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    nq = torch.linalg.vector_norm(z_q, dim=1, keepdim=True)
+    u = z / nz.clamp_min(ROTATION_EPS)
+    qh = z_q / nq.clamp_min(ROTATION_EPS)
+    w = u + qh
+    w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(ROTATION_EPS)
+    lam = nq / nz.clamp_min(ROTATION_EPS)
+    wg = (w * g).sum(1, keepdim=True)
+    qg = (qh * g).sum(1, keepdim=True)
+    rot = lam * (g - 2.0 * wg * w + 2.0 * qg * u)
+    return torch.where(torch.isfinite(nz), rot, g)
+
+
 def grad_z(
     diff: torch.Tensor,
     grad_q: torch.Tensor | None,
@@ -44,23 +83,27 @@ def grad_z(
     denom,
     dtype: torch.dtype,
     keep: torch.Tensor | None = None,
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``z``'s gradient: straight-through plus commitment, for the plain and the sharded op.
+    """``z``'s gradient: straight-through (or rotation trick) plus commitment, for the plain and
+    the sharded op.
 
     d/dz beta * sum_{kept i} (z_i - sg(z_q_i))^2 / denom = -2 beta (z_q - z) / denom, times the
-    loss's upstream gradient ``g`` (fp32 0-dim), plus ``grad_q`` (N, D) passed straight through.
+    loss's upstream gradient ``g`` (fp32 0-dim), plus ``grad_q`` (N, D) passed straight through,
+    or through :func:`rotate_grad` when ``rotation`` is given.
 
     Args:
         diff: fp32 (N, D) ``z_q - z``.
         denom: the loss's divisor (a number or a 0-dim tensor): kept rows times D.
         keep: optional bool (N,); other rows get ``grad_q`` only (``torch.where``: a masked row
             holding NaN/Inf adds no NaN).
+        rotation: ``(z, z_q)`` fp32 (N, D) each, for the rotation trick.
     """
     gz = diff * (-beta * (2.0 / denom) * g)
     if keep is not None:
         gz = torch.where(keep[:, None], gz, 0.0)
     if grad_q is not None:
-        gz = gz + grad_q.to(torch.float32)
+        gz = gz + (grad_q.to(torch.float32) if rotation is None else rotate_grad(grad_q, *rotation))
     return gz.to(dtype)
 
 
@@ -96,22 +139,28 @@ class VectorQuantizeFunction(torch.autograd.Function):
     """Straight-through VQ with the codebook and commitment terms, for both backends.
 
     forward(z2d (N, D), codebook (K, D), beta, backend, deterministic, keep=None,
-            codebook_weight=1.0) ->
+            codebook_weight=1.0, rotation_trick=False) ->
         (quantized (N, D) in z's dtype, indices int64 (N,), loss fp32 scalar, err fp32 (N,))
 
     ``loss = (codebook_weight + beta) * sum_{kept i} err_i / (n_kept D)``: the codebook term
     ``codebook_weight * mse(sg(z), C[idx])`` plus ``beta * mse(z, sg(C[idx]))`` over the rows
     with ``keep`` (all rows when None; 0 when none). ``err`` is the search's per-row squared
     error, non-finite exactly for rows holding NaN/Inf. ``codebook_weight=0`` is an EMA codebook.
+    ``rotation_trick`` sends ``quantized``'s gradient to ``z`` by :func:`rotate_grad` instead of
+    straight through.
     """
 
     @staticmethod
-    def forward(ctx, z2d, codebook, beta, backend, deterministic, keep=None, codebook_weight=1.0):
+    def forward(
+        ctx, z2d, codebook, beta, backend, deterministic, keep=None, codebook_weight=1.0,
+        rotation_trick=False,
+    ):  # fmt: skip
         indices, z_q, err = search(z2d, codebook, backend)
         loss, denom = vq_loss(err, z2d.shape[1], beta, codebook_weight, keep)
         ctx.save_for_backward(z2d, codebook, indices, keep)
         ctx.beta, ctx.backend, ctx.deterministic = beta, backend, deterministic
         ctx.denom, ctx.codebook_weight = denom, codebook_weight
+        ctx.rotation_trick = rotation_trick
         ctx.mark_non_differentiable(indices, err)
         return z_q, indices, loss, err
 
@@ -121,12 +170,15 @@ class VectorQuantizeFunction(torch.autograd.Function):
         need_z, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_z_out = grad_c = None
         if not (need_z or need_c):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         # diff = z_q - z in fp32, recomputed by a gather instead of saved: saves N x D memory.
-        diff = codebook.detach().to(torch.float32).index_select(0, indices) - z2d.to(torch.float32)
+        zf = z2d.to(torch.float32)
+        zq = codebook.detach().to(torch.float32).index_select(0, indices)
+        diff = zq - zf
         g = _upstream(grad_loss, z2d)
         if need_z:
-            grad_z_out = grad_z(diff, grad_q, g, ctx.beta, ctx.denom, z2d.dtype, keep)
+            rot = (zf, zq) if ctx.rotation_trick else None
+            grad_z_out = grad_z(diff, grad_q, g, ctx.beta, ctx.denom, z2d.dtype, keep, rot)
         if need_c:
             # codebook term: d/dC_k mean((sg(z) - C_idx)^2) = 2 sum_{i: idx_i = k} (z_q_i - z_i)/nd;
             # rows left out go to bin K, dropped by the scatter
@@ -135,7 +187,7 @@ class VectorQuantizeFunction(torch.autograd.Function):
                 idx, diff, codebook.shape[0], backend=ctx.backend, deterministic=ctx.deterministic
             )
             grad_c = (summed * ((2.0 / ctx.denom) * g * ctx.codebook_weight)).to(codebook.dtype)
-        return grad_z_out, grad_c, None, None, None, None, None
+        return grad_z_out, grad_c, None, None, None, None, None, None
 
 
 def quantize_rows(
@@ -147,6 +199,7 @@ def quantize_rows(
     keep: torch.Tensor | None = None,
     codebook_weight: float = 1.0,
     deterministic: bool | None = None,
+    rotation_trick: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 2-D internal entry, for callers that checked their inputs and resolved ``backend``.
 
@@ -155,6 +208,7 @@ def quantize_rows(
         backend: "torch" or "triton" (resolved).
         keep: optional bool (N,), the rows that count in the loss (the layer's mask).
         codebook_weight: weight of the codebook term (0 for an EMA codebook).
+        rotation_trick: the rotation trick's gradient to ``z`` instead of straight-through.
 
     Returns:
         ``(quantized (N, D), indices int64 (N,), loss fp32 0-dim, err fp32 (N,))``, as
@@ -163,7 +217,7 @@ def quantize_rows(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return VectorQuantizeFunction.apply(
-        z2d, codebook, beta, backend, deterministic, keep, codebook_weight
+        z2d, codebook, beta, backend, deterministic, keep, codebook_weight, bool(rotation_trick)
     )
 
 
@@ -195,6 +249,7 @@ def vector_quantize(
     backend: str = "auto",
     check_finite: bool = False,
     deterministic: bool | None = None,
+    rotation_trick: bool = False,
 ) -> VQOutput:
     """Quantize ``z`` to its nearest codes, with VQ-VAE's straight-through gradient and loss.
 
@@ -207,6 +262,8 @@ def vector_quantize(
         check_finite: raise ValueError if ``z`` or ``codebook`` holds NaN/Inf (a host sync).
         deterministic: bitwise-reproducible codebook gradient on CUDA; default follows
             ``torch.are_deterministic_algorithms_enabled()``.
+        rotation_trick: send ``quantized``'s gradient to ``z`` by the rotation trick (Fifty et
+            al. 2024) instead of straight through; the forward value stays ``codebook[indices]``.
 
     Returns:
         VQOutput(quantized, indices, loss):
@@ -232,7 +289,9 @@ def vector_quantize(
         deterministic = torch.are_deterministic_algorithms_enabled()
     lead, d = z.shape[:-1], z.shape[-1]
     z2d = z.reshape(-1, d)
+    if not isinstance(rotation_trick, bool):
+        raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
     q2d, idx, loss, _ = VectorQuantizeFunction.apply(
-        z2d, codebook, float(beta), be, bool(deterministic)
+        z2d, codebook, float(beta), be, bool(deterministic), None, 1.0, rotation_trick
     )
     return VQOutput(q2d.reshape(z.shape), idx.reshape(lead), loss)
