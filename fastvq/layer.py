@@ -177,6 +177,10 @@ class VectorQuantizer(nn.Module):
             (``indices`` gains a trailing dim of size ``heads``).
         shared_codebook: with ``heads > 1``, one codebook for all heads instead of one per head.
         cosine: l2-normalise inputs and codes (nearest code by cosine similarity).
+        rotation_trick: the gradient reaching the input through ``quantized`` is the rotation
+            trick's (Fifty et al. 2024: ``sg(lambda R) z``, R rotating ``z``'s direction onto
+            its code's) instead of straight-through; the forward value stays the code. With
+            ``cosine`` it acts on the normalised rows.
         channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
         backend: "auto", "torch" or "triton", for the search and the scatters.
         sync_distributed: all-reduce statistics across ranks when torch.distributed is initialised.
@@ -195,7 +199,7 @@ class VectorQuantizer(nn.Module):
         dead_code_steps: int = 20, restart_noise: float = 0.01, codebook_dim: int | None = None,
         heads: int = 1, shared_codebook: bool = False, cosine: bool = False,
         channel_first: bool = False, backend: str = "auto", sync_distributed: bool = True,
-        process_group=None, seed: int = 0, debug: bool = False,
+        process_group=None, seed: int = 0, debug: bool = False, rotation_trick: bool = False,
     ):  # fmt: skip
         super().__init__()
         codebook_dim = check_config(
@@ -211,7 +215,9 @@ class VectorQuantizer(nn.Module):
         self.dead_code_steps, self.restart_noise = dead_code_steps, restart_noise
         self.cosine, self.channel_first, self.backend = cosine, channel_first, backend
         self.sync_distributed, self.process_group, self.seed = sync_distributed, process_group, seed
-        self.debug = debug
+        if not isinstance(rotation_trick, bool):
+            raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
+        self.debug, self.rotation_trick = debug, rotation_trick
         self._ranks_checked = False  # the cross-rank check has run (host flag: no sync)
 
         inner = heads * codebook_dim
@@ -231,7 +237,7 @@ class VectorQuantizer(nn.Module):
             f"codebook_dim={self.codebook_dim}, heads={self.heads}, ema={self.ema}, "
             f"beta={self.beta}, kmeans_init={self.kmeans_init}, "
             f"dead_code_steps={self.dead_code_steps}, cosine={self.cosine}, "
-            f"channel_first={self.channel_first}"
+            f"rotation_trick={self.rotation_trick}, channel_first={self.channel_first}"
         )
 
     def _state(self) -> CodebookState:
@@ -327,7 +333,13 @@ class VectorQuantizer(nn.Module):
             if self.cosine:
                 zg = F.normalize(zg, dim=-1)
             q, idx, loss, err = quantize_rows(
-                zg, codes[g], beta=self.beta, backend=backend, keep=mg, codebook_weight=w_cb
+                zg,
+                codes[g],
+                beta=self.beta,
+                backend=backend,
+                keep=mg,
+                codebook_weight=w_cb,
+                rotation_trick=self.rotation_trick,
             )
             # err is non-finite exactly for rows holding NaN/Inf: they count in no statistic
             ok = torch.isfinite(err) if mg is None else torch.isfinite(err) & mg

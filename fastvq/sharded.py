@@ -236,11 +236,15 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
     :class:`~fastvq.functional.VectorQuantizeFunction` (``codebook_weight=0``: an EMA shard)."""
 
     @staticmethod
-    def forward(ctx, z2d, shard, res, num_codes, beta, codebook_weight, group, backend):
+    def forward(
+        ctx, z2d, shard, res, num_codes, beta, codebook_weight, group, backend,
+        rotation_trick=False,
+    ):  # fmt: skip
         loss, _ = vq_loss(res.err, z2d.shape[1], beta, codebook_weight, None)
         ctx.save_for_backward(z2d, shard, res.codes, res.rows, res.row_indices)
         ctx.beta, ctx.group, ctx.sizes, ctx.num_codes = beta, group, res.sizes, num_codes
         ctx.codebook_weight, ctx.backend = codebook_weight, backend
+        ctx.rotation_trick = rotation_trick
         return res.codes.to(z2d.dtype), loss
 
     @staticmethod
@@ -250,8 +254,9 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
         g = z2d.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss.float()
         grad_z_out = grad_c = None
         if ctx.needs_input_grad[0]:  # local and identical to the unsharded op
-            diff = codes.to(torch.float32) - z2d.to(torch.float32)
-            grad_z_out = grad_z(diff, grad_q, g, ctx.beta, max(n * d, 1), z2d.dtype)
+            zf, zq = z2d.to(torch.float32), codes.to(torch.float32)
+            rot = (zf, zq) if ctx.rotation_trick else None
+            grad_z_out = grad_z(zq - zf, grad_q, g, ctx.beta, max(n * d, 1), z2d.dtype, None, rot)
         if ctx.needs_input_grad[1] and sum(ctx.sizes) > 0:
             # Every rank's loss gradient g_r, to weight its rows: 2 g_r / (n_r D) / R (DDP's mean).
             rank, world = rank_and_world(ctx.group)
@@ -271,7 +276,7 @@ class ShardedVectorQuantizeFunction(torch.autograd.Function):
             )
         elif ctx.needs_input_grad[1]:
             grad_c = torch.zeros_like(shard)
-        return grad_z_out, grad_c, None, None, None, None, None, None
+        return grad_z_out, grad_c, None, None, None, None, None, None, None
 
 
 def _check_shard(z, shard, num_codes, beta, group) -> tuple[int, int]:
@@ -404,6 +409,8 @@ class ShardedVectorQuantizer(nn.Module):
         codebook_dim: code dimension, with a linear projection in and out when it differs from
             ``dim`` (the projections are ordinary parameters: DDP averages them).
         cosine: l2-normalise inputs and codes.
+        rotation_trick: the rotation trick's gradient to the input instead of straight-through
+            (as ``VectorQuantizer``).
         group: the process group the codebook is sharded over (default: the world).
         backend: search backend.
         seed: seed of :func:`init_codes` (same codes for any number of ranks), of k-means and
@@ -422,7 +429,7 @@ class ShardedVectorQuantizer(nn.Module):
         decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = False, kmeans_iters: int = 10,
         dead_code_steps: int = 0, restart_noise: float = 0.01, codebook_dim: int | None = None,
         cosine: bool = False, group=None, backend: str = "auto", seed: int = 0,
-        codebook: torch.Tensor | None = None, debug: bool = False,
+        codebook: torch.Tensor | None = None, debug: bool = False, rotation_trick: bool = False,
     ):  # fmt: skip
         super().__init__()
         check_beta(beta)
@@ -431,6 +438,9 @@ class ShardedVectorQuantizer(nn.Module):
         cd = dim if codebook_dim is None else codebook_dim
         self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, cd
         self.beta = float(beta)
+        if not isinstance(rotation_trick, bool):
+            raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
+        self.rotation_trick = rotation_trick
         self.debug, self._ranks_checked = debug, False
         self.ema, self.decay, self.eps, self.cosine = ema, decay, eps, cosine
         self.kmeans_iters, self.dead_code_steps = kmeans_iters, dead_code_steps
@@ -514,7 +524,7 @@ class ShardedVectorQuantizer(nn.Module):
         res = sharded_search(z, codes, self.codebook_size, self.group, backend)
         q, loss = ShardedVectorQuantizeFunction.apply(
             z, codes, res, self.codebook_size, self.beta, 0.0 if self.ema else 1.0, self.group,
-            backend,
+            backend, self.rotation_trick,
         )  # fmt: skip
         if update:
             mine = (res.row_indices >= self.start) & (res.row_indices < self.end)

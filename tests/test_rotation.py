@@ -118,3 +118,111 @@ def test_rotation_dtypes(backend):
         assert z.grad.dtype == dtype
         ref = rotate_grad(up.to(dtype), z.detach().float(), codebook.float()[idx])
         torch.testing.assert_close(z.grad.float(), ref.to(dtype).float(), rtol=0, atol=0)
+
+
+def _ref_layer(ref, x64, valid):
+    """fp64 literal forward of a ``VectorQuantizer`` copy with the rotation trick: the layer's
+    pipeline (projection, heads, cosine, mask) written out with the paper's explicit rotation."""
+    n = x64.shape[0]
+    h, cd = ref.heads, ref.codebook_dim
+    z = ref.project_in(x64).reshape(n, h, cd)
+    codes = torch.nn.functional.normalize(ref.codebook, dim=-1) if ref.cosine else ref.codebook
+    if ref.ema:
+        codes = codes.detach()
+    w_cb = 0.0 if ref.ema else ref.codebook_loss_weight
+    if ref.num_codebooks == 1:
+        keep = None if valid is None else valid.repeat_interleave(h)
+        groups = [(z.reshape(-1, cd), keep)]
+    else:
+        groups = [(z[:, g], valid) for g in range(h)]
+    outs, idxs, losses = [], [], []
+    for g, (zg, keep) in enumerate(groups):
+        if ref.cosine:
+            zg = torch.nn.functional.normalize(zg, dim=-1)
+        idx = torch.cdist(zg.detach(), codes[g].detach()).argmin(1)
+        zq = codes[g][idx]
+        k = torch.ones(zg.shape[0], dtype=torch.bool) if keep is None else keep
+        denom = max(int(k.sum()) * cd, 1)
+        cb = ((zg.detach() - zq) ** 2)[k].sum() / denom
+        commit = ((zg - zq.detach()) ** 2)[k].sum() / denom
+        losses.append(w_cb * cb + ref.beta * commit)
+        outs.append(literal_rotation(zg, zq.detach()))
+        idxs.append(idx)
+    if len(outs) == 1:
+        q, idx = outs[0].reshape(n, h * cd), idxs[0].reshape(n, h)
+    else:
+        q, idx = torch.stack(outs, 1).reshape(n, h * cd), torch.stack(idxs, 1)
+    return ref.project_out(q), idx, torch.stack(losses).mean()
+
+
+LAYER_CASES = {
+    "ema": {},
+    "grad": {"ema": False},
+    "heads": {"heads": 2},
+    "heads_shared": {"heads": 2, "shared_codebook": True, "ema": False},
+    "cosine": {"cosine": True, "ema": False},
+    "cosine_ema": {"cosine": True},
+    "proj": {"codebook_dim": 5, "ema": False},
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+@pytest.mark.parametrize("masked", [False, True])
+def test_layer_rotation_matches_literal_fp64(backend, case, masked):
+    import copy
+
+    layer = fastvq.VectorQuantizer(
+        8, 12, kmeans_init=False, dead_code_steps=0, backend=backend, rotation_trick=True,
+        **LAYER_CASES[case],
+    )  # fmt: skip
+    ref = copy.deepcopy(layer).double()
+    x = torch.randn(30, 8, requires_grad=True)
+    mask = (torch.rand(30) > 0.3) if masked else None
+    up = torch.randn(30, 8)
+    q, idx, loss = layer(x, mask=mask)
+    ((q * up).sum() + 0.5 * loss).backward()
+
+    x64 = x.detach().double().requires_grad_()
+    rq, ridx, rloss = _ref_layer(ref, x64, mask)
+    ((rq * up.double()).sum() + 0.5 * rloss).backward()
+
+    assert torch.equal(idx.reshape(30, -1), ridx)
+    torch.testing.assert_close(q.double(), rq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    ref_params = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        assert (p.grad is None) == (ref_params[name].grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(
+                p.grad.double(), ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=name
+            )
+
+
+def test_layer_rotation_trick_type_checked():
+    with pytest.raises(TypeError, match="rotation_trick"):
+        fastvq.VectorQuantizer(8, 4, rotation_trick=1)
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_sharded_layer_rotation_is_the_layer_rotation(ema):
+    """One process: the sharded layer's rotation-trick gradients equal the plain layer's."""
+    from fastvq.sharded import ShardedVectorQuantizer
+
+    cb = torch.randn(37, 8)
+    sharded = ShardedVectorQuantizer(
+        8, 37, ema=ema, codebook=cb, backend="torch", rotation_trick=True
+    )
+    plain = fastvq.VectorQuantizer(
+        8, 37, ema=ema, kmeans_init=False, dead_code_steps=0, backend="torch",
+        rotation_trick=True,
+    )  # fmt: skip
+    plain.load_codebook(cb)
+    grads = []
+    for layer in (sharded, plain):
+        x = torch.randn(40, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        q, idx, loss = layer(x)
+        ((q * torch.linspace(-1, 1, 8)).sum() + loss).backward()
+        grads.append((idx, x.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-7)
