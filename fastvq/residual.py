@@ -1,19 +1,310 @@
-"""``ResidualVQ``: a stack of :class:`~fastvq.VectorQuantizer` layers, each quantizing the residual.
+"""``ResidualVQ`` and ``GroupedResidualVQ``: stacks of :class:`~fastvq.VectorQuantizer` layers,
+each quantizing the residual the previous ones left.
 
     r_0 = project_in(x);  (q_i, idx_i) = VQ_i(r_i);  r_{i+1} = r_i - sg(q_i)
     quantized = project_out(sum_i q_i)   (forward value the sum of codes, gradient straight to x)
     loss = sum_i loss_i                  (each layer's commitment trains the encoder through r_i)
 
-Every layer is the fused-op layer, so no N x K tensor exists at any depth; each layer keeps its
-own EMA, k-means init (on its first residual batch), dead-code restart and DDP synchronisation.
+Every search is the fused op or a memory-bounded top-k (beam search), so no N x K tensor exists
+at any depth. Options (docs/layer.md, "ResidualVQ options"):
+
+* ``codebook_size`` per depth (a sequence of Q sizes);
+* ``shared_codebook``: one codebook for every depth; one EMA / restart / usage step per training
+  forward from the statistics of all depths pooled;
+* ``quantize_dropout`` (SoundStream): in training, each forward uses only the first ``n`` depths,
+  ``n`` drawn by a generator the module owns (seeded, identical on every rank); depths left out
+  give index ``-1`` and contribute nothing;
+* ``beam_size``: beam search over the stack instead of the greedy choice per depth;
+* ``return_losses``: each depth's loss besides their sum.
+
+Layers not run by a forward (dropped depths) change no state: no EMA, usage or dead-code step.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layer import QuantizeOutput, QuantizeOutputWithStats, VectorQuantizer, check_input
+from . import codebook as cb_engine
+from ._checks import check_same_device
+from .layer import (
+    CodebookStats,
+    QuantizeOutput,
+    QuantizeOutputWithStats,
+    VectorQuantizer,
+    check_indices,
+    check_input,
+    check_mask,
+)
+from .ops import resolve_backend, search
+
+# Tile of the top-k search behind beam search: row blocks of TOPK_ROW_BLOCK rows times code
+# blocks of TOPK_CODE_BLOCK codes, one fp32 distance tile of 4096 x 1024 = 16 MiB (plus the same
+# again for the selection's keys) whatever N and K; a running top-k carries across code blocks.
+TOPK_ROW_BLOCK = 4096
+TOPK_CODE_BLOCK = 1024
+
+
+class ResidualOutputWithLosses(NamedTuple):
+    """``forward(..., return_losses=True)``: ``(quantized, indices, loss, losses)``."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    losses: torch.Tensor  # fp32 (num_quantizers,) (grouped: (groups, num_quantizers))
+
+
+class ResidualOutputWithLossesAndStats(NamedTuple):
+    """``forward(..., return_losses=True, return_stats=True)``."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    losses: torch.Tensor
+    stats: list
+
+
+def _output(quantized, indices, loss, losses, stats, return_losses, return_stats):
+    if return_losses and return_stats:
+        return ResidualOutputWithLossesAndStats(quantized, indices, loss, losses, stats)
+    if return_losses:
+        return ResidualOutputWithLosses(quantized, indices, loss, losses)
+    if return_stats:
+        return QuantizeOutputWithStats(quantized, indices, loss, stats)
+    return QuantizeOutput(quantized, indices, loss)
+
+
+# --- argument checks ------------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
+    """The Q sizes from ``codebook_size`` (an int, or one int per depth) and ``num_quantizers``."""
+    if num_quantizers is not None and (not _is_int(num_quantizers) or num_quantizers < 1):
+        raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
+    if isinstance(codebook_size, Sequence) and not isinstance(codebook_size, str):
+        sizes = tuple(codebook_size)
+        if len(sizes) == 0:
+            raise ValueError("codebook_size must be a positive int or a non-empty sequence of them")
+        if num_quantizers is not None and len(sizes) != num_quantizers:
+            raise ValueError(
+                f"codebook_size has {len(sizes)} sizes but num_quantizers={num_quantizers}; "
+                "give one size per depth"
+            )
+    elif num_quantizers is None:
+        raise ValueError("num_quantizers is required when codebook_size is a single int")
+    else:
+        sizes = (codebook_size,) * num_quantizers
+    for i, k in enumerate(sizes):
+        if not _is_int(k) or k < 1:
+            raise ValueError(f"codebook_size must hold positive ints, got {k!r} at depth {i}")
+    return sizes
+
+
+def _check_dropout(q: int, cutoff, multiple_of) -> None:
+    if not _is_int(cutoff) or not 0 <= cutoff < q:
+        raise ValueError(
+            f"quantize_dropout_cutoff_index must be an int in [0, num_quantizers={q}), "
+            f"got {cutoff!r}"
+        )
+    if not _is_int(multiple_of) or multiple_of < 1:
+        raise ValueError(
+            f"quantize_dropout_multiple_of must be a positive int, got {multiple_of!r}"
+        )
+
+
+def _check_beam(name: str, beam) -> None:
+    if beam is not None and (not _is_int(beam) or beam < 1):
+        raise ValueError(f"{name} must be None or a positive int, got {beam!r}")
+
+
+def _check_active(num_active, q: int) -> None:
+    if num_active is not None and (not _is_int(num_active) or not 1 <= num_active <= q):
+        raise ValueError(
+            f"num_active must be None or an int in [1, num_quantizers={q}], got {num_active!r}"
+        )
+
+
+def _draw_active(gen: torch.Generator, q: int, cutoff: int, multiple_of: int) -> int:
+    """Depths used by one training forward under quantize dropout (vector-quantize-pytorch's
+    rule): the last kept depth ``i`` uniform in ``[cutoff, q)``, then ``i + 1`` rounded up to a
+    multiple of ``multiple_of`` (capped at ``q``). ``gen`` is a CPU generator: no device sync."""
+    i = cutoff + int(torch.randint(q - cutoff, (), generator=gen))
+    return min(-(-(i + 1) // multiple_of) * multiple_of, q)
+
+
+# --- top-k and beam search ------------------------------------------------------------------------
+
+
+def _lowest_k(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest entries of each row of ``dist`` (R, C), ordered by (value, position):
+    ties go to the lowest position, as the fused search's argmin. ``torch.topk`` alone leaves the
+    order and choice among equal values unspecified, so a second topk over a key that ranks the
+    entries equal to the k-th value by position fixes them."""
+    kth = dist.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
+    pos = torch.arange(dist.shape[1], device=dist.device, dtype=torch.float32).expand_as(dist)
+    inf = torch.full((), math.inf, device=dist.device)
+    key = torch.where(dist < kth, -inf, torch.where(dist == kth, pos, inf))
+    sel = key.topk(k, dim=1, largest=False).indices.sort(dim=1).values  # by position
+    vals, order = dist.gather(1, sel).sort(dim=1, stable=True)  # then by value
+    return vals, sel.gather(1, order)
+
+
+@torch.no_grad()
+def nearest_codes_topk(
+    rows: torch.Tensor,
+    codes: torch.Tensor,
+    k: int,
+    *,
+    row_block: int = TOPK_ROW_BLOCK,
+    code_block: int = TOPK_CODE_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest codes of every row by squared L2, ties to the lowest index.
+
+    Memory-bounded: rows in blocks of ``row_block``, codes in blocks of ``code_block``; each tile
+    is one ``addmm`` of ``||c||^2 - 2 r.c`` (``row_block x code_block`` fp32) and a running top-k
+    per row carries across code blocks, so no ``N x K`` tensor exists. Distances are plain fp32
+    (no magnitude rescaling as in the fused search: squared distances must fit fp32). A code
+    holding NaN/Inf is ranked last; a row holding NaN/Inf gets codes ``0, 1, ...``.
+
+    Args:
+        rows: (M, D) float; codes: (K, D) float; k: 1 <= k <= K.
+
+    Returns:
+        ``(dist, idx)``: fp32 (M, k) the ranking distances ``||c||^2 - 2 r.c`` (``||r||^2`` left
+        out) in ascending order and int64 (M, k) the codes.
+    """
+    if not _is_int(k) or not 1 <= k <= codes.shape[0]:
+        raise ValueError(f"k must be an int in [1, K={codes.shape[0]}], got {k!r}")
+    m = rows.shape[0]
+    rf, cf = rows.to(torch.float32), codes.to(torch.float32)
+    norms = cf.square().sum(1)
+    out_v = torch.empty(m, k, dtype=torch.float32, device=rows.device)
+    out_i = torch.empty(m, k, dtype=torch.int64, device=rows.device)
+    inf = torch.full((), math.inf, device=rows.device)
+    for r0 in range(0, m, row_block):
+        rb = rf[r0 : r0 + row_block]
+        best_v = best_i = None
+        for c0 in range(0, cf.shape[0], code_block):
+            cb = cf[c0 : c0 + code_block]
+            dist = torch.addmm(norms[c0 : c0 + code_block], rb, cb.T, alpha=-2.0)
+            dist = torch.where(torch.isnan(dist), inf, dist)  # non-finite codes and rows
+            v, i = _lowest_k(dist, min(k, cb.shape[0]))
+            i = i + c0
+            if best_v is not None:  # running entries have lower indices: a stable sort keeps
+                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)  # them first on ties
+                v, order = v.sort(dim=1, stable=True)
+                v, i = v[:, :k], i.gather(1, order[:, :k])
+            best_v, best_i = v, i
+        out_v[r0 : r0 + row_block] = best_v
+        out_i[r0 : r0 + row_block] = best_i
+    return out_v, out_i
+
+
+@torch.no_grad()
+def residual_beam_search(
+    rows: torch.Tensor,
+    codebooks: Sequence[torch.Tensor],
+    beam_size: int,
+    *,
+    score_weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over a residual stack: keep the ``beam_size`` best partial code sequences.
+
+    At depth ``l`` every kept sequence (beam) is extended by its ``min(beam_size, K_l)`` nearest
+    codes (:func:`nearest_codes_topk`); every candidate's residual ``r - c`` and its exact squared
+    error ``||r - c||^2`` are computed from the gathered code (no cancellation); the
+    ``beam_size`` best candidates by score survive (at the last depth, the best one). Ties go to
+    the earlier beam, then the nearer code, so ``beam_size=1`` is the greedy choice and a beam
+    of ``prod K_l`` keeps every sequence (the exact optimum).
+
+    Score: by default the candidate's current squared error ``||x - sum_{j<=l} c_j||^2``, so the
+    last depth ranks by the reconstruction error itself. With ``score_weights`` (one per depth),
+    vector-quantize-pytorch's rule: the running sum ``sum_{j<=l} w_j ||r_{j+1}||^2`` of every
+    depth's error, which need not minimise the final error.
+
+    Memory: the candidates' residuals, ``N x beam x min(beam, K) x D`` fp32, plus the top-k tile.
+
+    Args:
+        rows: (N, D) float; codebooks: Q codebooks (K_l, D); beam_size >= 1.
+
+    Returns:
+        ``(indices, err)``: int64 (N, Q) the best sequence and fp32 (N,) its squared error.
+    """
+    _check_beam("beam_size", beam_size)
+    if beam_size is None:
+        raise ValueError("beam_size must be a positive int, got None")
+    if score_weights is not None and len(score_weights) < len(codebooks):
+        raise ValueError(
+            f"score_weights must hold one weight per depth ({len(codebooks)}), "
+            f"got {len(score_weights)}"
+        )
+    n, d = rows.shape
+    res = rows.to(torch.float32).unsqueeze(1)  # (N, b, D), b beams
+    score = torch.zeros(n, 1, dtype=torch.float32, device=rows.device)
+    paths = torch.zeros(n, 1, 0, dtype=torch.int64, device=rows.device)
+    err = torch.zeros(n, 1, dtype=torch.float32, device=rows.device)
+    q = len(codebooks)
+    for depth, codes in enumerate(codebooks):
+        codes = codes.to(torch.float32)
+        b, kk = res.shape[1], min(beam_size, codes.shape[0])
+        _, cand = nearest_codes_topk(res.reshape(n * b, d), codes, kk)
+        cand = cand.view(n, b * kk)
+        new_res = (res.unsqueeze(2) - codes[cand].view(n, b, kk, d)).view(n, b * kk, d)
+        new_err = new_res.square().sum(-1)  # (N, b * kk), from the gathered codes
+        if score_weights is None:
+            new_score = new_err
+        else:
+            w = float(score_weights[depth])
+            new_score = (score.unsqueeze(2) + w * new_err.view(n, b, kk)).view(n, b * kk)
+        keep = beam_size if depth < q - 1 else 1
+        # stable: equal scores keep the earlier beam, then the nearer code; NaN rows sort last
+        sel = new_score.sort(dim=1, stable=True).indices[:, :keep]
+        res = new_res.gather(1, sel.unsqueeze(-1).expand(-1, -1, d))
+        score, err = new_score.gather(1, sel), new_err.gather(1, sel)
+        parent = paths.gather(1, (sel // kk).unsqueeze(-1).expand(-1, -1, depth))
+        paths = torch.cat([parent, cand.gather(1, sel).unsqueeze(-1)], dim=-1)
+    return paths[:, 0], err[:, 0]
+
+
+# --- the loss of given codes ----------------------------------------------------------------------
+
+
+def _loss_of_codes(rows, codes, idx, keep, beta: float, w_cb: float):
+    """The layer's loss for rows assigned to ``idx`` by a search that ran elsewhere (beam search,
+    or the shared codebook's per-depth search), by plain autograd over O(N D) tensors:
+    ``w_cb * mse(sg(rows), C[idx]) + beta * mse(rows, sg(C[idx]))`` over the kept rows.
+
+    Args:
+        rows: (N, D); codes: (K, D) (a parameter: the codebook term reaches it); idx int64 (N,);
+            keep: optional bool (N,).
+
+    Returns:
+        ``(q (N, D) the codes in codes' dtype, loss fp32 0-dim, err fp32 (N,) squared errors)``.
+    """
+    n, d = rows.shape
+    q = codes.index_select(0, idx)
+    rf, qf = rows.to(torch.float32), q.to(torch.float32)
+    err = (rf.detach() - qf.detach()).square().sum(-1)
+    if keep is None:
+        denom, kept = max(n * d, 1), lambda t: t
+    else:  # zeroed before squaring: a masked NaN row gets a 0 gradient, not NaN * 0
+        denom, kept = keep.sum().clamp_min(1) * d, lambda t: torch.where(keep[:, None], t, 0.0)
+    loss = kept(rf - qf.detach()).square().sum() * (beta / denom)
+    if w_cb:
+        loss = loss + kept(rf.detach() - qf).square().sum() * (w_cb / denom)
+    return q, loss, err
+
+
+# --- the modules ----------------------------------------------------------------------------------
 
 
 class ResidualVQ(nn.Module):
@@ -21,94 +312,479 @@ class ResidualVQ(nn.Module):
 
     Args:
         dim: channels of the input.
-        codebook_size: K of every layer.
-        num_quantizers: number of layers Q.
+        codebook_size: K of every depth, or a sequence of Q sizes, one per depth.
+        num_quantizers: number of depths Q (may be left out when ``codebook_size`` is a
+            sequence).
         codebook_dim: dimension of the codes, with one linear projection in and out shared by
-            all layers when it differs from ``dim``.
+            all depths when it differs from ``dim``.
         channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
+        shared_codebook: one :class:`VectorQuantizer` (``layers`` holds it alone) searched at
+            every depth. Each training forward searches every depth with the codes as they were
+            before the forward, then takes one EMA / usage / dead-code step from all depths'
+            rows pooled (EMA: ``n_k = sum_l n_k^l``, ``s_k = sum_l s_k^l``, decayed once); a
+            gradient codebook receives the sum of every depth's codebook gradient. k-means init
+            runs on depth 0's rows. Requires one codebook size.
+        quantize_dropout: in training, each forward quantizes with the first ``n`` depths only,
+            ``n`` drawn per forward (the rest give index -1); eval uses every depth.
+        quantize_dropout_cutoff_index: the last kept depth is drawn uniformly from
+            ``[cutoff, Q)``, so at least ``cutoff + 1`` depths are always kept.
+        quantize_dropout_multiple_of: round the number of kept depths up to a multiple of this
+            (EnCodec's structured dropout), capped at Q.
+        beam_size: beam search with this many beams in training (None or 1: greedy).
+        eval_beam_size: the same in eval mode (default ``beam_size``).
+        beam_score_weights: None (default): beams are ranked by their current reconstruction
+            error, so the last depth picks the sequence with the smallest error. A sequence of Q
+            floats: vector-quantize-pytorch's score, the weighted sum of every depth's error
+            (see :func:`residual_beam_search`).
         **layer_kwargs: passed to every :class:`VectorQuantizer` (``ema``, ``beta``,
             ``kmeans_init``, ``dead_code_steps``, ``cosine``, ``backend``, ...). ``seed`` is
-            offset per layer so that layers restart codes independently.
+            offset per depth so that depths restart codes independently; ``seed`` also seeds the
+            quantize-dropout generator (identical on every rank).
+
+    Indices are ``x``'s shape without the channel dim plus a trailing ``Q`` dim; a depth left out
+    by quantize dropout (or ``num_active``) gives ``-1`` there, and :meth:`codes_from_indices`
+    decodes ``-1`` to no code.
     """
 
     def __init__(
         self,
         dim: int,
-        codebook_size: int,
-        num_quantizers: int,
+        codebook_size: int | Sequence[int],
+        num_quantizers: int | None = None,
         *,
         codebook_dim: int | None = None,
         channel_first: bool = False,
+        shared_codebook: bool = False,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_weights: Sequence[float] | None = None,
         **layer_kwargs,
     ):
         super().__init__()
-        if isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int):
-            raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
-        if num_quantizers < 1:
-            raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
+        sizes = _codebook_sizes(codebook_size, num_quantizers)
+        q = len(sizes)
         if layer_kwargs.get("heads", 1) != 1:
             raise ValueError("ResidualVQ does not support heads > 1")
-        self.dim, self.codebook_size, self.num_quantizers = dim, codebook_size, num_quantizers
-        self.channel_first = channel_first
+        if shared_codebook and len(set(sizes)) != 1:
+            raise ValueError(
+                f"shared_codebook=True needs one codebook_size for every depth, got {sizes}"
+            )
+        _check_dropout(q, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        _check_beam("beam_size", beam_size)
+        _check_beam("eval_beam_size", eval_beam_size)
+        eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        if layer_kwargs.get("cosine", False) and max(beam_size or 1, eval_beam_size or 1) > 1:
+            raise ValueError("beam_size > 1 is not supported with cosine=True")
+        if beam_score_weights is not None:
+            weights = tuple(float(w) for w in beam_score_weights)
+            if len(weights) != q or not all(math.isfinite(w) for w in weights):
+                raise ValueError(
+                    f"beam_score_weights must hold {q} finite floats (one per depth), "
+                    f"got {beam_score_weights!r}"
+                )
+            beam_score_weights = weights
+        self.dim, self.num_quantizers, self.codebook_sizes = dim, q, sizes
+        self.codebook_size = sizes[0] if len(set(sizes)) == 1 else sizes
+        self.channel_first, self.shared_codebook = channel_first, shared_codebook
+        self.quantize_dropout = bool(quantize_dropout) and q > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.beam_size, self.eval_beam_size = beam_size, eval_beam_size
+        self.beam_score_weights = beam_score_weights
         inner = codebook_dim or dim
         self.codebook_dim = inner
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
-        seed = layer_kwargs.pop("seed", 0)
+        self.seed = layer_kwargs.pop("seed", 0)
+        self._generators = {}  # the quantize-dropout generator (saved by fastvq.train's resume)
         self.layers = nn.ModuleList(
-            VectorQuantizer(inner, codebook_size, seed=seed + i, **layer_kwargs)
-            for i in range(num_quantizers)
+            VectorQuantizer(inner, k, seed=self.seed + i, **layer_kwargs)
+            for i, k in enumerate(sizes[:1] if shared_codebook else sizes)
         )
 
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, "
+            f"num_quantizers={self.num_quantizers}, shared_codebook={self.shared_codebook}, "
+            f"quantize_dropout={self.quantize_dropout}, beam_size={self.beam_size}, "
+            f"eval_beam_size={self.eval_beam_size}"
+        )
+
+    def depth_layer(self, depth: int) -> VectorQuantizer:
+        """The :class:`VectorQuantizer` searched at ``depth`` (the one layer when shared)."""
+        return self.layers[0 if self.shared_codebook else depth]
+
+    def draw_num_active(self) -> int:
+        """Draw the number of depths for one training forward under quantize dropout, from the
+        module's generator (CPU, seeded from ``seed``: every rank draws the same; no sync)."""
+        if not self.quantize_dropout:
+            return self.num_quantizers
+        gen = cb_engine.generator(self._generators, self.seed, "quantize-dropout", "cpu")
+        return _draw_active(
+            gen, self.num_quantizers, self.quantize_dropout_cutoff_index,
+            self.quantize_dropout_multiple_of,
+        )  # fmt: skip
+
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        return_stats: bool = False,
+        return_losses: bool = False,
+        beam_size: int | None = None,
+        num_active: int | None = None,
     ):
-        """Quantize ``x`` with every layer.
+        """Quantize ``x`` with every depth (or the first ``num_active``).
+
+        Args:
+            x: ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+            mask: optional bool, ``x``'s shape without the channel dim (True = real token), as
+                for :class:`VectorQuantizer`.
+            return_stats: also return each depth's :class:`~fastvq.CodebookStats` (a list of Q,
+                None for a depth left out). With a shared codebook or beam search the counts are
+                this rank's rows (the update itself still uses every rank's).
+            return_losses: also return ``losses``, fp32 (Q,) each depth's loss (0 for a depth
+                left out); ``loss`` is their sum.
+            beam_size: beam search with this many beams for this call (default: the module's
+                ``beam_size`` in training, ``eval_beam_size`` in eval; None or 1 is greedy).
+            num_active: quantize with the first ``num_active`` depths only (for example a lower
+                bitrate at inference); in training with ``quantize_dropout`` it is drawn when
+                None (:meth:`draw_num_active`).
 
         Returns:
-            ``QuantizeOutput(quantized, indices, loss)`` with ``indices`` of shape
-            ``x.shape without the channel dim + (num_quantizers,)`` and ``loss`` the sum of the
-            layers' losses. With ``return_stats``: a fourth field, the list of each layer's
-            :class:`~fastvq.CodebookStats`.
+            ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x`` (forward
+            value the sum of the codes, gradient straight through to ``x``), ``indices`` int64
+            ``x``'s shape without the channel dim plus ``(Q,)`` (``-1`` for depths left out),
+            ``loss`` the fp32 sum of the depths' losses. ``return_losses`` adds ``losses`` after
+            ``loss``; ``return_stats`` adds ``stats`` last.
         """
         check_input(x, self.dim, self.channel_first)
+        lead = x.movedim(1, -1).shape[:-1] if self.channel_first else x.shape[:-1]
+        if mask is not None:
+            check_mask(mask, lead)
+        _check_active(num_active, self.num_quantizers)
+        _check_beam("beam_size", beam_size)
+        if beam_size is None:
+            beam_size = self.beam_size if self.training else self.eval_beam_size
+        beam = beam_size or 1
+        if beam > 1 and self.layers[0].cosine:
+            raise ValueError("beam_size > 1 is not supported with cosine=True")
+        if num_active is None:
+            num_active = self.draw_num_active() if self.training else self.num_quantizers
         if self.channel_first:
             x = x.movedim(1, -1)
         z = self.project_in(x)
-        residual = z
-        total = None
-        indices, losses, stats = [], [], []
-        for layer in self.layers:
-            out = layer(residual, mask=mask, return_stats=True)
-            q = out.quantized.detach()
-            total = q if total is None else total + q
-            residual = residual - q
-            indices.append(out.indices)
-            losses.append(out.loss)
-            stats.append(out.stats)
+        if beam > 1 or self.shared_codebook:
+            n = math.prod(lead)
+            valid = None if mask is None else mask.reshape(n)
+            qs, idx, losses, stats = self._forward_pooled(
+                z.reshape(n, self.codebook_dim), valid, num_active, beam
+            )
+            qs = [q.reshape(z.shape) for q in qs]
+            idx = [i.reshape(lead) for i in idx]
+        else:
+            qs, idx, losses, stats = [], [], [], []
+            residual = z
+            for layer in self.layers[:num_active]:
+                out = layer(residual, mask=mask, return_stats=True)
+                q = out.quantized.detach()
+                residual = residual - q
+                qs.append(q)
+                idx.append(out.indices)
+                losses.append(out.loss)
+                stats.append(out.stats)
+        total = qs[0]
+        for q in qs[1:]:
+            total = total + q
         quantized = self.project_out(total + (z - z.detach()))  # value: sum of codes; grad to z
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
-        indices = torch.stack(indices, dim=-1)
-        loss = torch.stack(losses).sum()
-        if return_stats:
-            return QuantizeOutputWithStats(quantized, indices, loss, stats)
-        return QuantizeOutput(quantized, indices, loss)
+        dropped = self.num_quantizers - num_active
+        idx = idx + [torch.full_like(idx[0], -1)] * dropped
+        indices = torch.stack(idx, dim=-1)
+        losses = torch.stack(losses)
+        loss = losses.sum()
+        losses = F.pad(losses, (0, dropped))
+        stats = stats + [None] * dropped
+        return _output(quantized, indices, loss, losses, stats, return_losses, return_stats)
 
-    def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-        """Decode ``(..., num_quantizers)`` indices to the layer's output (eval: bit-identical)."""
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    def _forward_pooled(self, z2, valid, num_active: int, beam: int):
+        """The route for a shared codebook or beam search: every depth's search first (greedy
+        with the fused search, or :func:`residual_beam_search`), each depth's loss from its codes
+        (:func:`_loss_of_codes`), then one state update per layer from its depths' rows pooled.
+
+        Args:
+            z2: (N, codebook_dim) rows; valid: optional bool (N,); num_active: depths to run.
+
+        Returns:
+            Per depth: codes (N, codebook_dim), indices (N,), loss (fp32 0-dim), stats.
+        """
+        update = self.training and not cb_engine.in_backward()
+        layers = [self.depth_layer(i) for i in range(num_active)]
+        distinct = list(dict.fromkeys(layers))
+        for layer in distinct:
+            check_same_device("x", z2, "codebook", layer.codebook)
+        backend = {layer: resolve_backend(layer.backend, z2.device) for layer in distinct}
+        if update:
+            for layer in distinct:
+                pol = layer._dist_policy()
+                if pol["distributed"] and (layer.debug or not layer._ranks_checked):
+                    layer._check_ranks()
+            if not all(layer._initted for layer in distinct):
+                self._kmeans_init_greedy_(z2, valid, layers, backend)
+        if beam > 1:
+            codebooks = [layer._codes_all()[0].detach() for layer in layers]
+            beam_idx, _ = residual_beam_search(
+                z2.detach(), codebooks, beam, score_weights=self.beam_score_weights
+            )
+        residual = z2
+        qs, idx, losses, rows, oks = [], [], [], [], []
+        for depth, layer in enumerate(layers):
+            codes = layer._codes_all()[0]
+            zr = F.normalize(residual, dim=-1) if layer.cosine else residual
+            if beam > 1:
+                i = beam_idx[:, depth]
+            else:
+                i = search(zr.detach(), codes.detach(), backend=backend[layer])[0]
+            w_cb = 0.0 if layer.ema else layer.codebook_loss_weight
+            q, loss, err = _loss_of_codes(zr, codes, i, valid, layer.beta, w_cb)
+            q = q.detach().to(residual.dtype)
+            residual = residual - q
+            ok = torch.isfinite(err) if valid is None else torch.isfinite(err) & valid
+            qs.append(q)
+            idx.append(i)
+            losses.append(loss)
+            rows.append(zr.detach())
+            oks.append(ok)
+        stats = []
+        for i, ok, layer in zip(idx, oks, layers, strict=True):
+            counts = cb_engine.batch_statistics(i, ok, None, layer.codebook_size, "torch")[0]
+            ppl, used = cb_engine.perplexity(counts[None]), (counts > 0).float().mean()
+            stats.append(CodebookStats(ppl, used, counts[None]))
+        for layer in distinct:
+            mine = [d for d in range(num_active) if layers[d] is layer]
+            self._update_layer_(
+                layer, torch.cat([idx[d] for d in mine]), torch.cat([oks[d] for d in mine]),
+                torch.cat([rows[d] for d in mine]), backend[layer], update,
+            )  # fmt: skip
+        return qs, idx, losses, stats
+
+    @staticmethod
+    def _update_layer_(layer, idx, ok, rows, backend: str, update: bool) -> None:
+        """One training step of ``layer`` from its depths' rows pooled (M = depths x N rows);
+        in eval only the layer's last-batch statistics."""
+        k = layer.codebook_size
+        counts, sums = cb_engine.batch_statistics(
+            idx, ok, rows if update and layer.ema else None, k, backend
+        )
+        counts = counts[None]
+        if update:
+            sums = sums[None] if layer.ema else None
+            counts = cb_engine.update_(
+                layer, layer._state(), counts, sums, [rows], [ok.to(torch.float32)],
+                **layer._dist_policy(),
+            )  # fmt: skip
+        cb_engine.record_stats_(layer.last_perplexity, layer.last_used_fraction, counts)
+
+    @torch.no_grad()
+    def _kmeans_init_greedy_(self, z2, valid, layers, backend) -> None:
+        """k-means init of the layers not yet initialised, each on the rows it would search on
+        this batch's greedy path (depth 0's rows for a shared codebook)."""
+        residual = z2.detach()
+        for depth, layer in enumerate(layers):
+            if not layer._initted:
+                layer._initted = cb_engine.kmeans_init_(
+                    layer, layer._state(), [residual], [valid], **layer._dist_policy()
+                )
+            if all(lay._initted for lay in layers[depth + 1 :]):
+                return
+            codes = layer._codes_all()[0].detach()
+            zr = F.normalize(residual, dim=-1) if layer.cosine else residual
+            i = search(zr, codes, backend=backend[layer])[0]
+            residual = residual - codes.index_select(0, i).to(residual.dtype)
+
+    def _check_indices(self, indices, check: bool) -> None:
+        check_indices(indices, 1, 0, check=False)  # tensor and integer dtype; range below
         if indices.dim() < 1 or indices.shape[-1] != self.num_quantizers:
             raise ValueError(
                 f"indices must have a trailing dim of size num_quantizers={self.num_quantizers}, "
                 f"got shape {tuple(indices.shape)}"
             )
-        total = None
-        for i, layer in enumerate(self.layers):
-            q = layer.codes_from_indices(indices[..., i], check=check)
-            total = q if total is None else total + q
+        if check and indices.numel() > 0:
+            per_depth = indices.reshape(-1, self.num_quantizers)
+            lo, hi = per_depth.amin(0).tolist(), per_depth.amax(0).tolist()
+            for depth, (a, b) in enumerate(zip(lo, hi, strict=True)):
+                k = self.codebook_sizes[depth]
+                if a < -1 or b >= k:
+                    raise ValueError(
+                        f"indices must lie in [0, {k}) (or be -1, no code) at depth {depth}, "
+                        f"got values in [{a}, {b}]"
+                    )
+
+    def depth_codes(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Each depth's code for ``indices`` (vector-quantize-pytorch's ``get_codes_from_indices``,
+        in fastvq's trailing layout), before ``project_out``.
+
+        Args:
+            indices: int ``(..., Q)``; ``-1`` is no code (a depth left out).
+            check: raise ValueError on indices outside ``[-1, K_l)`` (a host sync).
+
+        Returns:
+            ``(..., Q, codebook_dim)``, zero where the index is -1.
+        """
+        self._check_indices(indices, check)
+        return torch.stack(self._decode(indices.to(torch.int64)), dim=-2)
+
+    def _decode(self, indices: torch.Tensor) -> list:
+        out = []
+        for depth in range(self.num_quantizers):
+            i = indices[..., depth]
+            codes = self.depth_layer(depth)._codes_all()[0]
+            q = F.embedding(i.clamp_min(0), codes)
+            out.append(torch.where((i >= 0).unsqueeze(-1), q, 0.0))
+        return out
+
+    def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Decode ``(..., Q)`` indices to the module's output (eval: bit-identical to forward).
+
+        Args:
+            indices: int ``(..., Q)``; ``-1`` is no code (a depth left out by quantize dropout or
+                ``num_active``; pad coarser indices with -1 up to Q).
+            check: raise ValueError on indices outside ``[-1, K_l)`` (a host sync).
+
+        Returns:
+            ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+        """
+        self._check_indices(indices, check)
+        qs = self._decode(indices.to(torch.int64))
+        total = qs[0]
+        for q in qs[1:]:  # in depth order, as the forward sums them
+            total = total + q
         out = self.project_out(total)
         if self.channel_first:
             out = out.movedim(-1, 1)
         return out
+
+
+class GroupedResidualVQ(nn.Module):
+    """``groups`` independent :class:`ResidualVQ` stacks over equal slices of the channel dim.
+
+    ``x``'s channels are split into ``groups`` contiguous slices of ``dim // groups``; slice ``g``
+    is quantized by ``rvqs[g]``. Under quantize dropout one number of depths is drawn per forward
+    for all groups (the module's own generator, seeded from ``seed``).
+
+    Args:
+        dim: channels of the input (divisible by ``groups``).
+        codebook_size, num_quantizers: as :class:`ResidualVQ`, for every group.
+        groups: number of groups.
+        channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
+        **kwargs: every other :class:`ResidualVQ` argument (``shared_codebook`` shares a
+            codebook across the depths of one group, not across groups). ``seed`` is offset by
+            ``g * Q`` for group ``g``, so every layer of every group has its own seed.
+
+    Indices are ``x``'s shape without the channel dim plus ``(groups, Q)`` (vector-quantize-
+    pytorch puts the group dim first: ``indices.movedim(-2, 0)``). ``loss`` is the mean of the
+    groups' losses (as heads in :class:`VectorQuantizer`: its scale does not depend on
+    ``groups``); ``losses`` is ``(groups, Q)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int | Sequence[int],
+        num_quantizers: int | None = None,
+        *,
+        groups: int,
+        channel_first: bool = False,
+        **kwargs,
+    ):
+        super().__init__()
+        if not _is_int(groups) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        if not _is_int(dim) or dim < 1 or dim % groups != 0:
+            raise ValueError(f"dim ({dim!r}) must be a positive int divisible by groups ({groups})")
+        self.dim, self.groups, self.channel_first = dim, groups, channel_first
+        self.seed = kwargs.pop("seed", 0)
+        q = len(_codebook_sizes(codebook_size, num_quantizers))
+        self.num_quantizers = q
+        self._generators = {}
+        self.rvqs = nn.ModuleList(
+            ResidualVQ(
+                dim // groups, codebook_size, num_quantizers, seed=self.seed + g * q, **kwargs
+            )
+            for g in range(groups)
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, groups={self.groups}, channel_first={self.channel_first}"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        return_stats: bool = False,
+        return_losses: bool = False,
+        beam_size: int | None = None,
+        num_active: int | None = None,
+    ):
+        """Quantize every group (arguments as :meth:`ResidualVQ.forward`).
+
+        Returns:
+            ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x``, ``indices``
+            int64 ``x``'s shape without the channel dim plus ``(groups, Q)``, ``loss`` the mean
+            over groups of each group's summed loss. ``return_losses`` adds ``losses`` fp32
+            ``(groups, Q)``; ``return_stats`` adds ``stats``, per group the list of Q.
+        """
+        check_input(x, self.dim, self.channel_first)
+        _check_active(num_active, self.num_quantizers)
+        if self.channel_first:
+            x = x.movedim(1, -1)
+        first = self.rvqs[0]
+        if num_active is None and self.training and first.quantize_dropout:
+            gen = cb_engine.generator(self._generators, self.seed, "quantize-dropout", "cpu")
+            num_active = _draw_active(
+                gen, self.num_quantizers, first.quantize_dropout_cutoff_index,
+                first.quantize_dropout_multiple_of,
+            )  # fmt: skip
+        outs = [
+            rvq(
+                chunk,
+                mask,
+                return_stats=True,
+                return_losses=True,
+                beam_size=beam_size,
+                num_active=num_active,
+            )  # fmt: skip
+            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=-1), strict=True)
+        ]
+        quantized = torch.cat([o.quantized for o in outs], dim=-1)
+        if self.channel_first:
+            quantized = quantized.movedim(-1, 1)
+        indices = torch.stack([o.indices for o in outs], dim=-2)
+        losses = torch.stack([o.losses for o in outs])
+        loss = torch.stack([o.loss for o in outs]).mean()
+        stats = [o.stats for o in outs]
+        return _output(quantized, indices, loss, losses, stats, return_losses, return_stats)
+
+    def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Decode ``(..., groups, Q)`` indices (``-1``: no code) to the module's output (eval:
+        bit-identical to forward); ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``."""
+        check_indices(indices, 1, 0, check=False)  # tensor and integer dtype
+        if indices.dim() < 2 or indices.shape[-2:] != (self.groups, self.num_quantizers):
+            raise ValueError(
+                f"indices must end with (groups, num_quantizers) = "
+                f"({self.groups}, {self.num_quantizers}), got shape {tuple(indices.shape)}"
+            )
+        out = torch.cat(
+            [
+                rvq.codes_from_indices(indices[..., g, :], check=check)
+                for g, rvq in enumerate(self.rvqs)
+            ],
+            dim=-1,
+        )
+        return out.movedim(-1, 1) if self.channel_first else out
