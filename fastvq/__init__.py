@@ -7,12 +7,13 @@
 from .functional import VQOutput, vector_quantize
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .ops import code_counts, scatter_rows, search, triton_available
-from .residual import ResidualVQ
+from .residual import GroupedResidualVQ, ResidualVQ
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CodebookStats",
+    "GroupedResidualVQ",
     "QuantizeOutput",
     "ResidualVQ",
     "UsageMeter",
