@@ -133,12 +133,21 @@ def _check_active(num_active, q: int) -> None:
         )
 
 
-def _draw_active(gen: torch.Generator, q: int, cutoff: int, multiple_of: int) -> int:
+def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
     """Depths used by one training forward under quantize dropout (vector-quantize-pytorch's
     rule): the last kept depth ``i`` uniform in ``[cutoff, q)``, then ``i + 1`` rounded up to a
-    multiple of ``multiple_of`` (capped at ``q``). ``gen`` is a CPU generator: no device sync."""
+    multiple of ``multiple_of`` (capped at ``q``).
+
+    Drawn from ``module``'s CPU generator (seeded from ``module.seed``: the same on every rank, no
+    device sync). A forward recomputed inside autograd's backward (activation checkpointing)
+    reuses the last draw instead of drawing again, so the recomputation quantizes the same depths
+    and the generator advances once per step."""
+    if cb_engine.in_backward() and module._last_num_active is not None:
+        return module._last_num_active
+    gen = cb_engine.generator(module._generators, module.seed, "quantize-dropout", "cpu")
     i = cutoff + int(torch.randint(q - cutoff, (), generator=gen))
-    return min(-(-(i + 1) // multiple_of) * multiple_of, q)
+    module._last_num_active = min(-(-(i + 1) // multiple_of) * multiple_of, q)
+    return module._last_num_active
 
 
 # --- top-k and beam search ------------------------------------------------------------------------
@@ -239,9 +248,8 @@ def residual_beam_search(
     Returns:
         ``(indices, err)``: int64 (N, Q) the best sequence and fp32 (N,) its squared error.
     """
-    _check_beam("beam_size", beam_size)
-    if beam_size is None:
-        raise ValueError("beam_size must be a positive int, got None")
+    if not _is_int(beam_size) or beam_size < 1:
+        raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
     if score_weights is not None and len(score_weights) < len(codebooks):
         raise ValueError(
             f"score_weights must hold one weight per depth ({len(codebooks)}), "
@@ -400,6 +408,7 @@ class ResidualVQ(nn.Module):
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.seed = layer_kwargs.pop("seed", 0)
         self._generators = {}  # the quantize-dropout generator (saved by fastvq.train's resume)
+        self._last_num_active = None  # replayed by a checkpoint's recomputation
         self.layers = nn.ModuleList(
             VectorQuantizer(inner, k, seed=self.seed + i, **layer_kwargs)
             for i, k in enumerate(sizes[:1] if shared_codebook else sizes)
@@ -422,9 +431,8 @@ class ResidualVQ(nn.Module):
         module's generator (CPU, seeded from ``seed``: every rank draws the same; no sync)."""
         if not self.quantize_dropout:
             return self.num_quantizers
-        gen = cb_engine.generator(self._generators, self.seed, "quantize-dropout", "cpu")
         return _draw_active(
-            gen, self.num_quantizers, self.quantize_dropout_cutoff_index,
+            self, self.num_quantizers, self.quantize_dropout_cutoff_index,
             self.quantize_dropout_multiple_of,
         )  # fmt: skip
 
@@ -711,7 +719,7 @@ class GroupedResidualVQ(nn.Module):
         self.seed = kwargs.pop("seed", 0)
         q = len(_codebook_sizes(codebook_size, num_quantizers))
         self.num_quantizers = q
-        self._generators = {}
+        self._generators, self._last_num_active = {}, None  # as ResidualVQ's quantize dropout
         self.rvqs = nn.ModuleList(
             ResidualVQ(
                 dim // groups, codebook_size, num_quantizers, seed=self.seed + g * q, **kwargs
@@ -746,9 +754,8 @@ class GroupedResidualVQ(nn.Module):
             x = x.movedim(1, -1)
         first = self.rvqs[0]
         if num_active is None and self.training and first.quantize_dropout:
-            gen = cb_engine.generator(self._generators, self.seed, "quantize-dropout", "cpu")
             num_active = _draw_active(
-                gen, self.num_quantizers, first.quantize_dropout_cutoff_index,
+                self, self.num_quantizers, first.quantize_dropout_cutoff_index,
                 first.quantize_dropout_multiple_of,
             )  # fmt: skip
         outs = [

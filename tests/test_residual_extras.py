@@ -229,6 +229,40 @@ def test_quantize_dropout_draws_are_seeded_and_follow_the_rule():
     assert torch.all(twin(x, num_active=2).indices[:, 2:] == -1)
 
 
+def test_quantize_dropout_replayed_by_activation_checkpointing():
+    """The recomputation inside backward quantizes the same depths as the forward (no second
+    draw): gradients equal an uncheckpointed twin's and both generators advance alike."""
+    from torch.utils.checkpoint import checkpoint
+
+    kw = dict(quantize_dropout=True, ema=False, **PLAIN)
+    a, b = ResidualVQ(4, 8, 4, **kw), ResidualVQ(4, 8, 4, **kw)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(10, 4)
+    kept = set()
+    for _ in range(4):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out_a = checkpoint(a, xa, use_reentrant=False)
+        out_b = b(xb)
+        for out in (out_a, out_b):
+            (out.quantized.square().sum() + out.loss).backward()
+        assert torch.equal(out_a.indices, out_b.indices)
+        kept.add(int((out_a.indices[0] >= 0).sum()))
+        assert torch.equal(xa.grad, xb.grad)
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert (la.codebook.grad is None) == (lb.codebook.grad is None)
+            if la.codebook.grad is not None:
+                assert torch.equal(la.codebook.grad, lb.codebook.grad)
+    assert len(kept) > 1  # the draws varied, so a second draw would have shown
+    assert a.draw_num_active() == b.draw_num_active()
+
+
+def test_empty_batch_every_route():
+    for kw in ({}, dict(shared_codebook=True), dict(beam_size=3)):
+        rvq = ResidualVQ(4, 8, 3, **PLAIN, **kw)
+        q, idx, loss = rvq(torch.randn(0, 4))
+        assert q.shape == (0, 4) and idx.shape == (0, 3) and loss.item() == 0
+
+
 # --- per-depth losses -----------------------------------------------------------------------------
 
 
