@@ -8,6 +8,7 @@ from .functional import VQOutput, vector_quantize
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .ops import code_counts, scatter_rows, search, triton_available
 from .residual import GroupedResidualVQ, ResidualVQ
+from .sampling import sample_codes, topk_codes
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,6 @@ __all__ = [
     "search",
     "triton_available",
     "vector_quantize",
+    "sample_codes",
+    "topk_codes",
 ]

@@ -1,0 +1,342 @@
+"""Stochastic code sampling and k-nearest codes, tiled so that no N x K tensor exists.
+
+vector-quantize-pytorch 1.32 ("vqp") samples codes (``stochastic_sample_codes``,
+``sample_codebook_temp``) and returns the ``topk`` codes from a full N x K distance matrix. Here
+both run over tiles of (rows x ``chunk`` codes) with a running reduction, as ``search`` does:
+
+- :func:`sample_codes`: Gumbel-max over vqp's logits, a running max per row;
+- :func:`topk_codes`: the k nearest codes, a running top-k merge per row.
+
+The helpers at the top (argument checks, vqp's logits) are shared with
+:mod:`fastvq.codebook_losses`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from ._checks import check_float, check_same_device, check_tensor
+from ._search_torch import sanitize_codes, scale_and_row_finite
+from .ops import search
+
+# vqp's ``cdist`` clamps the squared distance at 1e-8 before its square root, so its distances
+# are never below 1e-4: every logit built from a distance here keeps that floor.
+VQP_DIST_SQ_FLOOR = 1e-8
+VQP_DIST_FLOOR = 1e-4
+
+# A tile holds at most about this many elements (rows x codes); rows are blocked to fit, so the
+# working memory is O(TILE_ELEMS + N) whatever N is (sampling's hash needs int64 temporaries).
+TILE_ELEMS = 1 << 22
+
+_MASK32 = 0xFFFFFFFF
+
+
+# --- argument checks (shared with codebook_losses) ----------------------------------------------
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in ``[lo, hi]``; TypeError for a non-int (bools included)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {bound}, got {v}")
+    return v
+
+
+def check_temperature(name: str, value) -> float:
+    """A finite real ``>= 0`` (a Python or 0-dim number), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    t = float(value)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return t
+
+
+def check_rows_codes(z, codes, z_shape: str = "(N, D)", z_ndims: tuple[int, ...] = (2,)) -> None:
+    """``z`` rows against ``codes`` (K, D): tensors, float dtypes, ranks, matching D, K >= 1, one
+    device. Zero rows are valid."""
+    check_tensor("z", z)
+    check_tensor("codes", codes)
+    check_float("z", z)
+    check_float("codes", codes)
+    if codes.dim() != 2:
+        raise ValueError(f"codes must have shape (K, D), got shape {tuple(codes.shape)}")
+    if codes.shape[0] == 0:
+        raise ValueError("codes must hold at least one code (K >= 1), got K = 0")
+    if codes.shape[1] == 0:
+        raise ValueError("codes must have D >= 1, got D = 0")
+    if z.dim() not in z_ndims:
+        raise ValueError(f"z must have shape {z_shape}, got shape {tuple(z.shape)}")
+    if z.shape[-1] != codes.shape[1]:
+        raise ValueError(
+            f"z's last dim ({z.shape[-1]}) must equal codes' D ({codes.shape[1]}); got z "
+            f"{tuple(z.shape)} and codes {tuple(codes.shape)}"
+        )
+    check_same_device("z", z, "codes", codes)
+
+
+# --- vqp's logits -------------------------------------------------------------------------------
+
+
+def vqp_logits(
+    z32: torch.Tensor, codes32: torch.Tensor, code_sq: torch.Tensor, cosine: bool
+) -> torch.Tensor:
+    """vqp's ``dist`` of a tile, differentiable: fp32 (n, m) from fp32 rows (n, D), codes (m, D).
+
+    Euclidean: ``-sqrt(clamp(||z||^2 + ||c||^2 - 2 z.c, 1e-8))``, vqp's ``-cdist`` with its
+    operation order (the expanded form is what makes a tile one GEMM); the distance is NOT squared.
+    Cosine (vqp's ``use_cosine_sim``, inputs already l2-normalised by the caller): ``z.c``.
+    ``code_sq`` is ``||c||^2`` (m,), computed once per call rather than once per tile.
+    """
+    dot = z32 @ codes32.t()
+    if cosine:
+        return dot
+    d2 = (z32.square().sum(dim=1)[:, None] + code_sq[None, :]) + dot * -2
+    return -d2.clamp(min=VQP_DIST_SQ_FLOOR).sqrt()
+
+
+# --- counter-based Gumbel noise -----------------------------------------------------------------
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2^32`` for int64 ``x`` in [0, 2^32): split ``c`` in 16-bit halves so that no
+    product exceeds 2^48 (int64 overflow is undefined behaviour in torch's C++ kernels)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"), on int64 in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _gumbel_from_bits(h: torch.Tensor) -> torch.Tensor:
+    """fp32 standard Gumbel noise ``-log(-log(u))`` from uniform 32-bit integers ``h``.
+
+    ``u = (h + 0.5) / 2^32`` lies strictly inside (0, 1), so no clamp is needed (vqp clamps its
+    logs at 1e-20 instead). ``-log(u)`` is taken from ``u`` itself when ``u < 1/2`` and as
+    ``-log1p(-v)`` from ``v = 1 - u``, computed from the integer, otherwise: fp32 cannot hold
+    ``u`` near 1 to better than 6e-8, which would coarsen exactly the large-noise tail where the
+    Gumbel maximum lives.
+    """
+    scale = 2.0**-32
+    u = (h.to(torch.float32) + 0.5) * scale
+    v = ((_MASK32 - h).to(torch.float32) + 0.5) * scale
+    e = torch.where(h < (1 << 31), -torch.log(u), -torch.log1p(-v))
+    return -torch.log(e)
+
+
+def _draw_seed(generator: torch.Generator | None) -> tuple[int, int]:
+    """Two 32-bit seed words from ``generator`` (or torch's default CPU generator)."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    words = torch.randint(0, 1 << 32, (2,), generator=generator, device=dev, dtype=torch.int64)
+    s0, s1 = words.tolist()
+    return int(s0), int(s1)
+
+
+def _row_keys(n0: int, n1: int, seed: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(n0, n1, device=device, dtype=torch.int64)
+    return _mix32(_mix32((i & _MASK32) ^ seed) ^ (i >> 32))
+
+
+# --- sample_codes -------------------------------------------------------------------------------
+
+
+def sample_codes(
+    z: torch.Tensor,
+    codes: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    chunk: int = 4096,
+    cosine: bool = False,
+) -> torch.Tensor:
+    """Sample one code per row from ``softmax(logits / temperature)`` by Gumbel-max, tiled over K.
+
+    vqp's ``gumbel_sample`` with ``stochastic=True`` in training: ``argmax_k (logits_k /
+    temperature + g_k)`` with ``g`` standard Gumbel noise and vqp's logits, the NEGATIVE
+    NON-SQUARED distance ``-max(||z - c_k||, 1e-4)`` (``z.c_k`` with ``cosine=True``, for inputs
+    the caller has l2-normalised, as vqp's cosine codebook does). So the sampling distribution is
+    ``softmax(-||z - c_k|| / temperature)``.
+
+    The logits are computed tile by tile (``chunk`` codes at a time, rows blocked too) with a
+    running max per row, so memory is O(N + rows x chunk), never N x K.
+
+    Reproducibility: the noise of (row i, code k) is a counter-based hash of (seed, i, k), the seed
+    being two 32-bit words drawn from ``generator``. So the noise of every (row, code) pair is
+    independent of ``chunk`` and of the device, and the same ``generator`` state gives the same
+    indices for every ``chunk`` (up to GEMM rounding of the logits, which differs by tile shape in
+    the last bits and could flip only a sample whose top two scores tie to within an ulp). It is
+    not vqp's noise stream (vqp draws ``uniform_`` on the whole N x K tensor): the distribution is
+    the same, the draws are not. Row i's noise depends on its position i in ``z``.
+
+    Args:
+        z: (N, D) float32/float16/bfloat16 rows, N >= 0; computed in fp32.
+        codes: (K, D) float32/float16/bfloat16 codes, K >= 1, same device.
+        temperature: finite >= 0. 0 is deterministic: the nearest code by squared L2, ties to the
+            lowest index, exactly :func:`fastvq.search` (the argmax with ``cosine=True``).
+        generator: the source of the seed (any device); None uses torch's default CPU generator.
+            Two values are drawn from it per call (also when N = 0, never when temperature = 0).
+        chunk: codes per tile, >= 1.
+        cosine: logits ``z.c`` instead of ``-||z - c||``.
+
+    Returns:
+        int64 (N,). A row of ``z`` holding NaN/Inf gets index 0 and a code holding NaN/Inf is
+        never sampled (fastvq's NaN policy), unless every code does.
+    """
+    check_rows_codes(z, codes)
+    t = check_temperature("temperature", temperature)
+    chunk = check_int("chunk", chunk, 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    if t == 0.0 and not cosine:
+        return search(z, codes)[0]
+    z, codes = z.detach(), codes.detach()
+    n, k = z.shape[0], codes.shape[0]
+    dev = z.device
+    out = torch.zeros(n, dtype=torch.int64, device=dev)
+    seed = _draw_seed(generator) if t > 0 else (0, 0)
+    if n == 0:
+        return out
+
+    # An exact power-of-two scale of both operands (as the search uses) keeps ||z||^2, ||c||^2
+    # and z.c finite and normal for any finite input; the distance is unscaled after the sqrt.
+    scale, row_finite = scale_and_row_finite(z, codes)
+    cs, cn = sanitize_codes(codes.to(torch.float32), scale)  # bad codes: norm +inf, zeroed
+    zs = torch.where(row_finite[:, None], z.to(torch.float32) * scale, 0.0)
+    inv_scale = 1.0 / scale
+    code_keys = _mix32(torch.arange(k, device=dev, dtype=torch.int64) ^ seed[1])
+
+    bk = min(chunk, k)
+    bn = max(1, min(n, TILE_ELEMS // bk))
+    for n0 in range(0, n, bn):
+        n1 = min(n0 + bn, n)
+        zb = zs[n0:n1]
+        zb_sq = zb.square().sum(dim=1, keepdim=True)
+        rkeys = _row_keys(n0, n1, seed[0], dev)[:, None]
+        best = torch.full((n1 - n0,), -math.inf, device=dev)
+        best_i = torch.zeros(n1 - n0, dtype=torch.int64, device=dev)
+        for k0 in range(0, k, bk):
+            k1 = min(k0 + bk, k)
+            dot = zb @ cs[k0:k1].t()
+            if cosine:
+                # unscaled z.c; a bad code (norm +inf) gets -inf, never sampled
+                logits = torch.where(
+                    torch.isfinite(cn[k0:k1]), (dot * inv_scale) * inv_scale, -math.inf
+                )
+            else:
+                d2 = (zb_sq + cn[k0:k1]) + dot * -2  # scaled squared distance; +inf: bad code
+                # sqrt(clamp(d2, 1e-8)) unscaled, written so that no scaled floor can overflow
+                dist = (d2.clamp(min=0).sqrt() * inv_scale).clamp(min=VQP_DIST_FLOOR)
+                logits = -dist
+            if t > 0:
+                g = _gumbel_from_bits(_mix32(rkeys ^ code_keys[k0:k1]))
+                scores = logits / t + g  # vqp's order: (logits / temperature) + noise
+            else:
+                scores = logits
+            tmax, targ = scores.max(dim=1)  # first maximum within the tile
+            better = tmax > best  # strict: an earlier (lower-index) tile keeps ties
+            best_i = torch.where(better, targ + k0, best_i)
+            best = torch.where(better, tmax, best)
+        out[n0:n1] = best_i
+    return out.masked_fill_(~row_finite, 0)
+
+
+# --- topk_codes ---------------------------------------------------------------------------------
+
+
+def _sort_pairs(vals: torch.Tensor, idx: torch.Tensor, k: int):
+    """The k smallest (value, index) pairs per row in lexicographic order, given that equal values
+    already appear in ascending index order along each row (a stable sort then keeps it)."""
+    v, order = vals.sort(dim=1, stable=True)
+    return v[:, :k], idx.gather(1, order[:, :k])
+
+
+def topk_codes(
+    z: torch.Tensor, codes: torch.Tensor, k: int, *, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest codes of each row by squared L2, ascending, ties to the lowest index.
+
+    vqp's ``topk`` (``sampling_logits.topk(k)`` on ``-cdist``, the same order) without its
+    N x K distance matrix: the codes are visited in tiles of ``chunk``, and each tile's k best
+    are merged into a running top-k per row, so memory is O(N k + rows x chunk).
+
+    Ranking uses ``||c||^2 - 2 z.c`` in fp32 after the search's exact power-of-two rescaling (the
+    order of the search, which it equals for k = 1); the returned distances are then recomputed
+    directly as ``sum_d (z - c)^2`` (the expanded form cancels catastrophically near a code) and
+    the k pairs re-sorted by (distance, index).
+
+    Args:
+        z: (N, D) float32/float16/bfloat16 rows, N >= 0; computed in fp32.
+        codes: (K, D) float32/float16/bfloat16 codes, K >= 1, same device.
+        k: 1 <= k <= K.
+        chunk: codes per tile, >= 1.
+
+    Returns:
+        dist: fp32 (N, k) squared distances, ascending along each row.
+        indices: int64 (N, k).
+
+    A code holding NaN/Inf ranks after every finite code (distance NaN/Inf); a row holding
+    NaN/Inf gets NaN/Inf distances, its indices ranked as for a zero row.
+    """
+    check_rows_codes(z, codes)
+    num_codes = codes.shape[0]
+    k = check_int("k", k, 1, num_codes)
+    chunk = check_int("chunk", chunk, 1)
+    z, codes = z.detach(), codes.detach()
+    n = z.shape[0]
+    dev = z.device
+    dist = torch.empty((n, k), dtype=torch.float32, device=dev)
+    indices = torch.empty((n, k), dtype=torch.int64, device=dev)
+    if n == 0:
+        return dist, indices
+
+    scale, row_finite = scale_and_row_finite(z, codes)
+    cs, cn = sanitize_codes(codes.to(torch.float32), scale)
+    z32 = z.to(torch.float32)
+    zs = torch.where(row_finite[:, None], z32 * scale, 0.0)
+    bk = min(chunk, num_codes)
+    bn = max(1, min(n, TILE_ELEMS // (bk + k)))
+    for n0 in range(0, n, bn):
+        n1 = min(n0 + bn, n)
+        zb = zs[n0:n1]
+        vals = zb.new_empty((n1 - n0, 0))
+        idx = torch.empty((n1 - n0, 0), dtype=torch.int64, device=dev)
+        for k0 in range(0, num_codes, bk):
+            k1 = min(k0 + bk, num_codes)
+            tile = torch.addmm(cn[k0:k1], zb, cs[k0:k1].t(), alpha=-2.0)
+            tidx = torch.arange(k0, k1, device=dev).expand(n1 - n0, -1)
+            tv, ti = _sort_pairs(tile, tidx, k)
+            # Every running index is below k0, so in [running, tile] equal values stand in
+            # ascending index order, and the stable sort keeps ties to the lowest index.
+            vals, idx = _sort_pairs(torch.cat([vals, tv], 1), torch.cat([idx, ti], 1), k)
+        indices[n0:n1] = idx
+    # Exact distances of the chosen pairs, rows blocked so that the (rows, k, D) difference
+    # stays within the tile budget.
+    d = z.shape[1]
+    bn = max(1, TILE_ELEMS // (k * d))
+    for n0 in range(0, n, bn):
+        n1 = min(n0 + bn, n)
+        idx = indices[n0:n1]
+        diff = z32[n0:n1, None, :] - codes.index_select(0, idx.reshape(-1)).view(n1 - n0, k, d)
+        dv = diff.to(torch.float32).square().sum(dim=2)
+        # ascending index first, then a stable sort by distance: ties to the lowest index even
+        # where the recomputed distances tie but the ranking values did not
+        idx, order = idx.sort(dim=1)
+        dv = dv.gather(1, order)
+        dist[n0:n1], indices[n0:n1] = _sort_pairs(dv, idx, k)
+    return dist, indices
