@@ -229,6 +229,16 @@ def test_quantize_dropout_draws_are_seeded_and_follow_the_rule():
     assert torch.all(twin(x, num_active=2).indices[:, 2:] == -1)
 
 
+def test_quantize_dropout_generator_resumes_with_fastvq_train_rng_state():
+    from fastvq.train import rng_state, set_rng_state
+
+    kw = dict(quantize_dropout=True, **PLAIN)
+    a, b = ResidualVQ(4, 8, 4, **kw), ResidualVQ(4, 8, 4, **kw)
+    a(torch.randn(5, 4))  # one step consumed
+    set_rng_state(b, rng_state(a))
+    assert [a.draw_num_active() for _ in range(20)] == [b.draw_num_active() for _ in range(20)]
+
+
 def test_quantize_dropout_replayed_by_activation_checkpointing():
     """The recomputation inside backward quantizes the same depths as the forward (no second
     draw): gradients equal an uncheckpointed twin's and both generators advance alike."""
