@@ -7,9 +7,9 @@ identical, model outputs, ``commit_loss`` and every parameter's gradient within
 
 Near-ties: diffusers picks codes by ``argmin(torch.cdist(...))``, whose matmul form rounds
 distances differently from fastvq's fp32 search, so a row whose two nearest codes are within
-that rounding could get different indices, fastvq's being the exact one. ``_check_no_near_tie``
-asserts that every compared row's two nearest codes are well apart (in fp64), so index
-equality is the right expectation here and the test never passes or fails by luck.
+that rounding could get different indices, fastvq's being the exact one. ``check_no_near_tie``
+asserts that every compared row's two nearest codes are apart by more than that rounding (in
+fp64), so index equality is the right expectation and no test passes or fails by luck.
 """
 
 import copy
@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import VQModel  # noqa: E402
 from diffusers.models.autoencoders.vae import VectorQuantizer as DiffusersVQ  # noqa: E402
+from test_compat_taming import check_no_near_tie  # noqa: E402
 
 from fastvq.compat.diffusers import VectorQuantizer, swap_quantizer  # noqa: E402
 
@@ -28,16 +29,6 @@ CONFIG = dict(
     in_channels=3, out_channels=3, block_out_channels=(32,), layers_per_block=1,
     latent_channels=4, num_vq_embeddings=64, norm_num_groups=8, sample_size=16,
 )  # fmt: skip
-
-
-def _check_no_near_tie(rows: torch.Tensor, codes: torch.Tensor) -> None:
-    """A test-input guard: every row's nearest and second-nearest squared distances (fp64) differ
-    by more than 100 times the fp32 rounding of those distances, eps32 * (|z|^2 + max |e|^2)."""
-    rows, codes = rows.detach().double(), codes.detach().double()
-    two = torch.cdist(rows, codes).square().topk(2, dim=1, largest=False).values
-    rounding = torch.finfo(torch.float32).eps * (rows.square().sum(1) + codes.square().sum(1).max())
-    ratio = float(((two[:, 1] - two[:, 0]) / rounding).min())
-    assert ratio > 100, f"test input has a near-tie (gap {ratio:.1f}x rounding): change inputs"
 
 
 def _model(legacy: bool) -> VQModel:
@@ -75,7 +66,7 @@ def test_swapped_vqmodel_matches_diffusers(legacy, train):
         with torch.no_grad():
             h = theirs.encode(x).latents
             rows = h.permute(0, 2, 3, 1).reshape(-1, 4)
-            _check_no_near_tie(rows, theirs.quantize.embedding.weight)
+            check_no_near_tie(rows, theirs.quantize.embedding.weight)
             q_t, loss_t, (ppl_t, enc_t, idx_t) = theirs.quantize(h)
             q_o, loss_o, (ppl_o, enc_o, idx_o) = ours.quantize(h)
         assert ppl_t is ppl_o is None and enc_t is enc_o is None
@@ -126,7 +117,7 @@ def test_quantizer_module_matches_diffusers(legacy, sane):
     theirs.embedding.weight.data.normal_()
     ours = VectorQuantizer.from_quantizer(theirs)
     z = torch.randn(3, 5, 4, 6)
-    _check_no_near_tie(z.permute(0, 2, 3, 1).reshape(-1, 5), theirs.embedding.weight)
+    check_no_near_tie(z.permute(0, 2, 3, 1).reshape(-1, 5), theirs.embedding.weight)
     zt, zo = z.clone().requires_grad_(), z.clone().requires_grad_()
     q_t, loss_t, (_, _, idx_t) = theirs(zt)
     q_o, loss_o, (_, _, idx_o) = ours(zo)
