@@ -70,13 +70,17 @@ def generator(cache: dict, seed: int, name: str, device, offset: int = 0) -> tor
 
 def register_state(
     module, init: torch.Tensor, *, ema: bool, restart: bool = True, kmeans: bool = True,
-    initted: bool = False,
+    initted: bool = False, codes: bool = True,
 ) -> None:  # fmt: skip
     """Register the codebook state on ``module`` from ``init`` (..., S, D): ``codebook`` (a
     buffer for EMA, else an ``nn.Parameter``), ``cluster_size``/``embed_avg`` (EMA),
     ``steps_unused``/``usage_counts`` (``restart``), ``initted`` (``kmeans``), the host mirror
-    ``_initted`` kept by a load hook, and the generator cache."""
-    if ema:
+    ``_initted`` kept by a load hook, and the generator cache. ``codes=False`` registers no
+    ``codebook`` (the layer computes its codes, as SimVQ does); ``init`` then gives the shape."""
+    if not codes:
+        if ema:
+            raise ValueError("an EMA codebook needs its codes registered (codes=True)")
+    elif ema:
         module.register_buffer("codebook", init)
         module.register_buffer("cluster_size", torch.ones(init.shape[:-1]))
         module.register_buffer("embed_avg", init.clone())
@@ -102,7 +106,8 @@ def check_ranks(what: str, vq, names: tuple, group) -> None:
     all-gather and a host sync; ``_initted`` is reported as "kmeans initialised")."""
     label = {"_initted": "kmeans initialised"}
     fields = {label.get(n, n): getattr(vq, n) for n in names}
-    _dist.check_same_across_ranks(what, fields, vq.codebook.device, group)
+    codes = vq._codes_tensor() if hasattr(vq, "_codes_tensor") else vq.codebook  # SimVQ: basis
+    _dist.check_same_across_ranks(what, fields, codes.device, group)
     vq._ranks_checked = True
 
 
@@ -189,6 +194,7 @@ def update_(
     distributed: bool = False,
     sharded: bool = False,
     start: int = 0,
+    ema_step: bool = True,
 ) -> torch.Tensor:
     """One training step's EMA, usage and dead-code bookkeeping; returns the global counts.
 
@@ -203,9 +209,13 @@ def update_(
         group, distributed: the process group and whether to synchronise over it.
         sharded: the state holds codes ``[start, start + S)`` of K and the statistics are the
             shard's own; otherwise they are all-reduced here.
+        ema_step: False skips the EMA step (``forward(..., ema_update=False)``); so does
+            ``vq.decay == 1`` (a frozen EMA codebook: its buffers and codes stay bit-identical,
+            where a lerp by 0 followed by the smoothing would move them by rounding). ``sums``
+            may then be None, and only the counts are all-reduced (usage, dead codes).
     """
     k = vq.codebook_size
-    if st.cluster_size is not None:
+    if st.cluster_size is not None and ema_step and vq.decay < 1.0:
         if distributed and not sharded:  # one all-reduce for counts and sums together
             stat = _dist.all_reduce_sum_(torch.cat([sums, counts.unsqueeze(-1)], dim=-1), group)
             sums, counts = stat[..., :-1], stat[..., -1]

@@ -105,6 +105,37 @@ def check_mask(mask, lead: tuple) -> None:
         )
 
 
+def resolve_simvq(simvq, ema, kmeans_init, dead_code_steps) -> tuple[bool, bool, int]:
+    """``(ema, kmeans_init, dead_code_steps)`` with the defaults resolved: ``True, True, 20``,
+    or ``False, False, 0`` with ``simvq``; ValueError naming an explicit argument SimVQ cannot
+    take. SimVQ is a gradient codebook (its codes are a frozen basis times a learned map): an EMA
+    cannot write a product, k-means centres cannot be written into a frozen random basis, and a
+    restart would have to rewrite the frozen basis, which the method exists to avoid (every code
+    moves with the shared map, so none is left behind)."""
+    if not isinstance(simvq, bool):
+        raise TypeError(f"simvq must be a bool, got {simvq!r}")
+    if not simvq:
+        return (
+            True if ema is None else ema,
+            True if kmeans_init is None else kmeans_init,
+            20 if dead_code_steps is None else dead_code_steps,
+        )
+    bad = [
+        name
+        for name, v in (("ema=True", ema), ("kmeans_init=True", kmeans_init))
+        if v is not None and v
+    ]
+    if dead_code_steps is not None and dead_code_steps != 0:
+        bad.append(f"dead_code_steps={dead_code_steps}")
+    if bad:
+        raise ValueError(
+            f"simvq=True is a gradient codebook (codes = frozen basis x learned map) and cannot "
+            f"take {', '.join(bad)}: leave them unset (SimVQ defaults: ema=False, "
+            f"kmeans_init=False, dead_code_steps=0)"
+        )
+    return False, False, 0
+
+
 def check_config(dim, codebook_size, heads, codebook_dim, decay, beta, w_cb, dead_steps) -> int:
     """ValueError/TypeError for a bad layer argument; returns ``codebook_dim`` resolved."""
     for name, v in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
@@ -116,8 +147,8 @@ def check_config(dim, codebook_size, heads, codebook_dim, decay, beta, w_cb, dea
                 f"dim ({dim}) must be divisible by heads ({heads}), or pass codebook_dim"
             )
         codebook_dim = dim // heads
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1] (1 = a frozen EMA codebook), got {decay}")
     check_beta(beta)
     if not w_cb > 0:
         raise ValueError(f"codebook_loss_weight must be > 0, got {w_cb}")
@@ -147,11 +178,12 @@ def check_indices(indices, heads: int, codebook_size: int, check: bool) -> None:
 
 
 # What every rank must agree on: the shape and sequence of the layer's collectives (K, dims,
-# heads, EMA, restart, k-means state) and their result (decay, eps, seed, noise).
+# heads, EMA, restart, k-means state, this call's ema_update) and their result (decay, eps, seed,
+# noise). A frozen call (freeze_codebook), like eval, issues no collective and is not checked.
 _RANK_FIELDS = (
     "dim", "codebook_size", "codebook_dim", "heads", "num_codebooks", "ema", "cosine",
     "channel_first", "_initted", "kmeans_iters", "dead_code_steps", "decay", "eps",
-    "restart_noise", "seed", "debug",
+    "restart_noise", "seed", "debug", "simvq", "_call_ema_step",
 )  # fmt: skip
 
 
@@ -165,7 +197,8 @@ class VectorQuantizer(nn.Module):
         codebook_loss_weight: weight of the codebook term (gradient codebooks; taming's and
             diffusers' ``legacy=True`` loss is ``beta=1, codebook_loss_weight=their beta``).
         ema: learn the codebook by exponential moving averages (True) or by gradient (False).
-        decay: EMA decay gamma.
+        decay: EMA decay gamma in [0, 1]; 1 freezes an EMA codebook (its EMA buffers and codes
+            stay bit-identical; k-means init and dead-code restart still write codes when on).
         eps: EMA Laplace smoothing epsilon.
         kmeans_init: initialise the codebook by k-means on the first training batch.
         kmeans_iters: Lloyd iterations of that k-means.
@@ -190,18 +223,36 @@ class VectorQuantizer(nn.Module):
         debug: under torch.distributed, check that every rank agrees on the layer's
             configuration (and k-means state) at every training forward (one small all-gather
             and a host sync each). Without it the check runs at the first training forward only.
+        simvq: SimVQ (Zhu et al. 2024, arXiv 2411.02038): the codes are a frozen random basis
+            ``simvq_basis`` (num_codebooks, K, codebook_dim) (a buffer, ``randn / sqrt(cd)``
+            drawn from ``seed``) times a learned map ``simvq_map`` (num_codebooks, cd, cd), an
+            ``nn.Parameter`` applied as a bias-free ``nn.Linear`` (its init):
+            ``codes = basis @ map.T``. A gradient codebook: the loss's codebook term reaches the
+            map through the (K, cd) product. Defaults ``ema=False, kmeans_init=False,
+            dead_code_steps=0``; setting any of them otherwise is a ValueError.
+        freeze_codebook: no codebook update of any kind in training forwards (no EMA, k-means
+            init, restart or usage bookkeeping) and no gradient to the codes (the loss is then
+            ``beta`` * commitment only); the per-call ``forward(freeze_codebook=...)`` overrides.
+        ema: default True (False with ``simvq``); kmeans_init: default True (False with
+            ``simvq``); dead_code_steps: default 20 (0 with ``simvq``).
     """
 
     def __init__(
         self, dim: int, codebook_size: int, *, beta: float = 0.25,
-        codebook_loss_weight: float = 1.0, ema: bool = True, decay: float = 0.99,
-        eps: float = 1e-5, kmeans_init: bool = True, kmeans_iters: int = 10,
-        dead_code_steps: int = 20, restart_noise: float = 0.01, codebook_dim: int | None = None,
-        heads: int = 1, shared_codebook: bool = False, cosine: bool = False,
-        channel_first: bool = False, backend: str = "auto", sync_distributed: bool = True,
-        process_group=None, seed: int = 0, debug: bool = False, rotation_trick: bool = False,
+        codebook_loss_weight: float = 1.0, ema: bool | None = None, decay: float = 0.99,
+        eps: float = 1e-5, kmeans_init: bool | None = None, kmeans_iters: int = 10,
+        dead_code_steps: int | None = None, restart_noise: float = 0.01,
+        codebook_dim: int | None = None, heads: int = 1, shared_codebook: bool = False,
+        cosine: bool = False, channel_first: bool = False, backend: str = "auto",
+        sync_distributed: bool = True, process_group=None, seed: int = 0, debug: bool = False,
+        rotation_trick: bool = False, simvq: bool = False, freeze_codebook: bool = False,
     ):  # fmt: skip
         super().__init__()
+        ema, kmeans_init, dead_code_steps = resolve_simvq(simvq, ema, kmeans_init, dead_code_steps)
+        if not isinstance(freeze_codebook, bool):
+            raise TypeError(f"freeze_codebook must be a bool, got {freeze_codebook!r}")
+        self.simvq, self.freeze_codebook = simvq, freeze_codebook
+        self._call_ema_step = True  # this call's ema_update, for the cross-rank check
         codebook_dim = check_config(
             dim, codebook_size, heads, codebook_dim, decay, beta, codebook_loss_weight,
             dead_code_steps,
@@ -227,7 +278,17 @@ class VectorQuantizer(nn.Module):
         for i in range(self.num_codebooks):
             nn.init.kaiming_uniform_(init[i])
         init = F.normalize(init, dim=-1) if cosine else init
-        cb_engine.register_state(self, init, ema=ema, initted=not kmeans_init)
+        cb_engine.register_state(self, init, ema=ema, initted=not kmeans_init, codes=not simvq)
+        if simvq:
+            # vqp's SimVQ: basis randn * cd^-0.5, map nn.Linear(cd, cd, bias=False). The basis is
+            # drawn from ``seed`` (not the global RNG), so every rank holds the same one.
+            gen = torch.Generator().manual_seed(seed * 1000003 + 7)
+            basis = torch.randn(init.shape, generator=gen) * codebook_dim**-0.5
+            self.register_buffer("simvq_basis", basis)
+            w = torch.empty(self.num_codebooks, codebook_dim, codebook_dim)
+            for i in range(self.num_codebooks):
+                nn.init.kaiming_uniform_(w[i], a=math.sqrt(5))  # nn.Linear's weight init
+            self.simvq_map = nn.Parameter(w)
         self.register_buffer("last_perplexity", torch.zeros(()), persistent=False)
         self.register_buffer("last_used_fraction", torch.zeros(()), persistent=False)
 
@@ -238,11 +299,27 @@ class VectorQuantizer(nn.Module):
             f"beta={self.beta}, kmeans_init={self.kmeans_init}, "
             f"dead_code_steps={self.dead_code_steps}, cosine={self.cosine}, "
             f"rotation_trick={self.rotation_trick}, channel_first={self.channel_first}"
+            + (", simvq=True" if self.simvq else "")
+            + (", freeze_codebook=True" if self.freeze_codebook else "")
         )
 
+    def __getattr__(self, name: str):
+        if name == "codebook" and self.__dict__.get("simvq"):
+            raise AttributeError(
+                "with simvq=True the codes are computed (simvq_basis @ simvq_map.T): read them "
+                "with get_codebook(); the learned map is simvq_map, the frozen basis simvq_basis"
+            )
+        return super().__getattr__(name)
+
+    def _codes_tensor(self) -> torch.Tensor:
+        """The tensor holding the codebook state (SimVQ: its basis), for device and state."""
+        return self.simvq_basis if self.simvq else self.codebook
+
     def _state(self) -> CodebookState:
+        # SimVQ has no EMA, restart or k-means: the engine only keeps its usage counters, and
+        # the basis stands in for the codes (never written).
         return CodebookState(
-            self.codebook.data, getattr(self, "cluster_size", None),
+            self._codes_tensor().data, getattr(self, "cluster_size", None),
             getattr(self, "embed_avg", None), self.steps_unused, self.usage_counts, self.initted,
         )  # fmt: skip
 
@@ -263,16 +340,24 @@ class VectorQuantizer(nn.Module):
         return cb[0] if self.num_codebooks == 1 else cb
 
     def _codes_all(self) -> torch.Tensor:
-        return F.normalize(self.codebook, dim=-1) if self.cosine and not self.ema else self.codebook
+        """(num_codebooks, K, codebook_dim) the codes searched, differentiable for a gradient
+        codebook (SimVQ: the K x cd product, through which the map gets its gradient)."""
+        cb = self.simvq_basis @ self.simvq_map.mT if self.simvq else self.codebook
+        return F.normalize(cb, dim=-1) if self.cosine and not self.ema else cb
 
     @torch.no_grad()
     def load_codebook(self, weight: torch.Tensor) -> None:
         """Set the codes from ``weight`` (K, codebook_dim) or (num_codebooks, K, codebook_dim).
 
         Resets the EMA statistics to match, marks the layer initialised (no k-means) and clears
-        the dead-code counters.
+        the dead-code counters. SimVQ: the basis becomes ``weight`` and the map the identity, so
+        ``get_codebook()`` returns ``weight`` exactly and training then learns a linear map of
+        the loaded codes (optimizer moments of the map are kept).
         """
         cb_engine.load_codes_(self._state(), weight, normalize=self.cosine and self.ema)
+        if self.simvq:
+            eye = torch.eye(self.codebook_dim, dtype=self.simvq_map.dtype)
+            self.simvq_map.copy_(eye.expand_as(self.simvq_map))
         self._initted = True
 
     def _rows(self, zh: torch.Tensor, valid: torch.Tensor | None) -> list:
@@ -283,9 +368,42 @@ class VectorQuantizer(nn.Module):
             return [(zh.reshape(-1, self.codebook_dim), keep)]
         return [(zh[:, g], valid) for g in range(self.num_codebooks)]
 
+    def _prepare(self, x: torch.Tensor, mask: torch.Tensor | None):
+        """Check ``x`` and ``mask`` and cut ``x`` into rows: ``(backend, lead, n, groups)`` with
+        ``lead`` x's shape without the channel dim, ``n = prod(lead)`` and ``groups`` as
+        :meth:`_rows` (projected, not yet normalised)."""
+        check_input(x, self.dim, self.channel_first)
+        check_same_device("x", x, "codebook", self._codes_tensor())
+        if mask is not None:
+            check_mask(mask, x.movedim(1, -1).shape[:-1] if self.channel_first else x.shape[:-1])
+        backend = resolve_backend(self.backend, x.device)  # once: the rows below go 2-D
+        if self.channel_first:
+            x = x.movedim(1, -1)  # (B, ..., dim)
+        lead = x.shape[:-1]
+        n = math.prod(lead)
+        valid = None if mask is None else mask.reshape(n)  # bool (N,), True = real token
+        z = self.project_in(x.reshape(n, self.dim))
+        return backend, lead, n, self._rows(z.reshape(n, self.heads, self.codebook_dim), valid)
+
+    def _call_flags(self, freeze_codebook, ema_update) -> bool:
+        """This call's ``freeze`` (the constructor's unless given); records ``ema_update``."""
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        if not isinstance(freeze, bool):
+            raise TypeError(f"freeze_codebook must be a bool or None, got {freeze_codebook!r}")
+        if ema_update is not None and not isinstance(ema_update, bool):
+            raise TypeError(f"ema_update must be a bool or None, got {ema_update!r}")
+        if ema_update is False and not self.ema:
+            raise ValueError(
+                "ema_update=False applies to an EMA codebook (ema=True); this layer's codebook "
+                "learns from the loss: use freeze_codebook=True to stop its updates"
+            )
+        self._call_ema_step = ema_update is not False
+        return freeze
+
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False
-    ):
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False,
+        freeze_codebook: bool | None = None, ema_update: bool | None = None,
+    ):  # fmt: skip
         """Quantize ``x``.
 
         Args:
@@ -296,6 +414,13 @@ class VectorQuantizer(nn.Module):
                 Unmasked rows holding NaN/Inf make the loss NaN/Inf but are left out of those
                 statistics and of k-means init.
             return_stats: also return :class:`CodebookStats` of this batch.
+            freeze_codebook: this call only (default: the constructor's): no codebook update of
+                any kind and no gradient to the codes; the loss is ``beta`` * commitment.
+                Under torch.distributed every rank must pass the same (a frozen call issues no
+                collective).
+            ema_update: False: this training call skips the EMA step (the EMA buffers and the
+                codes stay as they are; usage and dead-code bookkeeping still run). EMA
+                codebooks only. Under torch.distributed every rank must pass the same.
 
         Returns:
             ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x`` (forward value
@@ -303,19 +428,10 @@ class VectorQuantizer(nn.Module):
             without the channel dim (plus a trailing ``heads`` dim when ``heads > 1``), ``loss``
             an fp32 scalar. With ``return_stats``: ``(quantized, indices, loss, stats)``.
         """
-        check_input(x, self.dim, self.channel_first)
-        check_same_device("x", x, "codebook", self.codebook)
-        if mask is not None:
-            check_mask(mask, x.movedim(1, -1).shape[:-1] if self.channel_first else x.shape[:-1])
-        backend = resolve_backend(self.backend, x.device)  # once: the rows below go 2-D
-        if self.channel_first:
-            x = x.movedim(1, -1)  # (B, ..., dim)
-        lead = x.shape[:-1]
-        n = math.prod(lead)
-        valid = None if mask is None else mask.reshape(n)  # bool (N,), True = real token
-        z = self.project_in(x.reshape(n, self.dim))
-        groups = self._rows(z.reshape(n, self.heads, self.codebook_dim), valid)
-        update = self.training and not cb_engine.in_backward()
+        freeze = self._call_flags(freeze_codebook, ema_update)
+        backend, lead, n, groups = self._prepare(x, mask)
+        update = self.training and not freeze and not cb_engine.in_backward()
+        ema_step = update and self.ema and self._call_ema_step and self.decay < 1.0
         pol = self._dist_policy()
         if update and pol["distributed"] and (self.debug or not self._ranks_checked):
             self._check_ranks()
@@ -324,8 +440,11 @@ class VectorQuantizer(nn.Module):
                 self, self._state(), [zg for zg, _ in groups], [m for _, m in groups], **pol
             )
 
-        w_cb = 0.0 if self.ema else self.codebook_loss_weight
         k, codes = self.codebook_size, self._codes_all()
+        if freeze:  # no gradient to the codes (SimVQ: nor to its map), no codebook term
+            codes, w_cb = codes.detach(), 0.0
+        else:
+            w_cb = 0.0 if self.ema else self.codebook_loss_weight
         if update and self.ema:  # the backward reads the codes this forward used, not the update
             codes = codes.clone()
         out = []  # per codebook: (q, idx, loss, counts, sums, rows, weights)
@@ -343,15 +462,15 @@ class VectorQuantizer(nn.Module):
             )
             # err is non-finite exactly for rows holding NaN/Inf: they count in no statistic
             ok = torch.isfinite(err) if mg is None else torch.isfinite(err) & mg
-            counts, sums = cb_engine.batch_statistics(
-                idx, ok, zg if update and self.ema else None, k, backend
-            )
+            counts, sums = cb_engine.batch_statistics(idx, ok, zg if ema_step else None, k, backend)
             out.append((q, idx, loss, counts, sums, zg.detach(), ok.to(torch.float32)))
         q, idx, losses, counts, sums, rows, weights = zip(*out, strict=True)
         counts = torch.stack(counts)  # (G, K)
         if update:
-            sums = torch.stack(sums) if self.ema else None
-            counts = cb_engine.update_(self, self._state(), counts, sums, rows, weights, **pol)
+            sums = torch.stack(sums) if ema_step else None
+            counts = cb_engine.update_(
+                self, self._state(), counts, sums, rows, weights, ema_step=ema_step, **pol
+            )
         ppl, used = cb_engine.record_stats_(self.last_perplexity, self.last_used_fraction, counts)
 
         if len(q) > 1:  # one codebook per head: (N, heads, cd)
@@ -367,6 +486,63 @@ class VectorQuantizer(nn.Module):
             stats = CodebookStats(ppl, used, counts)
             return QuantizeOutputWithStats(quantized, indices, loss, stats)
         return QuantizeOutput(quantized, indices, loss)
+
+    @torch.no_grad()
+    def update_codebook_from_indices(
+        self, x: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None, *,
+        check: bool = True,
+    ) -> None:  # fmt: skip
+        """One EMA step from given assignments instead of the search's (vqp's ``update_indices``):
+        the counts and sums of ``x``'s rows per given index, then the EMA, Laplace smoothing,
+        usage and dead-code bookkeeping of a training forward (all-reduced under
+        torch.distributed: every rank must call it).
+
+        It runs whatever the module's mode and ``freeze_codebook`` (an explicit request); with
+        ``decay=1`` the EMA step is skipped as in a forward. Pair it with
+        ``forward(..., ema_update=False)`` to choose when and from which assignments the
+        codebook learns (vqp's ``manual_ema_update``); for several micro-batches, concatenate
+        their rows and indices and call it once.
+
+        Args:
+            x: the layer's input layout, ``(..., dim)`` or ``(B, dim, ...)`` with
+                ``channel_first`` (projected, split into heads and normalised as in forward).
+            indices: int, the layer's indices layout: ``x``'s shape without the channel dim,
+                plus a trailing ``heads`` dim when ``heads > 1``.
+            mask: optional bool, ``x``'s shape without the channel dim (True = counts). Rows
+                holding NaN/Inf never count.
+            check: raise ValueError on indices outside ``[0, codebook_size)`` (a host sync).
+        """
+        if not self.ema:
+            raise ValueError(
+                "update_codebook_from_indices updates an EMA codebook (ema=True); this layer's "
+                "codebook learns from the loss"
+            )
+        backend, lead, n, groups = self._prepare(x, mask)
+        check_indices(indices, self.heads, self.codebook_size, check)
+        want = (*lead, self.heads) if self.heads > 1 else tuple(lead)
+        if tuple(indices.shape) != tuple(want):
+            raise ValueError(
+                f"indices must have shape {tuple(want)} (x's without the channel dim"
+                f"{', plus heads' if self.heads > 1 else ''}), got {tuple(indices.shape)}"
+            )
+        idx = indices.reshape(n, self.heads).to(torch.int64)
+        # a shared codebook folds the heads into the rows, row-major like _rows
+        idx_groups = [idx.reshape(-1)] if self.num_codebooks == 1 else idx.unbind(1)
+        k, ema_step = self.codebook_size, self.decay < 1.0
+        counts, sums, rows, weights = [], [], [], []
+        for (zg, mg), ig in zip(groups, idx_groups, strict=True):
+            zg = F.normalize(zg, dim=-1) if self.cosine else zg
+            ok = torch.isfinite(zg).all(-1)
+            ok = ok if mg is None else ok & mg
+            c, s_ = cb_engine.batch_statistics(ig, ok, zg if ema_step else None, k, backend)
+            counts.append(c)
+            sums.append(s_)
+            rows.append(zg)
+            weights.append(ok.to(torch.float32))
+        cb_engine.update_(
+            self, self._state(), torch.stack(counts), torch.stack(sums) if ema_step else None,
+            rows, weights, ema_step=ema_step, **self._dist_policy(),
+        )  # fmt: skip
 
     def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Decode indices to the tensor the layer outputs for them (eval mode: bit-identical).
