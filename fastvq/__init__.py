@@ -4,6 +4,7 @@
 (with the torch backend) where Triton is absent.
 """
 
+from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
 from .functional import VQOutput, vector_quantize
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .ops import code_counts, scatter_rows, search, triton_available
@@ -28,4 +29,7 @@ __all__ = [
     "vector_quantize",
     "sample_codes",
     "topk_codes",
+    "ce_commitment_loss",
+    "diversity_loss",
+    "orthogonal_loss",
 ]
