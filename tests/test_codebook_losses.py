@@ -349,3 +349,57 @@ def test_ce_empty_all_ignored_and_errors():
         ce_commitment_loss(z[None], codes, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(TypeError, match="indices must be a torch.Tensor"):
         ce_commitment_loss(z, codes, [0, 0, 0, 0, 0])
+
+
+# --- memory and devices -------------------------------------------------------------------------
+
+
+def test_chunked_losses_save_no_n_by_k_tensor():
+    # Every tensor autograd saves for the backward stays far below N x K: the chunked Functions
+    # keep only the inputs (and the T x K means), not a chunk's logits.
+    n, k, chunk = 3000, 400, 64
+    g = _gen(15)
+    z = torch.randn(n, 8, generator=g, requires_grad=True)
+    codes = torch.randn(k, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, k, (n,), generator=g)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = diversity_loss(z, codes, temperature=1.0, chunk=chunk)
+        loss = loss + ce_commitment_loss(z, codes, y, chunk=chunk)
+    loss.backward()
+    assert sizes and max(sizes) <= n * 8  # the inputs themselves, nothing N x K
+    assert z.grad.shape == z.shape and torch.isfinite(codes.grad).all()
+
+
+def test_losses_on_device(device):
+    # The same values on the test device (CUDA where there is one) as the fp64 references on CPU,
+    # including the accelerator's sync-free handling of a bad index (NaN instead of a raise).
+    g = _gen(16)
+    z = torch.randn(50, 6, generator=g)
+    codes = torch.randn(20, 6, generator=g)
+    y = torch.randint(0, 20, (50,), generator=g)
+    zd, cd, yd = z.to(device), codes.to(device), y.to(device)
+    _close(
+        diversity_loss(zd, cd, temperature=2.0, chunk=7).cpu(),
+        _ref_diversity(z[:, None].double(), codes.double(), 2.0),
+    )
+    _close(ce_commitment_loss(zd, cd, yd, chunk=7).cpu(), _ref_ce(z.double(), codes.double(), y))
+    _close(
+        orthogonal_loss(cd, max_codes=5, generator=torch.Generator(device).manual_seed(1)).cpu(),
+        _ref_orthogonal(
+            codes[
+                torch.randperm(20, generator=torch.Generator(device).manual_seed(1), device=device)[
+                    :5
+                ].cpu()
+            ][None].double()
+        ),
+    )
+    if torch.device(device).type != "cpu":
+        bad = yd.clone()
+        bad[3] = 20
+        assert ce_commitment_loss(zd, cd, bad).isnan()

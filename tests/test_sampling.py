@@ -287,3 +287,55 @@ def test_sample_empty_and_errors():
         sample_codes(torch.randn(3), codes)
     with pytest.raises(TypeError, match="z must be a torch.Tensor"):
         sample_codes([[0.0, 0.0, 0.0]], codes)
+
+
+def test_sampling_memory_is_tiled(monkeypatch):
+    # Shrink the tile budget: every tile the loops build must then stay within it, so neither
+    # function ever holds an N x K matrix (checked through the GEMM, where each tile starts).
+    n, k, chunk = 500, 300, 32
+    monkeypatch.setattr(sampling, "TILE_ELEMS", 4096)
+    seen = []
+    real_addmm, real_matmul = torch.addmm, torch.Tensor.__matmul__
+
+    def addmm(*args, **kwargs):
+        out = real_addmm(*args, **kwargs)
+        seen.append(out.numel())
+        return out
+
+    def matmul(a, b):
+        out = real_matmul(a, b)
+        seen.append(out.numel())
+        return out
+
+    g = _gen(16)
+    z = torch.randn(n, 4, generator=g)
+    codes = torch.randn(k, 4, generator=g)
+    ref = _ref_sorted(z, codes)[1]
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    idx = topk_codes(z, codes, 4, chunk=chunk)[1]
+    sample_codes(z, codes, temperature=1.0, generator=_gen(0), chunk=chunk)
+    monkeypatch.undo()
+    assert seen and max(seen) <= 4096
+    torch.testing.assert_close(idx[:, 0], ref[:, 0], rtol=0, atol=0)
+
+
+def test_sampling_on_device(device, monkeypatch):
+    # CUDA where there is one: topk against the fp64 reference; for the same seed words, sampling
+    # gives the same indices on the device as on CPU (the noise is a hash of (seed, row, code),
+    # not a device RNG stream), up to the logits' GEMM rounding at near-ties.
+    g = _gen(17)
+    z = torch.randn(63, 6, generator=g)
+    codes = torch.randn(129, 6, generator=g)
+    ref_v, ref_i = _ref_sorted(z, codes)
+    dist, idx = topk_codes(z.to(device), codes.to(device), 5, chunk=10)
+    _assert_topk(z, codes, dist.cpu(), idx.cpu(), ref_v[:, :5], ref_i[:, :5])
+    gen = torch.Generator(device).manual_seed(3)  # a generator on the device is accepted
+    got = sample_codes(z.to(device), codes.to(device), temperature=0.5, generator=gen, chunk=10)
+    assert got.device.type == torch.device(device).type and got.dtype == torch.int64
+    monkeypatch.setattr(sampling, "_draw_seed", lambda generator: (123, 456))
+    on_dev = sample_codes(z.to(device), codes.to(device), temperature=0.5, chunk=10)
+    on_cpu = sample_codes(z, codes, temperature=0.5, chunk=33)
+    torch.testing.assert_close(on_dev.cpu(), on_cpu, rtol=0, atol=0)
+    zero = sample_codes(z.to(device), codes.to(device), temperature=0.0)
+    torch.testing.assert_close(zero.cpu(), ref_i[:, 0], rtol=0, atol=0)
