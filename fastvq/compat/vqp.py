@@ -96,13 +96,17 @@ def _sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
 
 
 def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
-    """vqp's orthogonal regularisation (Shin et al. 2021, eq. 2) of ``codes`` (h, n, d):
-    ``sum_ij cos(c_i, c_j)^2 / (h n^2) - 1 / n`` with vqp's l2norm floor (an (h, n, n) Gram
-    matrix of the codes, never of the inputs)."""
-    h, n = codes.shape[:2]
+    """Orthogonal regularisation (Shin et al. 2021, eq. 2) of ``codes`` (h, n, d): the mean
+    squared error of the codes' cosine Gram matrix against the identity, ``mean((G - I)^2)``
+    over (h, n, n), with vqp's l2norm floor (an n x n matrix of the codes, never of the inputs).
+
+    For non-zero codes this is vqp 1.32.0's ``sum(G^2) / (h n^2) - 1/n`` (its diagonal is 1); a
+    zero code has a zero Gram row, which vqp's form counts as 1 on the diagonal and upstream's
+    later ``test_orthogonal_zero_codes`` corrects to this form."""
     normed = _l2norm(codes)
     gram = normed @ normed.transpose(-1, -2)
-    return gram.square().sum() / (h * n**2) - (1 / n)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return (gram - eye).square().mean()
 
 
 def _rotate_or_pass(z: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.Tensor:
@@ -931,7 +935,9 @@ class ResidualVQ(nn.Module):
                 quantized_out = quantized_out + q
                 all_idx.append(idx)
                 all_losses.append(loss.reshape(()))
-        if self.training and self.shared_codebook and not freeze_codebook:
+        # vqp runs this even with freeze_codebook (a recomputation of the codes from unchanged
+        # statistics then, and dead-code replacement)
+        if self.training and self.shared_codebook:
             first = self.layers[0]
             if self.vq_is_ema_updating:
                 first._codebook.update_ema()
