@@ -42,11 +42,10 @@ from .layer import (
     check_mask,
 )
 from .ops import resolve_backend, search
+from .sampling import topk_codes
 
-# Tile of the top-k search behind beam search: row blocks of TOPK_ROW_BLOCK rows times code
-# blocks of TOPK_CODE_BLOCK codes, one fp32 distance tile of 4096 x 1024 = 16 MiB (plus the same
-# again for the selection's keys) whatever N and K; a running top-k carries across code blocks.
-TOPK_ROW_BLOCK = 4096
+# Codes per tile of the top-k search behind beam search (rows are blocked by topk_codes's own
+# tile budget); a running top-k carries across code blocks, so no N x K tensor exists.
 TOPK_CODE_BLOCK = 1024
 
 
@@ -153,69 +152,19 @@ def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
 # --- top-k and beam search ------------------------------------------------------------------------
 
 
-def _lowest_k(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` smallest entries of each row of ``dist`` (R, C), ordered by (value, position):
-    ties go to the lowest position, as the fused search's argmin. ``torch.topk`` alone leaves the
-    order and choice among equal values unspecified, so a second topk over a key that ranks the
-    entries equal to the k-th value by position fixes them."""
-    kth = dist.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
-    pos = torch.arange(dist.shape[1], device=dist.device, dtype=torch.float32).expand_as(dist)
-    inf = torch.full((), math.inf, device=dist.device)
-    key = torch.where(dist < kth, -inf, torch.where(dist == kth, pos, inf))
-    sel = key.topk(k, dim=1, largest=False).indices.sort(dim=1).values  # by position
-    vals, order = dist.gather(1, sel).sort(dim=1, stable=True)  # then by value
-    return vals, sel.gather(1, order)
-
-
-@torch.no_grad()
 def nearest_codes_topk(
-    rows: torch.Tensor,
-    codes: torch.Tensor,
-    k: int,
-    *,
-    row_block: int = TOPK_ROW_BLOCK,
-    code_block: int = TOPK_CODE_BLOCK,
+    rows: torch.Tensor, codes: torch.Tensor, k: int, *, code_block: int = TOPK_CODE_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` nearest codes of every row by squared L2, ties to the lowest index.
-
-    Memory-bounded: rows in blocks of ``row_block``, codes in blocks of ``code_block``; each tile
-    is one ``addmm`` of ``||c||^2 - 2 r.c`` (``row_block x code_block`` fp32) and a running top-k
-    per row carries across code blocks, so no ``N x K`` tensor exists. Distances are plain fp32
-    (no magnitude rescaling as in the fused search: squared distances must fit fp32). A code
-    holding NaN/Inf is ranked last; a row holding NaN/Inf gets codes ``0, 1, ...``.
+    """The ``k`` nearest codes of every row by squared L2, ties to the lowest index: the search
+    behind beam search, :func:`fastvq.sampling.topk_codes` tiled over ``code_block`` codes.
 
     Args:
         rows: (M, D) float; codes: (K, D) float; k: 1 <= k <= K.
 
     Returns:
-        ``(dist, idx)``: fp32 (M, k) the ranking distances ``||c||^2 - 2 r.c`` (``||r||^2`` left
-        out) in ascending order and int64 (M, k) the codes.
+        ``(dist, idx)``: fp32 (M, k) squared distances, ascending, and int64 (M, k) the codes.
     """
-    if not _is_int(k) or not 1 <= k <= codes.shape[0]:
-        raise ValueError(f"k must be an int in [1, K={codes.shape[0]}], got {k!r}")
-    m = rows.shape[0]
-    rf, cf = rows.to(torch.float32), codes.to(torch.float32)
-    norms = cf.square().sum(1)
-    out_v = torch.empty(m, k, dtype=torch.float32, device=rows.device)
-    out_i = torch.empty(m, k, dtype=torch.int64, device=rows.device)
-    inf = torch.full((), math.inf, device=rows.device)
-    for r0 in range(0, m, row_block):
-        rb = rf[r0 : r0 + row_block]
-        best_v = best_i = None
-        for c0 in range(0, cf.shape[0], code_block):
-            cb = cf[c0 : c0 + code_block]
-            dist = torch.addmm(norms[c0 : c0 + code_block], rb, cb.T, alpha=-2.0)
-            dist = torch.where(torch.isnan(dist), inf, dist)  # non-finite codes and rows
-            v, i = _lowest_k(dist, min(k, cb.shape[0]))
-            i = i + c0
-            if best_v is not None:  # running entries have lower indices: a stable sort keeps
-                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)  # them first on ties
-                v, order = v.sort(dim=1, stable=True)
-                v, i = v[:, :k], i.gather(1, order[:, :k])
-            best_v, best_i = v, i
-        out_v[r0 : r0 + row_block] = best_v
-        out_i[r0 : r0 + row_block] = best_i
-    return out_v, out_i
+    return topk_codes(rows, codes, k, chunk=code_block)
 
 
 @torch.no_grad()

@@ -307,13 +307,13 @@ def test_topk_tiled_equals_full_stable_sort_with_ties():
     dist = (rows[:, None] - codes[None]).square().sum(-1)  # exact: small integers
     ref = dist.sort(dim=1, stable=True).indices
     for k in (1, 4, 11):
-        for blocks in (dict(row_block=5, code_block=3), dict()):
+        for blocks in (dict(code_block=3), dict()):
             _, idx = nearest_codes_topk(rows, codes, k, **blocks)
             assert torch.equal(idx, ref[:, :k]), (k, blocks)
-    # a NaN code is ranked last, a NaN row gets codes 0, 1, ...
+    # a NaN code is ranked last; a NaN row (all distances NaN) gets codes 0, 1, ...
     codes[0] = float("nan")
     rows[0] = float("nan")
-    _, idx = nearest_codes_topk(rows, codes, 11, row_block=5, code_block=3)
+    _, idx = nearest_codes_topk(rows, codes, 11, code_block=3)
     assert torch.equal(idx[0], torch.arange(11)) and torch.all(idx[1:, -1] == 0)
 
 
@@ -476,7 +476,7 @@ def test_bad_call_arguments():
         rvq.codes_from_indices(torch.tensor([[0, -2, 0]]))
     with pytest.raises(TypeError, match="integer tensor"):
         rvq.codes_from_indices(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="k must be an int in \\[1, K=8\\]"):
+    with pytest.raises(ValueError, match="k must be in \\[1, 8\\]"):
         nearest_codes_topk(x, torch.randn(8, 4), 9)
     with pytest.raises(ValueError, match="groups must be a positive int"):
         GroupedResidualVQ(8, 8, 2, groups=0)
