@@ -51,7 +51,8 @@ from torch import nn
 from ..codebook import batch_statistics
 from ..functional import quantize_rows
 from ..ops import resolve_backend, search
-from ..residual import nearest_codes_topk, residual_beam_search
+from ..residual import residual_beam_search
+from ..sampling import topk_codes
 
 __all__ = ["GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"]
 
@@ -145,7 +146,7 @@ def _sample_or_topk(rows, codes, *, cosine, temperature, stochastic, topk, train
     """
     noisy = training and stochastic and temperature > 0
     if not noisy and topk is not None and not cosine:  # pure ranking: the memory-bounded top-k
-        return nearest_codes_topk(rows, codes, topk)[1]
+        return topk_codes(rows, codes, topk)[1]
     out = []
     norms = codes.square().sum(-1)
     for r0 in range(0, rows.shape[0], SAMPLE_ROW_BLOCK):
