@@ -30,11 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _dist
 from . import codebook as cb_engine
 from ._checks import FLOAT_DTYPES, check_same_device
 from .codebook import CodebookState, row_counts
-from .functional import check_beta, quantize_rows
+from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
+from .functional import VectorQuantizeFunction, check_beta, quantize_rows, vq_loss
 from .ops import resolve_backend
+from .sampling import sample_codes, topk_codes
 
 
 class QuantizeOutput(NamedTuple):
@@ -60,6 +63,77 @@ class QuantizeOutputWithStats(NamedTuple):
     indices: torch.Tensor
     loss: torch.Tensor
     stats: CodebookStats
+
+
+class LossBreakdown(NamedTuple):
+    """The terms of the layer's loss as they enter it (weights applied, averaged over codebooks
+    like the loss): ``loss == codebook + commitment + orthogonal + diversity`` up to rounding.
+    Detached fp32 0-dim tensors, for logging; a term that is off is 0."""
+
+    commitment: torch.Tensor  # beta * mse(z, sg(z_q)), or beta * cross entropy (ce commitment)
+    codebook: torch.Tensor  # codebook_loss_weight * mse(sg(z), z_q); 0 for EMA / frozen codes
+    orthogonal: torch.Tensor  # orthogonal_reg_weight * orthogonal_loss(codes)
+    diversity: torch.Tensor  # codebook_diversity_loss_weight * diversity_loss(z, codes)
+
+
+class QuantizeOutputWithBreakdown(NamedTuple):
+    """``forward(..., return_loss_breakdown=True)``: ``(quantized, indices, loss, breakdown)``."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    breakdown: LossBreakdown
+
+
+class QuantizeOutputFull(NamedTuple):
+    """``forward(..., return_stats=True, return_loss_breakdown=True)``."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    stats: CodebookStats
+    breakdown: LossBreakdown
+
+
+class _GatherQuantizeFunction(VectorQuantizeFunction):
+    """:class:`~fastvq.functional.VectorQuantizeFunction` for given indices (sampled codes):
+    the same loss, straight-through (or rotation trick) and backward, with ``z_q`` gathered
+    from ``indices`` instead of searched. O(N D), no N x K tensor.
+
+    forward(z2d (N, D), codebook (K, D), indices int64 (N,), beta, backend, deterministic,
+            keep, codebook_weight, rotation_trick) ->
+        (quantized (N, D) in z's dtype, indices, loss fp32 0-dim, err fp32 (N,))
+    """
+
+    @staticmethod
+    def forward(
+        ctx, z2d, codebook, indices, beta, backend, deterministic, keep, codebook_weight,
+        rotation_trick,
+    ):  # fmt: skip
+        z_q = codebook.index_select(0, indices).to(z2d.dtype)
+        # the per-row error from the gathered row, as the search reports it (NaN rows: NaN)
+        err = (z_q.to(torch.float32) - z2d.to(torch.float32)).square().sum(1)
+        loss, denom = vq_loss(err, z2d.shape[1], beta, codebook_weight, keep)
+        ctx.save_for_backward(z2d, codebook, indices, keep)
+        ctx.beta, ctx.backend, ctx.deterministic = beta, backend, deterministic
+        ctx.denom, ctx.codebook_weight = denom, codebook_weight
+        ctx.rotation_trick = rotation_trick
+        ctx.mark_non_differentiable(indices, err)
+        return z_q, indices, loss, err
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_err):
+        gz, gc, *_ = VectorQuantizeFunction.backward(ctx, grad_q, _grad_idx, grad_loss, _grad_err)
+        return gz, gc, None, None, None, None, None, None, None
+
+
+def _check_weight(name: str, v) -> float:
+    """A finite real ``>= 0`` as a float; TypeError/ValueError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not -math.inf < v < math.inf:
+        raise TypeError(f"{name} must be a finite float, got {v!r}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return float(v)
 
 
 def check_input(x, dim: int, channel_first: bool) -> None:
@@ -235,6 +309,26 @@ class VectorQuantizer(nn.Module):
             ``beta`` * commitment only); the per-call ``forward(freeze_codebook=...)`` overrides.
         ema: default True (False with ``simvq``); kmeans_init: default True (False with
             ``simvq``); dead_code_steps: default 20 (0 with ``simvq``).
+        orthogonal_reg_weight: weight of :func:`fastvq.codebook_losses.orthogonal_loss` of the
+            codes (Shin et al. 2021), added to the loss. Needs a gradient codebook (``ema=False``
+            or ``simvq``): an EMA codebook takes no gradient, so the term could not act.
+        orthogonal_reg_active_codes_only: only the codes this batch used (every rank's rows in
+            training) enter it; a boolean selection, so a host sync on CUDA.
+        orthogonal_reg_max_codes: at most this many codes (a random subset drawn from the
+            layer's seeded generator) enter it.
+        codebook_diversity_loss_weight: weight of :func:`fastvq.codebook_losses.diversity_loss`
+            (minus the entropy of the batch's mean soft assignment), per codebook, over the
+            unmasked rows (a mask costs a host sync here: the rows are selected).
+        codebook_diversity_temperature: its temperature (vqp's default 100).
+        commitment_use_cross_entropy_loss: the commitment term is ``beta`` times
+            :func:`fastvq.codebook_losses.ce_commitment_loss` of the chosen codes instead of
+            ``beta * mse(z, sg(z_q))`` (the codes are detached in it: like the commitment term
+            it trains the encoder; a gradient codebook keeps its own codebook term).
+        stochastic_sample_codes: in training forwards, each row's code is sampled from
+            ``softmax(-||z - c_k|| / sample_codebook_temp)`` (vqp's Gumbel sampling;
+            :func:`fastvq.sampling.sample_codes`) instead of the nearest; the loss, the output
+            and the codebook statistics use the sampled code. Eval forwards take the nearest.
+        sample_codebook_temp: that temperature (0 = the nearest code).
     """
 
     def __init__(
@@ -246,9 +340,40 @@ class VectorQuantizer(nn.Module):
         cosine: bool = False, channel_first: bool = False, backend: str = "auto",
         sync_distributed: bool = True, process_group=None, seed: int = 0, debug: bool = False,
         rotation_trick: bool = False, simvq: bool = False, freeze_codebook: bool = False,
+        orthogonal_reg_weight: float = 0.0, orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None, codebook_diversity_loss_weight: float = 0.0,
+        codebook_diversity_temperature: float = 100.0,
+        commitment_use_cross_entropy_loss: bool = False, stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
     ):  # fmt: skip
         super().__init__()
         ema, kmeans_init, dead_code_steps = resolve_simvq(simvq, ema, kmeans_init, dead_code_steps)
+        self.orthogonal_reg_weight = _check_weight("orthogonal_reg_weight", orthogonal_reg_weight)
+        if self.orthogonal_reg_weight > 0 and ema:
+            raise ValueError(
+                "orthogonal_reg_weight > 0 needs a gradient codebook (ema=False or simvq=True): "
+                "an EMA codebook takes no gradient, so the regulariser could not act on it"
+            )
+        if orthogonal_reg_max_codes is not None and (
+            isinstance(orthogonal_reg_max_codes, bool)
+            or not isinstance(orthogonal_reg_max_codes, int)
+            or orthogonal_reg_max_codes < 1
+        ):
+            raise ValueError(
+                f"orthogonal_reg_max_codes must be None or an int >= 1, got "
+                f"{orthogonal_reg_max_codes!r}"
+            )
+        self.orthogonal_reg_active_codes_only = bool(orthogonal_reg_active_codes_only)
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.codebook_diversity_loss_weight = _check_weight(
+            "codebook_diversity_loss_weight", codebook_diversity_loss_weight
+        )
+        self.codebook_diversity_temperature = _check_weight(
+            "codebook_diversity_temperature", codebook_diversity_temperature
+        )
+        self.commitment_use_cross_entropy_loss = bool(commitment_use_cross_entropy_loss)
+        self.stochastic_sample_codes = bool(stochastic_sample_codes)
+        self.sample_codebook_temp = _check_weight("sample_codebook_temp", sample_codebook_temp)
         if not isinstance(freeze_codebook, bool):
             raise TypeError(f"freeze_codebook must be a bool, got {freeze_codebook!r}")
         self.simvq, self.freeze_codebook = simvq, freeze_codebook
@@ -400,9 +525,14 @@ class VectorQuantizer(nn.Module):
         self._call_ema_step = ema_update is not False
         return freeze
 
+    def _generator(self, name: str, device, offset: int) -> torch.Generator:
+        return cb_engine.generator(self._generators, self.seed, name, device, offset)
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False,
         freeze_codebook: bool | None = None, ema_update: bool | None = None,
+        topk: int | None = None, sample_codebook_temp: float | None = None,
+        return_loss_breakdown: bool = False,
     ):  # fmt: skip
         """Quantize ``x``.
 
@@ -415,23 +545,40 @@ class VectorQuantizer(nn.Module):
                 statistics and of k-means init.
             return_stats: also return :class:`CodebookStats` of this batch.
             freeze_codebook: this call only (default: the constructor's): no codebook update of
-                any kind and no gradient to the codes; the loss is ``beta`` * commitment.
+                any kind and no gradient to the codes; the loss has no codebook term.
                 Under torch.distributed every rank must pass the same (a frozen call issues no
                 collective).
             ema_update: False: this training call skips the EMA step (the EMA buffers and the
                 codes stay as they are; usage and dead-code bookkeeping still run). EMA
                 codebooks only. Under torch.distributed every rank must pass the same.
+            topk: ``indices`` become the ``topk`` nearest codes of each row, nearest first (ties
+                to the lowest index), a trailing dim of size ``topk``; ``quantized`` and
+                ``loss`` are the nearest code's. A query: no sampling and no codebook update.
+            sample_codebook_temp: this call's sampling temperature (default the constructor's;
+                with ``stochastic_sample_codes``).
+            return_loss_breakdown: also return :class:`LossBreakdown`, the loss's terms.
 
         Returns:
             ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x`` (forward value
             the codes, gradient straight through to ``x``), ``indices`` int64 with ``x``'s shape
-            without the channel dim (plus a trailing ``heads`` dim when ``heads > 1``), ``loss``
-            an fp32 scalar. With ``return_stats``: ``(quantized, indices, loss, stats)``.
+            without the channel dim (plus a trailing ``heads`` dim when ``heads > 1``, then a
+            ``topk`` dim), ``loss`` an fp32 scalar. ``return_stats`` adds ``stats`` and
+            ``return_loss_breakdown`` adds ``breakdown``, in that order
+            (:class:`QuantizeOutputWithStats`, :class:`QuantizeOutputWithBreakdown`,
+            :class:`QuantizeOutputFull`).
         """
         freeze = self._call_flags(freeze_codebook, ema_update)
+        if topk is not None and (
+            isinstance(topk, bool) or not isinstance(topk, int)
+            or not 1 <= topk <= self.codebook_size
+        ):  # fmt: skip
+            raise ValueError(f"topk must be an int in [1, {self.codebook_size}], got {topk!r}")
+        temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        temp = _check_weight("sample_codebook_temp", temp)
         backend, lead, n, groups = self._prepare(x, mask)
-        update = self.training and not freeze and not cb_engine.in_backward()
+        update = self.training and not freeze and topk is None and not cb_engine.in_backward()
         ema_step = update and self.ema and self._call_ema_step and self.decay < 1.0
+        sample = self.training and self.stochastic_sample_codes and topk is None and temp > 0
         pol = self._dist_policy()
         if update and pol["distributed"] and (self.debug or not self._ranks_checked):
             self._check_ranks()
@@ -447,24 +594,44 @@ class VectorQuantizer(nn.Module):
             w_cb = 0.0 if self.ema else self.codebook_loss_weight
         if update and self.ema:  # the backward reads the codes this forward used, not the update
             codes = codes.clone()
-        out = []  # per codebook: (q, idx, loss, counts, sums, rows, weights)
+        ce = self.commitment_use_cross_entropy_loss
+        beta_mse = 0.0 if ce else self.beta  # the CE term replaces the MSE commitment
+        if sample:  # per rank: rows at the same position on two ranks get independent noise
+            rank = _dist.rank(pol["group"]) if pol["distributed"] else 0
+            gen = self._generator("sample", "cpu", 11 + rank)  # CPU: the seed draw never syncs
+        out = []  # per codebook: (q, idx, loss, counts, sums, rows, weights, terms, topk)
         for g, (zg, mg) in enumerate(groups):
             if self.cosine:
                 zg = F.normalize(zg, dim=-1)
-            q, idx, loss, err = quantize_rows(
-                zg,
-                codes[g],
-                beta=self.beta,
-                backend=backend,
-                keep=mg,
-                codebook_weight=w_cb,
-                rotation_trick=self.rotation_trick,
-            )
+            cg = codes[g]
+            if sample:  # the sampled code replaces the nearest: loss, output and statistics
+                pick = sample_codes(zg, cg, temperature=temp, generator=gen, cosine=self.cosine)
+                q, idx, loss, err = _GatherQuantizeFunction.apply(
+                    zg, cg, pick, beta_mse, backend,
+                    torch.are_deterministic_algorithms_enabled(), mg, w_cb, self.rotation_trick,
+                )  # fmt: skip
+            else:
+                q, idx, loss, err = quantize_rows(
+                    zg, cg, beta=beta_mse, backend=backend, keep=mg, codebook_weight=w_cb,
+                    rotation_trick=self.rotation_trick,
+                )  # fmt: skip
             # err is non-finite exactly for rows holding NaN/Inf: they count in no statistic
             ok = torch.isfinite(err) if mg is None else torch.isfinite(err) & mg
             counts, sums = cb_engine.batch_statistics(idx, ok, zg if ema_step else None, k, backend)
-            out.append((q, idx, loss, counts, sums, zg.detach(), ok.to(torch.float32)))
-        q, idx, losses, counts, sums, rows, weights = zip(*out, strict=True)
+            ce_term, div_term = self._aux_terms(zg, cg, idx, mg)
+            terms = None
+            if return_loss_breakdown:  # detached, for logging: (commitment, codebook, diversity)
+                mse = vq_loss(err.detach(), zg.shape[1], 1.0, 0.0, mg)[0]
+                commit = ce_term.detach() if ce_term is not None else self.beta * mse
+                zero = torch.zeros_like(mse)
+                div = div_term.detach() if div_term is not None else zero
+                terms = torch.stack([commit, w_cb * mse, div])
+            for extra in (ce_term, div_term):
+                if extra is not None:
+                    loss = loss + extra
+            near = None if topk is None else topk_codes(zg, cg, topk)[1]
+            out.append((q, idx, loss, counts, sums, zg.detach(), ok.to(torch.float32), terms, near))
+        q, idx, losses, counts, sums, rows, weights, terms, near = zip(*out, strict=True)
         counts = torch.stack(counts)  # (G, K)
         if update:
             sums = torch.stack(sums) if ema_step else None
@@ -472,20 +639,70 @@ class VectorQuantizer(nn.Module):
                 self, self._state(), counts, sums, rows, weights, ema_step=ema_step, **pol
             )
         ppl, used = cb_engine.record_stats_(self.last_perplexity, self.last_used_fraction, counts)
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        orth = self._orthogonal_term(codes, counts)
+        if orth is not None:
+            loss = loss + orth
 
         if len(q) > 1:  # one codebook per head: (N, heads, cd)
             q, idx = (torch.stack(q, dim=1),), (torch.stack(idx, dim=1),)
         quantized = self.project_out(q[0].reshape(n, self.heads * self.codebook_dim)).reshape(
             *lead, self.dim
         )
-        indices = idx[0].reshape(*lead, self.heads) if self.heads > 1 else idx[0].reshape(lead)
+        if topk is not None:  # (N [* heads], k) per codebook -> (..., [heads,] k)
+            top = near[0] if len(near) == 1 else torch.stack(near, dim=1)
+            head = (self.heads,) if self.heads > 1 else ()
+            indices = top.reshape(*lead, *head, topk)
+        elif self.heads > 1:
+            indices = idx[0].reshape(*lead, self.heads)
+        else:
+            indices = idx[0].reshape(lead)
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        stats = CodebookStats(ppl, used, counts) if return_stats else None
+        if not return_loss_breakdown:
+            if return_stats:
+                return QuantizeOutputWithStats(quantized, indices, loss, stats)
+            return QuantizeOutput(quantized, indices, loss)
+        t = torch.stack(terms).mean(0)  # (3,) averaged over codebooks, like the loss
+        orth = torch.zeros_like(t[0]) if orth is None else orth.detach()
+        breakdown = LossBreakdown(t[0], t[1], orth, t[2])
         if return_stats:
-            stats = CodebookStats(ppl, used, counts)
-            return QuantizeOutputWithStats(quantized, indices, loss, stats)
-        return QuantizeOutput(quantized, indices, loss)
+            return QuantizeOutputFull(quantized, indices, loss, stats, breakdown)
+        return QuantizeOutputWithBreakdown(quantized, indices, loss, breakdown)
+
+    def _aux_terms(self, zg, cg, idx, keep) -> tuple:
+        """One codebook's loss terms besides the fused op's, with their gradients (None when
+        off): ``beta * ce_commitment_loss`` and the weighted ``diversity_loss``."""
+        ce = div = None
+        if self.commitment_use_cross_entropy_loss:
+            # masked rows are ignored (-1) inside the loss: no host sync
+            target = idx if keep is None else torch.where(keep, idx, -1)
+            ce = self.beta * ce_commitment_loss(zg, cg.detach(), target, cosine=self.cosine)
+        if self.codebook_diversity_loss_weight > 0:
+            rows = zg if keep is None else zg[keep]  # a boolean selection: a host sync on CUDA
+            div = self.codebook_diversity_loss_weight * diversity_loss(
+                rows, cg, temperature=self.codebook_diversity_temperature, cosine=self.cosine
+            )
+        return ce, div
+
+    def _orthogonal_term(self, codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``orthogonal_reg_weight * orthogonal_loss`` of ``codes`` (G, K, cd) (None when off); with
+        ``orthogonal_reg_active_codes_only`` over the codes with ``counts`` (G, K) > 0 (every
+        rank's rows after a training step's all-reduce)."""
+        if self.orthogonal_reg_weight == 0:
+            return None
+        active = None
+        if self.orthogonal_reg_active_codes_only:
+            active = counts[0] > 0 if codes.shape[0] == 1 else counts > 0
+        gen = None
+        if self.orthogonal_reg_max_codes is not None:
+            gen = self._generator("orthogonal", codes.device, 13)
+        reg = orthogonal_loss(
+            codes[0] if codes.shape[0] == 1 else codes, active=active,
+            max_codes=self.orthogonal_reg_max_codes, generator=gen,
+        )  # fmt: skip
+        return self.orthogonal_reg_weight * reg
 
     @torch.no_grad()
     def update_codebook_from_indices(

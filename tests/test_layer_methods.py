@@ -326,3 +326,257 @@ def test_update_codebook_from_indices_errors():
         vq.update_codebook_from_indices(x, torch.full((3, 2), 8))
     with pytest.raises(ValueError, match="updates an EMA codebook"):
         VectorQuantizer(4, 8, ema=False).update_codebook_from_indices(x, torch.zeros(3).long())
+
+
+# --- auxiliary losses, sampling, topk ------------------------------------------------------------
+
+
+def vqp_dist(z, c):
+    """vqp's non-squared distance, literally: sqrt(max(||z - c||^2, 1e-8)), (N, K)."""
+    return (z[:, None, :] - c[None, :, :]).square().sum(-1).clamp(min=1e-8).sqrt()
+
+
+def aux_reference(vq, x, mask):
+    """The layer's whole loss written out with plain autograd on a copy of the layer: per
+    codebook, w_cb mse(sg z, q) + beta (mse(z, sg q) or cross_entropy(-dist(z, sg C), idx)) +
+    w_div (-entropy(mean_rows softmax(-T dist(z, C)))), averaged over codebooks, plus
+    w_orth (sum cos^2 / M^2 - 1/M) of the (active) codes, per codebook then averaged.
+    Indices from torch.cdist argmin. Returns (loss, q, ref)."""
+    ref = copy.deepcopy(vq)
+    h, cd = vq.heads, vq.codebook_dim
+    n = x.shape[0] * x.shape[1]
+    z = ref.project_in(x.reshape(n, vq.dim)).reshape(n, h, cd)
+    codes = ref.get_codebook()
+    codes = codes[None] if codes.dim() == 2 else codes
+    keep = torch.ones(n, dtype=torch.bool) if mask is None else mask.reshape(n)
+    groups = (
+        [(z.reshape(-1, cd), keep.repeat_interleave(h), codes[0])]
+        if codes.shape[0] == 1
+        else [(z[:, j], keep, codes[j]) for j in range(h)]
+    )
+    losses, outs, used = [], [], []
+    for zg, kg, c in groups:
+        idx = torch.cdist(zg.detach(), c.detach()).argmin(-1)
+        q = c[idx]
+        zk, qk = zg[kg], q[kg]
+        term = vq.codebook_loss_weight * F.mse_loss(zk.detach(), qk)
+        if vq.commitment_use_cross_entropy_loss:
+            term = term + vq.beta * F.cross_entropy(-vqp_dist(zk, c.detach()), idx[kg])
+        else:
+            term = term + vq.beta * F.mse_loss(zk, qk.detach())
+        if vq.codebook_diversity_loss_weight > 0:
+            prob = (-vqp_dist(zk, c) * vq.codebook_diversity_temperature).softmax(-1)
+            avg = prob.mean(0)
+            neg_entropy = (avg * avg.clamp(min=1e-5).log()).sum()
+            term = term + vq.codebook_diversity_loss_weight * neg_entropy
+        losses.append(term)
+        outs.append(zg + (q - zg).detach())
+        used.append(torch.bincount(idx[kg], minlength=vq.codebook_size) > 0)
+    loss = torch.stack(losses).mean()
+    if vq.orthogonal_reg_weight > 0:
+        regs = []
+        for g, c in enumerate(codes):
+            if vq.orthogonal_reg_active_codes_only:
+                c = c[used[g]]
+            u = F.normalize(c, dim=-1, eps=1e-6)
+            m = u.shape[0]
+            regs.append((u @ u.t()).square().sum() / m**2 - 1 / m)
+        loss = loss + vq.orthogonal_reg_weight * torch.stack(regs).mean()
+    q = torch.stack([o.reshape(n, -1) for o in outs], 1) if len(outs) > 1 else outs[0]
+    return loss, ref.project_out(q.reshape(n, h * cd)).reshape(x.shape), ref
+
+
+AUX_CASES = [
+    pytest.param(dict(commitment_use_cross_entropy_loss=True), id="ce"),
+    pytest.param(dict(commitment_use_cross_entropy_loss=True, heads=2, mask=True), id="ce-heads"),
+    pytest.param(dict(codebook_diversity_loss_weight=0.3, mask=True), id="diversity-mask"),
+    pytest.param(
+        dict(codebook_diversity_loss_weight=0.3, heads=2, shared_codebook=True),
+        id="diversity-heads-shared",
+    ),  # fmt: skip
+    pytest.param(dict(orthogonal_reg_weight=0.5), id="orthogonal"),
+    pytest.param(
+        dict(orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True, heads=2, mask=True),
+        id="orthogonal-active-heads",
+    ),  # fmt: skip
+    pytest.param(
+        dict(
+            orthogonal_reg_weight=0.5,
+            codebook_diversity_loss_weight=0.3,
+            commitment_use_cross_entropy_loss=True,
+            simvq=True,
+            mask=True,
+        ),
+        id="all-simvq",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("case", AUX_CASES)
+def test_auxiliary_losses_equal_literal_reference(case):
+    case = dict(case)
+    masked = case.pop("mask", False)
+    mode = {} if case.get("simvq") else dict(ema=False, kmeans_init=False, dead_code_steps=0)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 12, beta=0.3, codebook_loss_weight=0.7, backend="torch",
+                         codebook_diversity_temperature=2.0, **mode, **case)  # fmt: skip
+    x = torch.randn(3, 5, 8)
+    mask = torch.rand(3, 5) > 0.3 if masked else None
+    w_out = torch.randn(3, 5, 8)
+    xr = x.clone().requires_grad_(True)
+    loss_ref, q_ref, ref = aux_reference(vq, xr, mask)
+    ((q_ref * w_out).sum() + loss_ref).backward()
+
+    x.requires_grad_(True)
+    q, idx, loss, parts = vq(x, mask=mask, return_loss_breakdown=True)
+    ((q * w_out).sum() + loss).backward()
+
+    tol = dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    param = "simvq_map" if vq.simvq else "codebook"
+    torch.testing.assert_close(getattr(vq, param).grad, getattr(ref, param).grad, **tol)
+    torch.testing.assert_close(sum(parts), loss.detach(), **tol)
+    assert (parts.orthogonal != 0) == (vq.orthogonal_reg_weight > 0)
+    assert (parts.diversity != 0) == (vq.codebook_diversity_loss_weight > 0)
+    # the loss in eval mode is the loss: the same terms, no state change for a gradient codebook
+    vq.eval()
+    torch.testing.assert_close(vq(x.detach(), mask=mask).loss, loss.detach(), **tol)
+
+
+def test_orthogonal_reg_needs_a_gradient_codebook_and_checks_arguments():
+    with pytest.raises(ValueError, match="orthogonal_reg_weight > 0 needs a gradient codebook"):
+        VectorQuantizer(8, 16, orthogonal_reg_weight=1.0)
+    with pytest.raises(ValueError, match="orthogonal_reg_max_codes"):
+        VectorQuantizer(8, 16, ema=False, orthogonal_reg_weight=1.0, orthogonal_reg_max_codes=0)
+    with pytest.raises(ValueError, match="codebook_diversity_loss_weight must be >= 0"):
+        VectorQuantizer(8, 16, codebook_diversity_loss_weight=-1.0)
+    with pytest.raises(TypeError, match="sample_codebook_temp must be a finite float"):
+        VectorQuantizer(8, 16, sample_codebook_temp=float("nan"))
+
+
+def test_orthogonal_max_codes_uses_the_seeded_subset():
+    """With max_codes, the term equals the literal formula on the subset the layer's seeded
+    generator draws (randperm of the K codes, first max_codes)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 16, ema=False, kmeans_init=False, dead_code_steps=0, beta=0.0,
+                         codebook_loss_weight=1e-9, orthogonal_reg_weight=1.0,
+                         orthogonal_reg_max_codes=5, backend="torch")  # fmt: skip
+    g = torch.Generator().manual_seed(vq.seed * 1000003 + 13)
+    subset = torch.randperm(16, generator=g)[:5]
+    _, _, _, parts = vq(torch.randn(6, 4), return_loss_breakdown=True)
+    u = F.normalize(vq.codebook[0].detach()[subset], dim=-1, eps=1e-6)
+    torch.testing.assert_close(parts.orthogonal, (u @ u.t()).square().sum() / 25 - 0.2)
+
+
+SAMPLE_CASES = [
+    pytest.param(dict(ema=False), id="grad"),
+    pytest.param(dict(ema=False, rotation_trick=True, mask=True), id="grad-rotation-mask"),
+    pytest.param(dict(ema=False, heads=2), id="grad-heads2"),
+    pytest.param(dict(simvq=True, cosine=True), id="simvq-cosine"),
+    pytest.param(dict(ema=True, mask=True), id="ema-mask"),
+]
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES)
+def test_sampled_codes_route_equals_literal_reference(backend, case):
+    """stochastic_sample_codes: in training the sampled index replaces the nearest one in the
+    output, the loss, both gradients and the EMA/usage statistics; eval takes the nearest."""
+    from fastvq.sampling import sample_codes
+
+    case = dict(case)
+    masked = case.pop("mask", False)
+    extra = {} if case.get("simvq") else dict(kmeans_init=False, dead_code_steps=0)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(6, 10, beta=0.3, codebook_loss_weight=0.7, stochastic_sample_codes=True,
+                         sample_codebook_temp=2.0, backend=backend, **extra, **case)  # fmt: skip
+    h, cd = vq.heads, vq.codebook_dim
+    x = torch.randn(4, 5, 6)
+    mask = torch.rand(4, 5) > 0.3 if masked else None
+    keep = torch.ones(20, dtype=torch.bool) if mask is None else mask.reshape(20)
+    gen = torch.Generator()
+    gen.set_state(vq._generator("sample", "cpu", 11).get_state())
+    ref = copy.deepcopy(vq)
+    w_out = torch.randn(4, 5, 6)
+
+    xr = x.clone().requires_grad_(True)
+    z = ref.project_in(xr.reshape(20, 6)).reshape(20, h, cd)
+    z = F.normalize(z, dim=-1) if vq.cosine else z
+    codes = ref.get_codebook()
+    codes = codes[None] if codes.dim() == 2 else codes
+    picks, outs, losses = [], [], []
+    for j in range(h):
+        zj, c = z[:, j], codes[j]
+        pick = sample_codes(zj.detach(), c.detach(), temperature=2.0, generator=gen,
+                            cosine=vq.cosine)  # fmt: skip
+        q = c[pick]
+        w_cb = 0.0 if vq.ema else 0.7
+        losses.append(w_cb * F.mse_loss(zj[keep].detach(), q[keep])
+                      + 0.3 * F.mse_loss(zj[keep], q[keep].detach()))  # fmt: skip
+        outs.append(rotate_to(zj, q) if vq.rotation_trick else zj + (q - zj).detach())
+        picks.append(pick)
+    q_ref = ref.project_out(torch.stack(outs, 1).reshape(20, h * cd)).reshape(x.shape)
+    loss_ref = torch.stack(losses).mean()
+    ((q_ref * w_out).sum() + loss_ref).backward()
+
+    x.requires_grad_(True)
+    q, idx, loss = vq(x, mask=mask)
+    ((q * w_out).sum() + loss).backward()
+    pick = torch.stack(picks, 1)
+    assert torch.equal(idx.reshape(20, h), pick)
+    nearest = torch.stack([torch.cdist(z[:, j].detach(), codes[j].detach()).argmin(-1)
+                           for j in range(h)], 1)  # fmt: skip
+    assert (pick != nearest).any()  # the sample is not the argmin: the test can tell them apart
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    for name in ("codebook", "simvq_map"):
+        if isinstance(getattr(ref, name, None), torch.nn.Parameter):
+            torch.testing.assert_close(getattr(vq, name).grad, getattr(ref, name).grad, **tol)
+    counts = torch.bincount(pick[keep].reshape(-1), minlength=10).float()
+    assert torch.equal(vq.usage_counts.sum(0), counts)  # statistics from the sampled codes
+    vq.eval()  # eval: the nearest of the current codes (EMA has moved them)
+    with torch.no_grad():
+        zn = vq.project_in(x.detach().reshape(20, 6)).reshape(20, h, cd)
+        zn = F.normalize(zn, dim=-1) if vq.cosine else zn
+        now = vq.get_codebook()
+        now = now[None] if now.dim() == 2 else now
+        want = torch.stack([torch.cdist(zn[:, j], now[j]).argmin(-1) for j in range(h)], 1)
+        assert torch.equal(vq(x.detach()).indices.reshape(20, h), want)
+
+
+def test_topk_returns_the_k_nearest_and_updates_nothing(backend):
+    torch.manual_seed(0)
+    for kw in (dict(), dict(heads=2), dict(heads=2, shared_codebook=True)):
+        vq = VectorQuantizer(6, 10, channel_first=True, backend=backend, **kw)
+        x = torch.randn(2, 6, 3, 4)
+        vq(x)  # k-means init
+        before = state(vq)
+        q, top, loss = vq(x, topk=3)  # training mode: still a query
+        assert_same_state(vq, before)
+        h = vq.heads
+        assert top.shape == ((2, 3, 4, h, 3) if h > 1 else (2, 3, 4, 3))
+        plain = vq.eval()(x)
+        assert torch.equal(top[..., 0], plain.indices)
+        torch.testing.assert_close(q, plain.quantized)
+        torch.testing.assert_close(loss, plain.loss)
+        z = x.movedim(1, -1).reshape(24, h, -1)
+        codes = vq.get_codebook()
+        codes = codes[None] if codes.dim() == 2 else codes
+        for j in range(h):
+            d = torch.cdist(z[:, j], codes[0 if codes.shape[0] == 1 else j])
+            want = d.argsort(dim=-1, stable=True)[:, :3]
+            assert torch.equal(top.reshape(24, h, 3)[:, j], want)
+        vq.train()
+    with pytest.raises(ValueError, match=r"topk must be an int in \[1, 10\]"):
+        vq(x, topk=11)
+
+
+def test_return_stats_and_breakdown_together():
+    vq = VectorQuantizer(4, 8, backend="torch")
+    out = vq(torch.randn(10, 4), return_stats=True, return_loss_breakdown=True)
+    assert out._fields == ("quantized", "indices", "loss", "stats", "breakdown")
+    assert out.breakdown.codebook == 0  # EMA: no codebook term
+    torch.testing.assert_close(out.breakdown.commitment, out.loss.detach())
