@@ -12,8 +12,12 @@ Recorded, to ``<out>/results.json`` and ``<out>/usage.png``:
   the RSS high-water mark during one step (after writing 5 to /proc/self/clear_refs) and the
   process's peak RSS.
 
+``--simvq`` replaces that recipe by SimVQ (``VectorQuantizer(simvq=True)``: a frozen random basis
+times a learned map, no k-means, no restart), to compare the two at the same K.
+
 Usage:
     python scripts/large_codebook.py --sizes 1024 16384 65536 --steps 1500 --out runs/large_k
+    python scripts/large_codebook.py --simvq --sizes 16384 --steps 100 --out runs/simvq_16k
     python scripts/large_codebook.py --combine runs/k1024 runs/k16384 --out runs/all  # merge
     torchrun --nproc_per_node=8 scripts/large_codebook.py --device cuda --sizes 65536 ...
 
@@ -68,6 +72,11 @@ def run_one(k: int, args, data, device, rank: int, world: int, save=None) -> dic
         dead_code_steps=args.dead_code_steps, codebook_dim=args.codebook_dim,
         cosine=args.cosine, backend=args.backend, seed=args.seed,
     )  # fmt: skip
+    if args.simvq:  # a gradient codebook with its own init: no EMA, k-means or restart
+        vq_kwargs = dict(
+            simvq=True, codebook_dim=args.codebook_dim, cosine=args.cosine, backend=args.backend,
+            seed=args.seed,
+        )  # fmt: skip
     cfg = VQVAEConfig(dim=args.dim, codebook_size=k, data_variance=var, vq_kwargs=vq_kwargs)
     model = VQVAE(cfg).to(device)
     net = model
@@ -167,6 +176,12 @@ def main() -> None:
     p.add_argument("--codebook-dim", type=int, default=8, help="projected code dimension")
     p.add_argument("--cosine", action="store_true", help="cosine-similarity codes")
     p.add_argument("--no-ema", action="store_true", help="codebook by gradient instead of EMA")
+    p.add_argument(
+        "--simvq",
+        action="store_true",
+        help="SimVQ codes (frozen basis x learned map) instead of the EMA + k-means + restart "
+        "recipe; --no-ema, --kmeans-iters and --dead-code-steps are then unused",
+    )
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--init-images", type=int, default=2048, help="images for the k-means init")
     p.add_argument("--dead-code-steps", type=int, default=20)
