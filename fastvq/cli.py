@@ -223,10 +223,15 @@ VQ_OPTIONS = (
 
 
 def _layer_defaults() -> dict:
-    from .layer import VectorQuantizer
+    from .layer import VectorQuantizer, resolve_simvq
 
     params = inspect.signature(VectorQuantizer).parameters
-    return {k: params[k].default for k in VQ_OPTIONS}
+    out = {k: params[k].default for k in VQ_OPTIONS}
+    # None in the signature: resolved by the layer (SimVQ turns them off); the CLI's are these
+    out["ema"], out["kmeans_init"], out["dead_code_steps"] = resolve_simvq(
+        False, out["ema"], out["kmeans_init"], out["dead_code_steps"]
+    )
+    return out
 
 
 _LAYER_DEFAULTS = _layer_defaults()
