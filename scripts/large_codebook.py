@@ -77,6 +77,7 @@ def run_one(k: int, args, data, device, rank: int, world: int, save=None) -> dic
             simvq=True, codebook_dim=args.codebook_dim, cosine=args.cosine, backend=args.backend,
             seed=args.seed,
         )  # fmt: skip
+    vq_kwargs["rotation_trick"] = args.rotation_trick
     cfg = VQVAEConfig(dim=args.dim, codebook_size=k, data_variance=var, vq_kwargs=vq_kwargs)
     model = VQVAE(cfg).to(device)
     net = model
@@ -181,6 +182,11 @@ def main() -> None:
         action="store_true",
         help="SimVQ codes (frozen basis x learned map) instead of the EMA + k-means + restart "
         "recipe; --no-ema, --kmeans-iters and --dead-code-steps are then unused",
+    )
+    p.add_argument(
+        "--rotation-trick",
+        action="store_true",
+        help="the rotation trick instead of straight-through",
     )
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--init-images", type=int, default=2048, help="images for the k-means init")
