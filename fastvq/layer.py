@@ -19,6 +19,14 @@ recomputation of activation checkpointing does not update twice):
     * dead-code restart: a code unused for ``dead_code_steps`` consecutive training steps is
       re-seeded from this step's encoder outputs plus a little noise, with ``torch.where`` on
       device every step (no host sync).
+    * ``simvq=True``: the codes are a frozen basis times a learned map, a gradient codebook whose
+      (K, cd) product goes through the same fused route.
+
+Manual control (``freeze_codebook``, per-call ``ema_update``, ``decay=1``,
+:meth:`VectorQuantizer.update_codebook_from_indices`), auxiliary losses
+(:mod:`fastvq.codebook_losses`), sampled codes and ``topk`` (:mod:`fastvq.sampling`; sampled codes
+go through :class:`_GatherQuantizeFunction`, the fused Function with given indices): see
+docs/layer.md, "Codebook methods".
 """
 
 from __future__ import annotations
