@@ -14,7 +14,10 @@ vqp checkpoints load with ``strict=True``.
 
 Underneath, the nearest-code search, the commitment loss and the straight-through or rotation
 trick gradient are one call of :func:`fastvq.functional.quantize_rows` per codebook (no N x K
-tensor). vqp's EMA is kept as vqp computes it, which differs from fastvq's layer::
+tensor). vqp's losses on its N x K logits (the cross-entropy commitment, the diversity loss, the
+``indices=`` cross entropy) and the orthogonal loss are :mod:`fastvq.codebook_losses`'; ``topk``
+and stochastic sampling are :mod:`fastvq.sampling`'s (chunked, no N x K tensor either).
+vqp's EMA is kept as vqp computes it, which differs from fastvq's layer::
 
     N_k <- lerp(N_k, n_k, 1 - decay),   m_k <- lerp(m_k, s_k, 1 - decay)      (torch.lerp_)
     c_k = m_k / ((N_k + eps) / (sum N + K eps) * sum N)          (then l2-normalised for cosine)
@@ -32,7 +35,13 @@ Differences from vqp that remain (docs/layer.md, "Coming from vector-quantize-py
   ``project_in``, heads and cosine normalisation), as without a mask; vqp 1.32.0 compares it to
   the raw input there (later fixed upstream); a fully masked batch gives loss 0 (vqp: NaN);
 * ties in distance go to the lowest index (vqp: ``argmax`` of a square-rooted distance);
-* ``get_codes_from_indices`` with heads sharing one codebook returns ``(..., heads * d)``.
+* ``get_codes_from_indices`` with heads sharing one codebook returns ``(..., heads * d)``;
+* stochastic sampling draws fastvq's counter-based Gumbel noise, not vqp's ``uniform_`` stream
+  (the same distribution, other samples);
+* with an EMA codebook the gradients of the distance-based losses are those of the forward
+  (vqp 1.32.0's EMA overwrites the codes its ``cdist`` saved for backward); with no valid row
+  the cross entropy is 0 (vqp: NaN); the orthogonal loss counts a zero code's Gram diagonal as
+  0 (upstream's later fix) and is computed in fp32.
 
 An argument this front end cannot honour raises ``NotImplementedError`` naming it.
 """
@@ -49,16 +58,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codebook import batch_statistics
+from ..codebook_losses import ce_commitment_loss, diversity_loss
+from ..codebook_losses import orthogonal_loss as _orthogonal_loss
 from ..functional import quantize_rows
 from ..ops import resolve_backend, search
 from ..residual import residual_beam_search
-from ..sampling import topk_codes
+from ..sampling import sample_codes, topk_codes
 
 __all__ = ["GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"]
 
 L2NORM_EPS = 1e-6  # vqp's l2norm / safe_div floor
-CDIST_SQ_FLOOR = 1e-8  # vqp's cdist clamps squared distances here before the square root
-SAMPLE_ROW_BLOCK = 4096  # rows per tile of the sampling logits (a block x K fp32 tile)
 
 
 class LossBreakdown(NamedTuple):
@@ -97,17 +106,23 @@ def _sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
 
 
 def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
-    """Orthogonal regularisation (Shin et al. 2021, eq. 2) of ``codes`` (h, n, d): the mean
-    squared error of the codes' cosine Gram matrix against the identity, ``mean((G - I)^2)``
-    over (h, n, n), with vqp's l2norm floor (an n x n matrix of the codes, never of the inputs).
+    """Orthogonal regularisation (Shin et al. 2021, eq. 2) of ``codes`` (h, n, d) or (n, d):
+    the mean squared error of the codes' cosine Gram matrix against the identity,
+    ``mean((G - I)^2)`` over (h, n, n), with vqp's l2norm floor.
 
-    For non-zero codes this is vqp 1.32.0's ``sum(G^2) / (h n^2) - 1/n`` (its diagonal is 1); a
-    zero code has a zero Gram row, which vqp's form counts as 1 on the diagonal and upstream's
-    later ``test_orthogonal_zero_codes`` corrects to this form."""
-    normed = _l2norm(codes)
-    gram = normed @ normed.transpose(-1, -2)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return (gram - eye).square().mean()
+    For non-zero codes this is vqp 1.32.0's ``sum(G^2) / (h n^2) - 1/n`` (its diagonal is 1),
+    which :func:`fastvq.codebook_losses.orthogonal_loss` computes without an n x n matrix when
+    d < n. A zero code has a zero Gram row, which vqp's form counts as 1 on the diagonal and
+    upstream's later ``test_orthogonal_zero_codes`` corrects to this form: the difference is
+    the diagonal term ``2 sum_i (1 - |u_i|^2) / (h n^2)``, added here (O(h n d)).
+
+    Computed in fp32 (``fastvq.codebook_losses``); the result has ``codes``' dtype."""
+    dtype = codes.dtype
+    c32 = codes if dtype in (torch.float16, torch.bfloat16) else codes.to(torch.float32)
+    h = c32.shape[0] if c32.dim() == 3 else 1
+    n = c32.shape[-2]
+    diag = _l2norm(c32.float()).square().sum(-1)  # |u_i|^2: 1, or below 1 for (near-)zero codes
+    return (_orthogonal_loss(c32) + 2 * (1 - diag).sum() / (h * n * n)).to(dtype)
 
 
 def _rotate_or_pass(z: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.Tensor:
@@ -132,11 +147,16 @@ def _rotate_or_pass(z: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.T
 
 
 @torch.no_grad()
-def _sample_or_topk(rows, codes, *, cosine, temperature, stochastic, topk, training):
-    """vqp's ``gumbel_sample`` without its N x K tensor: logits ``-cdist`` (or the dot product
-    for cosine) over tiles of ``SAMPLE_ROW_BLOCK`` rows x K codes; Gumbel noise (divided by
-    ``temperature``) when ``stochastic``, training and ``temperature > 0``; argmax, or the
-    ``topk`` largest (descending).
+def _pick_codes(rows, codes, *, cosine, temperature, topk):
+    """vqp's ``gumbel_sample`` without its N x K tensor, on :mod:`fastvq.sampling`: one code per
+    row sampled from ``softmax(logits / temperature)`` (``topk`` None: vqp's stochastic path in
+    training, ``temperature > 0``; the noise is fastvq's, not vqp's draws), or the ``topk``
+    largest logits, descending (no noise).
+
+    vqp's logits are ``-cdist`` (ranked as the squared distance) or, for its cosine codebook,
+    the dot product ``z.c``. For the top-k by dot product the codes get one more coordinate,
+    ``sqrt(R^2 - |c|^2)`` with ``R = max |c|`` (the rows a 0): then ``|z - c|^2 = |z|^2 + R^2 -
+    2 z.c`` ranks as ``-z.c`` exactly, whatever the codes' norms (a zero code included).
 
     Args:
         rows: fp32 (M, d); codes: fp32 (K, d).
@@ -144,24 +164,13 @@ def _sample_or_topk(rows, codes, *, cosine, temperature, stochastic, topk, train
     Returns:
         int64 (M,) or (M, topk).
     """
-    noisy = training and stochastic and temperature > 0
-    if not noisy and topk is not None and not cosine:  # pure ranking: the memory-bounded top-k
-        return topk_codes(rows, codes, topk)[1]
-    out = []
-    norms = codes.square().sum(-1)
-    for r0 in range(0, rows.shape[0], SAMPLE_ROW_BLOCK):
-        r = rows[r0 : r0 + SAMPLE_ROW_BLOCK]
-        if cosine:
-            logits = r @ codes.T
-        else:
-            d2 = r.square().sum(-1, keepdim=True) + norms - 2 * (r @ codes.T)
-            logits = -d2.clamp(min=CDIST_SQ_FLOOR).sqrt()
-        if noisy:
-            noise = torch.zeros_like(logits).uniform_(0, 1)
-            gumbel = -torch.log((-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20))
-            logits = logits / temperature + gumbel
-        out.append(logits.argmax(-1) if topk is None else logits.topk(topk, dim=-1).indices)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=rows.device)
+    if topk is None:
+        return sample_codes(rows, codes, temperature=temperature, cosine=cosine)
+    if cosine:
+        sq = codes.square().sum(-1, keepdim=True)
+        codes = torch.cat([codes, (sq.max() - sq).clamp(min=0).sqrt()], dim=-1)
+        rows = F.pad(rows, (0, 1))
+    return topk_codes(rows, codes, topk)[1]
 
 
 class Codebook(nn.Module):
@@ -366,7 +375,7 @@ class Codebook(nn.Module):
 class VectorQuantize(nn.Module):
     """vqp's ``VectorQuantize`` on fastvq's fused op (same arguments, defaults, outputs, keys).
 
-    ``forward(x, mask=None, lens=None, topk=None, sample_codebook_temp=None,
+    ``forward(x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
     freeze_codebook=None, return_loss_breakdown=False, ema_update_weight=None,
     accum_ema_update=False, ema_update=None)`` takes ``x`` ``(B, N, dim)`` (``(B, dim, N)`` with
     ``channel_last=False``, ``(B, dim, H, W)`` with ``accept_image_fmap``, ``(B, dim, D, H, W)``
@@ -374,7 +383,11 @@ class VectorQuantize(nn.Module):
     loss)``: ``quantize`` like ``x``; ``indices`` int64 ``(B, N)`` (``(B, N, heads)`` with heads,
     ``(B, H, W)`` for a feature map), -1 at masked positions; ``loss`` an fp32 scalar in training
     (``commitment_weight * mse`` + regularisers), 0 in eval. With ``topk=k``: ``(B, N, k, dim)``,
-    ``(B, N, k)`` and a per-candidate loss ``(B, N, k)``; the codebook is not updated.
+    ``(B, N, k)`` and a per-candidate loss ``(B, N, k)``; the codebook is not updated. With
+    ``indices`` (the layer's index layout, -1 ignored): vqp's ``(quantize, ce_loss)``, the codes
+    in codebook space in vqp's layout (``(B, N, d)``; heads ``(1, B heads, N, d)`` sharing a
+    codebook, ``(heads, B, N, d)`` separate; no projection, mask or layout restored) and the
+    cross entropy of vqp's logits to ``indices`` (the training step still updates the codebook).
 
     ``backend`` (fastvq only): ``"auto"``, ``"torch"`` or ``"triton"`` for the search.
     """
@@ -400,8 +413,6 @@ class VectorQuantize(nn.Module):
         super().__init__()
         name = type(self).__name__
         for arg, value, ok in (
-            ("commitment_use_cross_entropy_loss", commitment_use_cross_entropy_loss, False),
-            ("codebook_diversity_loss_weight", codebook_diversity_loss_weight, 0.0),
             ("straight_through", straight_through, False),
             ("directional_reparam", directional_reparam, False),
             ("vq_bridge", vq_bridge, None),
@@ -410,6 +421,11 @@ class VectorQuantize(nn.Module):
         ):
             if value != ok if ok is not None else value is not None:
                 raise _unsupported(name, arg, value)
+        if codebook_diversity_loss_weight > 0 and separate_codebook_per_head and heads > 1:
+            # vqp averages the heads' soft assignments to their own codebooks into one
+            # distribution; fastvq.codebook_losses.diversity_loss takes one codebook
+            arg = "codebook_diversity_loss_weight with separate_codebook_per_head and heads > 1"
+            raise _unsupported(name, arg, codebook_diversity_loss_weight)
         # vqp's derived defaults (with directional_reparam and vq_bridge unsupported)
         ema_update = True if ema_update is None else ema_update
         learnable_codebook = False if learnable_codebook is None else learnable_codebook
@@ -446,13 +462,15 @@ class VectorQuantize(nn.Module):
         self.eps = eps
         self.commitment_weight = commitment_weight
         self.has_commitment_loss = commitment_weight > 0
-        self.commitment_use_cross_entropy_loss = False
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
         self.learnable_codebook = learnable_codebook
         self.orthogonal_reg_weight = orthogonal_reg_weight
         self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.has_codebook_diversity_loss = False
+        self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.codebook_diversity_temperature = codebook_diversity_temperature
         self.rotation_trick = bool(rotation_trick)
         self.route_gradients_to_input = route_gradients_to_input
         self.sync_update_v = sync_update_v
@@ -572,8 +590,6 @@ class VectorQuantize(nn.Module):
     ):  # fmt: skip
         """See the class docstring."""
         name = type(self).__name__
-        if indices is not None:
-            raise _unsupported(name, "indices (cross-entropy to given codes)", "given")
         if codebook_transform_fn is not None:
             raise _unsupported(name, "codebook_transform_fn", codebook_transform_fn)
         input_requires_grad = x.requires_grad
@@ -582,6 +598,11 @@ class VectorQuantize(nn.Module):
             topk = min(int(topk), self.codebook_size)
             if self.heads != 1 or topk < 1:
                 raise ValueError("topk codes need a single-head layer and topk >= 1 (as in vqp)")
+            if self.commitment_use_cross_entropy_loss and self.training:
+                raise ValueError(
+                    "topk codes in training need commitment_use_cross_entropy_loss=False "
+                    "(as in vqp)"
+                )
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         if mask is not None and lens is not None:
             raise ValueError("pass mask or lens, not both")
@@ -611,6 +632,8 @@ class VectorQuantize(nn.Module):
             embed = embed.clone()  # the update writes embed in place; backward reads this copy
         temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         sampled = self.training and self.stochastic_sample_codes and temp > 0
+        if sampled and is_topk:  # vqp: Gumbel top-k (k samples without replacement)
+            raise _unsupported(name, "topk with stochastic_sample_codes in training", topk)
         learn_commit = self.learnable_codebook and not freeze
         route = input_requires_grad and self.route_gradients_to_input
         be = resolve_backend(cb.backend, rows.device)
@@ -619,10 +642,9 @@ class VectorQuantize(nn.Module):
         commit = zero
         if is_topk or sampled:
             idx = torch.stack([
-                _sample_or_topk(
+                _pick_codes(
                     rows[g].detach(), embed[g].detach(), cosine=self.use_cosine_sim,
-                    temperature=temp, stochastic=self.stochastic_sample_codes, topk=topk,
-                    training=self.training,
+                    temperature=temp, topk=topk,
                 ) for g in range(g_count)
             ])  # fmt: skip
             codes = torch.stack([F.embedding(idx[g], embed[g]) for g in range(g_count)])
@@ -673,16 +695,36 @@ class VectorQuantize(nn.Module):
         if self.training and self.sync_update_v > 0 and not is_topk:
             q = q + self.sync_update_v * (q - q.detach())
 
-        loss = zero
-        ortho = zero
+        if indices is not None:  # vqp: (codes in codebook space, cross entropy to ``indices``)
+            ce = self._cross_entropy(rows, embed, self._index_rows(indices, b, n))
+            q = q.reshape(g_count, -1, n, *q.shape[2:])
+            return (q[0] if self.heads == 1 else q).to(dtype), ce
+
+        # the terms as vqp's LossBreakdown reports them (unweighted), in vqp's order of addition
+        loss = commit_term = diversity = ortho = zero
         if self.training:
             loss = zero.clone().requires_grad_()
+            if self.has_codebook_diversity_loss:
+                # vqp averages the soft assignments over batch (and heads) per position
+                diversity = diversity_loss(
+                    rows[0].reshape(-1, n, rows.shape[-1]), embed[0],
+                    temperature=self.codebook_diversity_temperature, cosine=self.use_cosine_sim,
+                )  # fmt: skip
+                loss = loss + diversity * self.codebook_diversity_loss_weight
             if self.has_commitment_loss:
+                if self.commitment_use_cross_entropy_loss:
+                    # vqp sets masked rows' indices to -1 (ignored), in place: the orthogonal
+                    # loss's active codes below then include index -1, the last code
+                    if row_mask is not None:
+                        idx = idx.masked_fill(~row_mask, -1)
+                    commit = self._cross_entropy(rows, embed, idx)
+                commit_term = commit
                 loss = loss + commit * self.commitment_weight
             if self.has_codebook_orthogonal_loss:
                 ortho = self._orthogonal(idx)
                 loss = loss + ortho * self.orthogonal_reg_weight
         elif is_topk:
+            commit_term = commit
             loss = commit * self.commitment_weight if self.has_commitment_loss else commit
 
         # back to the input layout
@@ -711,7 +753,35 @@ class VectorQuantize(nn.Module):
                 loss = restore(loss, False)
         if not return_loss_breakdown:
             return q, idx, loss
-        return q, idx, loss, LossBreakdown(commit, zero, ortho, zero)
+        return q, idx, loss, LossBreakdown(commit_term, diversity, ortho, zero)
+
+    def _index_rows(self, indices: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """Indices in the layer's layout (``(B, N)``, ``(B, N, heads)``, a feature map's
+        ``(B, H, W[, heads])`` or vqp's flattened ``(B, H W)``) -> the rows' ``(G, M)``."""
+        if indices.numel() != b * n * self.heads:
+            raise ValueError(
+                f"indices must hold {b} x {n} x {self.heads} (batch x tokens x heads) entries, "
+                f"got shape {tuple(indices.shape)}"
+            )
+        idx = indices.reshape(b, n, self.heads).long()
+        if self.separate_codebook_per_head:
+            return idx.permute(2, 0, 1).reshape(self.heads, -1)
+        return idx.permute(0, 2, 1).reshape(1, -1)
+
+    def _cross_entropy(self, rows, embed, idx) -> torch.Tensor:
+        """vqp's ``calculate_ce_loss``: cross entropy of vqp's logits (``-|z - c|``, ``z.c`` for
+        cosine) to ``idx`` (G, M), -1 ignored, the mean over every valid row of every head, by
+        :func:`fastvq.codebook_losses.ce_commitment_loss` (no M x K tensor). No valid row gives 0
+        (vqp: NaN)."""
+        cos = self.use_cosine_sim
+        if rows.shape[0] == 1:
+            return ce_commitment_loss(rows[0], embed[0], idx[0], cosine=cos)
+        counts = (idx >= 0).sum(-1).float()
+        losses = torch.stack([
+            ce_commitment_loss(r, e, i, cosine=cos)
+            for r, e, i in zip(rows, embed, idx, strict=True)
+        ])  # fmt: skip
+        return (losses * counts).sum() / counts.sum().clamp(min=1)
 
     def _orthogonal(self, idx: torch.Tensor) -> torch.Tensor:
         """vqp's orthogonal regulariser of the codebook (active codes only / a random subset of
@@ -751,11 +821,7 @@ class VectorQuantize(nn.Module):
             raise ValueError("mask is not supported with feature maps (as in vqp)")
         with torch.no_grad():
             rows, (b, n) = self._codebook_rows(x)
-        idx = indices.reshape(b, n, self.heads)
-        if self.separate_codebook_per_head:
-            idx = idx.permute(2, 0, 1).reshape(self.heads, -1)
-        else:
-            idx = idx.permute(0, 2, 1).reshape(1, -1)
+        idx = self._index_rows(indices, b, n)
         self._codebook.update_indices(rows, idx, self._row_mask(mask, rows.shape[0]))
 
     update_ema_indices = update_indices
@@ -904,7 +970,7 @@ class ResidualVQ(nn.Module):
         freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None,
     ):  # fmt: skip
         """See the class docstring."""
-        if indices is not None:
+        if indices is not None:  # vqp 1.32.0 fails here too (3 values unpacked from 2)
             raise _unsupported(
                 type(self).__name__, "indices (cross-entropy to given codes)", "given"
             )
@@ -970,6 +1036,13 @@ class ResidualVQ(nn.Module):
             raise _unsupported(name, "beam_size with stochastic_sample_codes", beam)
         if not first.has_commitment_loss:
             raise _unsupported(name, "beam_size with commitment_weight=0", beam)
+        if self.training and first.commitment_use_cross_entropy_loss:
+            raise ValueError(
+                "beam search in training needs commitment_use_cross_entropy_loss=False (as in vqp)"
+            )
+        if self.training and first.has_codebook_diversity_loss:
+            # vqp adds each depth's diversity over all beams to every candidate's loss
+            raise _unsupported(name, "beam_size with codebook_diversity_loss_weight", beam)
         if self.accept_image_fmap:
             raise _unsupported(name, "beam_size with accept_image_fmap", beam)
         lead, d = z.shape[:-1], z.shape[-1]
@@ -1052,7 +1125,7 @@ class GroupedResidualVQ(nn.Module):
         freeze_codebook=False, mask=None,
     ):  # fmt: skip
         """See the class docstring."""
-        if indices:
+        if indices is not None:  # vqp 1.32.0 fails here too (its ResidualVQ does)
             raise _unsupported(
                 type(self).__name__, "indices (cross-entropy to given codes)", "given"
             )
