@@ -484,7 +484,7 @@ class ResidualVQ(nn.Module):
         layers = [self.depth_layer(i) for i in range(num_active)]
         distinct = list(dict.fromkeys(layers))
         for layer in distinct:
-            check_same_device("x", z2, "codebook", layer.codebook)
+            check_same_device("x", z2, "codebook", layer._codes_tensor())
         backend = {layer: resolve_backend(layer.backend, z2.device) for layer in distinct}
         if update:
             for layer in distinct:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastvq
 from fastvq.residual import (
@@ -488,3 +489,35 @@ def test_bad_call_arguments():
 
 def test_exported():
     assert fastvq.GroupedResidualVQ is GroupedResidualVQ
+
+
+@pytest.mark.parametrize("route", ["layers", "shared", "beam1"])
+def test_simvq_layers_every_route_match_literal_autograd(route):
+    """SimVQ codes (frozen basis x learned map) in every ResidualVQ route: indices, output, loss
+    and the map's and x's gradients equal plain autograd over the explicit products."""
+    kw = {"shared": dict(shared_codebook=True), "beam1": dict(beam_size=1)}.get(route, {})
+    rvq = ResidualVQ(6, 16, 3, simvq=True, backend="torch", **kw)
+    x = torch.randn(20, 6, requires_grad=True)
+    q, idx, loss = rvq(x)
+    (q.square().sum() + loss).backward()
+
+    maps = [layer.simvq_map.detach().clone().requires_grad_() for layer in rvq.layers]
+    codes = [layer.simvq_basis[0] @ m[0].T for layer, m in zip(rvq.layers, maps, strict=True)]
+    xr = x.detach().clone().requires_grad_()
+    res, total, ref_loss, ref_idx = xr, 0, 0, []
+    for depth in range(3):
+        c = codes[0 if route == "shared" else depth]
+        i = torch.cdist(res.detach().double(), c.detach().double()).argmin(1)
+        cq = c[i]
+        ref_loss = ref_loss + F.mse_loss(res.detach(), cq) + 0.25 * F.mse_loss(res, cq.detach())
+        total = total + cq.detach()
+        res = res - cq.detach()
+        ref_idx.append(i)
+    out = total + (xr - xr.detach())
+    (out.square().sum() + ref_loss).backward()
+    assert torch.equal(idx, torch.stack(ref_idx, -1))
+    torch.testing.assert_close(q, out)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(x.grad, xr.grad)
+    for layer, m in zip(rvq.layers, maps, strict=True):
+        torch.testing.assert_close(layer.simvq_map.grad, m.grad)
