@@ -216,9 +216,14 @@ def _search_cpu(z2d, codebook, block_n, block_k):
     n, d = z2d.shape
     k = codebook.shape[0]
     threads = torch.get_num_threads()
+    k32 = -(-k // _CHUNK) * _CHUNK
+    bk = min(block_k, k32)  # a multiple of _CHUNK unless block_k is not
+    if block_k == DEFAULT_BLOCK_K and bk < k32 <= 4 * bk:
+        # Up to 2048 codes: one code block of the same area, so each row's index is found once
+        # (1024 x 64: 0.95x faiss's time -> 0.92x with two 512-code blocks; 2048: 10% faster).
+        block_n, bk = max(1, block_n * bk // k32), k32
     # Split a small batch so that every thread gets a row block (and rows stay cache-sized).
     bn = max(1, min(block_n, -(-n // threads)))
-    bk = min(block_k, -(-k // _CHUNK) * _CHUNK)  # a multiple of _CHUNK unless block_k is not
     chunk = math.gcd(bk, _CHUNK)
     kp = -(-k // bk) * bk  # K padded to whole code blocks: every tile has bk columns
 
