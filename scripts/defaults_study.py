@@ -85,10 +85,20 @@ CONFIGS = [
     ("fastvq ema + kmeans + restart 5", "fastvq", 16, 256, dict(dead_code_steps=5)),
     ("fastvq ema + kmeans + restart 100", "fastvq", 16, 256, dict(dead_code_steps=100)),
     ("fastvq grad codebook", "fastvq", 16, 256, dict(ema=False)),
+    ("fastvq defaults + rotation trick", "fastvq", 16, 256, dict(rotation_trick=True)),
+    (
+        "fastvq grad codebook + rotation trick",
+        "fastvq",
+        16,
+        256,
+        dict(ema=False, rotation_trick=True),
+    ),
+    ("vqp defaults, straight-through", "vqp", 16, 256, dict(rotation_trick=False)),
     ("vqp defaults", "vqp", 32, 1024, {}),
     ("fastvq defaults", "fastvq", 32, 1024, {}),
     ("fastvq ema, no init/restart", "fastvq", 32, 1024, dict(kmeans_init=False, dead_code_steps=0)),
     ("fastvq defaults + codebook_dim 8", "fastvq", 32, 1024, dict(codebook_dim=8)),
+    ("fastvq defaults + rotation trick", "fastvq", 32, 1024, dict(rotation_trick=True)),
 ]
 
 
