@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import os
 import threading
 
 import torch
@@ -120,9 +121,10 @@ def sanitize_codes(
 def _onednn_linear_ok() -> bool:
     """True when oneDNN's fused ``X W^T + b`` op (the one inductor uses for CPU linears) runs here.
 
-    It replaces ``addmm`` on CPU: it adds the code norms inside the GEMM (no pass to copy them into
-    the tile first) and runs ~8% faster than MKL's sgemm at D=256 on the 2-core AMD EPYC. It is a
-    private op, so it is tried once on a small problem; any failure or a wrong value means addmm.
+    It replaces ``addmm`` on CPU for D >= 128: it adds the code norms inside the GEMM (no pass to
+    copy them into the tile first) and runs ~8% faster than MKL's sgemm at D=256 on the 2-core AMD
+    EPYC. It is a private op, so it is tried once on a small problem; any failure or a wrong value
+    means addmm.
     """
     try:
         if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
@@ -139,19 +141,35 @@ def _onednn_linear_ok() -> bool:
 
 
 class _Codes:
-    """The GEMM operand of every code block, made once per call and shared by all row blocks."""
+    """The GEMM operand of every code block, made once per call and shared by all row blocks.
 
-    def __init__(self, codes: torch.Tensor, norms: torch.Tensor, bk: int, bn: int):
-        self.onednn = _onednn_linear_ok()
-        k = codes.shape[0]
+    ``s c`` (``-2 s c`` for oneDNN, which takes the norms as its fused bias) and ``||s c||^2``, as
+    :func:`sanitize_codes` gives them, padded to ``kp`` codes: zero codes with an infinite norm,
+    never selected. One (kp, D) allocation and small chunks for the norms: on the VM measured, a
+    fresh multi-MiB temporary costs ~1.4 ms per MiB in page faults, more than its arithmetic.
+    The plain weight is passed as is: ``_reorder_linear_weight`` cost ~0.2 ms per 512 x 64 block
+    and made no tile faster.
+    """
+
+    def __init__(self, codebook: torch.Tensor, scale: torch.Tensor, kp: int, bk: int):
+        k, d = codebook.shape
+        # Measured per tile on the 2-core EPYC: oneDNN ~8% faster at D=256, even at 64, and
+        # 15-25% slower than MKL's addmm at D=16 and 32.
+        self.onednn = d >= 128 and _onednn_linear_ok()
+        w = torch.zeros(kp, d)
+        codes = torch.mul(codebook.to(torch.float32), scale, out=w[:k])  # exact: a power of two
+        norms = torch.full((kp,), float("inf"))
+        norms[:k] = code_norms(codes, chunk_elems=1 << 16)  # +inf for a code holding NaN/Inf
+        bad = torch.isinf(norms[:k])
+        if bool(bad.any()):  # zeroed, so the GEMM stays finite: its distance is +inf
+            codes.masked_fill_(bad[:, None], 0.0)
         if self.onednn:
-            weights = codes * -2.0  # exact: tile = ||c||^2 + z.(-2c), norms as the fused bias
-            reorder = torch.ops.mkldnn._reorder_linear_weight
-            ops = [reorder(weights[k0 : k0 + bk], bn) for k0 in range(0, k, bk)]
+            w.mul_(-2.0)  # exact: tile = ||c||^2 + z.(-2c)
+            ops = [w[k0 : k0 + bk] for k0 in range(0, kp, bk)]
         else:
-            codes_t = codes.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
-            ops = [codes_t[:, k0 : k0 + bk] for k0 in range(0, k, bk)]
-        starts = range(0, k, bk)
+            w_t = w.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
+            ops = [w_t[:, k0 : k0 + bk] for k0 in range(0, kp, bk)]
+        starts = range(0, kp, bk)
         self.blocks = [(k0, op, norms[k0 : k0 + bk]) for k0, op in zip(starts, ops, strict=True)]
 
     def tile(self, zb: torch.Tensor, op: torch.Tensor, nb: torch.Tensor, buf: torch.Tensor):
@@ -208,8 +226,9 @@ def _search_cpu(z2d, codebook, block_n, block_k):
       chunk. Both ``argmin`` take the first occurrence, and chunks are in code order, so exact ties
       go to the lowest index; across tiles, strict ``<`` keeps the earlier one.
     - **Threads.** Many small ops per tile each open an OpenMP region: with T > 1 intra-op threads
-      their barriers cost more than they save, and much more on a loaded machine. Instead T Python
-      threads (the ops release the GIL) each take whole row blocks with one intra-op thread.
+      their barriers cost more than they save, and much more on a loaded machine. Instead up to T
+      pool threads (the ops release the GIL) each take whole row blocks with one intra-op thread
+      (see :func:`_pool`); the caller waits.
     - **Per row block:** the scaled rows, the gathered codes and the error are made one row block
       at a time, so no (N, D) temporary beyond the outputs exists.
     """
@@ -227,13 +246,16 @@ def _search_cpu(z2d, codebook, block_n, block_k):
     chunk = math.gcd(bk, _CHUNK)
     kp = -(-k // bk) * bk  # K padded to whole code blocks: every tile has bk columns
 
-    scale, row_finite = scale_and_row_finite(z2d, codebook)
-    all_finite = bool(row_finite.all())  # on CPU: no device sync
-    codes, norms = sanitize_codes(codebook.to(torch.float32), scale)
-    if kp != k:  # padding codes: zero, with an infinite norm, so never selected
-        codes = torch.cat([codes, codes.new_zeros(kp - k, d)])
-        norms = torch.cat([norms, norms.new_full((kp - k,), float("inf"))])
-    ops = _Codes(codes, norms, bk, bn)
+    threaded = threads > 1 and n > bn
+
+    def prepare():
+        scale, row_finite = scale_and_row_finite(z2d, codebook)
+        return scale, row_finite, bool(row_finite.all()), _Codes(codebook, scale, kp, bk)
+
+    # Threaded, the set-up runs on a pool thread too: an OpenMP region in the calling thread would
+    # leave its OpenMP worker spinning (milliseconds on this CPU) beside the pool threads.
+    setup = _pool()[0].submit(prepare).result() if threaded else prepare()
+    scale, row_finite, all_finite, ops = setup  # all_finite: on CPU no device sync
 
     indices = torch.empty(n, dtype=torch.int64)
     if POISON_OUTPUTS:
@@ -289,27 +311,70 @@ def _search_cpu(z2d, codebook, block_n, block_k):
         torch.sum(diff.mul_(diff), dim=1, out=err[n0:n1])
 
     starts = range(0, n, bn)
-    workers = min(threads, len(starts))
-    if workers <= 1:
+    if not threaded:
         buf = torch.empty(0 if ops.onednn else bn * bk)
         for n0 in starts:
             row_block(n0, buf)
     else:
-        _run_threaded(row_block, starts, workers, threads, 0 if ops.onednn else bn * bk)
+        _run_threaded(row_block, starts, threads, 0 if ops.onednn else bn * bk)
     return indices, z_q, err
 
 
-def _run_threaded(row_block, starts, workers: int, threads: int, buf_numel: int) -> None:
-    """Row blocks pulled from one shared queue by ``workers`` threads, one intra-op thread each.
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
 
-    ``torch.set_num_threads`` sets the calling thread's OpenMP/MKL thread count, and a global
-    default that threads started later pick up; the calling thread restores it when all are done.
+
+def _forget_pool() -> None:
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
+    """Worker threads kept across calls, each with one intra-op thread, set once.
+
+    A fresh thread's first ops (OpenMP, oneDNN and torch thread-local setup) cost milliseconds, and
+    so does ``torch.set_num_threads`` (it also resizes torch's global pthreadpool): done per call,
+    either cost as much as a whole small search. ``torch.set_num_threads(1)`` in a worker sets that
+    thread's OpenMP/MKL count and a process-wide default (read by threads at their first op, and by
+    the pthreadpool); the caller restores the default once, after every worker has set its own.
     """
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None:
+            size = max(1, os.cpu_count() or 1)
+            pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="fastvq-search")
+            barrier = threading.Barrier(size)  # every init task on its own thread
+
+            def init() -> None:
+                torch.get_num_threads()  # this thread's lazy setup first: it reads the default
+                torch.set_num_threads(1)
+                barrier.wait()
+
+            threads = torch.get_num_threads()
+            try:
+                for f in [pool.submit(init) for _ in range(size)]:
+                    f.result()
+            finally:
+                torch.set_num_threads(threads)
+            _POOL, _POOL_SIZE = pool, size
+        return _POOL, _POOL_SIZE
+
+
+def _run_threaded(row_block, starts, threads: int, buf_numel: int) -> None:
+    """Row blocks pulled from one shared queue by up to ``threads`` pool threads; the caller waits
+    (its own intra-op thread count is left alone)."""
+    pool, size = _pool()
     todo = iter(starts)
     lock = threading.Lock()
 
     def work() -> None:
-        torch.set_num_threads(1)
+        if torch.get_num_threads() != 1:  # only if something reset this pool thread
+            torch.set_num_threads(1)
         buf = torch.empty(buf_numel)
         while True:
             with lock:
@@ -318,14 +383,10 @@ def _run_threaded(row_block, starts, workers: int, threads: int, buf_numel: int)
                 return
             row_block(n0, buf)
 
-    try:
-        with concurrent.futures.ThreadPoolExecutor(workers - 1) as pool:
-            futures = [pool.submit(work) for _ in range(workers - 1)]
-            work()
-            for f in futures:
-                f.result()  # re-raises a worker's exception
-    finally:
-        torch.set_num_threads(threads)
+    futures = [pool.submit(work) for _ in range(min(threads, size, len(starts)))]
+    concurrent.futures.wait(futures)
+    for f in futures:
+        f.result()  # re-raises a worker's exception
 
 
 def _search_sync_free(z2d, codebook, block_n, block_k):
