@@ -254,7 +254,7 @@ def _search_cpu(z2d, codebook, block_n, block_k):
 
     # Threaded, the set-up runs on a pool thread too: an OpenMP region in the calling thread would
     # leave its OpenMP worker spinning (milliseconds on this CPU) beside the pool threads.
-    setup = _pool()[0].submit(prepare).result() if threaded else prepare()
+    setup = _pool()[0].submit(_in_callers_mode(prepare)).result() if threaded else prepare()
     scale, row_finite, all_finite, ops = setup  # all_finite: on CPU no device sync
 
     indices = torch.empty(n, dtype=torch.int64)
@@ -365,6 +365,19 @@ def _pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
         return _POOL, _POOL_SIZE
 
 
+def _in_callers_mode(fn):
+    """``fn`` to run on a pool thread under the caller's inference / grad mode: both are thread
+    local, and a pool thread outside inference mode may not write into the caller's outputs when
+    they are inference tensors (``torch.inference_mode()`` around the search)."""
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(*args):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(*args)
+
+    return run
+
+
 def _run_threaded(row_block, starts, threads: int, buf_numel: int) -> None:
     """Row blocks pulled from one shared queue by up to ``threads`` pool threads; the caller waits
     (its own intra-op thread count is left alone)."""
@@ -383,6 +396,7 @@ def _run_threaded(row_block, starts, threads: int, buf_numel: int) -> None:
                 return
             row_block(n0, buf)
 
+    work = _in_callers_mode(work)
     futures = [pool.submit(work) for _ in range(min(threads, size, len(starts)))]
     concurrent.futures.wait(futures)
     for f in futures:

@@ -1,0 +1,60 @@
+"""The CPU search's pool threads: the caller's modes and threads do not change the result.
+
+The torch backend runs row blocks on pool threads (fastvq/_search_torch.py). Inference and grad
+mode are thread local, so the pool must take the caller's (an inference-mode caller's outputs are
+inference tensors that a worker outside inference mode may not write).
+"""
+
+import threading
+
+import torch
+
+import fastvq
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2100, 24, generator=g), torch.randn(700, 24, generator=g)
+
+
+def _oracle(z, c):
+    return torch.cdist(z.double(), c.double()).argmin(1)
+
+
+def test_search_under_inference_mode_and_no_grad():
+    z, c = _inputs()
+    ref = _oracle(z, c)
+    with torch.inference_mode():
+        idx, zq, err = fastvq.search(z, c, backend="torch")
+        assert zq.is_inference()
+        q, idx2, _ = fastvq.vector_quantize(z, c, backend="torch")
+    with torch.no_grad():
+        idx3 = fastvq.search(z, c, backend="torch")[0]
+    for i in (idx, idx2, idx3):
+        assert torch.equal(i, ref)
+
+
+def test_search_same_result_for_one_and_two_threads_and_concurrent_callers():
+    z, c = _inputs()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastvq.search(z, c, backend="torch")
+        torch.set_num_threads(2)
+        two = fastvq.search(z, c, backend="torch")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+    assert torch.get_num_threads() == before  # the pool leaves the caller's count alone
+    out = {}
+
+    def run(k):
+        out[k] = fastvq.search(z, c, backend="torch")[0]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 3 and all(torch.equal(v, one[0]) for v in out.values())
