@@ -139,7 +139,7 @@ class VectorQuantizeFunction(torch.autograd.Function):
     """Straight-through VQ with the codebook and commitment terms, for both backends.
 
     forward(z2d (N, D), codebook (K, D), beta, backend, deterministic, keep=None,
-            codebook_weight=1.0, rotation_trick=False) ->
+            codebook_weight=1.0, rotation_trick=False, indices=None) ->
         (quantized (N, D) in z's dtype, indices int64 (N,), loss fp32 scalar, err fp32 (N,))
 
     ``loss = (codebook_weight + beta) * sum_{kept i} err_i / (n_kept D)``: the codebook term
@@ -147,15 +147,21 @@ class VectorQuantizeFunction(torch.autograd.Function):
     with ``keep`` (all rows when None; 0 when none). ``err`` is the search's per-row squared
     error, non-finite exactly for rows holding NaN/Inf. ``codebook_weight=0`` is an EMA codebook.
     ``rotation_trick`` sends ``quantized``'s gradient to ``z`` by :func:`rotate_grad` instead of
-    straight through.
+    straight through. Given ``indices`` (int64 (N,), e.g. sampled codes) replace the search:
+    ``z_q`` is gathered from them, with the same loss and backward (O(N D)).
     """
 
     @staticmethod
     def forward(
         ctx, z2d, codebook, beta, backend, deterministic, keep=None, codebook_weight=1.0,
-        rotation_trick=False,
+        rotation_trick=False, indices=None,
     ):  # fmt: skip
-        indices, z_q, err = search(z2d, codebook, backend)
+        if indices is None:
+            indices, z_q, err = search(z2d, codebook, backend)
+        else:
+            z_q = codebook.index_select(0, indices).to(z2d.dtype)
+            # the per-row error from the gathered row, as the search reports it (NaN rows: NaN)
+            err = (z_q.to(torch.float32) - z2d.to(torch.float32)).square().sum(1)
         loss, denom = vq_loss(err, z2d.shape[1], beta, codebook_weight, keep)
         ctx.save_for_backward(z2d, codebook, indices, keep)
         ctx.beta, ctx.backend, ctx.deterministic = beta, backend, deterministic
@@ -170,7 +176,7 @@ class VectorQuantizeFunction(torch.autograd.Function):
         need_z, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_z_out = grad_c = None
         if not (need_z or need_c):
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         # diff = z_q - z in fp32, recomputed by a gather instead of saved: saves N x D memory.
         zf = z2d.to(torch.float32)
         zq = codebook.detach().to(torch.float32).index_select(0, indices)
@@ -187,7 +193,7 @@ class VectorQuantizeFunction(torch.autograd.Function):
                 idx, diff, codebook.shape[0], backend=ctx.backend, deterministic=ctx.deterministic
             )
             grad_c = (summed * ((2.0 / ctx.denom) * g * ctx.codebook_weight)).to(codebook.dtype)
-        return grad_z_out, grad_c, None, None, None, None, None, None
+        return grad_z_out, grad_c, None, None, None, None, None, None, None
 
 
 def quantize_rows(
@@ -200,6 +206,7 @@ def quantize_rows(
     codebook_weight: float = 1.0,
     deterministic: bool | None = None,
     rotation_trick: bool = False,
+    indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 2-D internal entry, for callers that checked their inputs and resolved ``backend``.
 
@@ -209,6 +216,8 @@ def quantize_rows(
         keep: optional bool (N,), the rows that count in the loss (the layer's mask).
         codebook_weight: weight of the codebook term (0 for an EMA codebook).
         rotation_trick: the rotation trick's gradient to ``z`` instead of straight-through.
+        indices: optional int64 (N,) codes to use instead of the nearest (sampled codes; unchecked:
+            the caller guarantees ``[0, K)``).
 
     Returns:
         ``(quantized (N, D), indices int64 (N,), loss fp32 0-dim, err fp32 (N,))``, as
@@ -217,7 +226,15 @@ def quantize_rows(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return VectorQuantizeFunction.apply(
-        z2d, codebook, beta, backend, deterministic, keep, codebook_weight, bool(rotation_trick)
+        z2d,
+        codebook,
+        beta,
+        backend,
+        deterministic,
+        keep,
+        codebook_weight,
+        bool(rotation_trick),
+        indices,
     )
 
 

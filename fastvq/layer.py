@@ -25,7 +25,7 @@ recomputation of activation checkpointing does not update twice):
 Manual control (``freeze_codebook``, per-call ``ema_update``, ``decay=1``,
 :meth:`VectorQuantizer.update_codebook_from_indices`), auxiliary losses
 (:mod:`fastvq.codebook_losses`), sampled codes and ``topk`` (:mod:`fastvq.sampling`; sampled codes
-go through :class:`_GatherQuantizeFunction`, the fused Function with given indices): see
+go through :func:`~fastvq.functional.quantize_rows` with given ``indices``): see
 docs/layer.md, "Codebook methods".
 """
 
@@ -43,7 +43,7 @@ from . import codebook as cb_engine
 from ._checks import FLOAT_DTYPES, check_same_device
 from .codebook import CodebookState, row_counts
 from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
-from .functional import VectorQuantizeFunction, check_beta, quantize_rows, vq_loss
+from .functional import check_beta, quantize_rows, vq_loss
 from .ops import resolve_backend
 from .sampling import sample_codes, topk_codes
 
@@ -101,38 +101,6 @@ class QuantizeOutputFull(NamedTuple):
     loss: torch.Tensor
     stats: CodebookStats
     breakdown: LossBreakdown
-
-
-class _GatherQuantizeFunction(VectorQuantizeFunction):
-    """:class:`~fastvq.functional.VectorQuantizeFunction` for given indices (sampled codes):
-    the same loss, straight-through (or rotation trick) and backward, with ``z_q`` gathered
-    from ``indices`` instead of searched. O(N D), no N x K tensor.
-
-    forward(z2d (N, D), codebook (K, D), indices int64 (N,), beta, backend, deterministic,
-            keep, codebook_weight, rotation_trick) ->
-        (quantized (N, D) in z's dtype, indices, loss fp32 0-dim, err fp32 (N,))
-    """
-
-    @staticmethod
-    def forward(
-        ctx, z2d, codebook, indices, beta, backend, deterministic, keep, codebook_weight,
-        rotation_trick,
-    ):  # fmt: skip
-        z_q = codebook.index_select(0, indices).to(z2d.dtype)
-        # the per-row error from the gathered row, as the search reports it (NaN rows: NaN)
-        err = (z_q.to(torch.float32) - z2d.to(torch.float32)).square().sum(1)
-        loss, denom = vq_loss(err, z2d.shape[1], beta, codebook_weight, keep)
-        ctx.save_for_backward(z2d, codebook, indices, keep)
-        ctx.beta, ctx.backend, ctx.deterministic = beta, backend, deterministic
-        ctx.denom, ctx.codebook_weight = denom, codebook_weight
-        ctx.rotation_trick = rotation_trick
-        ctx.mark_non_differentiable(indices, err)
-        return z_q, indices, loss, err
-
-    @staticmethod
-    def backward(ctx, grad_q, _grad_idx, grad_loss, _grad_err):
-        gz, gc, *_ = VectorQuantizeFunction.backward(ctx, grad_q, _grad_idx, grad_loss, _grad_err)
-        return gz, gc, None, None, None, None, None, None, None
 
 
 def _check_weight(name: str, v) -> float:
@@ -614,15 +582,12 @@ class VectorQuantizer(nn.Module):
             cg = codes[g]
             if sample:  # the sampled code replaces the nearest: loss, output and statistics
                 pick = sample_codes(zg, cg, temperature=temp, generator=gen, cosine=self.cosine)
-                q, idx, loss, err = _GatherQuantizeFunction.apply(
-                    zg, cg, pick, beta_mse, backend,
-                    torch.are_deterministic_algorithms_enabled(), mg, w_cb, self.rotation_trick,
-                )  # fmt: skip
             else:
-                q, idx, loss, err = quantize_rows(
-                    zg, cg, beta=beta_mse, backend=backend, keep=mg, codebook_weight=w_cb,
-                    rotation_trick=self.rotation_trick,
-                )  # fmt: skip
+                pick = None
+            q, idx, loss, err = quantize_rows(
+                zg, cg, beta=beta_mse, backend=backend, keep=mg, codebook_weight=w_cb,
+                rotation_trick=self.rotation_trick, indices=pick,
+            )  # fmt: skip
             # err is non-finite exactly for rows holding NaN/Inf: they count in no statistic
             ok = torch.isfinite(err) if mg is None else torch.isfinite(err) & mg
             counts, sums = cb_engine.batch_statistics(idx, ok, zg if ema_step else None, k, backend)
