@@ -30,14 +30,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding of O(1) values; measured max 6
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads add only wake-up latency (up to 30 ms per
-    matmul measured on a loaded 2-core machine, against 0.01 ms on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(cls: str, kw: dict):

@@ -34,7 +34,10 @@ IMPLS = {"vqp": vqp, "fastvq": fastvq_vqp}
 
 # vqp 1.32.0's masked commitment with heads broadcasts mismatched shapes (the VQP_MASK_HEADS
 # cases, expected failures): its mse_loss warning says so each time
-pytestmark = pytest.mark.filterwarnings("ignore:Using a target size:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using a target size:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # Reasons, each used by name below.
 VQP_MASK_RAW = "vqp 1.32.0: with a mask the commitment compares the code with the raw input"
@@ -52,16 +55,6 @@ OURS_ORTHO_FP32 = (
     "code's gradient (1/1e-6 scale) differs from the fp64 reference by 1.6e-7 relative (fp64's "
     "tolerance: 1e-7)"
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads add only wake-up latency (up to 30 ms per
-    matmul measured on a loaded 2-core machine, against 0.01 ms on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _xfail(request, reason: str) -> None:
