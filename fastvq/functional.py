@@ -44,7 +44,9 @@ class VQOutput(NamedTuple):
 ROTATION_EPS = 1e-6  # the norms' floor, as vector-quantize-pytorch's ``safe_div`` / ``l2norm``
 
 
-def rotate_grad(grad_q: torch.Tensor, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+def rotate_grad(
+    grad_q: torch.Tensor, z: torch.Tensor, z_q: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """The rotation trick's gradient wrt ``z`` (Fifty et al. 2024, section 4.2), in O(N D).
 
     The estimator's output is ``sg(lambda) (z - 2 (z.w) w + 2 (z.u) q_hat)`` with every factor
@@ -52,11 +54,14 @@ def rotate_grad(grad_q: torch.Tensor, z: torch.Tensor, z_q: torch.Tensor) -> tor
     ``lambda = ||q|| / ||z||`` (norms floored at ``ROTATION_EPS``, as vector-quantize-pytorch
     does). Its forward value is ``q`` up to rounding; its Jacobian's transpose applied to ``g`` is
     ``lambda (g - 2 w (w.g) + 2 u (q_hat.g))``, what this returns. Rows of ``z`` holding NaN/Inf
-    have no rotation: they get ``g`` unchanged (straight-through), so NaN padding adds no NaN.
+    have no rotation: they get ``g`` unchanged (straight-through), so NaN padding adds no NaN;
+    so do rows outside ``keep`` (masked padding is often all zeros, where ``lambda`` would be
+    ``||q|| / 1e-6``).
 
     Args:
         grad_q: (N, D) upstream gradient of the quantized output.
         z: fp32 (N, D) the inputs; z_q: (N, D) their codes, in ``z``'s dtype.
+        keep: optional bool (N,), the rows to rotate (the others: straight-through).
 
     Returns:
         (N, D) in ``z``'s dtype (the op passes fp32).
@@ -72,7 +77,8 @@ def rotate_grad(grad_q: torch.Tensor, z: torch.Tensor, z_q: torch.Tensor) -> tor
     wg = (w * g).sum(1, keepdim=True)
     qg = (qh * g).sum(1, keepdim=True)
     rot = lam * (g - 2.0 * wg * w + 2.0 * qg * u)
-    return torch.where(torch.isfinite(nz), rot, g)
+    ok = torch.isfinite(nz) if keep is None else torch.isfinite(nz) & keep[:, None]
+    return torch.where(ok, rot, g)
 
 
 def grad_z(
@@ -95,15 +101,18 @@ def grad_z(
     Args:
         diff: fp32 (N, D) ``z_q - z``.
         denom: the loss's divisor (a number or a 0-dim tensor): kept rows times D.
-        keep: optional bool (N,); other rows get ``grad_q`` only (``torch.where``: a masked row
-            holding NaN/Inf adds no NaN).
-        rotation: ``(z, z_q)`` fp32 (N, D) each, for the rotation trick.
+        keep: optional bool (N,); other rows get ``grad_q`` only, straight through (``torch.where``:
+            a masked row holding NaN/Inf adds no NaN).
+        rotation: ``(z, z_q)`` fp32 (N, D) each, for the rotation trick (rows in ``keep``).
     """
     gz = diff * (-beta * (2.0 / denom) * g)
     if keep is not None:
         gz = torch.where(keep[:, None], gz, 0.0)
     if grad_q is not None:
-        gz = gz + (grad_q.to(torch.float32) if rotation is None else rotate_grad(grad_q, *rotation))
+        if rotation is None:
+            gz = gz + grad_q.to(torch.float32)
+        else:
+            gz = gz + rotate_grad(grad_q, *rotation, keep)
     return gz.to(dtype)
 
 

@@ -262,7 +262,8 @@ class VectorQuantizer(nn.Module):
         cosine: l2-normalise inputs and codes (nearest code by cosine similarity).
         rotation_trick: the gradient reaching the input through ``quantized`` is the rotation
             trick's (Fifty et al. 2024: ``sg(lambda R) z``, R rotating ``z``'s direction onto
-            its code's) instead of straight-through; the forward value stays the code. With
+            its code's) instead of straight-through; the forward value stays the code. Masked
+            rows and rows holding NaN/Inf pass straight through. With
             ``cosine`` it acts on the normalised rows.
         channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
         backend: "auto", "torch" or "triton", for the search and the scatters.

@@ -53,7 +53,8 @@ def simvq_reference(vq, x, mask):
             vq.codebook_loss_weight * F.mse_loss(kz.detach(), kq)
             + vq.beta * F.mse_loss(kz, kq.detach())
         )
-        outs.append(rotate_to(zj, q) if vq.rotation_trick else zj + (q - zj).detach())
+        st = zj + (q - zj).detach()  # masked rows: straight-through even with the rotation
+        outs.append(torch.where(keep[:, None], rotate_to(zj, q), st) if vq.rotation_trick else st)
         idxs.append(idx)
     out = ref.project_out(torch.stack(outs, 1).reshape(n, h * cd)).reshape(x.shape)
     idx = torch.stack(idxs, 1).reshape(*x.shape[:-1], h) if h > 1 else idxs[0].reshape(x.shape[:-1])
@@ -514,7 +515,8 @@ def test_sampled_codes_route_equals_literal_reference(backend, case):
         w_cb = 0.0 if vq.ema else 0.7
         losses.append(w_cb * F.mse_loss(zj[keep].detach(), q[keep])
                       + 0.3 * F.mse_loss(zj[keep], q[keep].detach()))  # fmt: skip
-        outs.append(rotate_to(zj, q) if vq.rotation_trick else zj + (q - zj).detach())
+        st = zj + (q - zj).detach()  # masked rows: straight-through even with the rotation
+        outs.append(torch.where(keep[:, None], rotate_to(zj, q), st) if vq.rotation_trick else st)
         picks.append(pick)
     q_ref = ref.project_out(torch.stack(outs, 1).reshape(20, h * cd)).reshape(x.shape)
     loss_ref = torch.stack(losses).mean()

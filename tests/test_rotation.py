@@ -27,12 +27,14 @@ def literal_rotation(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def reference(z, codebook, beta, keep=None):
-    """fp64 literal formula: rotated output, codebook + commitment loss over kept rows."""
+    """fp64 literal formula: rotated output (masked rows: straight-through), codebook +
+    commitment loss over kept rows."""
     z64, c64 = z.double(), codebook.double()
     idx = torch.cdist(z64, c64).argmin(1)
     zq = c64[idx]
-    out = literal_rotation(z64, zq.detach())
     k = torch.ones(z.shape[0], dtype=torch.bool) if keep is None else keep
+    st = z64 + (zq - z64).detach()
+    out = torch.where(k[:, None], literal_rotation(z64, zq.detach()), st)
     d = z.shape[1]
     denom = max(int(k.sum()) * d, 1)
     cb = ((z64.detach() - zq) ** 2)[k].sum() / denom
@@ -146,7 +148,8 @@ def _ref_layer(ref, x64, valid):
         cb = ((zg.detach() - zq) ** 2)[k].sum() / denom
         commit = ((zg - zq.detach()) ** 2)[k].sum() / denom
         losses.append(w_cb * cb + ref.beta * commit)
-        outs.append(literal_rotation(zg, zq.detach()))
+        st = zg + (zq - zg).detach()
+        outs.append(torch.where(k[:, None], literal_rotation(zg, zq.detach()), st))
         idxs.append(idx)
     if len(outs) == 1:
         q, idx = outs[0].reshape(n, h * cd), idxs[0].reshape(n, h)
@@ -226,3 +229,17 @@ def test_sharded_layer_rotation_is_the_layer_rotation(ema):
         grads.append((idx, x.grad))
     assert torch.equal(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-7)
+
+
+def test_rotation_masked_zero_padding_passes_straight_through(backend):
+    """Zero padding under a mask: straight-through, not ``||q|| / 1e-6`` times the gradient."""
+    z = torch.randn(6, 4)
+    z[4:] = 0.0
+    z.requires_grad_()
+    keep = torch.tensor([True, True, True, True, False, False])
+    q, _, loss, _ = quantize_rows(
+        z, torch.randn(5, 4), beta=0.25, backend=backend, keep=keep, rotation_trick=True
+    )
+    up = torch.randn(6, 4)
+    (q * up).sum().backward()
+    assert torch.equal(z.grad[4:], up[4:])
