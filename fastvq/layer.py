@@ -525,9 +525,11 @@ class VectorQuantizer(nn.Module):
                 any kind and no gradient to the codes; the loss has no codebook term.
                 Under torch.distributed every rank must pass the same (a frozen call issues no
                 collective).
-            ema_update: False: this training call skips the EMA step (the EMA buffers and the
-                codes stay as they are; usage and dead-code bookkeeping still run). EMA
-                codebooks only. Under torch.distributed every rank must pass the same.
+            ema_update: False: this training call makes no codebook state step (EMA, usage,
+                dead-code counters and restart all stay as they are, as vqp's
+                ``ema_update=False``; k-means init still runs on the first training call), for
+                :meth:`update_codebook_from_indices` to make it later. EMA codebooks only.
+                Under torch.distributed every rank must pass the same.
             topk: ``indices`` become the ``topk`` nearest codes of each row, nearest first (ties
                 to the lowest index), a trailing dim of size ``topk``; ``quantized`` and
                 ``loss`` are the nearest code's. A query: no sampling and no codebook update.
@@ -607,7 +609,7 @@ class VectorQuantizer(nn.Module):
             out.append((q, idx, loss, counts, sums, zg.detach(), ok.to(torch.float32), terms, near))
         q, idx, losses, counts, sums, rows, weights, terms, near = zip(*out, strict=True)
         counts = torch.stack(counts)  # (G, K)
-        if update:
+        if update and self._call_ema_step:  # ema_update=False: no state step at all (vqp)
             sums = torch.stack(sums) if ema_step else None
             counts = cb_engine.update_(
                 self, self._state(), counts, sums, rows, weights, ema_step=ema_step, **pol
