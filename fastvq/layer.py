@@ -505,6 +505,15 @@ class VectorQuantizer(nn.Module):
     def _generator(self, name: str, device, offset: int) -> torch.Generator:
         return cb_engine.generator(self._generators, self.seed, name, device, offset)
 
+    @staticmethod
+    def _call_generator(device, offset: int) -> torch.Generator:
+        """A generator for one call's random choices (sampled codes, the orthogonal subset),
+        seeded from torch's global CPU RNG, as dropout draws: activation checkpointing restores
+        that RNG before it recomputes a forward, so the recomputation makes the forward's
+        choices (in any order of recomputation); the CPU draw never syncs a device."""
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return torch.Generator(device).manual_seed(seed + offset)
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False,
         freeze_codebook: bool | None = None, ema_update: bool | None = None,
@@ -576,8 +585,7 @@ class VectorQuantizer(nn.Module):
         ce = self.commitment_use_cross_entropy_loss
         beta_mse = 0.0 if ce else self.beta  # the CE term replaces the MSE commitment
         if sample:  # per rank: rows at the same position on two ranks get independent noise
-            rank = _dist.rank(pol["group"]) if pol["distributed"] else 0
-            gen = self._generator("sample", "cpu", 11 + rank)  # CPU: the seed draw never syncs
+            gen = self._call_generator("cpu", 11 + _dist.rank(self.process_group))
         out = []  # per codebook: (q, idx, loss, counts, sums, rows, weights, terms, topk)
         for g, (zg, mg) in enumerate(groups):
             if self.cosine:
@@ -673,7 +681,7 @@ class VectorQuantizer(nn.Module):
             active = counts[0] > 0 if codes.shape[0] == 1 else counts > 0
         gen = None
         if self.orthogonal_reg_max_codes is not None:
-            gen = self._generator("orthogonal", codes.device, 13)
+            gen = self._call_generator(codes.device, 13)
         reg = orthogonal_loss(
             codes[0] if codes.shape[0] == 1 else codes, active=active,
             max_codes=self.orthogonal_reg_max_codes, generator=gen,

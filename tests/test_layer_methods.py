@@ -456,15 +456,18 @@ def test_orthogonal_reg_needs_a_gradient_codebook_and_checks_arguments():
 
 
 def test_orthogonal_max_codes_uses_the_seeded_subset():
-    """With max_codes, the term equals the literal formula on the subset the layer's seeded
-    generator draws (randperm of the K codes, first max_codes)."""
+    """With max_codes, the term equals the literal formula on the subset the call's generator
+    draws (randperm of the K codes, first max_codes)."""
     torch.manual_seed(0)
     vq = VectorQuantizer(4, 16, ema=False, kmeans_init=False, dead_code_steps=0, beta=0.0,
                          codebook_loss_weight=1e-9, orthogonal_reg_weight=1.0,
                          orthogonal_reg_max_codes=5, backend="torch")  # fmt: skip
-    g = torch.Generator().manual_seed(vq.seed * 1000003 + 13)
+    x = torch.randn(6, 4)
+    rng = torch.get_rng_state()  # this call's subset is seeded from the global RNG
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())) + 13)
     subset = torch.randperm(16, generator=g)[:5]
-    _, _, _, parts = vq(torch.randn(6, 4), return_loss_breakdown=True)
+    torch.set_rng_state(rng)
+    _, _, _, parts = vq(x, return_loss_breakdown=True)
     u = F.normalize(vq.codebook[0].detach()[subset], dim=-1, eps=1e-6)
     torch.testing.assert_close(parts.orthogonal, (u @ u.t()).square().sum() / 25 - 0.2)
 
@@ -494,8 +497,8 @@ def test_sampled_codes_route_equals_literal_reference(backend, case):
     x = torch.randn(4, 5, 6)
     mask = torch.rand(4, 5) > 0.3 if masked else None
     keep = torch.ones(20, dtype=torch.bool) if mask is None else mask.reshape(20)
-    gen = torch.Generator()
-    gen.set_state(vq._generator("sample", "cpu", 11).get_state())
+    rng = torch.get_rng_state()  # the layer seeds this call's sampling from the global RNG
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())) + 11)
     ref = copy.deepcopy(vq)
     w_out = torch.randn(4, 5, 6)
 
@@ -521,6 +524,7 @@ def test_sampled_codes_route_equals_literal_reference(backend, case):
     ((q_ref * w_out).sum() + loss_ref).backward()
 
     x.requires_grad_(True)
+    torch.set_rng_state(rng)
     q, idx, loss = vq(x, mask=mask)
     ((q * w_out).sum() + loss).backward()
     pick = torch.stack(picks, 1)
@@ -580,3 +584,27 @@ def test_return_stats_and_breakdown_together():
     assert out._fields == ("quantized", "indices", "loss", "stats", "breakdown")
     assert out.breakdown.codebook == 0  # EMA: no codebook term
     torch.testing.assert_close(out.breakdown.commitment, out.loss.detach())
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_sampling_under_activation_checkpointing_replays_the_forward_draw(use_reentrant):
+    """Checkpointing recomputes the forward in the backward: the recomputation must sample the
+    codes the forward returned, so the gradients are those of the forward's codes."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(6, 10, ema=False, kmeans_init=False, dead_code_steps=0,
+                         stochastic_sample_codes=True, sample_codebook_temp=2.0,
+                         backend="torch")  # fmt: skip
+    plain = copy.deepcopy(vq)
+    x = torch.randn(30, 6, requires_grad=True)
+    xp = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(5)
+    q, idx, loss = checkpoint(vq, x, use_reentrant=use_reentrant)
+    (q.square().sum() + loss).backward()
+    torch.manual_seed(5)
+    qp, idxp, lossp = plain(xp)
+    (qp.square().sum() + lossp).backward()
+    assert torch.equal(idx, idxp)
+    torch.testing.assert_close(vq.codebook.grad, plain.codebook.grad, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, xp.grad, rtol=0, atol=0)
