@@ -152,6 +152,22 @@ def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
 # --- top-k and beam search ------------------------------------------------------------------------
 
 
+# Layer options that the pooled routes (shared codebook, beam search) do not apply: they search,
+# update and compute the loss themselves from the layers' codes, beta and EMA settings only.
+_POOLED_UNSUPPORTED = (
+    "freeze_codebook", "stochastic_sample_codes", "orthogonal_reg_weight",
+    "codebook_diversity_loss_weight", "commitment_use_cross_entropy_loss",
+)  # fmt: skip
+
+
+def _reject_pooled(names) -> None:
+    raise ValueError(
+        f"{', '.join(names)} not supported with shared_codebook=True or beam search "
+        "(beam_size > 1) in ResidualVQ: those routes do not apply the option; use the plain "
+        "greedy stack"
+    )
+
+
 def nearest_codes_topk(
     rows: torch.Tensor, codes: torch.Tensor, k: int, *, code_block: int = TOPK_CODE_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,6 +341,16 @@ class ResidualVQ(nn.Module):
         q = len(sizes)
         if layer_kwargs.get("heads", 1) != 1:
             raise ValueError("ResidualVQ does not support heads > 1")
+        if layer_kwargs.get("rotation_trick", False):
+            raise ValueError(
+                "rotation_trick is not supported by ResidualVQ: its output's gradient is one "
+                "straight-through for the sum of codes (each depth's code is detached), so a "
+                "per-depth rotation would never reach x"
+            )
+        self._pooled_unsupported = [n for n in _POOLED_UNSUPPORTED if layer_kwargs.get(n)]
+        beams = max(beam_size or 1, eval_beam_size or 1)
+        if self._pooled_unsupported and (shared_codebook or beams > 1):
+            _reject_pooled(self._pooled_unsupported)
         if shared_codebook and len(set(sizes)) != 1:
             raise ValueError(
                 f"shared_codebook=True needs one codebook_size for every depth, got {sizes}"
@@ -430,6 +456,8 @@ class ResidualVQ(nn.Module):
         beam = beam_size or 1
         if beam > 1 and self.layers[0].cosine:
             raise ValueError("beam_size > 1 is not supported with cosine=True")
+        if beam > 1 and self._pooled_unsupported:
+            _reject_pooled(self._pooled_unsupported)
         if num_active is None:
             num_active = self.draw_num_active() if self.training else self.num_quantizers
         if self.channel_first:

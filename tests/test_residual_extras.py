@@ -521,3 +521,20 @@ def test_simvq_layers_every_route_match_literal_autograd(route):
     torch.testing.assert_close(x.grad, xr.grad)
     for layer, m in zip(rvq.layers, maps, strict=True):
         torch.testing.assert_close(layer.simvq_map.grad, m.grad)
+
+
+def test_layer_options_a_route_does_not_apply_are_rejected():
+    """rotation_trick never reaches x through the stack's straight-through; the pooled routes
+    (shared codebook, beam search) do not apply freeze / sampling / auxiliary losses."""
+    with pytest.raises(ValueError, match="rotation_trick is not supported by ResidualVQ"):
+        ResidualVQ(4, 8, 2, rotation_trick=True)
+    for opt in (dict(freeze_codebook=True), dict(stochastic_sample_codes=True),
+                dict(ema=False, orthogonal_reg_weight=0.1)):  # fmt: skip
+        name = next(k for k in opt if k != "ema")
+        for route in (dict(shared_codebook=True), dict(beam_size=2), dict(eval_beam_size=2)):
+            with pytest.raises(ValueError, match=f"{name} not supported with shared_codebook"):
+                ResidualVQ(4, 8, 2, **route, **opt)
+        rvq = ResidualVQ(4, 8, 2, **opt)  # the plain stack applies it
+        rvq(torch.randn(5, 4))
+        with pytest.raises(ValueError, match=f"{name} not supported with shared_codebook"):
+            rvq(torch.randn(5, 4), beam_size=2)
