@@ -51,7 +51,7 @@ def scale_and_row_finite(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(magnitude_scale(z2d, codebook), bool (N,) rows of z2d without NaN/Inf)`` in one pass."""
     zmax, cmax = _row_absmax(z2d), _row_absmax(codebook)
-    zero = torch.zeros((), device=z2d.device)
+    zero = torch.zeros((), dtype=torch.float32, device=z2d.device)
     row_finite = torch.isfinite(zmax)
 
     def finite_max(m: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def code_norms(
     k, d = codebook.shape
     out = torch.empty(k, dtype=torch.float32, device=codebook.device)
     step = max(1, chunk_elems // max(d, 1))
-    inf = torch.full((), float("inf"), device=codebook.device)
+    inf = torch.full((), float("inf"), dtype=torch.float32, device=codebook.device)
     for i in range(0, k, step):
         c = codebook[i : i + step].to(torch.float32)
         if scale is None:
@@ -112,7 +112,7 @@ def sanitize_codes(
     finite and its distance to every row is +inf.
     """
     norms = code_norms(codebook32, scale=scale)
-    zero = torch.zeros((), device=codebook32.device)
+    zero = torch.zeros((), dtype=torch.float32, device=codebook32.device)
     codes = codebook32 if scale is None else codebook32 * scale
     return torch.where(torch.isfinite(norms)[:, None], codes, zero), norms
 
@@ -156,9 +156,9 @@ class _Codes:
         # Measured per tile on the 2-core EPYC: oneDNN ~8% faster at D=256, even at 64, and
         # 15-25% slower than MKL's addmm at D=16 and 32.
         self.onednn = d >= 128 and _onednn_linear_ok()
-        w = torch.zeros(kp, d)
+        w = torch.zeros(kp, d, dtype=torch.float32)
         codes = torch.mul(codebook.to(torch.float32), scale, out=w[:k])  # exact: a power of two
-        norms = torch.full((kp,), float("inf"))
+        norms = torch.full((kp,), float("inf"), dtype=torch.float32)
         norms[:k] = code_norms(codes, chunk_elems=1 << 16)  # +inf for a code holding NaN/Inf
         bad = torch.isinf(norms[:k])
         if bool(bad.any()):  # zeroed, so the GEMM stays finite: its distance is +inf
@@ -312,7 +312,7 @@ def _search_cpu(z2d, codebook, block_n, block_k):
 
     starts = range(0, n, bn)
     if not threaded:
-        buf = torch.empty(0 if ops.onednn else bn * bk)
+        buf = torch.empty(0 if ops.onednn else bn * bk, dtype=torch.float32)
         for n0 in starts:
             row_block(n0, buf)
     else:
@@ -326,8 +326,9 @@ _POOL_LOCK = threading.Lock()
 
 
 def _forget_pool() -> None:
-    global _POOL, _POOL_SIZE
+    global _POOL, _POOL_SIZE, _POOL_LOCK
     _POOL, _POOL_SIZE = None, 0  # a forked child has none of the parent's threads
+    _POOL_LOCK = threading.Lock()  # nor the thread that may have held the lock at the fork
 
 
 if hasattr(os, "register_at_fork"):
@@ -348,7 +349,9 @@ def _pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
         if _POOL is None:
             size = max(1, os.cpu_count() or 1)
             pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="fastvq-search")
-            barrier = threading.Barrier(size)  # every init task on its own thread
+            # every init task on its own thread; the timeout turns a failed init into an error
+            # instead of leaving the others (and this caller) waiting for ever
+            barrier = threading.Barrier(size, timeout=60)
 
             def init() -> None:
                 torch.get_num_threads()  # this thread's lazy setup first: it reads the default
@@ -388,7 +391,7 @@ def _run_threaded(row_block, starts, threads: int, buf_numel: int) -> None:
     def work() -> None:
         if torch.get_num_threads() != 1:  # only if something reset this pool thread
             torch.set_num_threads(1)
-        buf = torch.empty(buf_numel)
+        buf = torch.empty(buf_numel, dtype=torch.float32)
         while True:
             with lock:
                 n0 = next(todo, None)
@@ -415,14 +418,16 @@ def _search_sync_free(z2d, codebook, block_n, block_k):
     codes, norms = sanitize_codes(codebook.to(torch.float32), scale)
     codes_t = codes.t()
     z_in32 = z2d.to(torch.float32)
-    z32 = torch.where(row_finite[:, None], z_in32 * scale, torch.zeros((), device=dev))
+    z32 = torch.where(
+        row_finite[:, None], z_in32 * scale, torch.zeros((), dtype=torch.float32, device=dev)
+    )
     bn = min(block_n, n)
     bk = min(block_k, k)
     buf = torch.empty(bn, bk, dtype=torch.float32, device=dev)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
         zb = z32[n0:n1]
-        best = torch.full((n1 - n0,), float("inf"), device=dev)
+        best = torch.full((n1 - n0,), float("inf"), dtype=torch.float32, device=dev)
         best_i = torch.zeros(n1 - n0, dtype=torch.int64, device=dev)
         for k0 in range(0, k, bk):
             k1 = min(k0 + bk, k)

@@ -58,3 +58,19 @@ def test_search_same_result_for_one_and_two_threads_and_concurrent_callers():
     for t in threads:
         t.join()
     assert len(out) == 3 and all(torch.equal(v, one[0]) for v in out.values())
+
+
+def test_search_with_float64_default_dtype():
+    """The CPU search's own buffers are fp32 whatever torch's default dtype (they were created
+    with the default: Float vs Double GEMM errors)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for d in (64, 256):  # addmm and the oneDNN path
+            g = torch.Generator().manual_seed(d)
+            z = torch.randn(300, d, generator=g, dtype=torch.float32)
+            c = torch.randn(200, d, generator=g, dtype=torch.float32)
+            idx = fastvq.search(z, c, backend="torch")[0]
+            assert torch.equal(idx, _oracle(z, c))
+    finally:
+        torch.set_default_dtype(before)
