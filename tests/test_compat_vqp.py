@@ -465,3 +465,37 @@ def test_fastvq_never_imports_vqp():
             else:
                 continue
             assert not any(n.split(".")[0] == "vector_quantize_pytorch" for n in names), path
+
+
+def test_sync_update_v_with_topk_matches_vqp():
+    """vqp applies sync_update_v to the top-k output too (the front end skipped it there)."""
+    torch.manual_seed(0)
+    kw = dict(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False,
+              sync_update_v=0.5)  # fmt: skip
+    ref, ours = V.VectorQuantize(**kw), C.VectorQuantize(**kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 8)
+    grads = []
+    for m in (ref, ours):
+        xx = x.clone().requires_grad_()
+        q, idx, loss = m(xx, topk=3)
+        (q.square().sum() + loss.sum()).backward()
+        grads.append((q.detach(), idx, xx.grad, m._codebook.embed.grad))
+    (q_r, i_r, gx_r, gc_r), (q_o, i_o, gx_o, gc_o) = grads
+    assert torch.equal(i_r, i_o)
+    for a, b in ((q_r, q_o), (gx_r, gx_o), (gc_r, gc_o)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(kmeans_init=True), "kmeans_init"),
+        (dict(orthogonal_reg_weight=1.0), "orthogonal_reg_weight"),
+        (dict(learnable_codebook=True, ema_update=False, sync_update_v=0.5), "sync_update_v"),
+    ],
+)
+def test_beam_training_rejects_what_the_beam_route_does_not_apply(kw, name):
+    rvq = C.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, beam_size=2, **kw)
+    with pytest.raises(NotImplementedError, match=f"beam_size with {name}"):
+        rvq(torch.randn(2, 6, 8))

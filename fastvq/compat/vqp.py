@@ -692,7 +692,7 @@ class VectorQuantize(nn.Module):
             cb.update_codebook(
                 rows.detach(), idx, row_mask, ema_update_weight, accum_ema_update, ema_now
             )
-        if self.training and self.sync_update_v > 0 and not is_topk:
+        if self.training and self.sync_update_v > 0:
             q = q + self.sync_update_v * (q - q.detach())
 
         if indices is not None:  # vqp: (codes in codebook space, cross entropy to ``indices``)
@@ -1045,6 +1045,16 @@ class ResidualVQ(nn.Module):
             raise _unsupported(name, "beam_size with codebook_diversity_loss_weight", beam)
         if self.accept_image_fmap:
             raise _unsupported(name, "beam_size with accept_image_fmap", beam)
+        if self.training and first.has_codebook_orthogonal_loss:
+            # vqp adds the orthogonal term to every candidate's loss; this route does not
+            raise _unsupported(name, "beam_size with orthogonal_reg_weight", beam)
+        if self.training and first.sync_update_v > 0:
+            raise _unsupported(name, "beam_size with sync_update_v", beam)
+        if self.training and not all(bool(vq._codebook.initted) for vq in layers):
+            # vqp's k-means runs on each depth's rows first; the beam reads the codes as they are
+            raise _unsupported(
+                name, "beam_size with kmeans_init (before the codes are initted)", beam
+            )
         lead, d = z.shape[:-1], z.shape[-1]
         books = [vq._codebook.embed[0].detach() for vq in layers]
         weights = self.beam_score_weights[: len(layers)].tolist()
