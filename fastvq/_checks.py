@@ -7,6 +7,8 @@ data-dependent check (``scatter_rows``'s index range) lives beside ``scatter_row
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,3 +58,17 @@ def check_rows_and_codebook(
             f"got {z_name} {tuple(z.shape)} and codebook {tuple(codebook.shape)}"
         )
     check_same_device(z_name, z, "codebook", codebook)
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in ``[lo, hi]``; TypeError for a non-int (bools included)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {bound}, got {v}")
+    return v

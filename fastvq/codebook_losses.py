@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float, check_same_device, check_tensor
-from .sampling import check_int, check_rows_codes, check_temperature, vqp_logits
+from ._checks import check_float, check_int, check_same_device, check_tensor
+from .sampling import check_rows_codes, check_temperature, vqp_logits
 
 # vqp's ``l2norm`` (F.normalize's eps) and ``entropy``'s clamp of the probabilities in its log.
 VQP_NORM_EPS = 1e-6

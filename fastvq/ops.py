@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import operator
 import os
 import warnings
 
 import torch
 
-from ._checks import check_float, check_rows_and_codebook, check_same_device, check_tensor
+from ._checks import (
+    check_float,
+    check_int,
+    check_rows_and_codebook,
+    check_same_device,
+    check_tensor,
+)
 from ._search_torch import search_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -200,14 +205,7 @@ def _check_scatter_inputs(indices, rows, num_codes) -> int:
             f"{rows.shape[0]} rows"
         )
     check_same_device("indices", indices, "rows", rows)
-    if isinstance(num_codes, bool):
-        raise TypeError(f"num_codes must be an int, got {num_codes!r}")
-    try:
-        k = operator.index(num_codes)
-    except TypeError:
-        raise TypeError(f"num_codes must be an int, got {num_codes!r}") from None
-    if k < 1:
-        raise ValueError(f"num_codes must be >= 1, got {k}")
+    k = check_int("num_codes", num_codes, 1)
     return k
 
 

@@ -14,11 +14,10 @@ The helpers at the top (argument checks, vqp's logits) are shared with
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
-from ._checks import check_float, check_same_device, check_tensor
+from ._checks import check_float, check_int, check_same_device, check_tensor
 from ._search_torch import sanitize_codes, scale_and_row_finite
 from .ops import search
 
@@ -35,20 +34,6 @@ _MASK32 = 0xFFFFFFFF
 
 
 # --- argument checks (shared with codebook_losses) ----------------------------------------------
-
-
-def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in ``[lo, hi]``; TypeError for a non-int (bools included)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < lo or (hi is not None and v > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {bound}, got {v}")
-    return v
 
 
 def check_temperature(name: str, value) -> float:
