@@ -33,31 +33,35 @@ def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
 
 
 def check_rows_and_codebook(
-    z, codebook, *, z_name: str = "z", z_shape: str = "(..., D)", z_ndim: int | None = None
-) -> None:
+    z, codebook, *, z_name: str = "z", z_shape: str = "(..., D)",
+    z_ndim: int | tuple[int, ...] | None = None, codebook_name: str = "codebook",
+) -> None:  # fmt: skip
     """Rows ``z`` against a ``(K, D)`` codebook: tensors, float dtypes, K >= 1, D >= 1, matching
-    D, one device. ``z_ndim`` pins ``z``'s rank (``search`` takes ``(N, D)`` only); zero rows
-    are valid."""
+    D, one device. ``z_ndim`` pins ``z``'s rank (``search`` takes ``(N, D)`` only; a tuple allows
+    several); zero rows are valid. ``z_name`` / ``codebook_name`` name them in the messages."""
+    c = codebook_name
+    c_s = f"{c}'" if c.endswith("s") else f"{c}'s"
     check_tensor(z_name, z)
-    check_tensor("codebook", codebook)
+    check_tensor(c, codebook)
     check_float(z_name, z)
-    check_float("codebook", codebook)
+    check_float(c, codebook)
     if codebook.dim() != 2:
-        raise ValueError(f"codebook must have shape (K, D), got shape {tuple(codebook.shape)}")
+        raise ValueError(f"{c} must have shape (K, D), got shape {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
-        raise ValueError("codebook must hold at least one code (K >= 1), got K = 0")
+        raise ValueError(f"{c} must hold at least one code (K >= 1), got K = 0")
     if codebook.shape[1] == 0:
-        raise ValueError("codebook must have D >= 1, got D = 0")
+        raise ValueError(f"{c} must have D >= 1, got D = 0")
     if z.dim() < 1:
         raise ValueError(f"{z_name} must have shape {z_shape}, got a 0-dim tensor")
-    if z_ndim is not None and z.dim() != z_ndim:
+    ndims = (z_ndim,) if isinstance(z_ndim, int) else z_ndim
+    if ndims is not None and z.dim() not in ndims:
         raise ValueError(f"{z_name} must have shape {z_shape}, got shape {tuple(z.shape)}")
     if z.shape[-1] != codebook.shape[1]:
         raise ValueError(
-            f"{z_name}'s last dim ({z.shape[-1]}) must equal codebook's D ({codebook.shape[1]}); "
-            f"got {z_name} {tuple(z.shape)} and codebook {tuple(codebook.shape)}"
+            f"{z_name}'s last dim ({z.shape[-1]}) must equal {c_s} D ({codebook.shape[1]}); "
+            f"got {z_name} {tuple(z.shape)} and {c} {tuple(codebook.shape)}"
         )
-    check_same_device(z_name, z, "codebook", codebook)
+    check_same_device(z_name, z, c, codebook)
 
 
 def check_int(name: str, value, lo: int, hi: int | None = None) -> int:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._checks import check_float, check_int, check_same_device, check_tensor
+from ._checks import check_int, check_rows_and_codebook
 from ._search_torch import sanitize_codes, scale_and_row_finite
 from .ops import search
 
@@ -47,26 +47,9 @@ def check_temperature(name: str, value) -> float:
 
 
 def check_rows_codes(z, codes, z_shape: str = "(N, D)", z_ndims: tuple[int, ...] = (2,)) -> None:
-    """``z`` rows against ``codes`` (K, D): tensors, float dtypes, ranks, matching D, K >= 1, one
-    device. Zero rows are valid."""
-    check_tensor("z", z)
-    check_tensor("codes", codes)
-    check_float("z", z)
-    check_float("codes", codes)
-    if codes.dim() != 2:
-        raise ValueError(f"codes must have shape (K, D), got shape {tuple(codes.shape)}")
-    if codes.shape[0] == 0:
-        raise ValueError("codes must hold at least one code (K >= 1), got K = 0")
-    if codes.shape[1] == 0:
-        raise ValueError("codes must have D >= 1, got D = 0")
-    if z.dim() not in z_ndims:
-        raise ValueError(f"z must have shape {z_shape}, got shape {tuple(z.shape)}")
-    if z.shape[-1] != codes.shape[1]:
-        raise ValueError(
-            f"z's last dim ({z.shape[-1]}) must equal codes' D ({codes.shape[1]}); got z "
-            f"{tuple(z.shape)} and codes {tuple(codes.shape)}"
-        )
-    check_same_device("z", z, "codes", codes)
+    """``z`` rows against ``codes`` (K, D): :func:`check_rows_and_codebook` with this module's
+    names. Zero rows are valid."""
+    check_rows_and_codebook(z, codes, z_shape=z_shape, z_ndim=z_ndims, codebook_name="codes")
 
 
 # --- vqp's logits -------------------------------------------------------------------------------
