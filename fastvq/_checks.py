@@ -7,6 +7,7 @@ data-dependent check (``scatter_rows``'s index range) lives beside ``scatter_row
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -76,3 +77,18 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {bound}, got {v}")
     return v
+
+
+def check_nonneg_real(name: str, value) -> None:
+    """TypeError unless ``value`` is a finite real number, ValueError when it is negative.
+
+    Comparisons only, no ``math.isfinite``: under ``torch.compile(dynamic=True)`` a Python float
+    argument or module attribute becomes a SymFloat, which comparisons trace and
+    ``math.isfinite`` does not (a graph break, an error with ``fullgraph=True``).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a finite float, got {value!r}")
+    if not -math.inf < value < math.inf:  # False for NaN and +-inf
+        raise TypeError(f"{name} must be a finite float, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")

@@ -24,12 +24,11 @@ host sync on CUDA, so it is off by default).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from ._checks import check_rows_and_codebook
+from ._checks import check_nonneg_real, check_rows_and_codebook
 from .ops import _scatter_rows_unchecked, resolve_backend, search
 
 
@@ -253,18 +252,9 @@ def _check_inputs(z, codebook, beta) -> None:
 
 
 def check_beta(beta) -> None:
-    """TypeError unless ``beta`` is a finite real number, ValueError when it is negative.
-
-    Comparisons only, no ``math.isfinite``: under ``torch.compile(dynamic=True)`` a Python float
-    argument or module attribute becomes a SymFloat, which comparisons trace and
-    ``math.isfinite`` does not (a graph break, an error with ``fullgraph=True``).
-    """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a finite float, got {beta!r}")
-    if not -math.inf < beta < math.inf:  # False for NaN and +-inf
-        raise TypeError(f"beta must be a finite float, got {beta!r}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    """TypeError unless ``beta`` is a finite real number, ValueError when it is negative
+    (:func:`~fastvq._checks.check_nonneg_real`, traceable under ``torch.compile``)."""
+    check_nonneg_real("beta", beta)
 
 
 def vector_quantize(

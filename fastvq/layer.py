@@ -40,7 +40,7 @@ from torch import nn
 
 from . import _dist
 from . import codebook as cb_engine
-from ._checks import FLOAT_DTYPES, check_same_device
+from ._checks import FLOAT_DTYPES, check_nonneg_real, check_same_device
 from .codebook import CodebookState, row_counts
 from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
 from .functional import check_beta, quantize_rows, vq_loss
@@ -105,10 +105,7 @@ class QuantizeOutputFull(NamedTuple):
 
 def _check_weight(name: str, v) -> float:
     """A finite real ``>= 0`` as a float; TypeError/ValueError naming ``name``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not -math.inf < v < math.inf:
-        raise TypeError(f"{name} must be a finite float, got {v!r}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
+    check_nonneg_real(name, v)
     return float(v)
 
 
