@@ -27,10 +27,16 @@ import torch
 # (the whole K per row block) was 2.5x slower at K=65536 in earlier trials.
 DEFAULT_BLOCK_N = 1024
 DEFAULT_BLOCK_K = 512
-# CPU: a tile's minimum is taken per chunk of this many codes (see _search_cpu); from the
-# _PLAIN_AFTER-th code block of a row block on, few rows improve and the plain path is cheaper.
-_CHUNK = 32
-_PLAIN_AFTER = 16
+# CPU at D >= _ONEDNN_MIN_D (oneDNN's GEMM, whose time dominates there): larger tiles halve the
+# per-tile op overhead. 16384 x 8192 x 256, one thread, fresh processes alternated over 4 rounds
+# (2026-11-27): median 725 ms with 2048 x 1024 tiles, 741 ms with 1024 x 512, faiss 745 ms.
+_WIDE_BLOCK_N = 2048
+_WIDE_BLOCK_K = 1024
+_ONEDNN_MIN_D = 128
+# CPU: a tile's minimum is taken per chunk of this many codes (see _search_cpu). Per 1024 x 512
+# tile on the 2-core EPYC: amin over chunks of 32 codes ~80-120 us, of 128 ~40 us (of the whole
+# 512-code row ~31 us); the argmin inside a 128-code chunk is paid only for improved rows.
+_CHUNK = 128
 
 # Tests set this to fill the index output with -1 before the loop, so a row block the loop
 # forgets to write fails loudly.
@@ -147,15 +153,16 @@ class _Codes:
     :func:`sanitize_codes` gives them, padded to ``kp`` codes: zero codes with an infinite norm,
     never selected. One (kp, D) allocation and small chunks for the norms: on the VM measured, a
     fresh multi-MiB temporary costs ~1.4 ms per MiB in page faults, more than its arithmetic.
-    The plain weight is passed as is: ``_reorder_linear_weight`` cost ~0.2 ms per 512 x 64 block
-    and made no tile faster.
+    oneDNN's blocks are reordered into its blocked weight layout once per call (``bn``: the row
+    block, its batch-size hint): at D=256 the GEMMs of a 16384 x 8192 search took ~650 ms
+    instead of ~675 ms, for ~8 ms of reordering.
     """
 
-    def __init__(self, codebook: torch.Tensor, scale: torch.Tensor, kp: int, bk: int):
+    def __init__(self, codebook: torch.Tensor, scale: torch.Tensor, kp: int, bk: int, bn: int):
         k, d = codebook.shape
         # Measured per tile on the 2-core EPYC: oneDNN ~8% faster at D=256, even at 64, and
         # 15-25% slower than MKL's addmm at D=16 and 32.
-        self.onednn = d >= 128 and _onednn_linear_ok()
+        self.onednn = d >= _ONEDNN_MIN_D and _onednn_linear_ok()
         w = torch.zeros(kp, d, dtype=torch.float32)
         codes = torch.mul(codebook.to(torch.float32), scale, out=w[:k])  # exact: a power of two
         norms = torch.full((kp,), float("inf"), dtype=torch.float32)
@@ -165,7 +172,8 @@ class _Codes:
             codes.masked_fill_(bad[:, None], 0.0)
         if self.onednn:
             w.mul_(-2.0)  # exact: tile = ||c||^2 + z.(-2c)
-            ops = [w[k0 : k0 + bk] for k0 in range(0, kp, bk)]
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            ops = [reorder(w[k0 : k0 + bk], bn) for k0 in range(0, kp, bk)]
         else:
             w_t = w.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
             ops = [w_t[:, k0 : k0 + bk] for k0 in range(0, kp, bk)]
@@ -185,15 +193,16 @@ def search_torch(
     z2d: torch.Tensor,
     codebook: torch.Tensor,
     *,
-    block_n: int = DEFAULT_BLOCK_N,
-    block_k: int = DEFAULT_BLOCK_K,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest code by squared L2 for every row, tiled so that no N x K tensor exists.
 
     Args:
         z2d: (N, D) float tensor, any strides.
         codebook: (K, D) float tensor, K >= 1, same device.
-        block_n, block_k: tile sizes (rows x codes) of one distance tile.
+        block_n, block_k: tile sizes (rows x codes) of one distance tile; None: 1024 x 512, or
+            on CPU at D >= 128 2048 x 1024.
 
     Returns:
         indices: int64 (N,), ties to the lowest index.
@@ -212,7 +221,9 @@ def search_torch(
         idx = torch.empty(0, dtype=torch.int64, device=dev)
         return idx, z2d.new_empty(z2d.shape), torch.empty(0, dtype=torch.float32, device=dev)
     if dev.type != "cpu":
-        return _search_sync_free(z2d, codebook, block_n, block_k)
+        return _search_sync_free(
+            z2d, codebook, block_n or DEFAULT_BLOCK_N, block_k or DEFAULT_BLOCK_K
+        )
     return _search_cpu(z2d, codebook, block_n, block_k)
 
 
@@ -221,10 +232,12 @@ def _search_cpu(z2d, codebook, block_n, block_k):
 
     - **Index of the minimum.** ``argmin`` over a tile row is a scalar loop on CPU (~20x slower
       than ``amin``). Each tile is viewed as chunks of ``_CHUNK`` codes: ``amin`` per chunk, then
-      the tile minimum from those. Only rows whose best improved need an index: the first chunk
-      holding their minimum (``argmin`` over the few chunk minima), then ``argmin`` over that one
-      chunk. Both ``argmin`` take the first occurrence, and chunks are in code order, so exact ties
-      go to the lowest index; across tiles, strict ``<`` keeps the earlier one.
+      the tile minimum from those. Only rows whose best improved are touched: ``argmin`` over
+      their few chunk minima finds the first chunk holding the minimum, whose distances are
+      copied into the row's slot (with the chunk's first code). One ``argmin`` over the slots,
+      after the row block's last tile, gives the index. Both ``argmin`` take the first
+      occurrence and chunks are in code order, so exact ties go to the lowest index; across
+      tiles, strict ``<`` keeps the earlier one.
     - **Threads.** Many small ops per tile each open an OpenMP region: with T > 1 intra-op threads
       their barriers cost more than they save, and much more on a loaded machine. Instead up to T
       pool threads (the ops release the GIL) each take whole row blocks with one intra-op thread
@@ -236,8 +249,12 @@ def _search_cpu(z2d, codebook, block_n, block_k):
     k = codebook.shape[0]
     threads = torch.get_num_threads()
     k32 = -(-k // _CHUNK) * _CHUNK
+    wide = d >= _ONEDNN_MIN_D and _onednn_linear_ok()
+    default_k = block_k is None
+    block_n = block_n or (_WIDE_BLOCK_N if wide else DEFAULT_BLOCK_N)
+    block_k = block_k or (_WIDE_BLOCK_K if wide else DEFAULT_BLOCK_K)
     bk = min(block_k, k32)  # a multiple of _CHUNK unless block_k is not
-    if block_k == DEFAULT_BLOCK_K and bk < k32 <= 4 * bk:
+    if default_k and not wide and bk < k32 <= 4 * bk:
         # Up to 2048 codes: one code block of the same area, so each row's index is found once
         # (1024 x 64: 0.95x faiss's time -> 0.92x with two 512-code blocks; 2048: 10% faster).
         block_n, bk = max(1, block_n * bk // k32), k32
@@ -250,7 +267,7 @@ def _search_cpu(z2d, codebook, block_n, block_k):
 
     def prepare():
         scale, row_finite = scale_and_row_finite(z2d, codebook)
-        return scale, row_finite, bool(row_finite.all()), _Codes(codebook, scale, kp, bk)
+        return scale, row_finite, bool(row_finite.all()), _Codes(codebook, scale, kp, bk, bn)
 
     # Threaded, the set-up runs on a pool thread too: an OpenMP region in the calling thread would
     # leave its OpenMP worker spinning (milliseconds on this CPU) beside the pool threads.
@@ -267,39 +284,33 @@ def _search_cpu(z2d, codebook, block_n, block_k):
     groups = bk // chunk
     first_chunk = torch.arange(bn) * groups  # row i's chunk 0 in the (r * groups, chunk) view
 
-    def row_block(n0: int, buf: torch.Tensor) -> None:
+    def row_block(n0: int, buf: torch.Tensor, slot: torch.Tensor, base: torch.Tensor) -> None:
         n1 = min(n0 + bn, n)
         r = n1 - n0
         z_in = z2d[n0:n1].to(torch.float32)
         zb = (z_in * scale).contiguous()  # the GEMM operand
         if not all_finite:  # non-finite rows: zeroed for the GEMM, index 0 below
             zb.masked_fill_(~row_finite[n0:n1, None], 0.0)
-        best_i = indices[n0:n1]  # written in place
+        slot, base = slot[:r], base[:r]
         best = None
-        for j, (k0, op, nb) in enumerate(ops.blocks):
+        for k0, op, nb in ops.blocks:
             tile = ops.tile(zb, op, nb, buf)
-            if j >= _PLAIN_AFTER:  # late tiles: few rows improve, plain amin then their argmin
-                tmin = tile.amin(dim=1)
-                rows = torch.nonzero(tmin < best).view(-1)
-                if rows.numel():
-                    best_i.index_copy_(0, rows, tile.index_select(0, rows).argmin(dim=1).add_(k0))
-                torch.minimum(best, tmin, out=best)
-                continue
             chunks = tile.view(r * groups, chunk)
             cmin = chunks.amin(dim=1).view(r, groups)
             tmin = cmin.amin(dim=1)
-            if best is None:  # the first code block (k0 = 0): every row takes its index here
+            if best is None:  # the first code block (k0 = 0): every row takes its chunk here
                 ch = cmin.argmin(dim=1)  # the first chunk holding the row's minimum
-                at = chunks.index_select(0, first_chunk[:r] + ch).argmin(dim=1)
-                best_i.copy_(at.add_(ch, alpha=chunk))
+                torch.index_select(chunks, 0, first_chunk[:r] + ch, out=slot)
+                torch.mul(ch, chunk, out=base)
                 best = tmin
                 continue
             rows = torch.nonzero(tmin < best).view(-1)  # strict: earlier blocks keep exact ties
             if rows.numel():
                 ch = cmin.index_select(0, rows).argmin(dim=1)
-                at = chunks.index_select(0, rows * groups + ch).argmin(dim=1)
-                best_i.index_copy_(0, rows, at.add_(ch, alpha=chunk).add_(k0))
+                slot.index_copy_(0, rows, chunks.index_select(0, torch.add(ch, rows, alpha=groups)))
+                base.index_copy_(0, rows, ch.mul_(chunk).add_(k0))
             torch.minimum(best, tmin, out=best)
+        best_i = torch.add(base, slot.argmin(dim=1), out=indices[n0:n1])
         if not all_finite:
             best_i.masked_fill_(~row_finite[n0:n1], 0)
         if gather_into_zq:
@@ -312,11 +323,11 @@ def _search_cpu(z2d, codebook, block_n, block_k):
 
     starts = range(0, n, bn)
     if not threaded:
-        buf = torch.empty(0 if ops.onednn else bn * bk, dtype=torch.float32)
+        bufs = _buffers(0 if ops.onednn else bn * bk, bn, chunk)
         for n0 in starts:
-            row_block(n0, buf)
+            row_block(n0, *bufs)
     else:
-        _run_threaded(row_block, starts, threads, 0 if ops.onednn else bn * bk)
+        _run_threaded(row_block, starts, threads, (0 if ops.onednn else bn * bk, bn, chunk))
     return indices, z_q, err
 
 
@@ -381,7 +392,17 @@ def _in_callers_mode(fn):
     return run
 
 
-def _run_threaded(row_block, starts, threads: int, buf_numel: int) -> None:
+def _buffers(tile_numel: int, rows: int, chunk: int):
+    """One thread's scratch: the distance tile (unless oneDNN allocates it), and per row the
+    distances of its best chunk so far and that chunk's first code."""
+    return (
+        torch.empty(tile_numel, dtype=torch.float32),
+        torch.empty(rows, chunk, dtype=torch.float32),
+        torch.empty(rows, dtype=torch.int64),
+    )
+
+
+def _run_threaded(row_block, starts, threads: int, sizes: tuple[int, int, int]) -> None:
     """Row blocks pulled from one shared queue by up to ``threads`` pool threads; the caller waits
     (its own intra-op thread count is left alone)."""
     pool, size = _pool()
@@ -391,13 +412,13 @@ def _run_threaded(row_block, starts, threads: int, buf_numel: int) -> None:
     def work() -> None:
         if torch.get_num_threads() != 1:  # only if something reset this pool thread
             torch.set_num_threads(1)
-        buf = torch.empty(buf_numel, dtype=torch.float32)
+        bufs = _buffers(*sizes)
         while True:
             with lock:
                 n0 = next(todo, None)
             if n0 is None:
                 return
-            row_block(n0, buf)
+            row_block(n0, *bufs)
 
     work = _in_callers_mode(work)
     futures = [pool.submit(work) for _ in range(min(threads, size, len(starts)))]

@@ -74,3 +74,43 @@ def test_search_with_float64_default_dtype():
             assert torch.equal(idx, _oracle(z, c))
     finally:
         torch.set_default_dtype(before)
+
+
+def _exact_argmin(z, c):
+    """fp64 squared distances without the GEMM expansion: exact for small integer inputs, so
+    exact ties stay ties and ``argmin`` takes the lowest index."""
+    exact = "donot_use_mm_for_euclid_dist"
+    return torch.cdist(z.double(), c.double(), compute_mode=exact).argmin(1)
+
+
+def test_wide_path_default_tiles_ties_and_non_finite():
+    """D >= 128 (oneDNN GEMM, 2048 x 1024 tiles, reordered weights): several row and code blocks,
+    exact ties inside a chunk, across chunks and across code blocks, NaN/Inf rows and codes, at
+    one and two threads."""
+    g = torch.Generator().manual_seed(11)
+    d = 128
+    c = torch.randint(-2, 3, (2300, d), generator=g).float()
+    c[1500] = c[7]  # a tie across code blocks (1024 codes each): 7 must win
+    c[100] = c[70]  # inside one 128-code chunk: 70 must win
+    c[300] = c[200]  # across chunks of one tile: 200 must win
+    c[9, 4] = float("nan")  # never selected
+    c[2299, 0] = float("inf")
+    z = torch.randint(-2, 3, (4200, d), generator=g).float()
+    z[:600] = c[torch.tensor([7, 70, 200, 1500, 100, 300]).repeat(100)]
+    z[:600, :3] += 0.5  # equidistant from each pair of duplicates, not on a code
+    z[4100, 2] = float("nan")
+    z[4101, 5] = float("-inf")
+    finite = torch.isfinite(c).all(1)
+    far = torch.where(finite[:, None], c, 1e6)  # the oracle never picks a non-finite code
+    ref = _exact_argmin(z.nan_to_num(0.0, 0.0, 0.0), far)
+    ref[4100] = ref[4101] = 0  # a non-finite row gets index 0
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            idx, zq, err = fastvq.search(z, c, backend="torch")
+            assert torch.equal(idx, ref), threads
+            assert torch.equal(idx[:600:6], torch.full((100,), 7))
+            assert torch.equal(zq, c[idx])
+    finally:
+        torch.set_num_threads(before)
