@@ -4,6 +4,8 @@
     python -m benchmarks.cpu_faiss --threads 1                  # the single-thread table
     python -m benchmarks.cpu_faiss --smoke                      # one tiny round (CI)
     python -m benchmarks.cpu_faiss --ref /path/to/old/checkout  # fastvq before/after a change
+    python -m benchmarks.cpu_faiss --ref OLD --op fwdbwd        # ... for forward+backward
+    python -m benchmarks.cpu_faiss --ref OLD --op ema           # ... for an EMA layer step
 
 Protocol:
 
@@ -46,7 +48,7 @@ threads = int(sys.argv[4])
 import torch
 torch.set_num_threads(threads)
 n, k, d = (int(x) for x in sys.argv[1:4])
-side, calls = sys.argv[5], int(sys.argv[6])
+side, calls, op = sys.argv[5], int(sys.argv[6]), sys.argv[7]
 torch.manual_seed(0)
 z, c = torch.randn(n, d), torch.randn(k, d)
 if side == "faiss":
@@ -56,9 +58,24 @@ if side == "faiss":
     index.add(c.numpy())
     zn = z.numpy()
     fn = lambda: index.search(zn, 1)
-else:
+elif op == "search":
     import fastvq
     fn = lambda: fastvq.search(z, c, backend="torch")
+elif op == "fwdbwd":
+    import fastvq
+    z.requires_grad_(True)
+    c.requires_grad_(True)
+    def fn():
+        q, _, loss = fastvq.vector_quantize(z, c, backend="torch")
+        (q.square().mean() + loss).backward()
+else:  # ema: one training step of the EMA layer (search, EMA update, backward)
+    import fastvq
+    layer = fastvq.VectorQuantizer(d, k, kmeans_init=False, dead_code_steps=None,
+                                   backend="torch").train()
+    z.requires_grad_(True)
+    def fn():
+        q, _, loss = layer(z)
+        (q.square().mean() + loss).backward()
 fn()
 best = float("inf")
 for _ in range(calls):
@@ -69,13 +86,14 @@ print(json.dumps({"seconds": best}))
 """
 
 
-def _run(side: str, shape, threads: int, calls: int, ref: str | None) -> dict:
+def _run(side: str, shape, threads: int, calls: int, ref: str | None, op: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("TRITON_INTERPRET", None)
     if side == "fastvq-ref":
         env["PYTHONPATH"] = ref + os.pathsep + env.get("PYTHONPATH", "")
     load = os.getloadavg()[0]
-    args = [*map(str, shape), str(threads), "faiss" if side == "faiss" else "fastvq", str(calls)]
+    worker_side = "faiss" if side == "faiss" else "fastvq"
+    args = [*map(str, shape), str(threads), worker_side, str(calls), op]
     cwd = ref if side == "fastvq-ref" else None
     out = subprocess.run([sys.executable, "-c", WORKER, *args], capture_output=True, text=True,
                          env=env, cwd=cwd, timeout=1800)  # fmt: skip
@@ -84,14 +102,16 @@ def _run(side: str, shape, threads: int, calls: int, ref: str | None) -> dict:
     return {"seconds": json.loads(out.stdout.strip().splitlines()[-1])["seconds"], "load": load}
 
 
-def measure(shapes, rounds: int, threads: int, calls: int, ref: str | None) -> list[dict]:
+def measure(
+    shapes, rounds: int, threads: int, calls: int, ref: str | None, op: str = "search"
+) -> list[dict]:
     sides = ("fastvq", "fastvq-ref" if ref else "faiss")
     rows = []
     for shape in shapes:
         per_round = []
         for r in range(rounds):
             order = sides if r % 2 == 0 else sides[::-1]
-            got = {s: _run(s, shape, threads, calls, ref) for s in order}
+            got = {s: _run(s, shape, threads, calls, ref, op) for s in order}
             per_round.append(
                 {s: got[s]["seconds"] for s in sides}
                 | {"loads": [got[s]["load"] for s in order], "first": order[0]}
@@ -108,7 +128,10 @@ def measure(shapes, rounds: int, threads: int, calls: int, ref: str | None) -> l
 
 def markdown(doc: dict) -> str:
     other = doc["rows"][0]["other"] if doc["rows"] else "faiss"
-    lines = [f"# CPU search: fastvq (torch backend) vs {other}, {doc['threads']} thread(s)", "",
+    what = {"fwdbwd": "forward+backward", "ema": "EMA layer training step"}.get(
+        doc.get("op", "search"), "search"
+    )
+    lines = [f"# CPU {what}: fastvq (torch backend) vs {other}, {doc['threads']} thread(s)", "",
              f"`{doc['command']}` on {doc['machine']}, {doc['date']}; torch {doc['torch']}, "
              f"faiss {doc.get('faiss', '-')}. Each figure: the minimum of {doc['calls']} calls "
              "in a fresh process after one warm-up; sides alternate every round. Ratio: "
@@ -133,8 +156,13 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="one tiny round (CI)")
     ap.add_argument("--ref", help="another fastvq checkout: compare against it instead of faiss")
     ap.add_argument("--shapes", help="N,K,D;N,K,D... (default: the issue's list)")
+    ap.add_argument("--op", choices=("search", "fwdbwd", "ema"), default="search",
+                    help="fwdbwd: vector_quantize forward+backward; ema: one EMA layer training "
+                    "step (both need --ref: faiss has neither)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="JSON path; no file is written by --smoke otherwise")
     a = ap.parse_args(argv)
+    if a.op != "search" and not a.ref:
+        ap.error(f"--op {a.op} compares two fastvq checkouts: give --ref")
     shapes = SMOKE_SHAPES if a.smoke else SHAPES
     if a.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in a.shapes.split(";")]
@@ -155,7 +183,8 @@ def main(argv=None) -> int:
         if not a.ref:
             print("faiss-cpu is not installed (pip install faiss-cpu)", file=sys.stderr)
             return 2
-    doc["rows"] = measure(shapes, rounds, a.threads, calls, a.ref)
+    doc["op"] = a.op
+    doc["rows"] = measure(shapes, rounds, a.threads, calls, a.ref, a.op)
     print(markdown(doc))
     if a.out or not a.smoke:
         stamp = datetime.date.today().isoformat()

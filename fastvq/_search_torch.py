@@ -64,10 +64,20 @@ def scale_and_row_finite(
         return torch.where(ok, m, zero).amax() if m.numel() else zero
 
     m = torch.maximum(finite_max(zmax, row_finite), finite_max(cmax, torch.isfinite(cmax)))
+    return _scale_of(m), row_finite
+
+
+def _scale_of(m: torch.Tensor) -> torch.Tensor:
+    """fp32 0-dim power of two ``s`` with ``m * s`` in [0.5, 1) (``m`` finite, >= 0)."""
     _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1); m = 0 gives e = 0
     # Built from its bits, so s is exactly 2^-e; the clamp keeps s and 1/s normal fp32 numbers.
     e = e.to(torch.int32).clamp(-126, 126)
-    return ((127 - e) << 23).view(torch.float32), row_finite
+    return ((127 - e) << 23).view(torch.float32)
+
+
+def _absmax(x: torch.Tensor) -> torch.Tensor:
+    """fp32 0-dim max |x| over all of ``x`` (non-empty); NaN or Inf when ``x`` holds one."""
+    return torch.maximum(x.amax(), -x.amin()).to(torch.float32)
 
 
 def magnitude_scale(z2d: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -158,7 +168,15 @@ class _Codes:
     instead of ~675 ms, for ~8 ms of reordering.
     """
 
-    def __init__(self, codebook: torch.Tensor, scale: torch.Tensor, kp: int, bk: int, bn: int):
+    def __init__(
+        self,
+        codebook: torch.Tensor,
+        scale: torch.Tensor,
+        kp: int,
+        bk: int,
+        bn: int,
+        codes_finite: bool = False,
+    ):
         k, d = codebook.shape
         # Measured per tile on the 2-core EPYC: oneDNN ~8% faster at D=256, even at 64, and
         # 15-25% slower than MKL's addmm at D=16 and 32.
@@ -166,10 +184,14 @@ class _Codes:
         w = torch.zeros(kp, d, dtype=torch.float32)
         codes = torch.mul(codebook.to(torch.float32), scale, out=w[:k])  # exact: a power of two
         norms = torch.full((kp,), float("inf"), dtype=torch.float32)
-        norms[:k] = code_norms(codes, chunk_elems=1 << 16)  # +inf for a code holding NaN/Inf
-        bad = torch.isinf(norms[:k])
-        if bool(bad.any()):  # zeroed, so the GEMM stays finite: its distance is +inf
-            codes.masked_fill_(bad[:, None], 0.0)
+        step = max(1, (1 << 16) // max(d, 1))
+        for i in range(0, k, step):  # scaled: a finite code's squares cannot overflow
+            torch.sum(codes[i : i + step].square(), dim=1, out=norms[i : min(i + step, k)])
+        if not codes_finite:
+            bad = ~torch.isfinite(norms[:k])
+            if bool(bad.any()):  # zeroed, so the GEMM stays finite; +inf: never selected
+                norms[:k].masked_fill_(bad, float("inf"))
+                codes.masked_fill_(bad[:, None], 0.0)
         if self.onednn:
             w.mul_(-2.0)  # exact: tile = ||c||^2 + z.(-2c)
             reorder = torch.ops.mkldnn._reorder_linear_weight
@@ -266,6 +288,12 @@ def _search_cpu(z2d, codebook, block_n, block_k):
     threaded = threads > 1 and n > bn
 
     def prepare():
+        # Two whole-tensor reductions first (~4x cheaper than the per-row pass on this CPU):
+        # when both are finite, every row and code is, and the scale is the same.
+        zm, cm = _absmax(z2d), _absmax(codebook)
+        if bool(torch.isfinite(zm)) and bool(torch.isfinite(cm)):
+            scale = _scale_of(torch.maximum(zm, cm))
+            return scale, None, True, _Codes(codebook, scale, kp, bk, bn, codes_finite=True)
         scale, row_finite = scale_and_row_finite(z2d, codebook)
         return scale, row_finite, bool(row_finite.all()), _Codes(codebook, scale, kp, bk, bn)
 
