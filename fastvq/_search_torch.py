@@ -165,7 +165,7 @@ class _Codes:
     fresh multi-MiB temporary costs ~1.4 ms per MiB in page faults, more than its arithmetic.
     oneDNN's blocks are reordered into its blocked weight layout once per call (``bn``: the row
     block, its batch-size hint): at D=256 the GEMMs of a 16384 x 8192 search took ~650 ms
-    instead of ~675 ms, for ~8 ms of reordering.
+    instead of ~675 ms, for ~8 ms of reordering (2026-11-27, one thread).
     """
 
     def __init__(
@@ -181,26 +181,39 @@ class _Codes:
         # Measured per tile on the 2-core EPYC: oneDNN ~8% faster at D=256, even at 64, and
         # 15-25% slower than MKL's addmm at D=16 and 32.
         self.onednn = d >= _ONEDNN_MIN_D and _onednn_linear_ok()
-        w = torch.zeros(kp, d, dtype=torch.float32)
-        codes = torch.mul(codebook.to(torch.float32), scale, out=w[:k])  # exact: a power of two
         norms = torch.full((kp,), float("inf"), dtype=torch.float32)
+        starts = range(0, kp, bk)
+        if self.onednn:
+            # Block by block: the reordered blocks are the only (K, D) copy (no second one
+            # alive while they are made).
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            ops = []
+            for k0 in starts:
+                w = torch.zeros(bk, d, dtype=torch.float32)
+                self._scaled(codebook[k0 : k0 + bk], scale, w, norms[k0 : min(k0 + bk, k)],
+                             codes_finite)  # fmt: skip
+                ops.append(reorder(w.mul_(-2.0), bn))  # exact: tile = ||c||^2 + z.(-2c)
+        else:
+            w = torch.zeros(kp, d, dtype=torch.float32)
+            self._scaled(codebook, scale, w, norms[:k], codes_finite)
+            w_t = w.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
+            ops = [w_t[:, k0 : k0 + bk] for k0 in starts]
+        self.blocks = [(k0, op, norms[k0 : k0 + bk]) for k0, op in zip(starts, ops, strict=True)]
+
+    @staticmethod
+    def _scaled(codes, scale, w, norms, codes_finite: bool) -> None:
+        """``w[:len(codes)] = s c`` and ``norms = ||s c||^2``; a code holding NaN/Inf gets a zero
+        row (the GEMM stays finite) and +inf (never selected)."""
+        k, d = codes.shape
+        c = torch.mul(codes.to(torch.float32), scale, out=w[:k])  # exact: a power of two
         step = max(1, (1 << 16) // max(d, 1))
         for i in range(0, k, step):  # scaled: a finite code's squares cannot overflow
-            torch.sum(codes[i : i + step].square(), dim=1, out=norms[i : min(i + step, k)])
+            torch.sum(c[i : i + step].square(), dim=1, out=norms[i : i + step])
         if not codes_finite:
-            bad = ~torch.isfinite(norms[:k])
-            if bool(bad.any()):  # zeroed, so the GEMM stays finite; +inf: never selected
-                norms[:k].masked_fill_(bad, float("inf"))
-                codes.masked_fill_(bad[:, None], 0.0)
-        if self.onednn:
-            w.mul_(-2.0)  # exact: tile = ||c||^2 + z.(-2c)
-            reorder = torch.ops.mkldnn._reorder_linear_weight
-            ops = [reorder(w[k0 : k0 + bk], bn) for k0 in range(0, kp, bk)]
-        else:
-            w_t = w.t()  # (D, K) view: addmm reads it as a transposed operand, no copy
-            ops = [w_t[:, k0 : k0 + bk] for k0 in range(0, kp, bk)]
-        starts = range(0, kp, bk)
-        self.blocks = [(k0, op, norms[k0 : k0 + bk]) for k0, op in zip(starts, ops, strict=True)]
+            bad = ~torch.isfinite(norms)
+            if bool(bad.any()):
+                norms.masked_fill_(bad, float("inf"))
+                c.masked_fill_(bad[:, None], 0.0)
 
     def tile(self, zb: torch.Tensor, op: torch.Tensor, nb: torch.Tensor, buf: torch.Tensor):
         """(rows, bk) fp32 ``||c||^2 - 2 z.c`` of one row block against one code block."""
