@@ -12,7 +12,9 @@ Protocol:
 - Each measurement runs in a fresh process with the same thread count on both sides
   (`torch.set_num_threads`, `faiss.omp_set_num_threads` and `OMP_NUM_THREADS`).
 - Inputs are `torch.manual_seed(0)` randn, N×D rows and K×D codes, fp32.
-- One warm-up call, then the minimum of `--calls` calls:
+- One warm-up call, then the minimum over at least `--calls` calls (5) and at least `--min-time`
+  seconds of calls (1 s): a call of 30 ms is timed ~30 times, so a burst of load from outside
+  (seconds long on the shared host) does not decide a whole process's figure:
   - fastvq: `fastvq.search(z, c, backend="torch")`, whose result also holds `z_q` and the
     squared error;
   - faiss: `IndexFlatL2(D).add(c)` outside the timed calls, then `search(z, 1)`.
@@ -48,7 +50,7 @@ threads = int(sys.argv[4])
 import torch
 torch.set_num_threads(threads)
 n, k, d = (int(x) for x in sys.argv[1:4])
-side, calls, op = sys.argv[5], int(sys.argv[6]), sys.argv[7]
+side, calls, op, min_time = sys.argv[5], int(sys.argv[6]), sys.argv[7], float(sys.argv[8])
 torch.manual_seed(0)
 z, c = torch.randn(n, d), torch.randn(k, d)
 if side == "faiss":
@@ -77,33 +79,35 @@ else:  # ema: one training step of the EMA layer (search, EMA update, backward)
         q, _, loss = layer(z)
         (q.square().mean() + loss).backward()
 fn()
-best = float("inf")
-for _ in range(calls):
+best, done, start = float("inf"), 0, time.perf_counter()
+while done < calls or time.perf_counter() - start < min_time:
     t = time.perf_counter()
     fn()
     best = min(best, time.perf_counter() - t)
-print(json.dumps({"seconds": best}))
+    done += 1
+print(json.dumps({"seconds": best, "calls": done}))
 """
 
 
-def _run(side: str, shape, threads: int, calls: int, ref: str | None, op: str) -> dict:
+def _run(side: str, shape, threads: int, calls, ref: str | None, op: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("TRITON_INTERPRET", None)
     if side == "fastvq-ref":
         env["PYTHONPATH"] = ref + os.pathsep + env.get("PYTHONPATH", "")
     load = os.getloadavg()[0]
     worker_side = "faiss" if side == "faiss" else "fastvq"
-    args = [*map(str, shape), str(threads), worker_side, str(calls), op]
+    args = [*map(str, shape), str(threads), worker_side, str(calls[0]), op, str(calls[1])]
     cwd = ref if side == "fastvq-ref" else None
     out = subprocess.run([sys.executable, "-c", WORKER, *args], capture_output=True, text=True,
                          env=env, cwd=cwd, timeout=1800)  # fmt: skip
     if out.returncode:
         raise RuntimeError(f"{side} {shape}: {out.stderr[-2000:]}")
-    return {"seconds": json.loads(out.stdout.strip().splitlines()[-1])["seconds"], "load": load}
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"seconds": got["seconds"], "calls": got["calls"], "load": load}
 
 
 def measure(
-    shapes, rounds: int, threads: int, calls: int, ref: str | None, op: str = "search"
+    shapes, rounds: int, threads: int, calls, ref: str | None, op: str = "search"
 ) -> list[dict]:
     sides = ("fastvq", "fastvq-ref" if ref else "faiss")
     rows = []
@@ -115,6 +119,7 @@ def measure(
             per_round.append(
                 {s: got[s]["seconds"] for s in sides}
                 | {"loads": [got[s]["load"] for s in order], "first": order[0]}
+                | {"calls": {s: got[s]["calls"] for s in sides}}
             )
             print(f"{shape} round {r}: " + ", ".join(
                 f"{s} {got[s]['seconds'] * 1e3:.1f} ms" for s in sides)
@@ -133,8 +138,9 @@ def markdown(doc: dict) -> str:
     )
     lines = [f"# CPU {what}: fastvq (torch backend) vs {other}, {doc['threads']} thread(s)", "",
              f"`{doc['command']}` on {doc['machine']}, {doc['date']}; torch {doc['torch']}, "
-             f"faiss {doc.get('faiss', '-')}. Each figure: the minimum of {doc['calls']} calls "
-             "in a fresh process after one warm-up; sides alternate every round. Ratio: "
+             f"faiss {doc.get('faiss', '-')}. Each figure: the minimum over at least "
+             f"{doc['calls']} calls and at least {doc.get('min_time', 0):g} s of calls, in a "
+             "fresh process after one warm-up; sides alternate every round. Ratio: "
              f"{other} time / fastvq time (> 1: fastvq faster).", "",
              f"| N × K × D | fastvq ms per round | {other} ms per round | ratios | median "
              "ratio | load average per round |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -153,6 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument(
+        "--min-time",
+        type=float,
+        default=1.0,
+        help="seconds: keep calling until both --calls calls and this much time",
+    )
     ap.add_argument("--smoke", action="store_true", help="one tiny round (CI)")
     ap.add_argument("--ref", help="another fastvq checkout: compare against it instead of faiss")
     ap.add_argument("--shapes", help="N,K,D;N,K,D... (default: the issue's list)")
@@ -166,7 +178,7 @@ def main(argv=None) -> int:
     shapes = SMOKE_SHAPES if a.smoke else SHAPES
     if a.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in a.shapes.split(";")]
-    rounds, calls = (1, 1) if a.smoke else (a.rounds, a.calls)
+    rounds, calls = (1, (1, 0.0)) if a.smoke else (a.rounds, (a.calls, a.min_time))
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -174,7 +186,7 @@ def main(argv=None) -> int:
     doc = {"command": "python -m benchmarks.cpu_faiss " + " ".join(argv or sys.argv[1:]),
            "machine": f"{platform.node()} ({os.cpu_count()} cores, {cpu})",
            "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-           "threads": a.threads, "calls": calls, "ref": a.ref}  # fmt: skip
+           "threads": a.threads, "calls": calls[0], "min_time": calls[1], "ref": a.ref}  # fmt: skip
     try:
         import faiss
 
