@@ -29,7 +29,8 @@ DEFAULT_BLOCK_N = 1024
 DEFAULT_BLOCK_K = 512
 # CPU at D >= _ONEDNN_MIN_D (oneDNN's GEMM, whose time dominates there): larger tiles halve the
 # per-tile op overhead. 16384 x 8192 x 256, one thread, fresh processes alternated over 4 rounds
-# (2026-11-27): median 725 ms with 2048 x 1024 tiles, 741 ms with 1024 x 512, faiss 745 ms.
+# (2026-11-27): median 725 ms with 2048 x 1024 tiles, 741 ms with 1024 x 512 (both with
+# reordered weights, see _Codes), faiss 745 ms.
 _WIDE_BLOCK_N = 2048
 _WIDE_BLOCK_K = 1024
 _ONEDNN_MIN_D = 128
