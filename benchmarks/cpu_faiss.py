@@ -89,14 +89,16 @@ print(json.dumps({"seconds": best, "calls": done}))
 """
 
 
-def _run(side: str, shape, threads: int, calls, ref: str | None, op: str) -> dict:
+def _run(
+    side: str, shape, threads: int, calls: int, min_time: float, ref: str | None, op: str
+) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("TRITON_INTERPRET", None)
     if side == "fastvq-ref":
         env["PYTHONPATH"] = ref + os.pathsep + env.get("PYTHONPATH", "")
     load = os.getloadavg()[0]
     worker_side = "faiss" if side == "faiss" else "fastvq"
-    args = [*map(str, shape), str(threads), worker_side, str(calls[0]), op, str(calls[1])]
+    args = [*map(str, shape), str(threads), worker_side, str(calls), op, str(min_time)]
     cwd = ref if side == "fastvq-ref" else None
     out = subprocess.run([sys.executable, "-c", WORKER, *args], capture_output=True, text=True,
                          env=env, cwd=cwd, timeout=1800)  # fmt: skip
@@ -107,15 +109,16 @@ def _run(side: str, shape, threads: int, calls, ref: str | None, op: str) -> dic
 
 
 def measure(
-    shapes, rounds: int, threads: int, calls, ref: str | None, op: str = "search"
-) -> list[dict]:
+    shapes, rounds: int, threads: int, calls: int, min_time: float, ref: str | None,
+    op: str = "search",
+) -> list[dict]:  # fmt: skip
     sides = ("fastvq", "fastvq-ref" if ref else "faiss")
     rows = []
     for shape in shapes:
         per_round = []
         for r in range(rounds):
             order = sides if r % 2 == 0 else sides[::-1]
-            got = {s: _run(s, shape, threads, calls, ref, op) for s in order}
+            got = {s: _run(s, shape, threads, calls, min_time, ref, op) for s in order}
             per_round.append(
                 {s: got[s]["seconds"] for s in sides}
                 | {"loads": [got[s]["load"] for s in order], "first": order[0]}
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
     shapes = SMOKE_SHAPES if a.smoke else SHAPES
     if a.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in a.shapes.split(";")]
-    rounds, calls = (1, (1, 0.0)) if a.smoke else (a.rounds, (a.calls, a.min_time))
+    rounds, calls, min_time = (1, 1, 0.0) if a.smoke else (a.rounds, a.calls, a.min_time)
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
     doc = {"command": "python -m benchmarks.cpu_faiss " + " ".join(argv or sys.argv[1:]),
            "machine": f"{platform.node()} ({os.cpu_count()} cores, {cpu})",
            "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-           "threads": a.threads, "calls": calls[0], "min_time": calls[1], "ref": a.ref}  # fmt: skip
+           "threads": a.threads, "calls": calls, "min_time": min_time, "ref": a.ref}  # fmt: skip
     try:
         import faiss
 
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
             print("faiss-cpu is not installed (pip install faiss-cpu)", file=sys.stderr)
             return 2
     doc["op"] = a.op
-    doc["rows"] = measure(shapes, rounds, a.threads, calls, a.ref, a.op)
+    doc["rows"] = measure(shapes, rounds, a.threads, calls, min_time, a.ref, a.op)
     print(markdown(doc))
     if a.out or not a.smoke:
         stamp = datetime.date.today().isoformat()

@@ -36,7 +36,8 @@ _WIDE_BLOCK_K = 1024
 _ONEDNN_MIN_D = 128
 # CPU: a tile's minimum is taken per chunk of this many codes (see _search_cpu). Per 1024 x 512
 # tile on the 2-core EPYC: amin over chunks of 32 codes ~80-120 us, of 128 ~40 us (of the whole
-# 512-code row ~31 us); the argmin inside a 128-code chunk is paid only for improved rows.
+# 512-code row ~31 us). Improved rows copy their best chunk into a per-row slot, and one argmin
+# over the slots (128 codes a row) ends each row block.
 _CHUNK = 128
 
 # Tests set this to fill the index output with -1 before the loop, so a row block the loop
@@ -162,11 +163,12 @@ class _Codes:
 
     ``s c`` (``-2 s c`` for oneDNN, which takes the norms as its fused bias) and ``||s c||^2``, as
     :func:`sanitize_codes` gives them, padded to ``kp`` codes: zero codes with an infinite norm,
-    never selected. One (kp, D) allocation and small chunks for the norms: on the VM measured, a
-    fresh multi-MiB temporary costs ~1.4 ms per MiB in page faults, more than its arithmetic.
-    oneDNN's blocks are reordered into its blocked weight layout once per call (``bn``: the row
-    block, its batch-size hint): at D=256 the GEMMs of a 16384 x 8192 search took ~650 ms
-    instead of ~675 ms, for ~8 ms of reordering (2026-11-27, one thread).
+    never selected. One (kp, D) allocation for ``addmm`` (one (bk, D) block at a time for
+    oneDNN) and small chunks for the norms: on the VM measured, a fresh multi-MiB temporary costs
+    ~1.4 ms per MiB in page faults, more than its arithmetic. oneDNN's blocks are reordered into
+    its blocked weight layout once per call (``bn``: the row block, its batch-size hint): at
+    D=256 the GEMMs of a 16384 x 8192 search took ~650 ms instead of ~675 ms, for ~8 ms of
+    reordering (2026-11-27, one thread).
     """
 
     def __init__(
@@ -176,12 +178,11 @@ class _Codes:
         kp: int,
         bk: int,
         bn: int,
+        onednn: bool,
         codes_finite: bool = False,
     ):
         k, d = codebook.shape
-        # Measured per tile on the 2-core EPYC: oneDNN ~8% faster at D=256, even at 64, and
-        # 15-25% slower than MKL's addmm at D=16 and 32.
-        self.onednn = d >= _ONEDNN_MIN_D and _onednn_linear_ok()
+        self.onednn = onednn
         norms = torch.full((kp,), float("inf"), dtype=torch.float32)
         starts = range(0, kp, bk)
         if self.onednn:
@@ -285,6 +286,8 @@ def _search_cpu(z2d, codebook, block_n, block_k):
     k = codebook.shape[0]
     threads = torch.get_num_threads()
     k32 = -(-k // _CHUNK) * _CHUNK
+    # Measured on the 2-core EPYC with the tile's min pass after each GEMM: oneDNN ~10% faster
+    # than MKL's addmm at D=256, 25-35% slower at D=64 and 15-25% slower at D=16 and 32.
     wide = d >= _ONEDNN_MIN_D and _onednn_linear_ok()
     default_k = block_k is None
     block_n = block_n or (_WIDE_BLOCK_N if wide else DEFAULT_BLOCK_N)
@@ -307,9 +310,9 @@ def _search_cpu(z2d, codebook, block_n, block_k):
         zm, cm = _absmax(z2d), _absmax(codebook)
         if bool(torch.isfinite(zm)) and bool(torch.isfinite(cm)):
             scale = _scale_of(torch.maximum(zm, cm))
-            return scale, None, True, _Codes(codebook, scale, kp, bk, bn, codes_finite=True)
+            return scale, None, True, _Codes(codebook, scale, kp, bk, bn, wide, codes_finite=True)
         scale, row_finite = scale_and_row_finite(z2d, codebook)
-        return scale, row_finite, bool(row_finite.all()), _Codes(codebook, scale, kp, bk, bn)
+        return scale, row_finite, bool(row_finite.all()), _Codes(codebook, scale, kp, bk, bn, wide)
 
     # Threaded, the set-up runs on a pool thread too: an OpenMP region in the calling thread would
     # leave its OpenMP worker spinning (milliseconds on this CPU) beside the pool threads.
@@ -364,12 +367,13 @@ def _search_cpu(z2d, codebook, block_n, block_k):
         torch.sum(diff.mul_(diff), dim=1, out=err[n0:n1])
 
     starts = range(0, n, bn)
+    sizes = (0 if wide else bn * bk, bn, chunk)  # oneDNN allocates its own tiles
     if not threaded:
-        bufs = _buffers(0 if ops.onednn else bn * bk, bn, chunk)
+        bufs = _buffers(*sizes)
         for n0 in starts:
             row_block(n0, *bufs)
     else:
-        _run_threaded(row_block, starts, threads, (0 if ops.onednn else bn * bk, bn, chunk))
+        _run_threaded(row_block, starts, threads, sizes)
     return indices, z_q, err
 
 
