@@ -36,8 +36,8 @@ _WIDE_BLOCK_K = 1024
 _ONEDNN_MIN_D = 128
 # CPU: a tile's minimum is taken per chunk of this many codes (see _search_cpu). Per 1024 x 512
 # tile on the 2-core EPYC: amin over chunks of 32 codes ~80-120 us, of 128 ~40 us (of the whole
-# 512-code row ~31 us). Improved rows copy their best chunk into a per-row slot, and one argmin
-# over the slots (128 codes a row) ends each row block.
+# 512-code row ~31 us). Improved rows copy their best chunk into a per-row slot, and the first
+# position of each row's minimum in its slot (128 codes) ends each row block.
 _CHUNK = 128
 
 # Tests set this to fill the index output with -1 before the loop, so a row block the loop
@@ -271,10 +271,11 @@ def _search_cpu(z2d, codebook, block_n, block_k):
       than ``amin``). Each tile is viewed as chunks of ``_CHUNK`` codes: ``amin`` per chunk, then
       the tile minimum from those. Only rows whose best improved are touched: ``argmin`` over
       their few chunk minima finds the first chunk holding the minimum, whose distances are
-      copied into the row's slot (with the chunk's first code). One ``argmin`` over the slots,
-      after the row block's last tile, gives the index. Both ``argmin`` take the first
-      occurrence and chunks are in code order, so exact ties go to the lowest index; across
-      tiles, strict ``<`` keeps the earlier one.
+      copied into the row's slot (with the chunk's first code). After the row block's last tile,
+      the first slot position equal to the row's minimum (found with ``eq`` and ``amin``, no
+      ``argmin``) gives the index. Both steps take the first occurrence and chunks are in code
+      order, so exact ties go to the lowest index; across tiles, strict ``<`` keeps the earlier
+      one.
     - **Threads.** Many small ops per tile each open an OpenMP region: with T > 1 intra-op threads
       their barriers cost more than they save, and much more on a loaded machine. Instead up to T
       pool threads (the ops release the GIL) each take whole row blocks with one intra-op thread
@@ -328,6 +329,7 @@ def _search_cpu(z2d, codebook, block_n, block_k):
 
     groups = bk // chunk
     first_chunk = torch.arange(bn) * groups  # row i's chunk 0 in the (r * groups, chunk) view
+    neg_iota = torch.arange(chunk, dtype=torch.float32) - chunk  # j - chunk at slot position j
 
     def row_block(n0: int, buf: torch.Tensor, slot: torch.Tensor, base: torch.Tensor) -> None:
         n1 = min(n0 + bn, n)
@@ -355,7 +357,13 @@ def _search_cpu(z2d, codebook, block_n, block_k):
                 slot.index_copy_(0, rows, chunks.index_select(0, torch.add(ch, rows, alpha=groups)))
                 base.index_copy_(0, rows, ch.mul_(chunk).add_(k0))
             torch.minimum(best, tmin, out=best)
-        best_i = torch.add(base, slot.argmin(dim=1), out=indices[n0:n1])
+        # The slot holds the row's minimum (``best``) exactly: its first position there is the
+        # index. eq_ writes 1.0 / 0.0, times (j - chunk) the first match is the smallest value, so
+        # a vectorised amin finds it: 25 us per 512 x 128 slot against 71 us for argmin, a scalar
+        # loop on CPU (one thread). Tiles hold no NaN (rows and codes are finite or zeroed, a bad
+        # code's norm is +inf), so every row has a match.
+        j = slot.eq_(best[:, None]).mul_(neg_iota).amin(dim=1)
+        best_i = torch.add(base, j.to(torch.int64), out=indices[n0:n1]).add_(chunk)
         if not all_finite:
             best_i.masked_fill_(~row_finite[n0:n1], 0)
         if gather_into_zq:
