@@ -7,6 +7,7 @@ inference tensors that a worker outside inference mode may not write).
 
 import threading
 
+import pytest
 import torch
 
 import fastvq
@@ -112,5 +113,38 @@ def test_wide_path_default_tiles_ties_and_non_finite():
             assert torch.equal(idx, ref), threads
             assert torch.equal(idx[:600:6], torch.full((100,), 7))
             assert torch.equal(zq, c[idx])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("k", [1024, 3000])  # one code block per row block; several
+@pytest.mark.parametrize("threads", [1, 2])
+def test_index_inside_best_chunk_is_the_first_match(k, threads):
+    """The index inside a row's best 128-code chunk is its first position equal to the row's
+    minimum: ties at the chunk's first and last positions, a chunk of only +inf distances (every
+    code non-finite) and a zero distance, at D < 128 (addmm path)."""
+    g = torch.Generator().manual_seed(5)
+    d = 64
+    c = torch.randint(-2, 3, (k, d), generator=g).float()
+    c[127] = c[0]  # first and last position of chunk 0: 0 must win
+    c[640 + 127] = c[640 + 5]  # inside chunk 5: 645 must win
+    c[k - 1] = c[k - 129]  # last code against the previous chunk: k - 129 must win
+    z = torch.randint(-2, 3, (900, d), generator=g).float()
+    z[:300] = c[torch.tensor([0, 645, k - 129]).repeat(100)]  # distance 0 to both twins
+    z[300:330, :2] += 0.5  # off every code
+    ref = _exact_argmin(z, c)
+    assert torch.equal(ref[:3], torch.tensor([0, 645, k - 129]))
+    bad = torch.full_like(c, float("nan"))  # every code non-finite: index 0 for every row
+    bad_tail = bad.clone()
+    bad_tail[k - 200 :] = c[k - 200 :]  # only the last codes are finite
+    ref_tail = (k - 200) + _exact_argmin(z, c[k - 200 :])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        idx, zq, _ = fastvq.search(z, c, backend="torch")
+        assert torch.equal(idx, ref)
+        assert torch.equal(zq, c[idx])
+        assert torch.equal(fastvq.search(z, bad, backend="torch")[0], torch.zeros(900).long())
+        assert torch.equal(fastvq.search(z, bad_tail, backend="torch")[0], ref_tail)
     finally:
         torch.set_num_threads(before)
