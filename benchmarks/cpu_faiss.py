@@ -134,13 +134,29 @@ def measure(
     return rows
 
 
+def _commit(repo: Path) -> str | None:
+    """Short commit of a checkout, with "+changes" when its tracked files differ from it; None
+    when it is not a git checkout (a result must say which code it timed)."""
+    try:
+        run = lambda *cmd: subprocess.run(  # noqa: E731
+            ["git", "-C", str(repo), *cmd], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        head = run("rev-parse", "--short", "HEAD")
+        return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def markdown(doc: dict) -> str:
     other = doc["rows"][0]["other"] if doc["rows"] else "faiss"
     what = {"fwdbwd": "forward+backward", "ema": "EMA layer training step"}.get(
         doc.get("op", "search"), "search"
     )
     lines = [f"# CPU {what}: fastvq (torch backend) vs {other}, {doc['threads']} thread(s)", "",
-             f"`{doc['command']}` on {doc['machine']}, {doc['date']}; torch {doc['torch']}, "
+             f"`{doc['command']}` on {doc['machine']}, {doc['date']}, commit "
+             f"{doc.get('commit') or 'unknown'}"
+             + (f" (ref {doc['ref_commit']})" if doc.get("ref_commit") else "")
+             + f"; torch {doc['torch']}, "
              f"faiss {doc.get('faiss', '-')}. Each figure: the minimum over at least "
              f"{doc['calls']} calls and at least {doc.get('min_time', 0):g} s of calls, in a "
              "fresh process after one warm-up; sides alternate every round. Ratio: "
@@ -189,7 +205,9 @@ def main(argv=None) -> int:
     doc = {"command": "python -m benchmarks.cpu_faiss " + " ".join(argv or sys.argv[1:]),
            "machine": f"{platform.node()} ({os.cpu_count()} cores, {cpu})",
            "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-           "threads": a.threads, "calls": calls, "min_time": min_time, "ref": a.ref}  # fmt: skip
+           "threads": a.threads, "calls": calls, "min_time": min_time, "ref": a.ref,
+           "commit": _commit(Path(__file__).resolve().parents[1]),
+           "ref_commit": _commit(Path(a.ref)) if a.ref else None}  # fmt: skip
     try:
         import faiss
 
