@@ -1,4 +1,5 @@
-"""The fair CPU protocol against faiss (benchmarks/cpu_faiss.py), one tiny round: it cannot rot."""
+"""The CPU benchmarks against faiss (cpu_faiss.py, cpu_search_parts.py), one tiny round each: they
+cannot rot."""
 
 import subprocess
 import sys
@@ -29,3 +30,16 @@ def test_training_step_before_after_smoke(op):
     assert "| 256 × 128 × 16 |" in out.stdout and "vs fastvq-ref" in out.stdout
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give --ref" in bad.stderr
+
+
+@pytest.mark.parametrize("shape", ["300,1024,16", "200,2500,8"])  # one code block; several
+def test_cpu_search_parts_smoke(shape, tmp_path):
+    """benchmarks/cpu_search_parts.py runs (with or without faiss) and writes its figures."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cpu_search_parts", "--shape", shape, "--reps", "3",
+         "--out", str(tmp_path / "parts.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| search |" in out.stdout and "eq/amin first match" in out.stdout
+    assert (tmp_path / "parts.json").read_text().count("slot 512 x 128") == 2

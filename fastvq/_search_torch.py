@@ -359,9 +359,9 @@ def _search_cpu(z2d, codebook, block_n, block_k):
             torch.minimum(best, tmin, out=best)
         # The slot holds the row's minimum (``best``) exactly: its first position there is the
         # index. eq_ writes 1.0 / 0.0, times (j - chunk) the first match is the smallest value, so
-        # a vectorised amin finds it: 25 us per 512 x 128 slot against 71 us for argmin, a scalar
-        # loop on CPU (one thread). Tiles hold no NaN (rows and codes are finite or zeroed, a bad
-        # code's norm is +inf), so every row has a match.
+        # a vectorised amin finds it: 20-25 us per 512 x 128 slot against 60-91 us for argmin, a
+        # scalar loop on CPU (one thread, benchmarks/cpu_search_parts.py). Tiles hold no NaN (rows
+        # and codes are finite or zeroed, a bad code's norm is +inf), so every row has a match.
         j = slot.eq_(best[:, None]).mul_(neg_iota).amin(dim=1)
         best_i = torch.add(base, j.to(torch.int64), out=indices[n0:n1]).add_(chunk)
         if not all_finite:
