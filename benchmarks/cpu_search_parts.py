@@ -116,9 +116,13 @@ def main(argv=None) -> int:
     for name, fn in (("argmin", lambda: slot.argmin(dim=1)), ("eq/amin first match", first_match)):
         rows.append((f"slot 512 x 128: {name}", _min_time(fn, a.reps * 5) * 1e6, "us"))
 
+    from benchmarks.cpu_faiss import _commit
+
     now = datetime.datetime.now(datetime.timezone.utc)
+    commit = _commit(Path(__file__).resolve().parents[1]) or "unknown"
     head = (f"`python -m benchmarks.cpu_search_parts {' '.join(argv or sys.argv[1:])}` on "
-            f"{platform.node()} ({os.cpu_count()} cores), {now:%Y-%m-%d %H:%M} UTC, torch "
+            f"{platform.node()} ({os.cpu_count()} cores), {now:%Y-%m-%d %H:%M} UTC, commit "
+            f"{commit}, torch "
             f"{torch.__version__}, one thread, N x K x D = {n} x {k} x {d}; minimum CPU time "
             f"(time.thread_time) of {a.reps} calls (search and faiss alternated).")  # fmt: skip
     print(head + "\n\n| piece | time |\n|---|---:|")
