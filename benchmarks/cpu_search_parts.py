@@ -12,8 +12,8 @@ Rows:
 
 - ``search``: ``fastvq.search(z, c, backend="torch")``; ``faiss``: ``IndexFlatL2.search(z, 1)``
   (when faiss-cpu is installed), the two alternated call by call;
-- ``gemms``: only the search's distance tiles (``addmm`` into one reused tile, the row blocks and
-  the scaled operands the search uses), then ``gemms + chunk amin``;
+- ``gemms``: only the search's distance tiles (its own tile sizes, GEMM operands and GEMM, over
+  its row blocks), then ``gemms + chunk amin``;
 - per slot of ``rows`` x 128 (one row block's best chunks): ``argmin`` against the ``eq_`` /
   ``amin`` first-match the search uses.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -42,7 +43,7 @@ def _min_time(fn, reps: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="16384,1024,64", help="N,K,D (D < 128: the addmm path)")
+    ap.add_argument("--shape", default="16384,1024,64", help="N,K,D")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
     a = ap.parse_args(argv)
@@ -56,26 +57,20 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     z, c = torch.randn(n, d), torch.randn(k, d)
     scale = st.magnitude_scale(z, c)
-    codes_t = (c * scale).t()
-    norms = (c * scale).square().sum(1)
-    # the search's own tiles at D < 128 and one thread (see _search_cpu)
-    k32 = -(-k // st._CHUNK) * st._CHUNK
-    bn, bk = st.DEFAULT_BLOCK_N, min(st.DEFAULT_BLOCK_K, k32)
-    if bk < k32 <= 4 * bk:
-        bn, bk = max(1, bn * bk // k32), k32
-    bn = min(bn, n)
-    tile = torch.empty(bn, bk)
+    # the search's own tiles, operands and GEMM at one thread (see _search_cpu)
+    bn, bk, wide = st._cpu_tiles(n, k, d, 1, None, None)
+    kp = -(-k // bk) * bk
+    ops = st._Codes(c, scale, kp, bk, bn, wide, codes_finite=True)
+    buf = torch.empty(0 if wide else bn * bk)
 
     def gemms(with_amin: bool):
         def run():
             for n0 in range(0, n, bn):
                 zb = z[n0 : n0 + bn] * scale
-                for k0 in range(0, k, bk):
-                    t = tile[: zb.shape[0], : min(bk, k - k0)]
-                    torch.addmm(norms[k0 : k0 + bk], zb, codes_t[:, k0 : k0 + bk], alpha=-2.0,
-                                out=t)  # fmt: skip
-                    if with_amin and t.shape[1] % st._CHUNK == 0:
-                        t.reshape(-1, st._CHUNK).amin(dim=1)
+                for _, op, nb in ops.blocks:
+                    t = ops.tile(zb, op, nb, buf)
+                    if with_amin:
+                        t.view(-1, math.gcd(bk, st._CHUNK)).amin(dim=1)
 
         return run
 
@@ -101,7 +96,8 @@ def main(argv=None) -> int:
             times[name].append(time.thread_time() - t0)
     for name, v in times.items():
         rows.append((name, min(v) * 1e3, "ms"))
-    rows.append((f"gemms ({bn} x {bk} tiles)", _min_time(gemms(False), a.reps // 3) * 1e3, "ms"))
+    gemm = f"gemms ({bn} x {bk} tiles{', oneDNN' if wide else ''})"
+    rows.append((gemm, _min_time(gemms(False), a.reps // 3) * 1e3, "ms"))
     rows.append(("gemms + chunk amin", _min_time(gemms(True), a.reps // 3) * 1e3, "ms"))
 
     slot = torch.randn(512, st._CHUNK)
@@ -109,8 +105,8 @@ def main(argv=None) -> int:
     neg_iota = torch.arange(st._CHUNK, dtype=torch.float32) - st._CHUNK
     work = torch.empty_like(slot)
 
-    def first_match():  # the search's eq_, into a second buffer so the slot survives
-        return torch.eq(slot, best[:, None], out=work).mul_(neg_iota).amin(dim=1)
+    def first_match():  # the search's own, into a second buffer so the slot survives
+        return st._first_match(slot, best, neg_iota, out=work)
 
     assert torch.equal(first_match().long() + st._CHUNK, slot.argmin(dim=1))
     for name, fn in (("argmin", lambda: slot.argmin(dim=1)), ("eq/amin first match", first_match)):

@@ -264,6 +264,43 @@ def search_torch(
     return _search_cpu(z2d, codebook, block_n, block_k)
 
 
+def _cpu_tiles(
+    n: int, k: int, d: int, threads: int, block_n: int | None, block_k: int | None
+) -> tuple[int, int, bool]:
+    """``(rows, codes, wide)`` of the CPU search's tiles; ``wide``: oneDNN's GEMM (D >= 128).
+
+    ``block_n`` / ``block_k`` None take the defaults (1024 x 512, or 2048 x 1024 when wide).
+    """
+    k32 = -(-k // _CHUNK) * _CHUNK
+    # Measured on the 2-core EPYC with the tile's min pass after each GEMM: oneDNN ~10% faster
+    # than MKL's addmm at D=256, 25-35% slower at D=64 and 15-25% slower at D=16 and 32.
+    wide = d >= _ONEDNN_MIN_D and _onednn_linear_ok()
+    default_k = block_k is None
+    block_n = block_n or (_WIDE_BLOCK_N if wide else DEFAULT_BLOCK_N)
+    block_k = block_k or (_WIDE_BLOCK_K if wide else DEFAULT_BLOCK_K)
+    bk = min(block_k, k32)  # a multiple of _CHUNK unless block_k is not
+    if default_k and not wide and bk < k32 <= 4 * bk:
+        # Up to 2048 codes: one code block of the same area, so each row's index is found once
+        # (1024 x 64: 0.95x faiss's time -> 0.92x with two 512-code blocks; 2048: 10% faster).
+        block_n, bk = max(1, block_n * bk // k32), k32
+    # Split a small batch so that every thread gets a row block (and rows stay cache-sized).
+    return max(1, min(block_n, -(-n // threads))), bk, wide
+
+
+def _first_match(slot: torch.Tensor, best: torch.Tensor, neg_iota: torch.Tensor, out=None):
+    """fp32 (rows,) ``j - chunk`` for the first position ``j`` of each row of ``slot`` (rows,
+    chunk) equal to ``best`` (rows,); ``neg_iota`` is ``arange(chunk) - chunk``. ``out`` (rows,
+    chunk) fp32 scratch, ``slot`` itself by default (overwritten).
+
+    ``eq`` writes 1.0 / 0.0, times ``j - chunk`` the first match is the smallest value, so a
+    vectorised ``amin`` finds it: 20-25 us per 512 x 128 slot against 60-91 us for ``argmin``, a
+    scalar loop on CPU (one thread, ``benchmarks/cpu_search_parts.py``). Every row must hold its
+    ``best`` (no NaN), or its result is -0.0.
+    """
+    out = slot if out is None else out
+    return torch.eq(slot, best[:, None], out=out).mul_(neg_iota).amin(dim=1)
+
+
 def _search_cpu(z2d, codebook, block_n, block_k):
     """The CPU loop: row blocks on parallel threads, each tile's index from chunk minima.
 
@@ -286,20 +323,7 @@ def _search_cpu(z2d, codebook, block_n, block_k):
     n, d = z2d.shape
     k = codebook.shape[0]
     threads = torch.get_num_threads()
-    k32 = -(-k // _CHUNK) * _CHUNK
-    # Measured on the 2-core EPYC with the tile's min pass after each GEMM: oneDNN ~10% faster
-    # than MKL's addmm at D=256, 25-35% slower at D=64 and 15-25% slower at D=16 and 32.
-    wide = d >= _ONEDNN_MIN_D and _onednn_linear_ok()
-    default_k = block_k is None
-    block_n = block_n or (_WIDE_BLOCK_N if wide else DEFAULT_BLOCK_N)
-    block_k = block_k or (_WIDE_BLOCK_K if wide else DEFAULT_BLOCK_K)
-    bk = min(block_k, k32)  # a multiple of _CHUNK unless block_k is not
-    if default_k and not wide and bk < k32 <= 4 * bk:
-        # Up to 2048 codes: one code block of the same area, so each row's index is found once
-        # (1024 x 64: 0.95x faiss's time -> 0.92x with two 512-code blocks; 2048: 10% faster).
-        block_n, bk = max(1, block_n * bk // k32), k32
-    # Split a small batch so that every thread gets a row block (and rows stay cache-sized).
-    bn = max(1, min(block_n, -(-n // threads)))
+    bn, bk, wide = _cpu_tiles(n, k, d, threads, block_n, block_k)
     chunk = math.gcd(bk, _CHUNK)
     kp = -(-k // bk) * bk  # K padded to whole code blocks: every tile has bk columns
 
@@ -358,11 +382,9 @@ def _search_cpu(z2d, codebook, block_n, block_k):
                 base.index_copy_(0, rows, ch.mul_(chunk).add_(k0))
             torch.minimum(best, tmin, out=best)
         # The slot holds the row's minimum (``best``) exactly: its first position there is the
-        # index. eq_ writes 1.0 / 0.0, times (j - chunk) the first match is the smallest value, so
-        # a vectorised amin finds it: 20-25 us per 512 x 128 slot against 60-91 us for argmin, a
-        # scalar loop on CPU (one thread, benchmarks/cpu_search_parts.py). Tiles hold no NaN (rows
-        # and codes are finite or zeroed, a bad code's norm is +inf), so every row has a match.
-        j = slot.eq_(best[:, None]).mul_(neg_iota).amin(dim=1)
+        # index. Tiles hold no NaN (rows and codes are finite or zeroed, a bad code's norm is
+        # +inf), so every row has a match.
+        j = _first_match(slot, best, neg_iota)
         best_i = torch.add(base, j.to(torch.int64), out=indices[n0:n1]).add_(chunk)
         if not all_finite:
             best_i.masked_fill_(~row_finite[n0:n1], 0)
