@@ -1,0 +1,80 @@
+"""Seeded random streams: one ``torch.Generator`` per purpose and device, created in one place.
+
+Every random choice that writes module state (dead-code restart, quantize dropout, k-means, the
+SimVQ basis) draws from a stream named here, seeded from the module's ``seed`` and, where ranks
+must differ, its rank. Per-call draws that activation checkpointing must replay (sampled codes,
+the orthogonal loss's code subset) do not: they draw from torch's global RNG, which checkpointing
+restores before it recomputes a forward.
+
+The seeds are the ones fastvq has always used, so seeded outputs stay bit-identical across
+versions::
+
+    purpose            device   seed
+    restart-shared     codes'   seed * 1000003          the same on every rank
+    restart-local      codes'   seed * 1000003 + 1 + rank
+    quantize-dropout   cpu      seed * 1000003          ResidualVQ's active depths
+    simvq-basis        cpu      seed * 1000003 + 7      drawn once, at construction
+    kmeans             cpu      seed                    a fresh stream per k-means run
+
+A module that owns streams exposes them as its ``random_streams`` attribute; the training
+application saves and restores them with :meth:`RandomStreams.state` and
+:meth:`RandomStreams.load_state`, so a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_OFFSETS = {"restart-shared": 0, "restart-local": 1, "quantize-dropout": 0, "simvq-basis": 7}
+_PER_RANK = {"restart-local"}
+
+
+def stream_seed(seed: int, purpose: str, rank: int = 0) -> int:
+    """The seed of stream ``purpose`` for a module seeded ``seed`` on ``rank`` (table above)."""
+    if purpose == "kmeans":
+        return seed
+    if purpose not in _OFFSETS:
+        raise ValueError(f"unknown random stream {purpose!r}; known: kmeans, {', '.join(_OFFSETS)}")
+    return seed * 1000003 + _OFFSETS[purpose] + (rank if purpose in _PER_RANK else 0)
+
+
+def fresh_generator(seed: int, purpose: str, device="cpu", rank: int = 0) -> torch.Generator:
+    """A new generator for a one-off draw (k-means, the SimVQ basis): never cached."""
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, purpose, rank))
+
+
+class RandomStreams:
+    """A module's persistent generators, one per ``(purpose, device)``, seeded on first use.
+
+    Args:
+        seed: the owning module's seed.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._gens: dict[tuple[str, str], torch.Generator] = {}
+
+    def get(self, purpose: str, device, rank: int = 0) -> torch.Generator:
+        """The generator of ``purpose`` on ``device``; ``rank`` seeds the per-rank streams (it is
+        read on first use only: a module's rank does not change)."""
+        key = (purpose, str(device))
+        gen = self._gens.get(key)
+        if gen is None:
+            gen = fresh_generator(self.seed, purpose, device, rank)
+            self._gens[key] = gen
+        return gen
+
+    def state(self) -> list[tuple[str, str, torch.Tensor]]:
+        """``[(purpose, device, generator state)]`` of every stream used so far."""
+        return [(p, dev, g.get_state()) for (p, dev), g in self._gens.items()]
+
+    def load_state(self, items) -> None:
+        """Restore what :meth:`state` returned (streams not listed start afresh when used)."""
+        for purpose, dev, blob in items:
+            stream_seed(self.seed, purpose)  # ValueError for a name this version does not know
+            gen = torch.Generator(device=dev)
+            gen.set_state(blob)
+            self._gens[(purpose, str(dev))] = gen
+
+    def __len__(self) -> int:
+        return len(self._gens)
