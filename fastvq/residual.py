@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import codebook as cb_engine
 from ._checks import check_same_device
+from .codebook import batch_statistics, in_backward, perplexity
 from .layer import (
     CodebookStats,
     QuantizeOutput,
@@ -43,6 +43,7 @@ from .layer import (
 )
 from .ops import resolve_backend, search
 from .sampling import topk_codes
+from .streams import RandomStreams
 
 # Codes per tile of the top-k search behind beam search (rows are blocked by topk_codes's own
 # tile budget); a running top-k carries across code blocks, so no N x K tensor exists.
@@ -141,12 +142,12 @@ def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
     device sync). A forward recomputed inside autograd's backward (activation checkpointing)
     reuses the last draw instead of drawing again, so the recomputation quantizes the same depths
     and the generator advances once per step."""
-    if cb_engine.in_backward() and module._last_num_active is not None:
-        return module._last_num_active
-    gen = cb_engine.generator(module._generators, module.seed, "quantize-dropout", "cpu")
+    if in_backward() and module.last_num_active is not None:
+        return module.last_num_active
+    gen = module.random_streams.get("quantize-dropout", "cpu")
     i = cutoff + int(torch.randint(q - cutoff, (), generator=gen))
-    module._last_num_active = min(-(-(i + 1) // multiple_of) * multiple_of, q)
-    return module._last_num_active
+    module.last_num_active = min(-(-(i + 1) // multiple_of) * multiple_of, q)
+    return module.last_num_active
 
 
 # --- top-k and beam search ------------------------------------------------------------------------
@@ -382,8 +383,8 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.seed = layer_kwargs.pop("seed", 0)
-        self._generators = {}  # the quantize-dropout generator (saved by fastvq.train's resume)
-        self._last_num_active = None  # replayed by a checkpoint's recomputation
+        self.random_streams = RandomStreams(self.seed)  # quantize dropout's (saved on resume)
+        self.last_num_active = None  # replayed by a checkpoint's recomputation
         self.layers = nn.ModuleList(
             VectorQuantizer(inner, k, seed=self.seed + i, **layer_kwargs)
             for i, k in enumerate(sizes[:1] if shared_codebook else sizes)
@@ -508,28 +509,26 @@ class ResidualVQ(nn.Module):
         Returns:
             Per depth: codes (N, codebook_dim), indices (N,), loss (fp32 0-dim), stats.
         """
-        update = self.training and not cb_engine.in_backward()
+        update = self.training and not in_backward()
         layers = [self.depth_layer(i) for i in range(num_active)]
         distinct = list(dict.fromkeys(layers))
         for layer in distinct:
-            check_same_device("x", z2, "codebook", layer._codes_tensor())
+            check_same_device("x", z2, "codebook", layer.book.anchor)
         backend = {layer: resolve_backend(layer.backend, z2.device) for layer in distinct}
         if update:
             for layer in distinct:
-                pol = layer._dist_policy()
-                if pol["distributed"] and (layer.debug or not layer._ranks_checked):
-                    layer._check_ranks()
-            if not all(layer._initted for layer in distinct):
+                layer.check_ranks_if_due()
+            if not all(layer.book.initialised for layer in distinct):
                 self._kmeans_init_greedy_(z2, valid, layers, backend)
         if beam > 1:
-            codebooks = [layer._codes_all()[0].detach() for layer in layers]
+            codebooks = [layer.book.codes()[0].detach() for layer in layers]
             beam_idx, _ = residual_beam_search(
                 z2.detach(), codebooks, beam, score_weights=self.beam_score_weights
             )
         residual = z2
         qs, idx, losses, rows, oks = [], [], [], [], []
         for depth, layer in enumerate(layers):
-            codes = layer._codes_all()[0]
+            codes = layer.book.codes()[0]
             zr = F.normalize(residual, dim=-1) if layer.cosine else residual
             if beam > 1:
                 i = beam_idx[:, depth]
@@ -547,8 +546,8 @@ class ResidualVQ(nn.Module):
             oks.append(ok)
         stats = []
         for i, ok, layer in zip(idx, oks, layers, strict=True):
-            counts = cb_engine.batch_statistics(i, ok, None, layer.codebook_size, "torch")[0]
-            ppl, used = cb_engine.perplexity(counts[None]), (counts > 0).float().mean()
+            counts = batch_statistics(i, ok, None, layer.codebook_size, "torch")[0]
+            ppl, used = perplexity(counts[None]), (counts > 0).float().mean()
             stats.append(CodebookStats(ppl, used, counts[None]))
         for layer in distinct:
             mine = [d for d in range(num_active) if layers[d] is layer]
@@ -563,17 +562,12 @@ class ResidualVQ(nn.Module):
         """One training step of ``layer`` from its depths' rows pooled (M = depths x N rows);
         in eval only the layer's last-batch statistics."""
         k = layer.codebook_size
-        counts, sums = cb_engine.batch_statistics(
-            idx, ok, rows if update and layer.ema else None, k, backend
-        )
+        counts, sums = batch_statistics(idx, ok, rows if update and layer.ema else None, k, backend)
         counts = counts[None]
         if update:
             sums = sums[None] if layer.ema else None
-            counts = cb_engine.update_(
-                layer, layer._state(), counts, sums, [rows], [ok.to(torch.float32)],
-                **layer._dist_policy(),
-            )  # fmt: skip
-        cb_engine.record_stats_(layer.last_perplexity, layer.last_used_fraction, counts)
+            counts = layer.book.step_(counts, sums, [rows], [ok.to(torch.float32)])
+        layer.book.record_batch_(counts)
 
     @torch.no_grad()
     def _kmeans_init_greedy_(self, z2, valid, layers, backend) -> None:
@@ -581,13 +575,11 @@ class ResidualVQ(nn.Module):
         this batch's greedy path (depth 0's rows for a shared codebook)."""
         residual = z2.detach()
         for depth, layer in enumerate(layers):
-            if not layer._initted:
-                layer._initted = cb_engine.kmeans_init_(
-                    layer, layer._state(), [residual], [valid], **layer._dist_policy()
-                )
-            if all(lay._initted for lay in layers[depth + 1 :]):
+            if not layer.book.initialised:
+                layer.book.kmeans_init_([residual], [valid])
+            if all(lay.book.initialised for lay in layers[depth + 1 :]):
                 return
-            codes = layer._codes_all()[0].detach()
+            codes = layer.book.codes()[0].detach()
             zr = F.normalize(residual, dim=-1) if layer.cosine else residual
             i = search(zr, codes, backend=backend[layer])[0]
             residual = residual - codes.index_select(0, i).to(residual.dtype)
@@ -628,7 +620,7 @@ class ResidualVQ(nn.Module):
         out = []
         for depth in range(self.num_quantizers):
             i = indices[..., depth]
-            codes = self.depth_layer(depth)._codes_all()[0]
+            codes = self.depth_layer(depth).book.codes()[0]
             q = F.embedding(i.clamp_min(0), codes)
             out.append(torch.where((i >= 0).unsqueeze(-1), q, 0.0))
         return out
@@ -696,7 +688,8 @@ class GroupedResidualVQ(nn.Module):
         self.seed = kwargs.pop("seed", 0)
         q = len(_codebook_sizes(codebook_size, num_quantizers))
         self.num_quantizers = q
-        self._generators, self._last_num_active = {}, None  # as ResidualVQ's quantize dropout
+        self.random_streams = RandomStreams(self.seed)  # as ResidualVQ's quantize dropout
+        self.last_num_active = None
         self.rvqs = nn.ModuleList(
             ResidualVQ(
                 dim // groups, codebook_size, num_quantizers, seed=self.seed + g * q, **kwargs

@@ -43,9 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dist
-from . import codebook as cb_engine
 from ._checks import check_same_device
-from .codebook import CodebookState
+from .codebook import Codebook, batch_statistics, in_backward
 from .functional import (
     VectorQuantizeFunction,
     VQOutput,
@@ -54,7 +53,7 @@ from .functional import (
     grad_z,
     vq_loss,
 )
-from .layer import check_input
+from .layer import check_input, flat_codebook_state
 from .ops import _scatter_rows_unchecked, resolve_backend, search
 
 # Keys: high 32 bits = IEEE bits of the non-negative fp32 error, low 32 bits = global code index.
@@ -222,9 +221,7 @@ def shard_statistics(
     fp32 ``(counts (S,), sums (S, D))``, the all-reduced statistics of the unsharded layer.
     Rows holding NaN/Inf (non-finite error) are left out, as in the unsharded layer."""
     mine = (result.row_indices >= start) & (result.row_indices < end) & result.row_err.isfinite()
-    return cb_engine.batch_statistics(
-        result.row_indices - start, mine, result.rows, end - start, backend
-    )
+    return batch_statistics(result.row_indices - start, mine, result.rows, end - start, backend)
 
 
 class ShardedVectorQuantizeFunction(torch.autograd.Function):
@@ -369,10 +366,15 @@ def init_codes(start: int, end: int, dim: int, seed: int = 0, chunk: int = 4096)
     return torch.cat(parts) if parts else torch.empty(0, dim)
 
 
+# The codebook's settings and state, read through to ``self.book``.
+_BOOK_ATTRS = (
+    "codebook", "cluster_size", "embed_avg", "steps_unused", "usage_counts", "initted",
+    "decay", "eps", "kmeans_iters", "dead_code_steps", "restart_noise", "seed", "backend",
+)  # fmt: skip
 # What every rank must agree on (see VectorQuantizer's list).
 _RANK_FIELDS = (
     "dim", "codebook_size", "codebook_dim", "ema", "beta", "decay", "eps", "training", "cosine",
-    "_initted", "kmeans_iters", "dead_code_steps", "restart_noise", "seed",
+    "kmeans initialised", "kmeans_iters", "dead_code_steps", "restart_noise", "seed",
 )  # fmt: skip
 
 
@@ -442,10 +444,7 @@ class ShardedVectorQuantizer(nn.Module):
             raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
         self.rotation_trick = rotation_trick
         self.debug, self._ranks_checked = debug, False
-        self.ema, self.decay, self.eps, self.cosine = ema, decay, eps, cosine
-        self.kmeans_iters, self.dead_code_steps = kmeans_iters, dead_code_steps
-        self.restart_noise, self.seed = restart_noise, seed
-        self.group, self.backend = group, backend
+        self.ema, self.cosine, self.group = ema, cosine, group
         rank, world = rank_and_world(group)
         self.start, self.end = shard_range(codebook_size, rank, world)
         self.project_in = nn.Linear(dim, cd) if cd != dim else nn.Identity()
@@ -462,10 +461,15 @@ class ShardedVectorQuantizer(nn.Module):
             init = F.normalize(init, dim=-1)
         # Only the features in use add buffers: a default layer's state_dict (and the names
         # ddp_ignore_shards returns) stay as they were before restart and k-means existed here.
-        cb_engine.register_state(
-            self, init, ema=ema, restart=dead_code_steps > 0, kmeans=kmeans_init,
-            initted=codebook is not None or not kmeans_init,
+        self.book = Codebook(
+            1, codebook_size, cd, learning="ema" if ema else "grad", init=init,
+            shard=(self.start, self.end), decay=decay, eps=eps, cosine=cosine,
+            kmeans_init=kmeans_init and codebook is None, kmeans_iters=kmeans_iters,
+            kmeans_flag=kmeans_init, dead_code_steps=dead_code_steps,
+            restart_noise=restart_noise, counters=dead_code_steps > 0, seed=seed,
+            backend=backend, sync_distributed=True, process_group=group, grouped=False,
         )  # fmt: skip
+        flat_codebook_state(self)
 
     def extra_repr(self) -> str:
         return (
@@ -475,52 +479,45 @@ class ShardedVectorQuantizer(nn.Module):
             f"cosine={self.cosine}"
         )
 
+    def __getattr__(self, name: str):
+        if name in _BOOK_ATTRS:
+            return getattr(super().__getattr__("book"), name)
+        return super().__getattr__(name)
+
     def full_codebook(self) -> torch.Tensor:
         """The whole (K, codebook_dim) codebook gathered on every rank (for export; a
         collective)."""
         return gather_codebook(self.codebook.detach(), self.codebook_size, self.group)
 
-    def _state(self) -> CodebookState:
-        """The buffers as the codebook engine's (1, S, ...) views."""
-
-        def view(name):
-            t = getattr(self, name, None)
-            return None if t is None else t[None]
-
-        return CodebookState(
-            self.codebook.data[None], view("cluster_size"), view("embed_avg"),
-            view("steps_unused"), view("usage_counts"), getattr(self, "initted", None),
-        )  # fmt: skip
-
     # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
     @torch.compiler.disable
-    def _check_ranks(self) -> None:
+    def check_ranks(self) -> None:
         """ValueError on every rank when ranks disagree on the layer's configuration (an EMA
         rank issues an all_reduce that a gradient rank does not: a hang or mixed tensors)."""
-        cb_engine.check_ranks("ShardedVectorQuantizer", self, _RANK_FIELDS, self.group)
+        fields = {
+            n: self.book.initialised if n == "kmeans initialised" else getattr(self, n)
+            for n in _RANK_FIELDS
+        }
+        self.book.check_ranks("ShardedVectorQuantizer", fields)
+        self._ranks_checked = True
 
     def forward(self, x: torch.Tensor) -> VQOutput:
         """``x`` (..., dim) -> VQOutput(quantized like x, global indices x.shape[:-1], loss)."""
         check_input(x, self.dim, False)
-        check_same_device("x", x, "codebook", self.codebook)
+        check_same_device("x", x, "codebook", self.book.anchor)
         if self.debug or not self._ranks_checked:
-            self._check_ranks()
+            self.check_ranks()
         backend = resolve_backend(self.backend, x.device)
         lead = x.shape[:-1]
         z = self.project_in(x.reshape(-1, self.dim))
         # Not while autograd's engine runs (activation checkpointing recomputing this forward):
         # every rank recomputes alike, so skipping keeps the collectives matched.
-        update = self.training and not cb_engine.in_backward()
-        pol = cb_engine.dist_policy(True, self.group)
-        if update and not self._initted:
-            self._initted = cb_engine.kmeans_init_(
-                self, self._state(), [z.detach()], [None], start=self.start, **pol
-            )
+        update = self.training and not in_backward()
+        if update and not self.book.initialised:
+            self.book.kmeans_init_([z.detach()], [None])
         if self.cosine:
             z = F.normalize(z, dim=-1)
-        codes = (
-            F.normalize(self.codebook, dim=-1) if self.cosine and not self.ema else self.codebook
-        )
+        codes = self.book.codes()[0]
         res = sharded_search(z, codes, self.codebook_size, self.group, backend)
         q, loss = ShardedVectorQuantizeFunction.apply(
             z, codes, res, self.codebook_size, self.beta, 0.0 if self.ema else 1.0, self.group,
@@ -528,14 +525,13 @@ class ShardedVectorQuantizer(nn.Module):
         )  # fmt: skip
         if update:
             mine = (res.row_indices >= self.start) & (res.row_indices < self.end)
-            counts, sums = cb_engine.batch_statistics(
+            counts, sums = batch_statistics(
                 res.row_indices - self.start, mine & res.row_err.isfinite(),
                 res.rows if self.ema else None, self.end - self.start, backend,
             )  # fmt: skip
-            cb_engine.update_(
-                self, self._state(), counts[None], None if sums is None else sums[None],
-                [z.detach()], [res.err.isfinite().to(torch.float32)], sharded=True,
-                start=self.start, **pol,
+            self.book.step_(
+                counts[None], None if sums is None else sums[None], [z.detach()],
+                [res.err.isfinite().to(torch.float32)], sharded=True,
             )  # fmt: skip
         quantized = self.project_out(q).reshape(*lead, self.dim)
         return VQOutput(quantized, res.indices.reshape(lead), loss)
@@ -552,11 +548,8 @@ def ddp_ignore_shards(model: nn.Module) -> list[str]:
     names = []
     for mname, mod in model.named_modules():
         if isinstance(mod, ShardedVectorQuantizer):
-            for pname, _ in [
-                *mod.named_parameters(recurse=False),
-                *mod.named_buffers(recurse=False),
-            ]:
-                names.append(f"{mname}.{pname}" if mname else pname)
+            for pname, _ in [*mod.book.named_parameters(), *mod.book.named_buffers()]:
+                names.append(f"{mname}.book.{pname}" if mname else f"book.{pname}")
     existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, existing + [n for n in names if n not in existing]
