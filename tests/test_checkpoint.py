@@ -15,16 +15,16 @@ import textwrap
 import pytest
 import torch
 
-from fastvq import train as T
-from fastvq.cli import main
-from fastvq.data import write_synthetic_dataset
+from fastvq.app import train as T
+from fastvq.app.cli import main
+from fastvq.app.data import write_synthetic_dataset
 from fastvq.models import AE, AEConfig
 
 STEPS, EVERY = 6, 3  # checkpoints at steps 3 and 6, four writes each
 
 _TRAIN = f"""
 import sys, torch
-from fastvq import train as T
+from fastvq.app import train as T
 from fastvq.models import AE, AEConfig
 
 def run(run_dir, steps, resume=False):

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from fastvq.cli import main
-from fastvq.data import write_synthetic_dataset
-from fastvq.demo import DemoSteps, run_demo
+from fastvq.app.cli import main
+from fastvq.app.data import write_synthetic_dataset
+from fastvq.app.demo import DemoSteps, run_demo
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from fastvq import train as T
+from fastvq.app import train as T
 from fastvq.models import (
     AE,
     VAE,

@@ -1,4 +1,4 @@
-"""fastvq.recipes, the stages shared by `fastvq demo` and `fastvq train`, and their seeding."""
+"""fastvq.app.recipes, the stages shared by `fastvq demo` and `fastvq train`, and their seeding."""
 
 import json
 import random
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastvq import recipes as R
-from fastvq import train as T
-from fastvq.cli import build_parser, vqvae_options
-from fastvq.data import load_dataset, write_synthetic_dataset
+from fastvq.app import recipes as R
+from fastvq.app import train as T
+from fastvq.app.cli import build_parser, vqvae_options
+from fastvq.app.data import load_dataset, write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

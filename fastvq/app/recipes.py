@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import AE, VAE, VQVAE, PixelCNN
 from . import metrics as M
 from . import train as T
 from .data import Dataset, to_float
-from .models import AE, VAE, VQVAE, PixelCNN
 
 STAT_IMAGES = 10000  # train images behind the AE latent statistics and the data variance
 

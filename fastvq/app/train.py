@@ -52,9 +52,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from .data import Split, to_float
-from .models import (
+from ..models import (
     AE,
     VAE,
     VQVAE,
@@ -66,6 +64,8 @@ from .models import (
     VAEConfig,
     VQVAEConfig,
 )
+from . import metrics as M
+from .data import Split, to_float
 
 MODELS = {
     "ae": (AE, AEConfig),

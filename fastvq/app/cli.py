@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..models import AEConfig, PixelCNNConfig, VQVAEConfig
 from . import recipes as R
 from . import train as T
 from .data import DATASETS, DataNotFoundError, IDXError, load_dataset
 from .figures import save_panels
-from .models import AEConfig, PixelCNNConfig, VQVAEConfig
 from .train import CheckpointError, RunLockedError, TrainingInterrupted
 
 EXAMPLES = """\
@@ -223,7 +223,7 @@ VQ_OPTIONS = (
 
 
 def _layer_defaults() -> dict:
-    from .layer import VectorQuantizer, resolve_simvq
+    from ..layer import VectorQuantizer, resolve_simvq
 
     params = inspect.signature(VectorQuantizer).parameters
     out = {k: params[k].default for k in VQ_OPTIONS}
