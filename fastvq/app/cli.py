@@ -21,10 +21,19 @@ import torch
 
 from ..models import AEConfig, PixelCNNConfig, VQVAEConfig
 from . import recipes as R
-from . import train as T
+from .checkpoint import (
+    CheckpointError,
+    RunLockedError,
+    build,
+    checkpoint_dir,
+    load_run,
+    read_meta,
+    run_lock,
+)
 from .data import DATASETS, DataNotFoundError, IDXError, load_dataset
 from .figures import save_panels
-from .train import CheckpointError, RunLockedError, TrainingInterrupted
+from .loop import TrainingInterrupted
+from .rng import seed_everything
 
 EXAMPLES = """\
 examples:
@@ -405,9 +414,9 @@ def _run_meta(path: Path, arg: str) -> dict:
     (a damaged one raises CheckpointError, also exit status 2)."""
     if not path.is_dir():
         raise UsageError(f"argument {arg}: {path} does not exist")
-    if T.checkpoint_dir(path) is None:
+    if checkpoint_dir(path) is None:
         raise UsageError(f"argument {arg}: {path} holds no checkpoint (not a fastvq run)")
-    return T.read_meta(path)
+    return read_meta(path)
 
 
 def _config_value(dest: str, cfg: dict):
@@ -459,12 +468,12 @@ def _resolve_resume(args) -> None:
             f"argument --resume: {out} does not exist, so there is nothing to resume "
             "(drop --resume to start a new run)"
         )
-    if T.checkpoint_dir(out) is None:
+    if checkpoint_dir(out) is None:
         raise UsageError(
             f"argument --resume: {out} holds no checkpoint yet, so there is nothing to resume "
             "(drop --resume to start a new run)"
         )
-    meta = T.read_meta(out)
+    meta = read_meta(out)
     if meta.get("kind") != args.kind:
         raise UsageError(
             f"argument --resume: {out} is a {meta.get('kind')} run, not {args.kind} "
@@ -578,11 +587,9 @@ def _total_steps(args, n_train: int) -> int:
 
 def cmd_train(args) -> dict:
     """``fastvq train KIND``: one stage of :mod:`fastvq.recipes` into its run directory."""
-    T.seed_everything(args.seed)
+    seed_everything(args.seed)
     ds = load_dataset(args.dataset, args.data_dir, prefix=args.data_prefix)
-    with T.run_lock(
-        args.out
-    ):  # one writer per run directory, from the resume read to the last save
+    with run_lock(args.out):  # one writer per run directory, from the resume read to the last save
         return _train_locked(args, ds, args.out)
 
 
@@ -611,15 +618,15 @@ def _train_locked(args, ds, out: Path) -> dict:
     if args.kind != "pixelcnn":
         cfg = resume_cfg or R.model_config(args.kind, ds, **_options(args, ds))
         fit["meta"] = {"dataset": ds.name, "data_dir": args.data_dir, "args": _run_args(args, cfg)}
-        model = T.build(args.kind, cfg)
+        model = build(args.kind, cfg)
         meta = R.train_images(args.kind, model, ds, out, eval_limit=args.eval_limit, **fit)
     else:
-        vqvae, _ = T.load_run(args.vqvae, args.device)
+        vqvae, _ = load_run(args.vqvae, args.device)
         codes = R.encode_dataset(vqvae, ds, args.device, test_limit=args.eval_limit)
         options = dict(_options(args, ds), num_codes=vqvae.cfg.codebook_size)
         cfg = resume_cfg or R.model_config("pixelcnn", ds, **options)
         fit["meta"] = {"dataset": ds.name, "data_dir": args.data_dir, "args": _run_args(args, cfg)}
-        model = T.build("pixelcnn", cfg)
+        model = build("pixelcnn", cfg)
         meta = R.train_prior(model, codes, ds, out, args.vqvae, conditional=args.conditional, **fit)
     print(json.dumps({"run": str(out), "step": meta["step"], **meta.get("metrics", {})}))
     return meta
@@ -637,7 +644,7 @@ def _options(args, ds) -> dict:
 
 def cmd_sample(args) -> Path:
     """``fastvq sample RUN``: a PNG grid of samples from a vae, ae or pixelcnn run."""
-    model, meta = T.load_run(args.run, args.device)
+    model, meta = load_run(args.run, args.device)
     g = torch.Generator().manual_seed(args.seed)
     kind = meta["kind"]
     if kind == "vae":
@@ -645,7 +652,7 @@ def cmd_sample(args) -> Path:
     elif kind == "ae":
         images = R.sample_ae(model, meta, args.n, g, args.device)
     else:
-        vqvae, _ = T.load_run(Path(args.run) / meta["vqvae"], args.device)
+        vqvae, _ = load_run(Path(args.run) / meta["vqvae"], args.device)
         y = None
         if model.cfg.num_classes:
             label = 0 if args.label is None else args.label
