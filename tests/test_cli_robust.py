@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from fastvq.app import demo
-from fastvq.app.cli import auto_threads, build_parser, main
+from fastvq.app.cli import auto_threads, main
 from fastvq.app.data import write_synthetic_dataset
 from fastvq.app.demo import DemoSteps, run_demo
+from fastvq.app.parser import build_parser
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ import torch
 
 from fastvq.app import recipes as R
 from fastvq.app.checkpoint import build
-from fastvq.app.cli import build_parser, vqvae_options
 from fastvq.app.data import load_dataset, write_synthetic_dataset
 from fastvq.app.evaluate import get_classifier
+from fastvq.app.parser import build_parser, vqvae_options
 from fastvq.app.rng import seed_everything
 
 
