@@ -235,7 +235,7 @@ def _total_steps(args, n_train: int) -> int:
 
 
 def cmd_train(args) -> dict:
-    """``fastvq train KIND``: one stage of :mod:`fastvq.recipes` into its run directory."""
+    """``fastvq train KIND``: one stage of :mod:`fastvq.app.recipes` into its run directory."""
     seed_everything(args.seed)
     ds = load_dataset(args.dataset, args.data_dir, prefix=args.data_prefix)
     with run_lock(args.out):  # one writer per run directory, from the resume read to the last save
@@ -316,7 +316,7 @@ def cmd_sample(args) -> Path:
 
 
 def cmd_demo(args) -> dict:
-    """``fastvq demo``: :func:`fastvq.demo.run_demo`, then print its ``summary.md`` and where
+    """``fastvq demo``: :func:`fastvq.app.demo.run_demo`, then print its ``summary.md`` and where
     its outputs are."""
     from .demo import run_demo
 

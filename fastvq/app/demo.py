@@ -86,7 +86,7 @@ def run_demo(
     steps: DemoSteps | None = None,
     **vqvae,
 ) -> dict:
-    """Train the feature classifier and the four stages of :mod:`fastvq.recipes` on
+    """Train the feature classifier and the four stages of :mod:`fastvq.app.recipes` on
     ``dataset``, one run directory each under ``out_dir``, then write ``reconstructions.png``,
     ``samples.png``, ``codebook_usage.png``, ``metrics.json`` and ``summary.md`` there.
 
