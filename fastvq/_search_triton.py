@@ -12,9 +12,9 @@ from typing import NamedTuple
 import torch
 import triton
 
+from fastvq._interpret import interpreting
 from fastvq._search_torch import code_norms, magnitude_scale
 from fastvq.kernels.vq_search import vq_search_fwd_kernel
-from fastvq.ops import interpreting
 
 # Tests set this to fill outputs with NaN / -1 before launch, so a row the kernel forgets to write
 # fails loudly instead of passing with whatever memory held.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import warnings
 
 import torch
@@ -22,6 +21,7 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
+from ._interpret import interpreting
 from ._search_torch import search_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -53,11 +53,6 @@ def _warn_triton_broken(reason: str) -> None:
 def triton_available() -> bool:
     """True when the Triton kernels import on this machine."""
     return _triton_import_error() is None
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

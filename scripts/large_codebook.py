@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastvq._procmem import proc_status_kib, reset_peak_rss
-from fastvq.data import load_dataset, to_float
+from fastvq.app.data import load_dataset, to_float
 from fastvq.layer import UsageMeter
 from fastvq.models.vqvae import VQVAE, VQVAEConfig
 

@@ -15,16 +15,18 @@ import textwrap
 import pytest
 import torch
 
-from fastvq import train as T
-from fastvq.cli import main
-from fastvq.data import write_synthetic_dataset
+from fastvq.app import checkpoint as C
+from fastvq.app.cli import main
+from fastvq.app.data import write_synthetic_dataset
+from fastvq.app.loop import fit
 from fastvq.models import AE, AEConfig
 
 STEPS, EVERY = 6, 3  # checkpoints at steps 3 and 6, four writes each
 
 _TRAIN = f"""
 import sys, torch
-from fastvq import train as T
+from fastvq.app import checkpoint as C
+from fastvq.app.loop import fit
 from fastvq.models import AE, AEConfig
 
 def run(run_dir, steps, resume=False):
@@ -34,7 +36,7 @@ def run(run_dir, steps, resume=False):
     labels = torch.zeros(64, dtype=torch.long)
     torch.manual_seed(0)
     model = AE(AEConfig(hidden=8, latent_dim=4))
-    T.fit(model, "ae", data, labels, steps=steps, batch_size=16, eval_every={EVERY},
+    fit(model, "ae", data, labels, steps=steps, batch_size=16, eval_every={EVERY},
           run_dir=run_dir, resume=resume)
     return model
 """
@@ -48,13 +50,13 @@ _CHILD_PATCHED = _TRAIN + textwrap.dedent(
     f"""
     import os, signal
     calls = []
-    real = T.save_file
+    real = C.save_file
     def save_file_then_die(*a, **k):
         real(*a, **k)
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-    T.save_file = save_file_then_die
+    C.save_file = save_file_then_die
     run(sys.argv[1], {STEPS})
     """
 )
@@ -99,7 +101,7 @@ def test_killed_between_writes_then_resume_matches_uninterrupted(tmp_path, refer
     proc = _child(_CHILD, tmp_path / "run", fault)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     _assert_same(run(tmp_path / "run", STEPS, resume=True), reference)
-    meta = T.read_meta(tmp_path / "run")
+    meta = C.read_meta(tmp_path / "run")
     assert meta["step"] == STEPS
     assert [p.name for p in (tmp_path / "run").glob("ckpt-*")] == [
         os.readlink(tmp_path / "run" / "current")
@@ -110,7 +112,7 @@ def test_killed_after_optimizer_write_then_resume_matches(tmp_path, reference):
     """The issue's reproduction: model and optimizer of step 6 on disk, run.json of step 3."""
     proc = _child(_CHILD_PATCHED, tmp_path / "run")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert T.read_meta(tmp_path / "run")["step"] == EVERY  # the last committed checkpoint
+    assert C.read_meta(tmp_path / "run")["step"] == EVERY  # the last committed checkpoint
     _assert_same(run(tmp_path / "run", STEPS, resume=True), reference)
 
 
@@ -118,16 +120,16 @@ def test_inconsistent_checkpoint_is_refused(tmp_path):
     """A mix of two checkpoints (copied by hand here) is refused, not silently resumed."""
     run(tmp_path / "a", EVERY)
     run(tmp_path / "b", STEPS)
-    a, b = T.checkpoint_dir(tmp_path / "a"), T.checkpoint_dir(tmp_path / "b")
+    a, b = C.checkpoint_dir(tmp_path / "a"), C.checkpoint_dir(tmp_path / "b")
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
-    with pytest.raises(T.CheckpointError, match="saved at step 6 but run.json says step 3"):
+    with pytest.raises(C.CheckpointError, match="saved at step 6 but run.json says step 3"):
         run(tmp_path / "a", STEPS, resume=True)
-    with pytest.raises(T.CheckpointError, match="inconsistent checkpoint"):
-        T.load_run(tmp_path / "a")
+    with pytest.raises(C.CheckpointError, match="inconsistent checkpoint"):
+        C.load_run(tmp_path / "a")
     os.unlink(tmp_path / "b" / "current")
     os.symlink("ckpt-gone", tmp_path / "b" / "current")
-    with pytest.raises(T.CheckpointError, match="points to"):
-        T.read_meta(tmp_path / "b")
+    with pytest.raises(C.CheckpointError, match="points to"):
+        C.read_meta(tmp_path / "b")
 
 
 def test_second_writer_is_refused(tmp_path, capsys):
@@ -137,8 +139,8 @@ def test_second_writer_is_refused(tmp_path, capsys):
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a separate open file: another writer
     try:
-        with pytest.raises(T.RunLockedError, match="another fastvq process"):
-            T.fit(AE(AEConfig(hidden=8, latent_dim=4)), "ae",
+        with pytest.raises(C.RunLockedError, match="another fastvq process"):
+            fit(AE(AEConfig(hidden=8, latent_dim=4)), "ae",
                   torch.zeros(16, 28, 28, dtype=torch.uint8), torch.zeros(16, dtype=torch.long),
                   steps=1, batch_size=16, run_dir=out)  # fmt: skip
         data = write_synthetic_dataset(tmp_path / "idx", n_train=16, n_test=8)
@@ -148,5 +150,5 @@ def test_second_writer_is_refused(tmp_path, capsys):
     finally:
         os.close(fd)
     assert not (out / "run.json").exists()
-    T.save_run(out, AE(AEConfig(hidden=8, latent_dim=4)), "ae", {"step": 0})  # lock released
+    C.save_run(out, AE(AEConfig(hidden=8, latent_dim=4)), "ae", {"step": 0})  # lock released
     assert json.loads((out / "run.json").read_text())["step"] == 0

@@ -1,13 +1,16 @@
 """`fastvq` CLI smoke tests on a tiny synthetic IDX dataset written into tmp_path."""
 
+import inspect
 import json
 
 import pytest
 import torch
 
-from fastvq.cli import main
-from fastvq.data import write_synthetic_dataset
-from fastvq.demo import DemoSteps, run_demo
+from fastvq.app.cli import main
+from fastvq.app.data import write_synthetic_dataset
+from fastvq.app.demo import DemoSteps, run_demo
+from fastvq.app.parser import VQ_DEFAULTS, VQ_OPTIONS
+from fastvq.layer import VectorQuantizer, resolve_simvq
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +78,15 @@ def test_demo_tiny(tmp_path, data_dir, monkeypatch):
     assert fd["M"] == 24 and all(v >= 0 for k, v in fd.items() if k not in ("M", "features"))
     assert any((tmp_path / "cache").iterdir())  # the feature classifier was cached
     assert main(["sample", str(tmp_path / "demo" / "pixelcnn"), "-n", "2"]) == 0
+
+
+def test_cli_layer_defaults_are_the_layers():
+    """The CLI keeps VectorQuantizer's defaults as a literal (help texts, runs saved with an
+    option unset); they must stay the layer's. None in the signature is resolved by the layer."""
+    assert tuple(VQ_DEFAULTS) == VQ_OPTIONS
+    params = inspect.signature(VectorQuantizer).parameters
+    layer = {k: params[k].default for k in VQ_OPTIONS}
+    layer["ema"], layer["kmeans_init"], layer["dead_code_steps"] = resolve_simvq(
+        False, layer["ema"], layer["kmeans_init"], layer["dead_code_steps"]
+    )
+    assert VQ_DEFAULTS == layer

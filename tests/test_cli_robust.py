@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastvq import demo
-from fastvq.cli import auto_threads, build_parser, main
-from fastvq.data import write_synthetic_dataset
-from fastvq.demo import DemoSteps, run_demo
+from fastvq.app import demo
+from fastvq.app.cli import auto_threads, main
+from fastvq.app.data import write_synthetic_dataset
+from fastvq.app.demo import DemoSteps, run_demo
+from fastvq.app.parser import build_parser
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +138,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tmp_path, data_dir):
     # A shell's background job (CI's runner may be one) starts with SIGINT ignored, and Python
     # then keeps ignoring it: give the child the default disposition, as a terminal would.
     child = subprocess.Popen(
-        [sys.executable, "-m", "fastvq.cli", *argv],
+        [sys.executable, "-m", "fastvq.app.cli", *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip

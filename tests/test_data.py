@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from fastvq.data import (
+from fastvq.app.data import (
     DEBIAN_ROOT,
     DataNotFoundError,
     IDXError,

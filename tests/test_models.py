@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from fastvq import train as T
+from fastvq.app.checkpoint import load_run, save_run
+from fastvq.app.loop import fit
 from fastvq.models import (
     AE,
     VAE,
@@ -108,8 +109,8 @@ def test_checkpoint_round_trip(tmp_path, kind, model):
         model.train()
         model(x)
     model.eval()
-    T.save_run(tmp_path, model, kind, {"note": "x"})
-    loaded, meta = T.load_run(tmp_path)
+    save_run(tmp_path, model, kind, {"note": "x"})
+    loaded, meta = load_run(tmp_path)
     assert meta["kind"] == kind and meta["note"] == "x"
     with torch.no_grad():
         if kind == "vae":
@@ -129,12 +130,10 @@ def test_resume_matches_uninterrupted(tmp_path):
     a = AE(cfg)
     torch.manual_seed(0)
     b = AE(cfg)
-    T.fit(a, "ae", data, labels, steps=6, batch_size=16, run_dir=tmp_path / "a")
-    T.fit(b, "ae", data, labels, steps=3, batch_size=16, run_dir=tmp_path / "b")
+    fit(a, "ae", data, labels, steps=6, batch_size=16, run_dir=tmp_path / "a")
+    fit(b, "ae", data, labels, steps=3, batch_size=16, run_dir=tmp_path / "b")
     b2 = AE(cfg)
-    meta = T.fit(
-        b2, "ae", data, labels, steps=6, batch_size=16, run_dir=tmp_path / "b", resume=True
-    )
+    meta = fit(b2, "ae", data, labels, steps=6, batch_size=16, run_dir=tmp_path / "b", resume=True)
     assert meta["step"] == 6
     for p, q in zip(a.parameters(), b2.parameters(), strict=True):
         torch.testing.assert_close(p, q)

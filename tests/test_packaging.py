@@ -22,7 +22,12 @@ def test_wheel_contains_kernels_and_imports(tmp_path):
     )  # fmt: skip
     (wheel,) = wheel_dir.glob("fastvq-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for f in ("fastvq/kernels/__init__.py", "fastvq/kernels/vq_search.py", "fastvq/ops.py"):
+    for f in (
+        "fastvq/kernels/__init__.py",
+        "fastvq/kernels/vq_search.py",
+        "fastvq/ops.py",
+        "fastvq/app/cli.py",
+    ):
         assert f in names, f"{f} missing from {wheel.name}"
     assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package leaked"
 

@@ -1,4 +1,4 @@
-"""fastvq.recipes, the stages shared by `fastvq demo` and `fastvq train`, and their seeding."""
+"""fastvq.app.recipes, the stages shared by `fastvq demo` and `fastvq train`, and their seeding."""
 
 import json
 import random
@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastvq import recipes as R
-from fastvq import train as T
-from fastvq.cli import build_parser, vqvae_options
-from fastvq.data import load_dataset, write_synthetic_dataset
+from fastvq.app import recipes as R
+from fastvq.app.checkpoint import build
+from fastvq.app.data import load_dataset, write_synthetic_dataset
+from fastvq.app.evaluate import get_classifier
+from fastvq.app.parser import build_parser, vqvae_options
+from fastvq.app.rng import seed_everything
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def ds(tmp_path_factory):
 def test_seed_everything_seeds_torch_numpy_and_random():
     draws = []
     for _ in range(2):
-        T.seed_everything(7)
+        seed_everything(7)
         draws.append((torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()))
     assert draws[0] == draws[1]
 
@@ -30,7 +32,7 @@ def test_classifier_is_seeded_whatever_the_global_rng(ds, tmp_path):
     weights = []
     for prior_seed in (1, 2):
         torch.manual_seed(prior_seed)
-        clf, _ = T.get_classifier(ds, steps=2, seed=0, cache=tmp_path / str(prior_seed))
+        clf, _ = get_classifier(ds, steps=2, seed=0, cache=tmp_path / str(prior_seed))
         weights.append(clf.state_dict())
     for name, w in weights[0].items():
         assert torch.equal(w, weights[1][name]), name
@@ -61,8 +63,8 @@ def test_demo_takes_the_train_vq_options():
 
 
 def test_ae_stage_records_latent_stats_and_samples_from_them(ds, tmp_path):
-    T.seed_everything(0)
-    ae = T.build("ae", R.model_config("ae", ds, hidden=8))
+    seed_everything(0)
+    ae = build("ae", R.model_config("ae", ds, hidden=8))
     meta = R.train_images("ae", ae, ds, tmp_path / "ae", steps=2, batch_size=16, eval_limit=8)
     stats = R.latent_stats(ae, ds.train.images)
     saved = json.loads((tmp_path / "ae" / "run.json").read_text())

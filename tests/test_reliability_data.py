@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fastvq.cli import main
-from fastvq.data import IDXError, read_idx, write_idx, write_synthetic_dataset
+from fastvq.app.cli import main
+from fastvq.app.data import IDXError, read_idx, write_idx, write_synthetic_dataset
 
 
 def _corrupt_deflate(path):

@@ -1,7 +1,7 @@
 """The four training stages of the VQ-VAE story, and sampling from what they train.
 
 ``fastvq demo`` runs all four in a row; ``fastvq train KIND`` runs one. Both build a model from
-:func:`model_config`, seed it themselves (:func:`fastvq.train.seed_everything`), and call:
+:func:`model_config`, seed it themselves (:func:`fastvq.app.rng.seed_everything`), and call:
 
 1. :func:`train_images` with ``"ae"``: a plain autoencoder, then a diagonal Gaussian fitted to
    its train latents (``latent_mean``/``latent_std`` in ``run.json``), to decode random latents;
@@ -9,7 +9,7 @@
 3. :func:`train_images` with ``"vqvae"``: the VQ-VAE (its loss scaled by the data variance);
 4. :func:`encode_dataset` then :func:`train_prior`: a PixelCNN prior on the VQ-VAE's code maps.
 
-Each stage trains with :func:`fastvq.train.fit` into its own run directory and evaluates on the
+Each stage trains with :func:`fastvq.app.loop.fit` into its own run directory and evaluates on the
 test split; ``fit_kwargs`` pass through to ``fit`` (``steps``, ``seed``, ``resume``, ...).
 """
 
@@ -21,14 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import AE, VAE, VQVAE, PixelCNN
 from . import metrics as M
-from . import train as T
+from .checkpoint import MODELS, read_meta, save_run
 from .data import Dataset, to_float
-from .models import AE, VAE, VQVAE, PixelCNN
+from .evaluate import encode_codes, eval_prior, eval_recon, eval_vae, eval_vqvae
+from .loop import fit
 
 STAT_IMAGES = 10000  # train images behind the AE latent statistics and the data variance
 
-_EVALUATE = {"ae": T.eval_recon, "vae": T.eval_vae, "vqvae": T.eval_vqvae}
+_EVALUATE = {"ae": eval_recon, "vae": eval_vae, "vqvae": eval_vqvae}
 
 
 def data_variance(images_u8: torch.Tensor) -> float:
@@ -52,7 +54,7 @@ def model_config(kind: str, ds: Dataset, **options) -> dict:
     if kind == "vqvae":
         sized["data_variance"] = data_variance(ds.train.images)
     set_options = {k: v for k, v in options.items() if v is not None}
-    return dataclasses.asdict(T.MODELS[kind][1](**sized, **set_options))
+    return dataclasses.asdict(MODELS[kind][1](**sized, **set_options))
 
 
 @torch.no_grad()
@@ -72,7 +74,7 @@ def train_images(
     AE's latent statistics are then added to its checkpoint (for ``fastvq sample``) and the meta.
     """
     evaluate = _EVALUATE[kind]
-    meta = T.fit(
+    meta = fit(
         model,
         kind,
         ds.train.images,
@@ -84,7 +86,7 @@ def train_images(
     )
     if kind == "ae":
         stats = latent_stats(model, ds.train.images, device)
-        T.save_run(run_dir, model, "ae", {**T.read_meta(run_dir), **stats})
+        save_run(run_dir, model, "ae", {**read_meta(run_dir), **stats})
         meta.update(stats)
     return meta
 
@@ -105,9 +107,9 @@ class Codes:
 def encode_dataset(vqvae: VQVAE, ds: Dataset, device="cpu", test_limit=None) -> Codes:
     """Stage 4's data: the code maps of every train image and of the first ``test_limit`` test
     images (all if None)."""
-    train = T.encode_codes(vqvae, ds.train.images, device, desc="encode train codes")
+    train = encode_codes(vqvae, ds.train.images, device, desc="encode train codes")
     test = ds.test.images[:test_limit] if test_limit else ds.test.images
-    return Codes(train, T.encode_codes(vqvae, test, device))
+    return Codes(train, encode_codes(vqvae, test, device))
 
 
 def train_prior(
@@ -133,7 +135,7 @@ def train_prior(
     test = codes.test[:eval_limit] if eval_limit else codes.test
     labels = ds.test.labels[: test.shape[0]] if conditional else None
     vqvae_rel = os.path.relpath(vqvae_dir, run_dir)
-    return T.fit(
+    return fit(
         model,
         "pixelcnn",
         codes.train,
@@ -141,7 +143,7 @@ def train_prior(
         device=device,
         prepare=lambda c: c,  # code maps are model inputs as they are
         conditional=conditional,
-        evaluate=lambda m: T.eval_prior(m, test, labels, device),
+        evaluate=lambda m: eval_prior(m, test, labels, device),
         run_dir=run_dir,
         meta=dict(meta or {}, vqvae=vqvae_rel, code_shape=list(codes.shape)),
         **fit_kwargs,

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from . import recipes as R
-from . import train as T
+from .checkpoint import build
 from .data import Dataset, load_dataset, to_float
+from .evaluate import eval_prior, eval_recon, eval_vae, features, get_classifier
 from .figures import save_panels, save_usage_histogram
+from .rng import seed_everything
 
 BATCH_SIZE = 128
 FD_SEEDS = 3  # sample sets per generator behind each Fréchet distance's mean and spread
@@ -84,7 +86,7 @@ def run_demo(
     steps: DemoSteps | None = None,
     **vqvae,
 ) -> dict:
-    """Train the feature classifier and the four stages of :mod:`fastvq.recipes` on
+    """Train the feature classifier and the four stages of :mod:`fastvq.app.recipes` on
     ``dataset``, one run directory each under ``out_dir``, then write ``reconstructions.png``,
     ``samples.png``, ``codebook_usage.png``, ``metrics.json`` and ``summary.md`` there.
 
@@ -102,7 +104,7 @@ def run_demo(
 
     with _timed(timings, "classifier"):
         clf_cache = Path(cache) if cache is not None else None
-        clf, clf_metrics = T.get_classifier(
+        clf, clf_metrics = get_classifier(
             ds, device, steps=st.classifier, seed=seed, cache=clf_cache
         )
     result["classifier"] = {
@@ -114,17 +116,17 @@ def run_demo(
     options = {"ae": {}, "vae": {}, "vqvae": vqvae}
     for i, (kind, name) in enumerate(NAMES.items(), 1):
         with _timed(timings, kind):
-            T.seed_everything(seed)
-            models[kind] = T.build(kind, R.model_config(kind, ds, **options[kind]))
+            seed_everything(seed)
+            models[kind] = build(kind, R.model_config(kind, ds, **options[kind]))
             steps_k, desc = getattr(st, kind), f"{i}/4 {name}"
             metas[kind] = R.train_images(
                 kind, models[kind], ds, out / kind, steps=steps_k, desc=desc, **common
             )
     with _timed(timings, "pixelcnn"):
         codes = R.encode_dataset(models["vqvae"], ds, device)
-        T.seed_everything(seed)
+        seed_everything(seed)
         K = models["vqvae"].cfg.codebook_size
-        prior = T.build("pixelcnn", R.model_config("pixelcnn", ds, num_codes=K))
+        prior = build("pixelcnn", R.model_config("pixelcnn", ds, num_codes=K))
         pixelcnn = dict(steps=st.pixelcnn, desc="4/4 PixelCNN", **common)
         R.train_prior(prior, codes, ds, out / "pixelcnn", out / "vqvae", **pixelcnn)
     with _timed(timings, "metrics"):
@@ -204,14 +206,14 @@ def _model_metrics(models, prior, codes, usage, ds, clf, device, lim, bar) -> di
     """Test-set metrics of the four trained models (reconstructions on ``lim`` images)."""
     test, vqvae = ds.test, models["vqvae"]
     K = vqvae.cfg.codebook_size
-    r = {"ae": _tick(bar, "AE recon", lambda: T.eval_recon(models["ae"], test, device, clf, lim))}
-    r["vae"] = _tick(bar, "VAE ELBO", lambda: T.eval_vae(models["vae"], test, device, limit=lim))
+    r = {"ae": _tick(bar, "AE recon", lambda: eval_recon(models["ae"], test, device, clf, lim))}
+    r["vae"] = _tick(bar, "VAE ELBO", lambda: eval_vae(models["vae"], test, device, limit=lim))
     vae_recon = _tick(
-        bar, "VAE recon", lambda: T.eval_recon(models["vae"], test, device, clf, limit=lim)
+        bar, "VAE recon", lambda: eval_recon(models["vae"], test, device, clf, limit=lim)
     )
     r["vae"]["classifier_acc_on_recon"] = vae_recon["classifier_acc_on_recon"]
     r["vae"]["likelihood"] = "discretized logistic over 256 levels per pixel"
-    r["vqvae"] = _tick(bar, "VQ-VAE recon", lambda: T.eval_recon(vqvae, test, device, clf, lim))
+    r["vqvae"] = _tick(bar, "VQ-VAE recon", lambda: eval_recon(vqvae, test, device, clf, lim))
     r["vqvae"].update(
         codebook_size=K,
         code_map=list(codes.shape),
@@ -220,7 +222,7 @@ def _model_metrics(models, prior, codes, usage, ds, clf, device, lim, bar) -> di
         perplexity_test=usage["perplexity"],
         vq_kwargs=vqvae.cfg.vq_kwargs,
     )
-    nll = _tick(bar, "PixelCNN NLL", lambda: T.eval_prior(prior, codes.test, None, device))
+    nll = _tick(bar, "PixelCNN NLL", lambda: eval_prior(prior, codes.test, None, device))
     nll = nll["nll_bits_per_code"]
     r["pixelcnn"] = {
         "test_nll_bits_per_code": nll,
@@ -265,11 +267,11 @@ def _frechet(samples, ds, clf, n, g, device, bar, seed) -> dict:
 
     def run():
         perm = torch.randperm(len(ds.train), generator=g)[:n]
-        f_test = T.features(clf, to_float(ds.test.images[:n]), device)
-        f_train = T.features(clf, to_float(ds.train.images[perm]), device)
+        f_test = features(clf, to_float(ds.test.images[:n]), device)
+        f_train = features(clf, to_float(ds.train.images[perm]), device)
         fd = {"floor_train_vs_test": M.frechet_distance(f_train, f_test)}
         for name, images in samples.items():
-            fd[name] = M.frechet_distance(T.features(clf, images, device), f_test)
+            fd[name] = M.frechet_distance(features(clf, images, device), f_test)
         return fd
 
     return _tick(bar, f"Fréchet distances (seed {seed})", run)
