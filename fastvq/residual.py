@@ -383,7 +383,7 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.seed = layer_kwargs.pop("seed", 0)
-        self.random_streams = RandomStreams(self.seed)  # quantize dropout's (saved on resume)
+        self.random_streams = RandomStreams(self.seed)  # quantize dropout (saved by fastvq.app.rng)
         self.last_num_active = None  # replayed by a checkpoint's recomputation
         self.layers = nn.ModuleList(
             VectorQuantizer(inner, k, seed=self.seed + i, **layer_kwargs)

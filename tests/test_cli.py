@@ -1,6 +1,6 @@
 """`fastvq` CLI smoke tests on a tiny synthetic IDX dataset written into tmp_path."""
 
-import inspect
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +10,7 @@ from fastvq.app.cli import main
 from fastvq.app.data import write_synthetic_dataset
 from fastvq.app.demo import DemoSteps, run_demo
 from fastvq.app.parser import VQ_DEFAULTS, VQ_OPTIONS
-from fastvq.layer import VectorQuantizer, resolve_simvq
+from fastvq.layer_config import VQConfig, resolve_simvq
 
 
 @pytest.fixture(autouse=True)
@@ -82,10 +82,10 @@ def test_demo_tiny(tmp_path, data_dir, monkeypatch):
 
 def test_cli_layer_defaults_are_the_layers():
     """The CLI keeps VectorQuantizer's defaults as a literal (help texts, runs saved with an
-    option unset); they must stay the layer's. None in the signature is resolved by the layer."""
+    option unset); they must stay the layer's. None in VQConfig is resolved by the layer."""
     assert tuple(VQ_DEFAULTS) == VQ_OPTIONS
-    params = inspect.signature(VectorQuantizer).parameters
-    layer = {k: params[k].default for k in VQ_OPTIONS}
+    defaults = {f.name: f.default for f in dataclasses.fields(VQConfig)}
+    layer = {k: defaults[k] for k in VQ_OPTIONS}
     layer["ema"], layer["kmeans_init"], layer["dead_code_steps"] = resolve_simvq(
         False, layer["ema"], layer["kmeans_init"], layer["dead_code_steps"]
     )

@@ -82,7 +82,7 @@ def _streams(module: torch.nn.Module):
     streams = getattr(module, "random_streams", None)
     if isinstance(streams, RandomStreams):
         return streams
-    return _LegacyStreams.of(module)  # TODO(skeleton-merge): remove (return None)
+    return None
 
 
 def _streams_named(modules: dict, name: str):
@@ -94,28 +94,3 @@ def _streams_named(modules: dict, name: str):
         if module is not None and _streams(module) is not None:
             return _streams(module)
     return None
-
-
-class _LegacyStreams:
-    """TODO(skeleton-merge): remove this class and its one use in :func:`_streams`.
-
-    Until the layers expose ``random_streams``, their generators sit in the private dict
-    ``module._generators`` keyed ``(purpose, device)``; this adapter gives that dict the
-    :class:`RandomStreams` ``state``/``load_state`` interface."""
-
-    def __init__(self, gens: dict):
-        self._gens = gens
-
-    @classmethod
-    def of(cls, module):
-        gens = getattr(module, "_generators", None)
-        return cls(gens) if isinstance(gens, dict) else None
-
-    def state(self):
-        return [(purpose, dev, g.get_state()) for (purpose, dev), g in self._gens.items()]
-
-    def load_state(self, items) -> None:
-        for purpose, dev, blob in items:
-            g = torch.Generator(device=dev)
-            g.set_state(blob)
-            self._gens[(purpose, dev)] = g
