@@ -28,10 +28,10 @@ from .codebook import Codebook, batch_statistics, in_backward
 from .functional import quantize_rows
 from .layer_config import (
     VQConfig,
+    check_call_options,
     check_indices,
     check_input,
     check_mask,
-    check_weight,
     resolve_simvq,
 )
 from .ops import resolve_backend
@@ -52,7 +52,7 @@ __all__ = [
     "CodebookStats", "LossBreakdown", "QuantizeOutput", "QuantizeOutputFull",
     "QuantizeOutputWithBreakdown", "QuantizeOutputWithStats", "UsageMeter", "VQConfig",
     "VectorQuantizer", "check_indices", "check_input", "check_mask", "codebook_usage",
-    "resolve_simvq",
+    "flat_state_hooks", "resolve_simvq",
 ]  # fmt: skip
 
 # Options the Codebook owns: the layer reads and writes them through to ``self.book``.
@@ -74,9 +74,11 @@ _RANK_FIELDS = (
 )  # fmt: skip
 
 
-def flat_codebook_state(module: nn.Module, book: str = "book") -> None:
-    """Keep ``module``'s ``state_dict`` keys flat (``codebook``, ``cluster_size``, ...) while
-    its Codebook child ``book`` owns them: the keys every fastvq checkpoint has used."""
+def flat_state_hooks(book: str = "book") -> tuple:
+    """``(save, load)`` hooks that keep a module's ``state_dict`` keys flat (``codebook``,
+    ``cluster_size``, ...) while its Codebook child ``book`` owns them: the keys every fastvq
+    checkpoint has used. Register them with ``_register_state_dict_hook(save)`` and
+    ``_register_load_state_dict_pre_hook(load, with_module=True)``."""
 
     def save(mod, state_dict, prefix, local_metadata):
         head = f"{prefix}{book}."
@@ -88,8 +90,7 @@ def flat_codebook_state(module: nn.Module, book: str = "book") -> None:
             if prefix + name in state_dict:
                 state_dict[f"{prefix}{book}.{name}"] = state_dict.pop(prefix + name)
 
-    module._register_state_dict_hook(save)
-    module._register_load_state_dict_pre_hook(load, with_module=True)
+    return save, load
 
 
 class VectorQuantizer(nn.Module):
@@ -119,7 +120,9 @@ class VectorQuantizer(nn.Module):
             **{name: getattr(cfg, name) for name in _BOOK_OPTIONS}, cosine=cfg.cosine,
             kmeans_init=cfg.kmeans_init, kmeans_flag=True,
         )  # fmt: skip
-        flat_codebook_state(self)
+        save, load = flat_state_hooks()
+        self._register_state_dict_hook(save)
+        self._register_load_state_dict_pre_hook(load, with_module=True)
 
     def extra_repr(self) -> str:
         return (
@@ -201,27 +204,6 @@ class VectorQuantizer(nn.Module):
             return backend, lead, n, [(zh.reshape(-1, self.codebook_dim), keep)]
         return backend, lead, n, [(zh[:, g], valid) for g in range(self.num_codebooks)]
 
-    def _call_flags(self, freeze_codebook, ema_update, topk, temp) -> tuple[bool, float]:
-        """This call's ``freeze`` and sampling temperature; records ``ema_update``."""
-        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        if not isinstance(freeze, bool):
-            raise TypeError(f"freeze_codebook must be a bool or None, got {freeze_codebook!r}")
-        if ema_update is not None and not isinstance(ema_update, bool):
-            raise TypeError(f"ema_update must be a bool or None, got {ema_update!r}")
-        if ema_update is False and not self.ema:
-            raise ValueError(
-                "ema_update=False applies to an EMA codebook (ema=True); this layer's codebook "
-                "learns from the loss: use freeze_codebook=True to stop its updates"
-            )
-        self._call_ema_step = ema_update is not False
-        if topk is not None and (
-            isinstance(topk, bool) or not isinstance(topk, int)
-            or not 1 <= topk <= self.codebook_size
-        ):  # fmt: skip
-            raise ValueError(f"topk must be an int in [1, {self.codebook_size}], got {topk!r}")
-        temp = self.sample_codebook_temp if temp is None else temp
-        return freeze, check_weight("sample_codebook_temp", temp)
-
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, *, return_stats: bool = False,
         freeze_codebook: bool | None = None, ema_update: bool | None = None,
@@ -238,7 +220,9 @@ class VectorQuantizer(nn.Module):
         token), ``freeze_codebook``, ``ema_update``, ``topk`` and ``sample_codebook_temp``: see
         docs/layer.md.
         """
-        freeze, temp = self._call_flags(freeze_codebook, ema_update, topk, sample_codebook_temp)
+        freeze, self._call_ema_step, temp = check_call_options(
+            self, freeze_codebook, ema_update, topk, sample_codebook_temp
+        )
         backend, lead, n, groups = self.rows(x, mask)
         update = self.training and not freeze and topk is None and not in_backward()
         ema_step = update and self.ema and self._call_ema_step and self.decay < 1.0
@@ -324,13 +308,7 @@ class VectorQuantizer(nn.Module):
                 "codebook learns from the loss"
             )
         backend, lead, n, groups = self.rows(x, mask)
-        check_indices(indices, self.heads, self.codebook_size, check)
-        want = (*lead, self.heads) if self.heads > 1 else tuple(lead)
-        if tuple(indices.shape) != tuple(want):
-            raise ValueError(
-                f"indices must have shape {tuple(want)} (x's without the channel dim"
-                f"{', plus heads' if self.heads > 1 else ''}), got {tuple(indices.shape)}"
-            )
+        check_indices(indices, self.heads, self.codebook_size, check, lead=lead)
         idx = indices.reshape(n, self.heads).to(torch.int64)
         # a shared codebook folds the heads into the rows, row-major like rows()
         idx_groups = [idx.reshape(-1)] if self.num_codebooks == 1 else idx.unbind(1)

@@ -260,9 +260,10 @@ def check_config(dim, codebook_size, heads, codebook_dim, decay, beta, w_cb, dea
     return codebook_dim
 
 
-def check_indices(indices, heads: int, codebook_size: int, check: bool) -> None:
+def check_indices(indices, heads: int, codebook_size: int, check: bool, lead=None) -> None:
     """TypeError/ValueError for indices that :meth:`VectorQuantizer.codes_from_indices` cannot
-    decode; ``check`` also checks their range (a host sync)."""
+    decode; ``check`` also checks their range (a host sync); ``lead``: they must have this shape
+    (plus ``heads``), the input's without the channel dim."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -278,3 +279,33 @@ def check_indices(indices, heads: int, codebook_size: int, check: bool) -> None:
             raise ValueError(
                 f"indices must lie in [0, {codebook_size}), got values in [{lo}, {hi}]"
             )
+    if lead is not None:
+        want = (*lead, heads) if heads > 1 else tuple(lead)
+        if tuple(indices.shape) != tuple(want):
+            raise ValueError(
+                f"indices must have shape {tuple(want)} (x's without the channel dim"
+                f"{', plus heads' if heads > 1 else ''}), got {tuple(indices.shape)}"
+            )
+
+
+def check_call_options(layer, freeze_codebook, ema_update, topk, temp) -> tuple:
+    """One forward's options checked against ``layer``'s: ``(freeze, ema_step, temperature)``
+    (``freeze_codebook`` and the temperature default to the layer's; ``ema_step`` is False only
+    for ``ema_update=False``)."""
+    freeze = layer.freeze_codebook if freeze_codebook is None else freeze_codebook
+    if not isinstance(freeze, bool):
+        raise TypeError(f"freeze_codebook must be a bool or None, got {freeze_codebook!r}")
+    if ema_update is not None and not isinstance(ema_update, bool):
+        raise TypeError(f"ema_update must be a bool or None, got {ema_update!r}")
+    if ema_update is False and not layer.ema:
+        raise ValueError(
+            "ema_update=False applies to an EMA codebook (ema=True); this layer's codebook "
+            "learns from the loss: use freeze_codebook=True to stop its updates"
+        )
+    k = layer.codebook_size
+    if topk is not None and (
+        isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= k
+    ):
+        raise ValueError(f"topk must be an int in [1, {k}], got {topk!r}")
+    temp = layer.sample_codebook_temp if temp is None else temp
+    return freeze, ema_update is not False, check_weight("sample_codebook_temp", temp)

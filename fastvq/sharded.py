@@ -53,7 +53,7 @@ from .functional import (
     grad_z,
     vq_loss,
 )
-from .layer import check_input, flat_codebook_state
+from .layer import check_input, flat_state_hooks
 from .ops import _scatter_rows_unchecked, resolve_backend, search
 
 # Keys: high 32 bits = IEEE bits of the non-negative fp32 error, low 32 bits = global code index.
@@ -469,7 +469,9 @@ class ShardedVectorQuantizer(nn.Module):
             restart_noise=restart_noise, counters=dead_code_steps > 0, seed=seed,
             backend=backend, sync_distributed=True, process_group=group, grouped=False,
         )  # fmt: skip
-        flat_codebook_state(self)
+        save, load = flat_state_hooks()
+        self._register_state_dict_hook(save)
+        self._register_load_state_dict_pre_hook(load, with_module=True)
 
     def extra_repr(self) -> str:
         return (
