@@ -15,7 +15,12 @@ at any depth. Options (docs/layer.md, "ResidualVQ options"):
   ``n`` drawn by a generator the module owns (seeded, identical on every rank); depths left out
   give index ``-1`` and contribute nothing;
 * ``beam_size``: beam search over the stack instead of the greedy choice per depth;
-* ``return_losses``: each depth's loss besides their sum.
+* ``return_losses``: each depth's loss besides their sum;
+* ``rotation_trick`` / ``quant_grad_frac`` (vector-quantize-pytorch's per-depth gradients): the
+  output is the sum of every depth's attached output, ``quantized = project_out(sum_i q_i)``, each
+  ``q_i`` carrying its depth's straight-through or rotation-trick gradient to ``r_i``, and
+  ``r_{i+1} = r_i - (frac q_i + (1 - frac) sg(q_i))`` (``frac = quant_grad_frac``). With both off
+  (the default) the arithmetic above is unchanged.
 
 Layers not run by a forward (dropped depths) change no state: no EMA, usage or dead-code step.
 """
@@ -30,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_same_device
+from ._checks import check_nonneg_real, check_same_device
 from .codebook import batch_statistics, in_backward, perplexity
+from .functional import rotate_grad
 from .layer import (
     CodebookStats,
     QuantizeOutput,
@@ -148,6 +154,44 @@ def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
     i = cutoff + int(torch.randint(q - cutoff, (), generator=gen))
     module.last_num_active = min(-(-(i + 1) // multiple_of) * multiple_of, q)
     return module.last_num_active
+
+
+def _check_grad_options(rotation_trick, quant_grad_frac) -> float:
+    if not isinstance(rotation_trick, bool):
+        raise TypeError(f"rotation_trick must be a bool, got {rotation_trick!r}")
+    check_nonneg_real("quant_grad_frac", quant_grad_frac)
+    if quant_grad_frac > 1:
+        raise ValueError(f"quant_grad_frac must lie in [0, 1], got {quant_grad_frac}")
+    return float(quant_grad_frac)
+
+
+def frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
+    """``t``'s value with ``frac`` of its gradient (vector-quantize-pytorch's ``frac_gradient``):
+    ``sg(t)`` for ``frac = 0``, else ``frac t + (1 - frac) sg(t)``."""
+    if frac <= 0:
+        return t.detach()
+    return frac * t + (1.0 - frac) * t.detach()
+
+
+class _CodesWithGrad(torch.autograd.Function):
+    """Forward value ``q`` exactly (the codes), gradient to ``z`` straight through or by the
+    rotation trick (:func:`~fastvq.functional.rotate_grad`; rows outside ``keep`` and rows
+    holding NaN/Inf straight through), as the fused op gives a layer's ``quantized``: for the
+    pooled routes, whose codes come from a search that ran elsewhere."""
+
+    @staticmethod
+    def forward(ctx, z, q, rotation: bool, keep):
+        ctx.rotation = rotation
+        ctx.save_for_backward(z, q, keep)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        z, q, keep = ctx.saved_tensors
+        if not ctx.rotation:
+            return g, None, None, None
+        rot = rotate_grad(g, z.to(torch.float32), q.to(torch.float32), keep)
+        return rot.to(z.dtype), None, None, None
 
 
 # --- top-k and beam search ------------------------------------------------------------------------
@@ -310,6 +354,14 @@ class ResidualVQ(nn.Module):
             error, so the last depth picks the sequence with the smallest error. A sequence of Q
             floats: vector-quantize-pytorch's score, the weighted sum of every depth's error
             (see :func:`residual_beam_search`).
+        rotation_trick: every depth's layer quantizes with the rotation trick, and the output
+            is the sum of every depth's attached output (each depth's gradient reaches ``x``
+            through its rotation from that depth's residual), as vector-quantize-pytorch. Every
+            route (greedy, shared codebook, beam search, quantize dropout).
+        quant_grad_frac: in ``[0, 1]``; the residual passed to the next depth is
+            ``r - (frac q + (1 - frac) sg(q))`` (vector-quantize-pytorch's ``quant_grad_frac``).
+            Non-zero (or ``rotation_trick``) switches to the per-depth output above; a depth's
+            output then passes its gradient straight through when the rotation is off.
         **layer_kwargs: passed to every :class:`VectorQuantizer` (``ema``, ``beta``,
             ``kmeans_init``, ``dead_code_steps``, ``cosine``, ``backend``, ...). ``seed`` is
             offset per depth so that depths restart codes independently; ``seed`` also seeds the
@@ -335,6 +387,8 @@ class ResidualVQ(nn.Module):
         beam_size: int | None = None,
         eval_beam_size: int | None = None,
         beam_score_weights: Sequence[float] | None = None,
+        rotation_trick: bool = False,
+        quant_grad_frac: float = 0.0,
         **layer_kwargs,
     ):
         super().__init__()
@@ -342,12 +396,10 @@ class ResidualVQ(nn.Module):
         q = len(sizes)
         if layer_kwargs.get("heads", 1) != 1:
             raise ValueError("ResidualVQ does not support heads > 1")
-        if layer_kwargs.get("rotation_trick", False):
-            raise ValueError(
-                "rotation_trick is not supported by ResidualVQ: its output's gradient is one "
-                "straight-through for the sum of codes (each depth's code is detached), so a "
-                "per-depth rotation would never reach x"
-            )
+        quant_grad_frac = _check_grad_options(rotation_trick, quant_grad_frac)
+        self.rotation_trick, self.quant_grad_frac = rotation_trick, quant_grad_frac
+        # per-depth outputs attached (vqp's gradients) instead of one straight-through
+        self._attach = rotation_trick or quant_grad_frac > 0
         self._pooled_unsupported = [n for n in _POOLED_UNSUPPORTED if layer_kwargs.get(n)]
         beams = max(beam_size or 1, eval_beam_size or 1)
         if self._pooled_unsupported and (shared_codebook or beams > 1):
@@ -386,7 +438,9 @@ class ResidualVQ(nn.Module):
         self.random_streams = RandomStreams(self.seed)  # quantize dropout (saved by fastvq.app.rng)
         self.last_num_active = None  # replayed by a checkpoint's recomputation
         self.layers = nn.ModuleList(
-            VectorQuantizer(inner, k, seed=self.seed + i, **layer_kwargs)
+            VectorQuantizer(
+                inner, k, seed=self.seed + i, rotation_trick=rotation_trick, **layer_kwargs
+            )
             for i, k in enumerate(sizes[:1] if shared_codebook else sizes)
         )
 
@@ -396,6 +450,10 @@ class ResidualVQ(nn.Module):
             f"num_quantizers={self.num_quantizers}, shared_codebook={self.shared_codebook}, "
             f"quantize_dropout={self.quantize_dropout}, beam_size={self.beam_size}, "
             f"eval_beam_size={self.eval_beam_size}"
+        ) + (
+            f", rotation_trick={self.rotation_trick}, quant_grad_frac={self.quant_grad_frac}"
+            if self._attach
+            else ""
         )
 
     def depth_layer(self, depth: int) -> VectorQuantizer:
@@ -441,7 +499,8 @@ class ResidualVQ(nn.Module):
 
         Returns:
             ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x`` (forward
-            value the sum of the codes, gradient straight through to ``x``), ``indices`` int64
+            value the sum of the codes, gradient straight through to ``x``; with
+            ``rotation_trick`` or ``quant_grad_frac`` through every depth), ``indices`` int64
             ``x``'s shape without the channel dim plus ``(Q,)`` (``-1`` for depths left out),
             ``loss`` the fp32 sum of the depths' losses. ``return_losses`` adds ``losses`` after
             ``loss``; ``return_stats`` adds ``stats`` last.
@@ -477,8 +536,12 @@ class ResidualVQ(nn.Module):
             residual = z
             for layer in self.layers[:num_active]:
                 out = layer(residual, mask=mask, return_stats=True)
-                q = out.quantized.detach()
-                residual = residual - q
+                if self._attach:  # vqp: each depth's output keeps its gradient to its residual
+                    q = out.quantized
+                    residual = residual - frac_gradient(q, self.quant_grad_frac)
+                else:
+                    q = out.quantized.detach()
+                    residual = residual - q
                 qs.append(q)
                 idx.append(out.indices)
                 losses.append(out.loss)
@@ -486,7 +549,10 @@ class ResidualVQ(nn.Module):
         total = qs[0]
         for q in qs[1:]:
             total = total + q
-        quantized = self.project_out(total + (z - z.detach()))  # value: sum of codes; grad to z
+        if self._attach:  # the gradient reaches z through every depth's output
+            quantized = self.project_out(total)
+        else:
+            quantized = self.project_out(total + (z - z.detach()))  # value: sum of codes; grad to z
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
         dropped = self.num_quantizers - num_active
@@ -537,7 +603,11 @@ class ResidualVQ(nn.Module):
             w_cb = 0.0 if layer.ema else layer.codebook_loss_weight
             q, loss, err = _loss_of_codes(zr, codes, i, valid, layer.beta, w_cb)
             q = q.detach().to(residual.dtype)
-            residual = residual - q
+            if self._attach:  # as the layer's op: the code, its gradient to zr (rotated or not)
+                q = _CodesWithGrad.apply(zr, q, self.rotation_trick, valid)
+                residual = residual - frac_gradient(q, self.quant_grad_frac)
+            else:
+                residual = residual - q
             ok = torch.isfinite(err) if valid is None else torch.isfinite(err) & valid
             qs.append(q)
             idx.append(i)

@@ -524,10 +524,8 @@ def test_simvq_layers_every_route_match_literal_autograd(route):
 
 
 def test_layer_options_a_route_does_not_apply_are_rejected():
-    """rotation_trick never reaches x through the stack's straight-through; the pooled routes
-    (shared codebook, beam search) do not apply freeze / sampling / auxiliary losses."""
-    with pytest.raises(ValueError, match="rotation_trick is not supported by ResidualVQ"):
-        ResidualVQ(4, 8, 2, rotation_trick=True)
+    """The pooled routes (shared codebook, beam search) do not apply freeze / sampling /
+    auxiliary losses (rotation_trick is supported: tests/test_residual_rotation.py)."""
     for opt in (dict(freeze_codebook=True), dict(stochastic_sample_codes=True),
                 dict(ema=False, orthogonal_reg_weight=0.1)):  # fmt: skip
         name = next(k for k in opt if k != "ema")
