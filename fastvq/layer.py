@@ -125,15 +125,10 @@ class VectorQuantizer(nn.Module):
         self._register_load_state_dict_pre_hook(load, with_module=True)
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, codebook_size={self.codebook_size}, "
-            f"codebook_dim={self.codebook_dim}, heads={self.heads}, ema={self.ema}, "
-            f"beta={self.beta}, kmeans_init={self.kmeans_init}, "
-            f"dead_code_steps={self.dead_code_steps}, cosine={self.cosine}, "
-            f"rotation_trick={self.rotation_trick}, channel_first={self.channel_first}"
-            + (", simvq=True" if self.simvq else "")
-            + (", freeze_codebook=True" if self.freeze_codebook else "")
-        )
+        names = ("dim", "codebook_size", "codebook_dim", "heads", "ema", "beta", "kmeans_init")
+        names += ("dead_code_steps", "cosine", "rotation_trick", "channel_first")
+        flags = [f"{n}=True" for n in ("simvq", "freeze_codebook") if getattr(self, n)]
+        return ", ".join([f"{n}={getattr(self, n)}" for n in names] + flags)
 
     def __getattr__(self, name: str):
         if name in _BOOK_OPTIONS or name in _BOOK_STATE:
