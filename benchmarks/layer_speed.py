@@ -1,0 +1,243 @@
+"""VectorQuantizer training step (forward + backward), one checkout against another, on CPU.
+
+    git worktree add /tmp/old c49eadf                           # the code before a change
+    python -m benchmarks.layer_speed --ref /tmp/old             # this checkout vs /tmp/old
+    python -m benchmarks.layer_speed --ref /tmp/old --new /other/checkout
+    python -m benchmarks.layer_speed --ref . --smoke            # one tiny round (CI)
+
+``benchmarks/cpu_faiss.py --op fwdbwd`` times the op (``fastvq.vector_quantize``) and ``--op ema``
+one EMA layer setup at fixed defaults, without memory; this times the layer, public API only,
+for both kinds of codebook:
+
+- ``ema``: ``VectorQuantizer(D, K, kmeans_init=False)`` (EMA codebook, dead-code restart at its
+  default), a training forward (search, EMA update, restart bookkeeping) and the backward of
+  ``mean(quantized^2) + loss`` to ``x``;
+- ``grad``: ``VectorQuantizer(D, K, ema=False, kmeans_init=False)``, the same forward and backward,
+  the codebook gradient included (grads dropped after each call, no optimizer step).
+
+Protocol, as cpu_faiss.py's: every (side, step, shape, round) runs in a fresh process with the same
+thread count (``torch.set_num_threads``, ``OMP_NUM_THREADS``), ``PYTHONPATH`` and working directory
+set to that side's checkout (the worker reports the ``fastvq`` file it imported); inputs are
+``torch.manual_seed(0)`` randn; one warm-up call, then the minimum over at least ``--calls`` calls
+and ``--min-time`` seconds of calls. Sides alternate, the first side flipping every round.
+Peak memory: growth of the RSS high-water mark (``VmHWM``, glibc's mmap threshold fixed at
+128 KiB) over the RSS before the layer and input were built, through the warm-up and timed calls.
+The report: every per-round figure, the per-round ratios old/new (> 1: new faster), their median,
+peak memory per side and the load average before each process. JSON and markdown under
+benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHAPES = [(16384, 8192, 64), (256, 1024, 64)]
+SMOKE_SHAPES = [(256, 128, 16)]
+STEPS = ("ema", "grad")
+
+WORKER = r"""
+import ctypes, json, sys, time
+try:  # fixed mmap threshold: RSS falls after a call, so the high-water mark is the step's
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+except OSError:
+    pass
+n, k, d, threads = (int(v) for v in sys.argv[1:5])
+step, calls, min_time = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
+import torch
+torch.set_num_threads(threads)
+import fastvq
+
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    reset = True
+except OSError:
+    reset = False
+rss0 = status_kib("VmRSS")
+torch.manual_seed(0)
+layer = fastvq.VectorQuantizer(d, k, ema=step == "ema", kmeans_init=False, backend="torch")
+layer.train()
+x = torch.randn(n, d, requires_grad=True)
+params = list(layer.parameters())
+
+def fn():
+    out = layer(x)
+    (out.quantized.square().mean() + out.loss).backward()
+    x.grad = None
+    for p in params:
+        p.grad = None
+
+fn()
+best, done, start = float("inf"), 0, time.perf_counter()
+while done < calls or time.perf_counter() - start < min_time:
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+    done += 1
+peak = (status_kib("VmHWM") - rss0) * 1024
+print(json.dumps({"seconds": best, "calls": done, "peak_bytes": peak, "hwm_reset": reset,
+                  "fastvq": fastvq.__file__}))
+"""
+
+
+def _run(checkout: Path, shape, step: str, threads: int, calls: int, min_time: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("TRITON_INTERPRET", None)
+    # the checkout's fastvq before any installed one (an editable install's finder comes last)
+    env["PYTHONPATH"] = str(checkout) + os.pathsep + env.get("PYTHONPATH", "")
+    load = os.getloadavg()[0]
+    args = [*map(str, shape), str(threads), step, str(calls), str(min_time)]
+    out = subprocess.run([sys.executable, "-c", WORKER, *args], capture_output=True, text=True,
+                         env=env, cwd=checkout, timeout=1800)  # fmt: skip
+    if out.returncode:
+        raise RuntimeError(f"{checkout} {step} {shape}: {out.stderr[-2000:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = (checkout / "fastvq").resolve()
+    if Path(got["fastvq"]).resolve().parent != want:
+        raise RuntimeError(f"the worker for {checkout} imported {got['fastvq']}, not {want}")
+    return got | {"load": load}
+
+
+def measure(sides: dict, shapes, steps, rounds, threads, calls, min_time) -> list[dict]:
+    """``sides``: {"new": Path, "old": Path}. One row per (step, shape)."""
+    rows = []
+    names = tuple(sides)
+    for step in steps:
+        for shape in shapes:
+            per_round = []
+            for r in range(rounds):
+                order = names if r % 2 == 0 else names[::-1]
+                got = {s: _run(sides[s], shape, step, threads, calls, min_time) for s in order}
+                per_round.append(
+                    {s: got[s]["seconds"] for s in names}
+                    | {"peak_bytes": {s: got[s]["peak_bytes"] for s in names}}
+                    | {"calls": {s: got[s]["calls"] for s in names}}
+                    | {"loads": [got[s]["load"] for s in order], "first": order[0]}
+                )
+                print(f"{step} {shape} round {r}: " + ", ".join(
+                    f"{s} {got[s]['seconds'] * 1e3:.1f} ms {got[s]['peak_bytes'] / 2**20:.0f} MiB"
+                    for s in names) + f" (load {got[order[0]]['load']:.2f})",
+                    file=sys.stderr, flush=True)  # fmt: skip
+            ratios = [p["old"] / p["new"] for p in per_round]
+            rows.append({
+                "step": step, "n": shape[0], "k": shape[1], "d": shape[2], "rounds": per_round,
+                "ratios_old_over_new": ratios,
+                "median_ratio_old_over_new": statistics.median(ratios),
+                "median_peak_bytes": {
+                    s: statistics.median(p["peak_bytes"][s] for p in per_round) for s in names
+                },
+            })  # fmt: skip
+    return rows
+
+
+def _commit(repo: Path) -> str:
+    """Short commit of a checkout, "+changes" when its tracked files differ from it ("unknown"
+    outside git, e.g. an unpacked archive)."""
+    try:
+        run = lambda *cmd: subprocess.run(  # noqa: E731
+            ["git", "-C", str(repo), *cmd], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        head = run("rev-parse", "--short", "HEAD")
+        return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(doc: dict) -> str:
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    lines = [
+        f"# CPU VectorQuantizer training step: new ({doc['new_commit']}) vs old "
+        f"({doc['old_commit']}), {doc['threads']} thread(s)", "",
+        f"`{doc['command']}` on {doc['machine']}, {doc['date']}; torch {doc['torch']}. Each "
+        f"figure: the minimum over at least {doc['calls']} calls and at least "
+        f"{doc['min_time']:g} s of calls, in a fresh process after one warm-up; sides alternate "
+        "every round. Ratio: old time / new time (> 1: new faster). Peak: RSS high-water growth "
+        "over the process's RSS before the layer and input were built (MiB, median of rounds).",
+        "", "| step | N × K × D | new ms per round | old ms per round | ratios | median ratio | "
+        "peak new / old MiB | load average per round |", "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in doc["rows"]:
+        new = ", ".join(f"{p['new'] * 1e3:.1f}" for p in r["rounds"])
+        old = ", ".join(f"{p['old'] * 1e3:.1f}" for p in r["rounds"])
+        rat = ", ".join(f"{x:.2f}" for x in r["ratios_old_over_new"])
+        loads = ", ".join(f"{max(p['loads']):.2f}" for p in r["rounds"])
+        peak = r["median_peak_bytes"]
+        lines.append(f"| {r['step']} | {r['n']} × {r['k']} × {r['d']} | {new} | {old} | {rat} | "
+                     f"**{r['median_ratio_old_over_new']:.2f}** | {mib(peak['new'])} / "
+                     f"{mib(peak['old'])} | {loads} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ref", type=Path, required=True, help="the old checkout (e.g. a worktree)")
+    ap.add_argument("--new", type=Path, default=ROOT, help="the new checkout (default: this one)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument(
+        "--min-time",
+        type=float,
+        default=1.0,
+        help="seconds: keep calling until both --calls calls and this much time",
+    )
+    ap.add_argument("--steps", default=",".join(STEPS), help="ema,grad (default both)")
+    ap.add_argument("--shapes", help="N,K,D;N,K,D... (default 16384,8192,64;256,1024,64)")
+    ap.add_argument("--smoke", action="store_true", help="one tiny round (CI)")
+    ap.add_argument("--out", type=Path, help="JSON path (markdown beside it); --smoke: none")
+    a = ap.parse_args(argv)
+    steps = a.steps.split(",")
+    if any(s not in STEPS for s in steps):
+        ap.error(f"--steps must be among {STEPS}, got {a.steps}")
+    shapes = SMOKE_SHAPES if a.smoke else SHAPES
+    if a.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
+    rounds, calls, min_time = (1, 1, 0.0) if a.smoke else (a.rounds, a.calls, a.min_time)
+    sides = {"new": a.new.resolve(), "old": a.ref.resolve()}
+    for side, path in sides.items():
+        if not (path / "fastvq" / "__init__.py").is_file():
+            ap.error(f"{side} checkout {path} has no fastvq/__init__.py")
+    import torch
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    doc = {
+        "command": "python -m benchmarks.layer_speed " + " ".join(argv or sys.argv[1:]),
+        "machine": f"{platform.node()} ({os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()})",
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+        "threads": a.threads, "calls": calls, "min_time": min_time,
+        "new": str(sides["new"]), "old": str(sides["old"]),
+        "new_commit": _commit(sides["new"]), "old_commit": _commit(sides["old"]),
+    }  # fmt: skip
+    doc["rows"] = measure(sides, shapes, steps, rounds, a.threads, calls, min_time)
+    print(markdown(doc))
+    if a.out or not a.smoke:
+        stamp = now.strftime("%Y-%m-%d")
+        out = a.out or RESULTS / (
+            f"cpu-layer-step-{stamp}-{doc['new_commit']}-vs-{doc['old_commit']}"
+            f"-threads{a.threads}.json"
+        )
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(doc))
+        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
