@@ -55,6 +55,7 @@ from .functional import (
 )
 from .layer import check_input, flat_state_hooks
 from .ops import _scatter_rows_unchecked, resolve_backend, search
+from .streams import fresh_generator
 
 # Keys: high 32 bits = IEEE bits of the non-negative fp32 error, low 32 bits = global code index.
 _INDEX_BITS = 32
@@ -359,7 +360,7 @@ def init_codes(start: int, end: int, dim: int, seed: int = 0, chunk: int = 4096)
     bound = (6.0 / dim) ** 0.5
     parts = []
     for c in range(start // chunk, -(-end // chunk)):
-        gen = torch.Generator().manual_seed(seed * 1000003 + c)
+        gen = fresh_generator(seed, "codes-init", member=c)
         block = torch.rand(chunk, dim, generator=gen) * (2 * bound) - bound
         lo, hi = max(start, c * chunk) - c * chunk, min(end, (c + 1) * chunk) - c * chunk
         parts.append(block[lo:hi])

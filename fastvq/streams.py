@@ -14,6 +14,8 @@ versions::
     restart-local      codes'   seed * 1000003 + 1 + rank
     quantize-dropout   cpu      seed * 1000003          ResidualVQ's active depths
     simvq-basis        cpu      seed * 1000003 + 7      drawn once, at construction
+    codes-init         cpu      seed * 1000003 + chunk  the sharded codebook's initial codes,
+                                                        one stream per chunk of codes
     kmeans             cpu      seed                    a fresh stream per k-means run
 
 A module that owns streams exposes them as its ``random_streams`` attribute; the training
@@ -25,22 +27,28 @@ from __future__ import annotations
 
 import torch
 
-_OFFSETS = {"restart-shared": 0, "restart-local": 1, "quantize-dropout": 0, "simvq-basis": 7}
-_PER_RANK = {"restart-local"}
+_OFFSETS = {
+    "restart-shared": 0, "restart-local": 1, "quantize-dropout": 0, "simvq-basis": 7,
+    "codes-init": 0,
+}  # fmt: skip
+# Streams with one member per rank (restart-local) or per index (codes-init's chunks).
+_PER_MEMBER = {"restart-local", "codes-init"}
 
 
-def stream_seed(seed: int, purpose: str, rank: int = 0) -> int:
-    """The seed of stream ``purpose`` for a module seeded ``seed`` on ``rank`` (table above)."""
+def stream_seed(seed: int, purpose: str, member: int = 0) -> int:
+    """The seed of stream ``purpose`` for a module seeded ``seed``; ``member`` is the rank for
+    ``restart-local``, the chunk for ``codes-init`` (the table above)."""
     if purpose == "kmeans":
         return seed
     if purpose not in _OFFSETS:
         raise ValueError(f"unknown random stream {purpose!r}; known: kmeans, {', '.join(_OFFSETS)}")
-    return seed * 1000003 + _OFFSETS[purpose] + (rank if purpose in _PER_RANK else 0)
+    return seed * 1000003 + _OFFSETS[purpose] + (member if purpose in _PER_MEMBER else 0)
 
 
-def fresh_generator(seed: int, purpose: str, device="cpu", rank: int = 0) -> torch.Generator:
-    """A new generator for a one-off draw (k-means, the SimVQ basis): never cached."""
-    return torch.Generator(device=device).manual_seed(stream_seed(seed, purpose, rank))
+def fresh_generator(seed: int, purpose: str, device="cpu", member: int = 0) -> torch.Generator:
+    """A new generator for a one-off draw (k-means, the SimVQ basis, initial codes): never
+    cached."""
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, purpose, member))
 
 
 class RandomStreams:
@@ -60,7 +68,7 @@ class RandomStreams:
         key = (purpose, str(device))
         gen = self._gens.get(key)
         if gen is None:
-            gen = fresh_generator(self.seed, purpose, device, rank)
+            gen = fresh_generator(self.seed, purpose, device, member=rank)
             self._gens[key] = gen
         return gen
 
