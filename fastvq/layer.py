@@ -104,7 +104,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, dim: int, codebook_size: int, **options):
         super().__init__()
-        cfg = VQConfig(dim, codebook_size, **options)
+        cfg = VQConfig.from_options("VectorQuantizer", dim, codebook_size, options)
         for name, value in cfg.items():
             if name not in _BOOK_OPTIONS:
                 setattr(self, name, value)

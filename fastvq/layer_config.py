@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, fields
 
 import torch
@@ -148,6 +149,18 @@ class VQConfig:
         self.beta, self.codebook_loss_weight = float(self.beta), float(self.codebook_loss_weight)
         if not isinstance(self.rotation_trick, bool):
             raise TypeError(f"rotation_trick must be a bool, got {self.rotation_trick!r}")
+
+    @classmethod
+    def from_options(cls, owner: str, dim, codebook_size, options: dict) -> VQConfig:
+        """``VQConfig(dim, codebook_size, **options)``; an unknown option is a TypeError that
+        names ``owner`` and the closest option names."""
+        known = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise TypeError(f"{owner} got an unexpected keyword argument {name!r}{hint}")
+        return cls(dim, codebook_size, **options)
 
     @property
     def num_codebooks(self) -> int:
