@@ -193,7 +193,10 @@ class VectorQuantizer(nn.Module):
         lead = x.shape[:-1]
         n = math.prod(lead)
         valid = None if mask is None else mask.reshape(n)  # bool (N,), True = real token
-        zh = self.project_in(x.reshape(n, self.dim)).reshape(n, self.heads, self.codebook_dim)
+        x2, w = x.reshape(n, self.dim), getattr(self.project_in, "weight", None)
+        if w is not None and x2.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x2 = x2.to(w.dtype)  # as autocast would: the projection runs in its weights' dtype
+        zh = self.project_in(x2).reshape(n, self.heads, self.codebook_dim)
         if self.num_codebooks == 1:
             keep = None if valid is None else valid.repeat_interleave(self.heads)
             return backend, lead, n, [(zh.reshape(-1, self.codebook_dim), keep)]
@@ -282,6 +285,8 @@ class VectorQuantizer(nn.Module):
             indices = top.reshape(*lead, *head, topk)
         else:
             indices = idx[0].reshape(*lead, *head)
+        if quantized.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            quantized = quantized.to(x.dtype)  # like the op: quantized in x's dtype
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
         stats = CodebookStats(ppl, used, counts) if return_stats else None
@@ -308,16 +313,14 @@ class VectorQuantizer(nn.Module):
         # a shared codebook folds the heads into the rows, row-major like rows()
         idx_groups = [idx.reshape(-1)] if self.num_codebooks == 1 else idx.unbind(1)
         k, ema_step = self.codebook_size, self.decay < 1.0
-        counts, sums, rows, weights = [], [], [], []
+        out = []  # per codebook: (counts, sums, rows, weights)
         for (zg, mg), ig in zip(groups, idx_groups, strict=True):
             zg = F.normalize(zg, dim=-1) if self.cosine else zg
             ok = torch.isfinite(zg).all(-1)
             ok = ok if mg is None else ok & mg
             c, s_ = batch_statistics(ig, ok, zg if ema_step else None, k, backend)
-            counts.append(c)
-            sums.append(s_)
-            rows.append(zg)
-            weights.append(ok.to(torch.float32))
+            out.append((c, s_, zg, ok.to(torch.float32)))
+        counts, sums, rows, weights = zip(*out, strict=True)
         sums = torch.stack(sums) if ema_step else None
         self.book.step_(torch.stack(counts), sums, rows, weights, ema_step=ema_step)
 
