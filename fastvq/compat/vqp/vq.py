@@ -48,8 +48,6 @@ An argument this front end cannot honour raises ``NotImplementedError`` naming i
 
 from __future__ import annotations
 
-import math
-import random
 from typing import NamedTuple
 
 import torch
@@ -57,17 +55,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..codebook import batch_statistics
-from ..codebook_losses import ce_commitment_loss, diversity_loss
-from ..codebook_losses import orthogonal_loss as _orthogonal_loss
-from ..functional import quantize_rows
-from ..ops import resolve_backend, search
-from ..residual import residual_beam_search
-from ..sampling import sample_codes, topk_codes
+from ...codebook import Codebook, batch_statistics
+from ...codebook.vqp_rules import l2norm
+from ...codebook_losses import ce_commitment_loss, diversity_loss
+from ...codebook_losses import orthogonal_loss as _orthogonal_loss
+from ...functional import quantize_rows, rotate_grad
+from ...ops import resolve_backend, search
+from ...sampling import sample_codes, topk_codes
 
-__all__ = ["GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"]
-
-L2NORM_EPS = 1e-6  # vqp's l2norm / safe_div floor
+__all__ = ["LossBreakdown", "VectorQuantize", "VqpCodebook", "orthogonal_loss"]
 
 
 class LossBreakdown(NamedTuple):
@@ -86,23 +82,8 @@ def _unsupported(cls: str, name: str, value) -> NotImplementedError:
     )
 
 
-def _l2norm(t: torch.Tensor) -> torch.Tensor:
-    return F.normalize(t, p=2, dim=-1, eps=L2NORM_EPS)
-
-
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
-    """vqp's ``sample_vectors``: ``num`` rows of ``samples`` (M, d) without replacement when
-    possible, with the same random calls (so the same global seed picks the same rows)."""
-    m = samples.shape[0]
-    if m >= num:
-        ind = torch.randperm(m, device=samples.device)[:num]
-    else:
-        ind = torch.randint(0, m, (num,), device=samples.device)
-    return samples[ind]
 
 
 def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
@@ -121,29 +102,32 @@ def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
     c32 = codes if dtype in (torch.float16, torch.bfloat16) else codes.to(torch.float32)
     h = c32.shape[0] if c32.dim() == 3 else 1
     n = c32.shape[-2]
-    diag = _l2norm(c32.float()).square().sum(-1)  # |u_i|^2: 1, or below 1 for (near-)zero codes
+    diag = l2norm(c32.float()).square().sum(-1)  # |u_i|^2: 1, or below 1 for (near-)zero codes
     return (_orthogonal_loss(c32) + 2 * (1 - diag).sum() / (h * n * n)).to(dtype)
 
 
-def _rotate_or_pass(z: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.Tensor:
-    """Forward value ``q`` (detached), gradient to ``z`` straight through or by the rotation
-    trick (Fifty et al. 2024), for rows already paired with their codes: ``z``, ``q`` (..., d).
+class _Rotate(torch.autograd.Function):
+    """Forward ``q``; backward :func:`fastvq.functional.rotate_grad` (rows paired already)."""
 
-    The rotation's gradient is ``lambda (g - 2 w (w.g) + 2 u (q_hat.g))`` (u, q_hat, w, lambda
-    detached, vqp's 1e-6 norm floors), obtained as the gradient of a function linear in ``z``
-    whose forward contribution is cancelled: O(N d), no d x d matrix."""
+    @staticmethod
+    def forward(ctx, z, q):
+        ctx.save_for_backward(z, q)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        z, q = ctx.saved_tensors
+        d = z.shape[-1]
+        return rotate_grad(g.reshape(-1, d), z.reshape(-1, d), q.reshape(-1, d)).view_as(z), None
+
+
+def _rotate_or_pass(z: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.Tensor:
+    """Forward value ``q`` (detached), gradient to ``z`` straight through or by fastvq's
+    rotation trick, for rows already paired with their codes: ``z``, ``q`` (..., d)."""
     q = q.detach()
     if not rotation:
         return z + (q - z).detach()
-    zd = z.detach()
-    nz = zd.norm(dim=-1, keepdim=True)
-    nq = q.norm(dim=-1, keepdim=True)
-    u = zd / nz.clamp(min=L2NORM_EPS)
-    qh = q / nq.clamp(min=L2NORM_EPS)
-    w = _l2norm(u + qh)
-    lam = nq / nz.clamp(min=L2NORM_EPS)
-    lin = lam * (z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u).sum(-1, keepdim=True) * qh)
-    return q + (lin - lin.detach())
+    return _Rotate.apply(z, q.to(z.dtype))
 
 
 @torch.no_grad()
@@ -173,203 +157,85 @@ def _pick_codes(rows, codes, *, cosine, temperature, topk):
     return topk_codes(rows, codes, topk)[1]
 
 
-class Codebook(nn.Module):
-    """vqp's ``Codebook`` state and update rules (its buffers, names and shapes).
+class VqpCodebook(Codebook):
+    """fastvq's :class:`~fastvq.codebook.Codebook` with vqp's policies, under vqp's names: the
+    codes ``embed`` (G, K, d) (an ``nn.Parameter`` when learnable, a buffer otherwise),
+    ``cluster_size`` (G, K), ``embed_avg`` (G, K, d), ``initted`` (attributes and ``state_dict``
+    keys). Only names and defaults are mapped here; the rules are
+    :mod:`fastvq.codebook.vqp_rules`."""
 
-    ``embed`` (G, K, d) is an ``nn.Parameter`` when ``learnable_codebook`` (vqp also makes it one
-    with orthogonal regularisation), a buffer otherwise; ``cluster_size`` (G, K) and
-    ``embed_avg`` (G, K, d) are the EMA statistics; ``initted`` the k-means flag. G is the number
-    of codebooks (heads with separate codebooks, else 1). Rows handed to the methods are fp32
-    ``(G, M, d)`` with an optional bool ``(G, M)`` mask.
-    """
+    KEYS = {"codebook": "embed"}  # fastvq's state name -> vqp's
 
     def __init__(
         self, dim, codebook_size, *, num_codebooks=1, kmeans_init=False, kmeans_iters=10,
         decay=0.8, eps=1e-5, threshold_ema_dead_code=0, reset_cluster_size=None,
         learnable_codebook=False, ema_update=True, manual_ema_update=False,
-        use_cosine_sim=False, use_ddp=False,
+        use_cosine_sim=False, use_ddp=False, backend="auto",
     ):  # fmt: skip
-        super().__init__()
-        self.decay, self.eps, self.ema_update = decay, eps, ema_update
-        self.manual_ema_update = manual_ema_update
-        self.codebook_size, self.num_codebooks = codebook_size, num_codebooks
-        self.kmeans_iters, self.use_cosine_sim, self.use_ddp = kmeans_iters, use_cosine_sim, use_ddp
-        self.threshold_ema_dead_code = threshold_ema_dead_code
-        self.has_dead_code_replacement = threshold_ema_dead_code > 0
-        self.reset_cluster_size = (
-            threshold_ema_dead_code if reset_cluster_size is None else reset_cluster_size
-        )
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
-        else:
-            embed = torch.empty(num_codebooks, codebook_size, dim)
-            nn.init.kaiming_uniform_(embed)
-            if use_cosine_sim:
-                embed = _l2norm(embed)
-        self.register_buffer("initted", torch.tensor(not kmeans_init))
-        self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
-        self.register_buffer("embed_avg", embed.clone())
-        self.learnable_codebook = learnable_codebook
-        if learnable_codebook:
-            self.embed = nn.Parameter(embed)
-        else:
-            self.register_buffer("embed", embed)
-        self.backend = "auto"
+        else:  # vqp's init: kaiming-uniform over the whole (G, K, d) tensor
+            embed = nn.init.kaiming_uniform_(torch.empty(num_codebooks, codebook_size, dim))
+            embed = l2norm(embed) if use_cosine_sim else embed
+        super().__init__(
+            num_codebooks, codebook_size, dim, init=embed, decay=decay, eps=eps,
+            cosine=use_cosine_sim, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+            counters=False, backend=backend, sync_distributed=use_ddp, ema_rule="vqp",
+            restart_rule="vqp", kmeans_rule="vqp", dead_code_threshold=threshold_ema_dead_code,
+            reset_cluster_size=reset_cluster_size, smooth_each_step=not manual_ema_update,
+            parameter=learnable_codebook,
+        )  # fmt: skip
+        self.ema_update, self.learnable_codebook = ema_update, learnable_codebook
+        self.register_state_dict_post_hook(_to_vqp_keys)
+        self.register_load_state_dict_pre_hook(_from_vqp_keys)
+
+    @property
+    def embed(self) -> torch.Tensor:
+        return self.codebook
+
+    @property
+    def threshold_ema_dead_code(self) -> float:
+        return self.dead_code_threshold
+
+    @property
+    def has_dead_code_replacement(self) -> bool:
+        return self.dead_code_threshold > 0
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return _l2norm(x) if self.use_cosine_sim else x
-
-    def _backend(self) -> str:
-        return resolve_backend(self.backend, self.embed.device)
-
-    def _nearest(self, rows: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-        """Nearest of ``means`` (K, d) for each of ``rows`` (M, d) by fastvq's search (for unit
-        vectors, as cosine keeps them, the largest dot product)."""
-        return search(rows, means, backend=self._backend())[0]
+        return l2norm(x) if self.cosine else x
 
     @torch.no_grad()
-    def init_embed_(self, rows: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """vqp's k-means init: ``K`` sampled rows, ``kmeans_iters`` Lloyd steps (a code without
-        rows keeps its mean; cosine renormalises), then ``embed_avg = means * counts``,
-        ``cluster_size = counts`` and one EMA normalisation (so empty codes become zero, as in
-        vqp)."""
-        if bool(self.initted):
+    def update_(self, rows, idx, mask=None, weight=None, accumulate=False, ema_update=None):
+        """vqp's ``update_codebook``: this batch's counts and sums of ``rows`` (G, M, d) at
+        ``idx`` (G, M) (masked and non-finite rows left out), then the codebook's step."""
+        ema_update = self.ema_update if ema_update is None else ema_update
+        if not ema_update and not self.has_dead_code_replacement:
             return
-        if mask is not None:
-            rows = rows[mask].view(rows.shape[0], -1, rows.shape[-1])
-        k, be = self.codebook_size, self._backend()
-        all_means, all_bins = [], []
-        for samples in rows.unbind(0):
-            means = _sample_vectors(samples, k)
-            bins = torch.zeros(k, dtype=torch.int64, device=samples.device)
-            for _ in range(self.kmeans_iters):
-                buckets = self._nearest(samples, means)
-                counts, sums = batch_statistics(
-                    buckets, torch.ones_like(buckets, dtype=torch.bool), samples, k, be
-                )
-                bins = counts.to(torch.int64)
-                new_means = sums / bins.clamp(min=1)[:, None].to(sums.dtype)
-                if self.use_cosine_sim:
-                    new_means = _l2norm(new_means)
-                means = torch.where((bins == 0)[:, None], means, new_means)
-            all_means.append(means)
-            all_bins.append(bins)
-        means, bins = torch.stack(all_means), torch.stack(all_bins)
-        self.embed_avg.data.copy_(means * bins[..., None])
-        self.cluster_size.data.copy_(bins)
-        self.update_ema()
-        self.initted.data.copy_(torch.tensor(True))
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """``embed = embed_avg / laplace_smoothed(cluster_size)``, vqp's order of operations."""
-        cs = self.cluster_size
-        total = cs.sum(dim=-1, keepdim=True)
-        smoothed = (cs + self.eps) / (total + self.codebook_size * self.eps) * total
-        embed = self.embed_avg / smoothed[..., None]
-        if self.use_cosine_sim:
-            embed = _l2norm(embed)
-        self.embed.data.copy_(embed)
-
-    @staticmethod
-    def _ema_inplace(old: torch.Tensor, new: torch.Tensor, decay: float, weight) -> None:
-        if old.grad is not None:  # accumulated statistics (accum_ema_update) join this step's
-            new = new + old.grad
-            old.grad = None
-        if weight is None:
-            weight = 1.0
-        elif torch.is_tensor(weight):
-            if weight.ndim == 1:
-                weight = weight[None]
-            if weight.ndim != 2 or weight.shape != old.shape[:2]:
-                raise ValueError(
-                    f"ema_update_weight must have shape {tuple(old.shape[:2])}, "
-                    f"got {tuple(weight.shape)}"
-                )
-            weight = weight.reshape(*weight.shape, *(1,) * (old.ndim - 2))
-        old.data.lerp_(new.to(old), (1.0 - decay) * weight)
-
-    @torch.no_grad()
-    def track_(self, rows, idx, mask=None, ema_update_weight=None, accum_ema_update=False):
-        """Fold this batch's counts and sums (rows with the mask, finite) into the EMA
-        statistics (or accumulate them into their ``.grad`` with ``accum_ema_update``)."""
         ok = torch.isfinite(rows).all(-1)
-        if mask is not None:
-            ok = ok & mask
-        be = self._backend()
+        ok = ok if mask is None else ok & mask
+        be = resolve_backend(self.backend, rows.device)
         stats = [
             batch_statistics(i, o, r, self.codebook_size, be)
             for r, i, o in zip(rows, idx, ok, strict=True)
         ]
         counts = torch.stack([c for c, _ in stats])
         sums = torch.stack([s for _, s in stats])
-        if self.use_ddp:
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
-        if callable(ema_update_weight):
-            ema_update_weight = ema_update_weight(sums, counts)
-        if accum_ema_update:
-            for buf, new in ((self.cluster_size, counts), (self.embed_avg, sums)):
-                buf.grad = new.clone() if buf.grad is None else buf.grad.add_(new)
-            return
-        self._ema_inplace(self.cluster_size, counts, self.decay, ema_update_weight)
-        self._ema_inplace(self.embed_avg, sums, self.decay, ema_update_weight)
-
-    def update_codebook(
-        self, rows, idx, mask=None, ema_update_weight=None, accum_ema_update=False, ema_update=None
-    ) -> None:
-        """One training step of the codebook state, as vqp's ``update_codebook``."""
-        ema_update = self.ema_update if ema_update is None else ema_update
-        if not ema_update and not self.has_dead_code_replacement:
-            return
-        self.track_(rows, idx, mask, ema_update_weight, accum_ema_update)
-        if accum_ema_update:
-            return
-        if ema_update and not self.manual_ema_update:
-            self.update_ema()
-        self.expire_codes_(rows, mask)
-
-    @torch.no_grad()
-    def expire_codes_(self, rows: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Replace codes whose EMA count fell below ``threshold_ema_dead_code`` by rows of this
-        batch (vqp's rule and random calls; at most as many codes as rows per step)."""
-        if not self.has_dead_code_replacement or not self.training:
-            return
-        expired = self.cluster_size < self.threshold_ema_dead_code
-        if not bool(expired.any()):
-            return
-        rows = self.transform_input(rows.reshape(rows.shape[0], -1, rows.shape[-1]))
-        # strict=False: vqp pairs a (B, N, d) input's batch rows with codebooks, keeping the first
-        for g, (samples, dead) in enumerate(zip(rows, expired, strict=False)):
-            if mask is not None:
-                samples = samples[mask[g]]
-            if samples.numel() == 0:
-                continue
-            num_dead = int(dead.sum())
-            if num_dead > samples.shape[0]:
-                dead_idx = dead.nonzero(as_tuple=True)[0]
-                dead_idx = dead_idx[
-                    torch.randperm(num_dead, device=dead.device)[: samples.shape[0]]
-                ]
-                dead = torch.zeros_like(dead)
-                dead[dead_idx] = True
-                num_dead = samples.shape[0]
-            sampled = _sample_vectors(samples, num_dead).to(self.embed.data)
-            self.embed.data[g][dead] = sampled
-            self.cluster_size.data[g][dead] = self.reset_cluster_size
-            self.embed_avg.data[g][dead] = sampled * self.reset_cluster_size
-
-    def update_indices(
-        self, rows, idx, mask=None, ema_update_weight=None, accum_ema_update=False, ema_update=None
-    ) -> None:
-        """The EMA step for given indices (G, M) of ``rows`` (G, M, d); -1 counts as code 0, as in
-        vqp (masked rows are left out by ``mask``)."""
-        idx = idx.masked_fill(idx == -1, 0)
-        self.update_codebook(
-            rows.float(), idx, mask, ema_update_weight, accum_ema_update, ema_update
+        keep = [None] * len(rows) if mask is None else mask.float()
+        self.step_(
+            counts, sums, rows, keep, ema_step=ema_update, ema_weight=weight, accumulate=accumulate
         )
 
-    update_ema_indices = update_indices
+
+def _to_vqp_keys(module, state_dict, prefix, local_metadata) -> None:
+    for ours, theirs in VqpCodebook.KEYS.items():
+        if prefix + ours in state_dict:
+            state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
+
+
+def _from_vqp_keys(module, state_dict, prefix, *args) -> None:
+    for ours, theirs in VqpCodebook.KEYS.items():
+        if prefix + theirs in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
 
 
 class VectorQuantize(nn.Module):
@@ -477,16 +343,15 @@ class VectorQuantize(nn.Module):
         self.stochastic_sample_codes = stochastic_sample_codes
         self.sample_codebook_temp = sample_codebook_temp
         self.use_cosine_sim = use_cosine_sim
-        self._codebook = Codebook(
+        self._codebook = VqpCodebook(
             codebook_dim, codebook_size,
             num_codebooks=heads if separate_codebook_per_head else 1,
             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, decay=decay, eps=eps,
             threshold_ema_dead_code=threshold_ema_dead_code,
             learnable_codebook=self.has_codebook_orthogonal_loss or learnable_codebook,
             ema_update=ema_update, manual_ema_update=manual_ema_update,
-            use_cosine_sim=use_cosine_sim, use_ddp=sync_codebook,
+            use_cosine_sim=use_cosine_sim, use_ddp=sync_codebook, backend=backend,
         )  # fmt: skip
-        self._codebook.backend = backend
         self.codebook_size = codebook_size
         self.accept_image_fmap, self.accept_3d_fmap = accept_image_fmap, accept_3d_fmap
         self.channel_last = channel_last
@@ -495,6 +360,15 @@ class VectorQuantize(nn.Module):
         self.in_place_codebook_optimizer = None
 
     # --- vqp's accessors ---------------------------------------------------------------------
+
+    @property
+    def codebook_module(self) -> VqpCodebook:
+        """The codebook module (vqp's ``_codebook``)."""
+        return self._codebook
+
+    def share_codebook_(self, other: VectorQuantize) -> None:
+        """Use ``other``'s codebook module (vqp's ``ResidualVQ(shared_codebook=True)``)."""
+        self._codebook = other.codebook_module
 
     @property
     def ema_update(self) -> bool:
@@ -624,7 +498,8 @@ class VectorQuantize(nn.Module):
         row_mask = self._row_mask(mask, g_count)
 
         cb = self._codebook
-        cb.init_embed_(rows.detach(), row_mask)
+        rows_d = rows.detach()
+        cb.kmeans_init_(list(rows_d), [None] * g_count if row_mask is None else list(row_mask))
         embed = cb.embed if cb.learnable_codebook else cb.embed.detach()
         update = self.training and not freeze and not is_topk
         ema_now = (cb.ema_update if ema_update is None else ema_update) and not is_topk
@@ -689,9 +564,7 @@ class VectorQuantize(nn.Module):
             q = torch.stack([F.embedding(idx[g], embed[g]) for g in range(g_count)])
 
         if update:
-            cb.update_codebook(
-                rows.detach(), idx, row_mask, ema_update_weight, accum_ema_update, ema_now
-            )
+            cb.update_(rows_d, idx, row_mask, ema_update_weight, accum_ema_update, ema_now)
         if self.training and self.sync_update_v > 0:
             q = q + self.sync_update_v * (q - q.detach())
 
@@ -812,7 +685,7 @@ class VectorQuantize(nn.Module):
         """vqp's dead-code replacement from ``x`` (codebook space, ``(B, N, heads * d)``)."""
         # vqp hands one head's (B, N, d) over as is: its leading dim then plays the codebook dim
         rows = x if self.heads == 1 else self._split_heads(x)
-        self._codebook.expire_codes_(self._codebook.transform_input(rows).float())
+        self._codebook.expire_(self._codebook.transform_input(rows).float())
 
     def update_indices(self, x, indices, mask=None) -> None:
         """The codebook step for ``x`` (the layer's input layout) and given ``indices`` (its
@@ -822,334 +695,7 @@ class VectorQuantize(nn.Module):
         with torch.no_grad():
             rows, (b, n) = self._codebook_rows(x)
         idx = self._index_rows(indices, b, n)
-        self._codebook.update_indices(rows, idx, self._row_mask(mask, rows.shape[0]))
+        idx = idx.masked_fill(idx == -1, 0)  # vqp: -1 counts as code 0 (masked rows: ``mask``)
+        self._codebook.update_(rows, idx, self._row_mask(mask, rows.shape[0]))
 
     update_ema_indices = update_indices
-
-
-# --- ResidualVQ ---------------------------------------------------------------------------------
-
-
-def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
-    if frac <= 0:
-        return t.detach()
-    return frac * t + (1.0 - frac) * t.detach()
-
-
-def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
-    """vqp's ``get_maybe_sync_seed``: one draw of the global generator (all-reduced across
-    ranks), so the same torch seed drops the same depths as vqp."""
-    r = torch.randint(0, max_size, (), device=device)
-    if _is_distributed():
-        dist.all_reduce(r)
-    return int(r.item())
-
-
-class ResidualVQ(nn.Module):
-    """vqp's ``ResidualVQ`` (SoundStream's algorithm 1) over this module's ``VectorQuantize``.
-
-    ``forward(x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
-    freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None)`` returns
-    ``(quantized (B, N, dim), indices (B, N, Q), losses (Q,))`` (indices -1 at masked positions
-    and dropped depths); ``return_all_codes`` adds the codes ``(Q, B, N, d)``.
-
-    Beam search (``beam_size`` > 1) chooses the code sequences with fastvq's
-    :func:`~fastvq.residual.residual_beam_search` under vqp's score (the sum of every depth's
-    weighted commitment), then computes outputs, losses and gradients along the chosen sequence
-    (vqp computes them for every beam and keeps the chosen one: the same values).
-    """
-
-    def __init__(
-        self, *, dim, num_quantizers=None, codebook_size, codebook_dim=None,
-        shared_codebook=False, diveq=False, heads=1, quantize_dropout=False,
-        quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1, accept_image_fmap=False,
-        implicit_neural_codebook=False, mlp_kwargs=None, beam_size=None, eval_beam_size=None,
-        beam_score_quantizer_weights=None, quant_grad_frac=0.0,
-        return_zeros_for_masked_padding=True, **vq_kwargs,
-    ):  # fmt: skip
-        super().__init__()
-        name = type(self).__name__
-        if implicit_neural_codebook:
-            raise _unsupported(name, "implicit_neural_codebook", implicit_neural_codebook)
-        if diveq:
-            raise _unsupported(name, "diveq", diveq)
-        if mlp_kwargs:
-            raise _unsupported(name, "mlp_kwargs", mlp_kwargs)
-        if heads != 1:
-            raise ValueError("residual vq is not compatible with multi-headed codes (as in vqp)")
-        if num_quantizers is None and not isinstance(codebook_size, tuple):
-            raise ValueError("pass num_quantizers or a tuple of codebook sizes")
-        codebook_dim = dim if codebook_dim is None else codebook_dim
-        self.codebook_dim = codebook_dim
-        self.has_projections = codebook_dim != dim
-        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
-        self.accept_image_fmap = accept_image_fmap
-        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
-        vq_kwargs.update(return_zeros_for_masked_padding=return_zeros_for_masked_padding)
-        if shared_codebook:
-            vq_kwargs.update(manual_ema_update=True)
-        sizes = (
-            codebook_size if isinstance(codebook_size, tuple) else (codebook_size,) * num_quantizers
-        )
-        num_quantizers = len(sizes) if num_quantizers is None else num_quantizers
-        if len(sizes) != num_quantizers:
-            raise ValueError(f"{len(sizes)} codebook sizes for {num_quantizers} quantizers")
-        self.num_quantizers, self.codebook_sizes = num_quantizers, sizes
-        self.uniform_codebook_size = len(set(sizes)) == 1
-        self.layers = nn.ModuleList(
-            VectorQuantize(
-                dim=codebook_dim, codebook_size=k, codebook_dim=codebook_dim,
-                accept_image_fmap=accept_image_fmap, **vq_kwargs,
-            ) for k in sizes
-        )  # fmt: skip
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
-        if quantize_dropout_cutoff_index < 0:
-            raise ValueError("quantize_dropout_cutoff_index must be >= 0")
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.vq_is_ema_updating = self.layers[0].ema_update
-        self.quant_grad_frac = quant_grad_frac
-        if eval_beam_size is not None and beam_size is None:
-            raise ValueError("eval_beam_size needs beam_size (as in vqp)")
-        self.beam_size = beam_size
-        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
-        weights = beam_score_quantizer_weights or [1.0] * num_quantizers
-        if len(weights) != num_quantizers:
-            raise ValueError("beam_score_quantizer_weights needs one weight per quantizer")
-        self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
-        self.shared_codebook = shared_codebook
-        if shared_codebook:
-            if not self.uniform_codebook_size:
-                raise ValueError("a shared codebook needs one codebook size (as in vqp)")
-            for vq in self.layers[1:]:
-                vq._codebook = self.layers[0]._codebook
-
-    @property
-    def codebook_size(self) -> int:
-        return self.layers[0].codebook_size
-
-    @property
-    def codebooks(self):
-        """``(Q, K, d)`` (a tuple of ``(K_i, d)`` for sizes per depth)."""
-        books = tuple(layer._codebook.embed[0] for layer in self.layers)
-        return torch.stack(books) if self.uniform_codebook_size else books
-
-    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes ``(Q, B, ..., d)`` for indices ``(B, ..., q)`` (-1 and missing depths: 0)."""
-        q = indices.shape[-1]
-        if q < self.num_quantizers:
-            if not self.quantize_dropout:
-                raise ValueError("fewer indices than quantizers needs quantize_dropout (as in vqp)")
-            indices = F.pad(indices, (0, self.num_quantizers - q), value=-1)
-        dropped = indices == -1
-        indices = indices.masked_fill(dropped, 0)
-        codes = torch.stack([
-            F.embedding(indices[..., i], self.layers[i]._codebook.embed[0])
-            for i in range(self.num_quantizers)
-        ])  # fmt: skip
-        return codes.masked_fill(dropped.movedim(-1, 0)[..., None], 0.0)
-
-    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.project_out(self.get_codes_from_indices(indices).sum(0))
-
-    def _num_active(self, seed, device) -> int:
-        """vqp's quantize dropout draw: the last depth run, from ``random.Random(seed)``."""
-        if seed is None:
-            seed = _maybe_sync_seed(device)
-        last = random.Random(seed).randrange(
-            self.quantize_dropout_cutoff_index, self.num_quantizers
-        )
-        mult = self.quantize_dropout_multiple_of
-        if mult != 1:
-            last = math.ceil((last + 1) / mult) * mult - 1
-        return last + 1
-
-    def forward(
-        self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
-        freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None,
-    ):  # fmt: skip
-        """See the class docstring."""
-        if indices is not None:  # vqp 1.32.0 fails here too (3 values unpacked from 2)
-            raise _unsupported(
-                type(self).__name__, "indices (cross-entropy to given codes)", "given"
-            )
-        beam = beam_size if beam_size is not None else (
-            self.beam_size if self.training else self.eval_beam_size
-        )  # fmt: skip
-        is_beam = beam is not None and beam > 1
-        z = self.project_in(x)
-        q_total = self.num_quantizers
-        active = q_total
-        if self.training and self.quantize_dropout:
-            active = self._num_active(rand_quantize_dropout_fixed_seed, x.device)
-        layers = self.layers[:active]
-        residuals, all_idx, all_losses = [], [], []
-        quantized_out = torch.zeros_like(z)
-        if is_beam:
-            quantized_out, all_idx, all_losses, residuals = self._beam(
-                z, mask, layers, beam, sample_codebook_temp, freeze_codebook
-            )
-        else:
-            residual = z
-            for vq in layers:
-                residuals.append(residual)
-                q, idx, loss = vq(
-                    residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
-                    freeze_codebook=freeze_codebook,
-                )  # fmt: skip
-                residual = residual - _frac_gradient(q, self.quant_grad_frac)
-                quantized_out = quantized_out + q
-                all_idx.append(idx)
-                all_losses.append(loss.reshape(()))
-        # vqp runs this even with freeze_codebook (a recomputation of the codes from unchanged
-        # statistics then, and dead-code replacement)
-        if self.training and self.shared_codebook:
-            first = self.layers[0]
-            if self.vq_is_ema_updating:
-                first._codebook.update_ema()
-            pooled = torch.stack([r.detach() for r in residuals], dim=-2)
-            first.expire_codes_(pooled.reshape(pooled.shape[0], -1, pooled.shape[-1]))
-        fill_idx = all_idx[0].new_full(all_idx[0].shape, -1)
-        all_idx = all_idx + [fill_idx] * (q_total - active)
-        zero = torch.zeros((), device=x.device)
-        all_losses = all_losses + [zero] * (q_total - active)
-        quantized_out = self.project_out(quantized_out)
-        if mask is not None:
-            fill = torch.zeros_like(quantized_out) if self.return_zeros_for_masked_padding else x
-            quantized_out = torch.where(mask[..., None], quantized_out, fill)
-        out_idx = torch.stack(all_idx, dim=-1)
-        ret = (quantized_out, out_idx, torch.stack(all_losses))
-        if return_all_codes:
-            ret = (*ret, self.get_codes_from_indices(out_idx))
-        return ret
-
-    def _beam(self, z, mask, layers, beam, temp, freeze):
-        """Beam search over ``layers``: the chosen sequence by vqp's score, then each depth's
-        output (rotation trick or straight-through) and loss along it, and vqp's EMA step from
-        the chosen residuals."""
-        name = type(self).__name__
-        first = layers[0]
-        if first.use_cosine_sim:
-            raise _unsupported(name, "beam_size with use_cosine_sim", beam)
-        if first.stochastic_sample_codes:
-            raise _unsupported(name, "beam_size with stochastic_sample_codes", beam)
-        if not first.has_commitment_loss:
-            raise _unsupported(name, "beam_size with commitment_weight=0", beam)
-        if self.training and first.commitment_use_cross_entropy_loss:
-            raise ValueError(
-                "beam search in training needs commitment_use_cross_entropy_loss=False (as in vqp)"
-            )
-        if self.training and first.has_codebook_diversity_loss:
-            # vqp adds each depth's diversity over all beams to every candidate's loss
-            raise _unsupported(name, "beam_size with codebook_diversity_loss_weight", beam)
-        if self.accept_image_fmap:
-            raise _unsupported(name, "beam_size with accept_image_fmap", beam)
-        if self.training and first.has_codebook_orthogonal_loss:
-            # vqp adds the orthogonal term to every candidate's loss; this route does not
-            raise _unsupported(name, "beam_size with orthogonal_reg_weight", beam)
-        if self.training and first.sync_update_v > 0:
-            raise _unsupported(name, "beam_size with sync_update_v", beam)
-        if self.training and not all(bool(vq._codebook.initted) for vq in layers):
-            # vqp's k-means runs on each depth's rows first; the beam reads the codes as they are
-            raise _unsupported(
-                name, "beam_size with kmeans_init (before the codes are initted)", beam
-            )
-        lead, d = z.shape[:-1], z.shape[-1]
-        books = [vq._codebook.embed[0].detach() for vq in layers]
-        weights = self.beam_score_weights[: len(layers)].tolist()
-        idx, _ = residual_beam_search(
-            z.detach().reshape(-1, d).float(), books, beam, score_weights=weights
-        )
-        idx = idx.reshape(*lead, len(layers))
-        keep = None if mask is None else mask
-        residual, out = z, torch.zeros_like(z)
-        residuals, all_idx, all_losses = [], [], []
-        for i, vq in enumerate(layers):
-            residuals.append(residual)
-            embed = vq._codebook.embed[0]
-            codes = F.embedding(idx[..., i], embed)
-            cq = (
-                codes
-                if (vq.learnable_codebook and not freeze and self.training)
-                else codes.detach()
-            )
-            per_token = (cq - residual.float()).square().mean(-1) * vq.commitment_weight
-            if keep is not None:
-                per_token = torch.where(keep, per_token, 0.0)
-                loss = per_token.sum() / keep.sum().clamp_min(1e-4)
-            else:
-                loss = per_token.mean()
-            if self.training and residual.requires_grad and vq.route_gradients_to_input:
-                q = _rotate_or_pass(residual, codes, vq.rotation_trick).to(z.dtype)
-            else:
-                q = codes.to(z.dtype)
-            if keep is not None:
-                q = torch.where(keep[..., None], q, 0.0)
-            residual = residual - _frac_gradient(q, self.quant_grad_frac)
-            out = out + q
-            layer_idx = idx[..., i] if keep is None else torch.where(keep, idx[..., i], -1)
-            all_idx.append(layer_idx)
-            all_losses.append(loss)
-        if self.training and not freeze:
-            for vq, r, i in zip(layers, residuals, all_idx, strict=True):
-                vq.update_indices(r.detach(), i, mask=mask)
-        return out, all_idx, all_losses, residuals
-
-
-class GroupedResidualVQ(nn.Module):
-    """vqp's ``GroupedResidualVQ``: the feature dim split into ``groups``, one
-    :class:`ResidualVQ` each. ``forward(x, indices=None, return_all_codes=False,
-    sample_codebook_temp=None, freeze_codebook=False, mask=None)`` returns ``(quantized,
-    indices (groups, B, N, Q), losses (groups, Q))``."""
-
-    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
-        super().__init__()
-        if dim % groups != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
-        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
-        self.rvqs = nn.ModuleList(
-            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
-            for _ in range(groups)
-        )
-
-    @property
-    def codebooks(self) -> torch.Tensor:
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
-
-    @property
-    def split_dim(self) -> int:
-        return 1 if self.accept_image_fmap else -1
-
-    def get_codes_from_indices(self, indices) -> torch.Tensor:
-        return torch.stack(
-            [rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices, strict=True)]
-        )
-
-    def get_output_from_indices(self, indices) -> torch.Tensor:
-        outs = [rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices, strict=True)]
-        return torch.cat(outs, dim=self.split_dim)
-
-    def forward(
-        self, x, indices=None, return_all_codes=False, sample_codebook_temp=None,
-        freeze_codebook=False, mask=None,
-    ):  # fmt: skip
-        """See the class docstring."""
-        if indices is not None:  # vqp 1.32.0 fails here too (its ResidualVQ does)
-            raise _unsupported(
-                type(self).__name__, "indices (cross-entropy to given codes)", "given"
-            )
-        if x.shape[self.split_dim] != self.dim:
-            raise ValueError(f"x must have {self.dim} channels in dim {self.split_dim}")
-        chunks = x.chunk(self.groups, dim=self.split_dim)
-        seed = _maybe_sync_seed(x.device) if self.training else None
-        outs = [
-            rvq(
-                c, mask=mask, return_all_codes=return_all_codes,
-                sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
-                rand_quantize_dropout_fixed_seed=seed,
-            ) for rvq, c in zip(self.rvqs, chunks, strict=True)
-        ]  # fmt: skip
-        quantized, idx, losses, *codes = zip(*outs, strict=True)
-        ret = (torch.cat(quantized, dim=self.split_dim), torch.stack(idx), torch.stack(losses))
-        return (*ret, torch.stack(codes[0])) if codes else ret
