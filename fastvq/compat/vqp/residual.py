@@ -11,8 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ... import _dist
 from ...residual import residual_beam_search
-from .vq import VectorQuantize, _is_distributed, _rotate_or_pass, _unsupported
+from .vq import VectorQuantize, _rotate_or_pass, _unsupported
 
 __all__ = ["GroupedResidualVQ", "ResidualVQ"]
 
@@ -27,7 +28,7 @@ def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
     """vqp's ``get_maybe_sync_seed``: one draw of the global generator (all-reduced across
     ranks), so the same torch seed drops the same depths as vqp."""
     r = torch.randint(0, max_size, (), device=device)
-    if _is_distributed():
+    if _dist.is_distributed():
         dist.all_reduce(r)
     return int(r.item())
 

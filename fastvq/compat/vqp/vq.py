@@ -1,49 +1,22 @@
-"""A vector-quantize-pytorch 1.32.0 ("vqp") compatible front end on fastvq's fused op.
+"""vqp's ``VectorQuantize`` (vector-quantize-pytorch 1.32.0) on fastvq's pieces.
 
-``from fastvq.compat.vqp import VectorQuantize`` replaces ``from vector_quantize_pytorch import
-VectorQuantize`` (likewise ``ResidualVQ`` and ``GroupedResidualVQ``): vqp's argument names and
-defaults (``decay=0.8``, ``commitment_weight=1``, rotation trick on when ``dim > 1``, no k-means,
-no dead-code threshold, ``channel_last=True``, shared codebook across heads, ``codebook_dim``
-defaulting to ``dim`` per head), its return values ``(quantize, indices, loss)`` (plus
-``LossBreakdown`` with ``return_loss_breakdown``), its masking (``mask`` or ``lens``: zeros and
-index -1 at masked positions), its eval mode (loss 0, no gradient to the input through the
-output, the codebook still k-means-initialised on the first call) and its ``state_dict`` keys
-(``_codebook.initted``, ``_codebook.cluster_size``, ``_codebook.embed_avg``, ``_codebook.embed``,
-``project_in.*``, ``project_out.*``; ``layers.{i}._codebook.*``; ``rvqs.{g}.layers.{i}...``), so
-vqp checkpoints load with ``strict=True``.
+vqp's argument names and defaults (``decay=0.8``, ``commitment_weight=1``, the rotation trick
+on when ``dim > 1``, ``channel_last=True``, heads sharing one codebook), its outputs
+``(quantize, indices, loss)`` (and ``LossBreakdown``), its masking (zeros and index -1), its eval
+mode (loss 0) and its ``state_dict`` keys, mapped onto:
 
-Underneath, the nearest-code search, the commitment loss and the straight-through or rotation
-trick gradient are one call of :func:`fastvq.functional.quantize_rows` per codebook (no N x K
-tensor). vqp's losses on its N x K logits (the cross-entropy commitment, the diversity loss, the
-``indices=`` cross entropy) and the orthogonal loss are :mod:`fastvq.codebook_losses`'; ``topk``
-and stochastic sampling are :mod:`fastvq.sampling`'s (chunked, no N x K tensor either).
-vqp's EMA is kept as vqp computes it, which differs from fastvq's layer::
+* the codes and their learning: a :class:`fastvq.codebook.Codebook` with vqp's policies, under
+  vqp's names (:class:`.codebook.VqpCodebook`); the layouts: :class:`.layout.Layout`;
+* search, commitment loss and straight-through or rotation-trick gradient: one
+  :func:`fastvq.functional.quantize_rows` per codebook (no N x K tensor); the rotation of given
+  codes (``topk``, sampling, beam): :func:`fastvq.functional.rotate_grad`;
+* vqp's losses on its logits (cross-entropy commitment, diversity, ``indices=``) and the
+  orthogonal loss: :mod:`fastvq.codebook_losses`; ``topk`` and stochastic sampling:
+  :mod:`fastvq.sampling`.
 
-    N_k <- lerp(N_k, n_k, 1 - decay),   m_k <- lerp(m_k, s_k, 1 - decay)      (torch.lerp_)
-    c_k = m_k / ((N_k + eps) / (sum N + K eps) * sum N)          (then l2-normalised for cosine)
-
-with the batch's counts ``n_k`` and sums ``s_k`` from fastvq's scatter; vqp's k-means init and
-dead-code replacement (``cluster_size < threshold_ema_dead_code``) are reproduced with the same
-random calls, on fastvq's search. Rows holding NaN/Inf are left out of the EMA statistics (vqp
-would let them poison the sums).
-
-Differences from vqp that remain (docs/layer.md, "Coming from vector-quantize-pytorch"):
-
-* the rotation trick's forward value is exactly the code (vqp's is the rotated input, equal up
-  to rounding); its gradient is the same estimator;
-* with a mask, the commitment term compares the code to the input in codebook space (after
-  ``project_in``, heads and cosine normalisation), as without a mask; vqp 1.32.0 compares it to
-  the raw input there (later fixed upstream); a fully masked batch gives loss 0 (vqp: NaN);
-* ties in distance go to the lowest index (vqp: ``argmax`` of a square-rooted distance);
-* ``get_codes_from_indices`` with heads sharing one codebook returns ``(..., heads * d)``;
-* stochastic sampling draws fastvq's counter-based Gumbel noise, not vqp's ``uniform_`` stream
-  (the same distribution, other samples);
-* with an EMA codebook the gradients of the distance-based losses are those of the forward
-  (vqp 1.32.0's EMA overwrites the codes its ``cdist`` saved for backward); with no valid row
-  the cross entropy is 0 (vqp: NaN); the orthogonal loss counts a zero code's Gram diagonal as
-  0 (upstream's later fix) and is computed in fp32.
-
-An argument this front end cannot honour raises ``NotImplementedError`` naming it.
+The differences from vqp that remain are listed in docs/layer.md ("Coming from
+vector-quantize-pytorch"); an argument this front end cannot honour raises
+``NotImplementedError`` naming it.
 """
 
 from __future__ import annotations
@@ -51,19 +24,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ...codebook import Codebook, batch_statistics
+from ... import _dist
 from ...codebook.vqp_rules import l2norm
 from ...codebook_losses import ce_commitment_loss, diversity_loss
 from ...codebook_losses import orthogonal_loss as _orthogonal_loss
 from ...functional import quantize_rows, rotate_grad
 from ...ops import resolve_backend, search
 from ...sampling import sample_codes, topk_codes
+from .codebook import VqpCodebook
+from .layout import Layout
 
-__all__ = ["LossBreakdown", "VectorQuantize", "VqpCodebook", "orthogonal_loss"]
+__all__ = ["LossBreakdown", "VectorQuantize", "orthogonal_loss"]
 
 
 class LossBreakdown(NamedTuple):
@@ -80,10 +54,6 @@ def _unsupported(cls: str, name: str, value) -> NotImplementedError:
         f"fastvq.compat.vqp.{cls}: {name}={value!r} is not supported by this front end "
         "(see docs/layer.md, 'Coming from vector-quantize-pytorch')"
     )
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
@@ -157,87 +127,6 @@ def _pick_codes(rows, codes, *, cosine, temperature, topk):
     return topk_codes(rows, codes, topk)[1]
 
 
-class VqpCodebook(Codebook):
-    """fastvq's :class:`~fastvq.codebook.Codebook` with vqp's policies, under vqp's names: the
-    codes ``embed`` (G, K, d) (an ``nn.Parameter`` when learnable, a buffer otherwise),
-    ``cluster_size`` (G, K), ``embed_avg`` (G, K, d), ``initted`` (attributes and ``state_dict``
-    keys). Only names and defaults are mapped here; the rules are
-    :mod:`fastvq.codebook.vqp_rules`."""
-
-    KEYS = {"codebook": "embed"}  # fastvq's state name -> vqp's
-
-    def __init__(
-        self, dim, codebook_size, *, num_codebooks=1, kmeans_init=False, kmeans_iters=10,
-        decay=0.8, eps=1e-5, threshold_ema_dead_code=0, reset_cluster_size=None,
-        learnable_codebook=False, ema_update=True, manual_ema_update=False,
-        use_cosine_sim=False, use_ddp=False, backend="auto",
-    ):  # fmt: skip
-        if kmeans_init:
-            embed = torch.zeros(num_codebooks, codebook_size, dim)
-        else:  # vqp's init: kaiming-uniform over the whole (G, K, d) tensor
-            embed = nn.init.kaiming_uniform_(torch.empty(num_codebooks, codebook_size, dim))
-            embed = l2norm(embed) if use_cosine_sim else embed
-        super().__init__(
-            num_codebooks, codebook_size, dim, init=embed, decay=decay, eps=eps,
-            cosine=use_cosine_sim, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
-            counters=False, backend=backend, sync_distributed=use_ddp, ema_rule="vqp",
-            restart_rule="vqp", kmeans_rule="vqp", dead_code_threshold=threshold_ema_dead_code,
-            reset_cluster_size=reset_cluster_size, smooth_each_step=not manual_ema_update,
-            parameter=learnable_codebook,
-        )  # fmt: skip
-        self.ema_update, self.learnable_codebook = ema_update, learnable_codebook
-        self.register_state_dict_post_hook(_to_vqp_keys)
-        self.register_load_state_dict_pre_hook(_from_vqp_keys)
-
-    @property
-    def embed(self) -> torch.Tensor:
-        return self.codebook
-
-    @property
-    def threshold_ema_dead_code(self) -> float:
-        return self.dead_code_threshold
-
-    @property
-    def has_dead_code_replacement(self) -> bool:
-        return self.dead_code_threshold > 0
-
-    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return l2norm(x) if self.cosine else x
-
-    @torch.no_grad()
-    def update_(self, rows, idx, mask=None, weight=None, accumulate=False, ema_update=None):
-        """vqp's ``update_codebook``: this batch's counts and sums of ``rows`` (G, M, d) at
-        ``idx`` (G, M) (masked and non-finite rows left out), then the codebook's step."""
-        ema_update = self.ema_update if ema_update is None else ema_update
-        if not ema_update and not self.has_dead_code_replacement:
-            return
-        ok = torch.isfinite(rows).all(-1)
-        ok = ok if mask is None else ok & mask
-        be = resolve_backend(self.backend, rows.device)
-        stats = [
-            batch_statistics(i, o, r, self.codebook_size, be)
-            for r, i, o in zip(rows, idx, ok, strict=True)
-        ]
-        counts = torch.stack([c for c, _ in stats])
-        sums = torch.stack([s for _, s in stats])
-        keep = [None] * len(rows) if mask is None else mask.float()
-        self.step_(
-            counts, sums, rows, keep, ema_step=ema_update, ema_weight=weight, accumulate=accumulate
-        )
-
-
-def _to_vqp_keys(module, state_dict, prefix, local_metadata) -> None:
-    for ours, theirs in VqpCodebook.KEYS.items():
-        if prefix + ours in state_dict:
-            state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
-
-
-def _from_vqp_keys(module, state_dict, prefix, *args) -> None:
-    for ours, theirs in VqpCodebook.KEYS.items():
-        if prefix + theirs in state_dict:
-            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
-
-
 class VectorQuantize(nn.Module):
     """vqp's ``VectorQuantize`` on fastvq's fused op (same arguments, defaults, outputs, keys).
 
@@ -304,17 +193,16 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"sync_update_v must be in [0, 1], got {sync_update_v}")
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True (as in vqp)")
-        sync_codebook = _is_distributed() if sync_codebook is None else sync_codebook
+        sync_codebook = _dist.is_distributed() if sync_codebook is None else sync_codebook
         if sync_codebook and (kmeans_init or threshold_ema_dead_code > 0):
             # vqp samples k-means seeds and replacements across ranks; not reproduced here
             raise _unsupported(
                 name, "sync_codebook (with kmeans_init or a dead-code threshold)", True
             )
 
-        self.dim, self.heads = dim, heads
-        self.separate_codebook_per_head = separate_codebook_per_head
         codebook_dim = dim if codebook_dim is None else codebook_dim
-        self.codebook_dim = codebook_dim
+        self.dim, self.heads, self.codebook_dim = dim, heads, codebook_dim
+        self.separate_codebook_per_head = separate_codebook_per_head
         inner = codebook_dim * heads
         self.has_projections = inner != dim
         if self.has_projections:
@@ -325,24 +213,21 @@ class VectorQuantize(nn.Module):
             self.project_out = nn.Linear(inner, dim)
         else:
             self.project_in, self.project_out = nn.Identity(), nn.Identity()
-        self.eps = eps
-        self.commitment_weight = commitment_weight
-        self.has_commitment_loss = commitment_weight > 0
+        # vqp's attribute names (ResidualVQ and vqp's users read them)
+        self.eps, self.learnable_codebook = eps, learnable_codebook
+        self.commitment_weight, self.has_commitment_loss = commitment_weight, commitment_weight > 0
         self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
-        self.learnable_codebook = learnable_codebook
         self.orthogonal_reg_weight = orthogonal_reg_weight
         self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0
         self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0
         self.codebook_diversity_temperature = codebook_diversity_temperature
-        self.rotation_trick = bool(rotation_trick)
+        self.rotation_trick, self.sync_update_v = bool(rotation_trick), sync_update_v
         self.route_gradients_to_input = route_gradients_to_input
-        self.sync_update_v = sync_update_v
-        self.stochastic_sample_codes = stochastic_sample_codes
+        self.stochastic_sample_codes, self.use_cosine_sim = stochastic_sample_codes, use_cosine_sim
         self.sample_codebook_temp = sample_codebook_temp
-        self.use_cosine_sim = use_cosine_sim
         self._codebook = VqpCodebook(
             codebook_dim, codebook_size,
             num_codebooks=heads if separate_codebook_per_head else 1,
@@ -355,6 +240,10 @@ class VectorQuantize(nn.Module):
         self.codebook_size = codebook_size
         self.accept_image_fmap, self.accept_3d_fmap = accept_image_fmap, accept_3d_fmap
         self.channel_last = channel_last
+        self.layout = Layout(
+            heads, codebook_dim, separate_codebook_per_head, channel_last,
+            accept_image_fmap or accept_3d_fmap,
+        )  # fmt: skip
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.freeze_codebook = freeze_codebook
         self.in_place_codebook_optimizer = None
@@ -386,74 +275,20 @@ class VectorQuantize(nn.Module):
             codes = codes[None]
         self._codebook.embed.copy_(codes)
 
-    def _channels_first(self) -> bool:
-        return not self.channel_last or self.accept_image_fmap or self.accept_3d_fmap
-
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes in codebook space for ``indices`` (the layer's index layout): ``(..., heads *
         d)``, channels moved to dim 1 as the layer's input layout has them."""
-        codes = self._lookup(indices)
-        return codes.movedim(-1, 1) if self._channels_first() else codes
-
-    def _lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        embed = self._codebook.embed
-        if self.heads == 1:
-            return F.embedding(indices, embed[0])
-        if self.separate_codebook_per_head:
-            parts = [F.embedding(indices[..., h], embed[h]) for h in range(self.heads)]
-        else:
-            parts = [F.embedding(indices[..., h], embed[0]) for h in range(self.heads)]
-        return torch.cat(parts, dim=-1)
+        codes = self._codebook.lookup(indices, self.heads)
+        return codes.movedim(-1, 1) if self.layout.channels_first else codes
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """What the layer outputs in eval mode for ``indices``."""
-        out = self.project_out(self._lookup(indices))
-        return out.movedim(-1, 1) if self._channels_first() else out
+        out = self.project_out(self._codebook.lookup(indices, self.heads))
+        return out.movedim(-1, 1) if self.layout.channels_first else out
 
     def update_in_place_optimizer(self) -> None:
         """vqp's hook for its in-place codebook optimizer; this front end has none (a no-op,
         as in vqp without ``in_place_codebook_optimizer``)."""
-
-    # --- layout -------------------------------------------------------------------------------
-
-    def _to_tokens(self, x: torch.Tensor):
-        """``x`` -> ``(B, N, dim)`` and the function restoring a ``(B, N, ...)`` tensor to the
-        input layout (``channel``: the tensor's last dim is the channel, moved to dim 1)."""
-        if self.accept_image_fmap or self.accept_3d_fmap:
-            spatial = x.shape[2:]
-            return (
-                x.flatten(2).transpose(1, 2),
-                lambda t, channel: (
-                    t.movedim(-1, 1).unflatten(2, spatial) if channel else t.unflatten(1, spatial)
-                ),
-            )
-        if not self.channel_last:
-            return x.transpose(1, 2), lambda t, channel: t.movedim(-1, 1) if channel else t
-        return x, lambda t, channel: t
-
-    def _split_heads(self, z: torch.Tensor) -> torch.Tensor:
-        """``(B, N, heads * d)`` -> vqp's ``(G, M, d)`` rows: separate codebooks ``(heads, B N,
-        d)``, one shared codebook ``(1, B heads N, d)`` (vqp's row order)."""
-        b, n = z.shape[:2]
-        zh = z.reshape(b, n, self.heads, self.codebook_dim)
-        if self.separate_codebook_per_head:
-            return zh.permute(2, 0, 1, 3).reshape(self.heads, b * n, self.codebook_dim)
-        return zh.permute(0, 2, 1, 3).reshape(1, b * self.heads * n, self.codebook_dim)
-
-    def _merge_heads(self, t: torch.Tensor, b: int, n: int) -> torch.Tensor:
-        """Inverse of :meth:`_split_heads` for ``(G, M, *rest)`` -> ``(B, N, heads, *rest)``."""
-        rest = t.shape[2:]
-        if self.separate_codebook_per_head:
-            return t.reshape(self.heads, b, n, *rest).movedim(0, 2)
-        return t.reshape(b, self.heads, n, *rest).movedim(1, 2)
-
-    def _row_mask(self, mask: torch.Tensor | None, g: int) -> torch.Tensor | None:
-        """vqp's ``repeat(mask, 'b n -> c (b h n)')``: the token mask for every row."""
-        if mask is None:
-            return None
-        b, n = mask.shape
-        h = 1 if self.separate_codebook_per_head else self.heads
-        return mask[:, None, :].expand(b, h, n).reshape(1, -1).expand(g, -1)
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -490,12 +325,12 @@ class VectorQuantize(nn.Module):
         if (self.accept_image_fmap or self.accept_3d_fmap) and mask is not None:
             raise ValueError("mask is not supported with feature maps (as in vqp)")
         dtype = x.dtype
-        xt, restore = self._to_tokens(x) if not only_one else (x, lambda t, channel: t)
+        xt, restore = self.layout.to_tokens(x) if not only_one else (x, lambda t, channel: t)
         b, n = xt.shape[:2]
         z = self.project_in(xt)
-        rows = self._codebook.transform_input(self._split_heads(z)).float()  # (G, M, d)
+        rows = self._codebook.transform_input(self.layout.split_heads(z)).float()  # (G, M, d)
         g_count, m = rows.shape[:2]
-        row_mask = self._row_mask(mask, g_count)
+        row_mask = self.layout.row_mask(mask, g_count)
 
         cb = self._codebook
         rows_d = rows.detach()
@@ -569,7 +404,7 @@ class VectorQuantize(nn.Module):
             q = q + self.sync_update_v * (q - q.detach())
 
         if indices is not None:  # vqp: (codes in codebook space, cross entropy to ``indices``)
-            ce = self._cross_entropy(rows, embed, self._index_rows(indices, b, n))
+            ce = self._cross_entropy(rows, embed, self.layout.index_rows(indices, b, n))
             q = q.reshape(g_count, -1, n, *q.shape[2:])
             return (q[0] if self.heads == 1 else q).to(dtype), ce
 
@@ -601,8 +436,8 @@ class VectorQuantize(nn.Module):
             loss = commit * self.commitment_weight if self.has_commitment_loss else commit
 
         # back to the input layout
-        q = self._merge_heads(q.to(dtype), b, n)  # (B, N, heads, [k,] d)
-        idx = self._merge_heads(idx, b, n)  # (B, N, heads[, k])
+        q = self.layout.merge_heads(q.to(dtype), b, n)  # (B, N, heads, [k,] d)
+        idx = self.layout.merge_heads(idx, b, n)  # (B, N, heads[, k])
         if self.heads > 1:  # topk needs one head
             q = q.flatten(2)
         else:
@@ -627,19 +462,6 @@ class VectorQuantize(nn.Module):
         if not return_loss_breakdown:
             return q, idx, loss
         return q, idx, loss, LossBreakdown(commit_term, diversity, ortho, zero)
-
-    def _index_rows(self, indices: torch.Tensor, b: int, n: int) -> torch.Tensor:
-        """Indices in the layer's layout (``(B, N)``, ``(B, N, heads)``, a feature map's
-        ``(B, H, W[, heads])`` or vqp's flattened ``(B, H W)``) -> the rows' ``(G, M)``."""
-        if indices.numel() != b * n * self.heads:
-            raise ValueError(
-                f"indices must hold {b} x {n} x {self.heads} (batch x tokens x heads) entries, "
-                f"got shape {tuple(indices.shape)}"
-            )
-        idx = indices.reshape(b, n, self.heads).long()
-        if self.separate_codebook_per_head:
-            return idx.permute(2, 0, 1).reshape(self.heads, -1)
-        return idx.permute(0, 2, 1).reshape(1, -1)
 
     def _cross_entropy(self, rows, embed, idx) -> torch.Tensor:
         """vqp's ``calculate_ce_loss``: cross entropy of vqp's logits (``-|z - c|``, ``z.c`` for
@@ -676,15 +498,15 @@ class VectorQuantize(nn.Module):
     def _codebook_rows(self, x: torch.Tensor):
         """The input layout -> codebook-space rows ``(G, M, d)`` and ``(B, N)``."""
         only_one = x.ndim == 2
-        xt = x[:, None] if only_one else self._to_tokens(x)[0]
+        xt = x[:, None] if only_one else self.layout.to_tokens(x)[0]
         z = self.project_in(xt)
-        return self._codebook.transform_input(self._split_heads(z)).float(), xt.shape[:2]
+        return self._codebook.transform_input(self.layout.split_heads(z)).float(), xt.shape[:2]
 
     @torch.no_grad()
     def expire_codes_(self, x: torch.Tensor) -> None:
         """vqp's dead-code replacement from ``x`` (codebook space, ``(B, N, heads * d)``)."""
         # vqp hands one head's (B, N, d) over as is: its leading dim then plays the codebook dim
-        rows = x if self.heads == 1 else self._split_heads(x)
+        rows = x if self.heads == 1 else self.layout.split_heads(x)
         self._codebook.expire_(self._codebook.transform_input(rows).float())
 
     def update_indices(self, x, indices, mask=None) -> None:
@@ -694,8 +516,8 @@ class VectorQuantize(nn.Module):
             raise ValueError("mask is not supported with feature maps (as in vqp)")
         with torch.no_grad():
             rows, (b, n) = self._codebook_rows(x)
-        idx = self._index_rows(indices, b, n)
+        idx = self.layout.index_rows(indices, b, n)
         idx = idx.masked_fill(idx == -1, 0)  # vqp: -1 counts as code 0 (masked rows: ``mask``)
-        self._codebook.update_(rows, idx, self._row_mask(mask, rows.shape[0]))
+        self._codebook.update_(rows, idx, self.layout.row_mask(mask, rows.shape[0]))
 
     update_ema_indices = update_indices
