@@ -26,7 +26,10 @@ class Layout:
 
     def to_tokens(self, x: torch.Tensor):
         """``x`` -> ``(B, N, dim)`` and the function restoring a ``(B, N, ...)`` tensor to the
-        input layout (``channel``: the tensor's last dim is the channel, moved to dim 1)."""
+        input layout (``channel``: the tensor's last dim is the channel, moved to dim 1). A
+        ``(B, dim)`` input is one token."""
+        if x.ndim == 2:
+            return x[:, None], lambda t, channel: t[:, 0]
         if self.fmap:
             spatial = x.shape[2:]
             return (
@@ -54,6 +57,14 @@ class Layout:
         if self.separate:
             return t.reshape(self.heads, b, n, *rest).movedim(0, 2)
         return t.reshape(b, self.heads, n, *rest).movedim(1, 2)
+
+    def merge(self, q: torch.Tensor, idx: torch.Tensor, b: int, n: int):
+        """The rows' codes ``(G, M, [k,] d)`` and indices ``(G, M[, k])`` -> the tokens' ``(B, N,
+        [k,] heads * d)`` and ``(B, N[, heads][, k])`` (``topk``'s ``k`` needs one head)."""
+        q, idx = self.merge_heads(q, b, n), self.merge_heads(idx, b, n)
+        if self.heads > 1:
+            return q.flatten(2), idx
+        return q[:, :, 0], idx[:, :, 0]
 
     def row_mask(self, mask: torch.Tensor | None, g: int) -> torch.Tensor | None:
         """vqp's ``repeat(mask, 'b n -> c (b h n)')``: the token mask for every row."""

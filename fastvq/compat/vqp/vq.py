@@ -308,28 +308,17 @@ class VectorQuantize(nn.Module):
             if self.heads != 1 or topk < 1:
                 raise ValueError("topk codes need a single-head layer and topk >= 1 (as in vqp)")
             if self.commitment_use_cross_entropy_loss and self.training:
-                raise ValueError(
-                    "topk codes in training need commitment_use_cross_entropy_loss=False "
-                    "(as in vqp)"
-                )
+                raise ValueError("topk in training needs commitment_use_cross_entropy_loss=False")
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         if mask is not None and lens is not None:
             raise ValueError("pass mask or lens, not both")
         if lens is not None:
             mask = torch.arange(x.shape[1], device=lens.device) < lens[:, None]
-        only_one = x.ndim == 2
-        if only_one:
-            if mask is not None:
-                raise ValueError("mask is not supported for a single token (as in vqp)")
-            x = x[:, None]
-        if (self.accept_image_fmap or self.accept_3d_fmap) and mask is not None:
-            raise ValueError("mask is not supported with feature maps (as in vqp)")
+        if mask is not None and (x.ndim == 2 or self.layout.fmap):
+            raise ValueError("mask is not supported for one token or feature maps (as in vqp)")
         dtype = x.dtype
-        xt, restore = self.layout.to_tokens(x) if not only_one else (x, lambda t, channel: t)
-        b, n = xt.shape[:2]
-        z = self.project_in(xt)
-        rows = self._codebook.transform_input(self.layout.split_heads(z)).float()  # (G, M, d)
-        g_count, m = rows.shape[:2]
+        xt, restore, rows = self._rows(x)  # rows (G, M, d)
+        (b, n), g_count = xt.shape[:2], rows.shape[0]
         row_mask = self.layout.row_mask(mask, g_count)
 
         cb = self._codebook
@@ -436,29 +425,16 @@ class VectorQuantize(nn.Module):
             loss = commit * self.commitment_weight if self.has_commitment_loss else commit
 
         # back to the input layout
-        q = self.layout.merge_heads(q.to(dtype), b, n)  # (B, N, heads, [k,] d)
-        idx = self.layout.merge_heads(idx, b, n)  # (B, N, heads[, k])
-        if self.heads > 1:  # topk needs one head
-            q = q.flatten(2)
-        else:
-            q, idx = q[:, :, 0], idx[:, :, 0]
-        if is_topk:
-            loss = loss.reshape(b, n, topk)
+        q, idx = self.layout.merge(q.to(dtype), idx, b, n)
         q = self.project_out(q)
         if mask is not None:
             fill = torch.zeros_like(xt) if self.return_zeros_for_masked_padding else xt
-            if is_topk:
-                fill = fill[:, :, None].expand_as(q)
+            fill = fill[:, :, None].expand_as(q) if is_topk else fill
             q = torch.where(mask.reshape(b, n, *(1,) * (q.ndim - 2)), q, fill)
             idx = torch.where(mask.reshape(b, n, *(1,) * (idx.ndim - 2)), idx, -1)
-        if only_one:
-            q, idx = q[:, 0], idx[:, 0]
-            if is_topk:
-                loss = loss[:, 0]
-        else:
-            q, idx = restore(q, True), restore(idx, False)
-            if is_topk and (self.accept_image_fmap or self.accept_3d_fmap):
-                loss = restore(loss, False)
+        q, idx = restore(q, True), restore(idx, False)
+        if is_topk:
+            loss = restore(loss.reshape(b, n, topk), False)
         if not return_loss_breakdown:
             return q, idx, loss
         return q, idx, loss, LossBreakdown(commit_term, diversity, ortho, zero)
@@ -495,12 +471,12 @@ class VectorQuantize(nn.Module):
             codes = codes[:, keep]
         return orthogonal_loss(codes)
 
-    def _codebook_rows(self, x: torch.Tensor):
-        """The input layout -> codebook-space rows ``(G, M, d)`` and ``(B, N)``."""
-        only_one = x.ndim == 2
-        xt = x[:, None] if only_one else self.layout.to_tokens(x)[0]
+    def _rows(self, x: torch.Tensor):
+        """``x`` in the input layout -> its tokens ``(B, N, dim)``, the function restoring the
+        layout (:meth:`.layout.Layout.to_tokens`) and the codebook-space rows fp32 ``(G, M, d)``."""
+        xt, restore = self.layout.to_tokens(x)
         z = self.project_in(xt)
-        return self._codebook.transform_input(self.layout.split_heads(z)).float(), xt.shape[:2]
+        return xt, restore, self._codebook.transform_input(self.layout.split_heads(z)).float()
 
     @torch.no_grad()
     def expire_codes_(self, x: torch.Tensor) -> None:
@@ -512,11 +488,11 @@ class VectorQuantize(nn.Module):
     def update_indices(self, x, indices, mask=None) -> None:
         """The codebook step for ``x`` (the layer's input layout) and given ``indices`` (its
         index layout): vqp's manual EMA update (e.g. after ``topk`` or beam search)."""
-        if (self.accept_image_fmap or self.accept_3d_fmap) and mask is not None:
-            raise ValueError("mask is not supported with feature maps (as in vqp)")
+        if self.layout.fmap and mask is not None:
+            raise ValueError("mask is not supported for one token or feature maps (as in vqp)")
         with torch.no_grad():
-            rows, (b, n) = self._codebook_rows(x)
-        idx = self.layout.index_rows(indices, b, n)
+            xt, _, rows = self._rows(x)
+        idx = self.layout.index_rows(indices, *xt.shape[:2])
         idx = idx.masked_fill(idx == -1, 0)  # vqp: -1 counts as code 0 (masked rows: ``mask``)
         self._codebook.update_(rows, idx, self.layout.row_mask(mask, rows.shape[0]))
 
