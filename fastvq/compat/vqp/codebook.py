@@ -58,6 +58,11 @@ class VqpCodebook(Codebook):
     def has_dead_code_replacement(self) -> bool:
         return self.dead_code_threshold > 0
 
+    @torch.no_grad()
+    def set_embed_(self, codes: torch.Tensor) -> None:
+        """vqp's ``codebook`` setter: the codes only (its statistics and flag stay)."""
+        self.codebook.copy_(codes)
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return l2norm(x) if self.cosine else x
 

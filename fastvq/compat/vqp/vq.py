@@ -273,7 +273,7 @@ class VectorQuantize(nn.Module):
     def codebook(self, codes: torch.Tensor) -> None:
         if not self.separate_codebook_per_head:
             codes = codes[None]
-        self._codebook.embed.copy_(codes)
+        self._codebook.set_embed_(codes)
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes in codebook space for ``indices`` (the layer's index layout): ``(..., heads *
