@@ -43,6 +43,7 @@ def kmeans(
     cosine: bool = False,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of ``x``.
 
@@ -53,6 +54,9 @@ def kmeans(
         cosine: spherical k-means (rows and centres l2-normalised).
         generator: for the seeding (a CPU generator; pass the same seed on every rank).
         backend: search/scatter backend.
+        init: fp32 (K, D) the starting centres (the Lloyd steps' only seeding; e.g. vqp's
+            sampled rows, :func:`fastvq.codebook.vqp_rules.kmeans_init_`); None seeds from
+            ``x`` with ``generator``.
 
     Returns:
         centres: fp32 (K, D). With fewer samples than clusters, samples are reused with a little
@@ -71,7 +75,9 @@ def kmeans(
         x = F.normalize(x, dim=-1)
     m, _ = x.shape
     k = int(num_clusters)
-    if k <= PLUSPLUS_MAX_K and m >= k:
+    if init is not None:
+        pick, centres = None, init.to(x)
+    elif k <= PLUSPLUS_MAX_K and m >= k:
         pick = None
         centres = _plusplus(x, k, generator)
     elif m >= k:
@@ -80,7 +86,7 @@ def kmeans(
         pick = torch.randint(m, (k,), generator=generator)
     if pick is not None:
         centres = x[pick.to(x.device)].clone()
-    if m < k:  # duplicated samples: jitter the copies so no two centres coincide
+    if m < k and init is None:  # duplicated samples: jitter the copies so no two centres coincide
         noise = torch.randn(centres.shape, generator=generator).to(x.device)
         centres += 1e-3 * noise * x.pow(2).mean().sqrt()
     if cosine:

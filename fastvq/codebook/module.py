@@ -15,6 +15,10 @@ State names (also its ``state_dict`` keys)::
     initted       ()         k-means init done
     simvq_basis   (G, S, D)  SimVQ's frozen basis       simvq_map  (G, D, D)  its learned map
 
+Policies, chosen at construction: the EMA step (``ema_rule``), the dead-code restart
+(``restart_rule``) and the k-means init (``kmeans_rule``) are fastvq's (:mod:`.rules`) or
+vector-quantize-pytorch's (:mod:`.vqp_rules`).
+
 ``G`` codebooks (heads with their own codebooks, else 1) of ``S`` codes (a shard's slice of the
 ``K`` codes, ``S = K`` unsharded). ``grouped=False`` stores them without the ``G`` dim (G = 1).
 """
@@ -29,10 +33,12 @@ from torch import nn
 
 from .. import _dist
 from ..streams import RandomStreams, fresh_generator
-from . import rules
+from . import rules, vqp_rules
 from .stats import perplexity
 
 LEARNING = ("ema", "grad", "simvq")
+RULES = {"ema_rule": ("fastvq", "vqp"), "restart_rule": ("steps", "vqp"),
+         "kmeans_rule": ("fastvq", "vqp")}  # fmt: skip
 
 
 class Codebook(nn.Module):
@@ -62,6 +68,17 @@ class Codebook(nn.Module):
         simvq_map: SimVQ's map as any module from (..., D) to (..., D') (vqp's
             ``codebook_transform``); default a (G, D, D) parameter applied as a bias-free
             ``nn.Linear``.
+        ema_rule: ``"fastvq"`` (:func:`.rules.update_`) or ``"vqp"`` (:func:`.vqp_rules.update_`:
+            vqp's weighted, accumulable lerp; with ``smooth_each_step=False`` the codes follow
+            the statistics only when :meth:`smooth_` is called, vqp's ``manual_ema_update``).
+        restart_rule: ``"steps"`` (unused for ``dead_code_steps`` steps,
+            :func:`.rules.restart_dead_`) or ``"vqp"`` (EMA count below ``dead_code_threshold``,
+            :func:`.vqp_rules.expire_`; the count becomes ``reset_cluster_size``, default the
+            threshold).
+        kmeans_rule: ``"fastvq"`` (:func:`.rules.kmeans_init_`) or ``"vqp"`` (vqp's sampled
+            rows, then the same Lloyd steps: :func:`.vqp_rules.kmeans_init_`).
+        parameter: an EMA codebook's codes are an ``nn.Parameter`` (the EMA still writes them;
+            vqp's ``learnable_codebook``, whose EMA statistics are kept too).
     """
 
     def __init__(
@@ -71,11 +88,26 @@ class Codebook(nn.Module):
         kmeans_iters: int = 10, kmeans_flag: bool = True, dead_code_steps: int = 0,
         restart_noise: float = 0.01, counters: bool = True, seed: int = 0, backend: str = "auto",
         sync_distributed: bool = True, process_group=None, grouped: bool = True,
-        simvq_map: nn.Module | None = None,
+        simvq_map: nn.Module | None = None, ema_rule: str = "fastvq", restart_rule: str = "steps",
+        kmeans_rule: str = "fastvq", dead_code_threshold: float = 0.0,
+        reset_cluster_size: float | None = None, smooth_each_step: bool = True,
+        parameter: bool = False,
     ):  # fmt: skip
         super().__init__()
         if learning not in LEARNING:
             raise ValueError(f"learning must be one of {LEARNING}, got {learning!r}")
+        for name, value in (("ema_rule", ema_rule), ("restart_rule", restart_rule),
+                            ("kmeans_rule", kmeans_rule)):  # fmt: skip
+            if value not in RULES[name]:
+                raise ValueError(f"{name} must be one of {RULES[name]}, got {value!r}")
+        if ema_rule == "vqp" and (learning != "ema" or dead_code_steps > 0):
+            raise ValueError("ema_rule='vqp' needs learning='ema' and restart_rule='vqp'")
+        self.ema_rule, self.restart_rule, self.kmeans_rule = ema_rule, restart_rule, kmeans_rule
+        self.dead_code_threshold = dead_code_threshold if restart_rule == "vqp" else 0.0
+        self.reset_cluster_size = (
+            dead_code_threshold if reset_cluster_size is None else reset_cluster_size
+        )
+        self.smooth_each_step = smooth_each_step
         self.num_codebooks, self.codebook_size, self.dim = num_codebooks, codebook_size, dim
         self.start, self.end = (0, codebook_size) if shard is None else shard
         self.learning, self.ema = learning, learning == "ema"
@@ -95,7 +127,10 @@ class Codebook(nn.Module):
         init = init if grouped or init.dim() == 2 else init[0]
         lead = init.shape[:-1]
         if learning == "ema":
-            self.register_buffer("codebook", init)
+            if parameter:
+                self.codebook = nn.Parameter(init)
+            else:
+                self.register_buffer("codebook", init)
             self.register_buffer("cluster_size", torch.ones(lead))
             self.register_buffer("embed_avg", init.clone())
         elif learning == "grad":
@@ -195,7 +230,11 @@ class Codebook(nn.Module):
         """k-means on this batch's kept, finite rows (gathered from every rank) unless done;
         ``rows`` per codebook (M, D), ``keep`` per codebook a bool (M,) or None. Returns whether
         the codebook is initialised (False: no rank had a row yet)."""
-        if not self.initialised:
+        if self.initialised:
+            return True
+        if self.kmeans_rule == "vqp":
+            self.initialised = vqp_rules.kmeans_init_(self, self.state(), rows, keep)
+        else:
             self.initialised = rules.kmeans_init_(
                 self, self.state(), rows, keep, start=self.start, **self.dist_policy()
             )
@@ -203,21 +242,47 @@ class Codebook(nn.Module):
 
     def step_(
         self, counts: torch.Tensor, sums: torch.Tensor | None, rows: list, weights: list, *,
-        ema_step: bool = True, sharded: bool = False,
+        ema_step: bool = True, sharded: bool = False, ema_weight=None, accumulate: bool = False,
     ) -> torch.Tensor:  # fmt: skip
         """One training step: EMA, usage, dead-code counters and restart
-        (:func:`fastvq.codebook.rules.update_`); returns the counts over every rank.
+        (:func:`fastvq.codebook.rules.update_`, or the ``"vqp"`` rules); returns the counts over
+        every rank (``ema_rule="vqp"``: this rank's).
 
         Args:
             counts: fp32 (G, S) this rank's rows per code; ``sums`` fp32 (G, S, D) their sums.
             rows, weights: per codebook this rank's rows (M, D) and fp32 (M,) 0/1 validity.
             ema_step: False skips the EMA step (counters and restart still run).
             sharded: the statistics are already the shard owner's, over every rank's rows.
+            ema_weight, accumulate: ``ema_rule="vqp"`` only (:func:`.vqp_rules.update_`).
         """
-        return rules.update_(
-            self, self.state(), counts, sums, rows, weights, ema_step=ema_step, sharded=sharded,
-            start=self.start, **self.dist_policy(),
-        )  # fmt: skip
+        st, policy = self.state(), self.dist_policy()
+        if self.ema_rule == "fastvq":
+            counts = rules.update_(
+                self, st, counts, sums, rows, weights, ema_step=ema_step, sharded=sharded,
+                start=self.start, **policy,
+            )  # fmt: skip
+        elif not vqp_rules.update_(
+            self, st, counts, sums, ema_step=ema_step, weight=ema_weight, accumulate=accumulate,
+            **policy,
+        ):  # fmt: skip
+            return counts
+        if self.restart_rule == "vqp":
+            self.expire_(rows, [None if w is None else w > 0 for w in weights])
+        return counts
+
+    @torch.no_grad()
+    def smooth_(self) -> None:
+        """The codes from the EMA statistics now (vqp's ``update_ema``, for
+        ``smooth_each_step=False``)."""
+        vqp_rules.smooth_(self, self.state())
+
+    @torch.no_grad()
+    def expire_(self, rows, keep=None) -> None:
+        """``restart_rule="vqp"``'s replacement of the codes whose EMA count is below
+        ``dead_code_threshold`` by ``rows`` (per codebook (M, D), ``keep`` per codebook a bool
+        (M,) or None); training mode only, as vqp."""
+        if self.dead_code_threshold > 0 and self.training:
+            vqp_rules.expire_(self, self.state(), rows, keep)
 
     @torch.no_grad()
     def record_batch_(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,343 @@
+"""vqp's ``ResidualVQ`` and ``GroupedResidualVQ`` over :class:`.vq.VectorQuantize` (its
+``state_dict`` keys: ``layers.{i}._codebook.*``, ``rvqs.{g}.layers.{i}...``)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ... import _dist
+from ...residual import residual_beam_search
+from .vq import VectorQuantize, _rotate_or_pass, _unsupported
+
+__all__ = ["GroupedResidualVQ", "ResidualVQ"]
+
+
+def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
+    if frac <= 0:
+        return t.detach()
+    return frac * t + (1.0 - frac) * t.detach()
+
+
+def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
+    """vqp's ``get_maybe_sync_seed``: one draw of the global generator (all-reduced across
+    ranks), so the same torch seed drops the same depths as vqp."""
+    r = torch.randint(0, max_size, (), device=device)
+    if _dist.is_distributed():
+        dist.all_reduce(r)
+    return int(r.item())
+
+
+class ResidualVQ(nn.Module):
+    """vqp's ``ResidualVQ`` (SoundStream's algorithm 1) over this module's ``VectorQuantize``.
+
+    ``forward(x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
+    freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None)`` returns
+    ``(quantized (B, N, dim), indices (B, N, Q), losses (Q,))`` (indices -1 at masked positions
+    and dropped depths); ``return_all_codes`` adds the codes ``(Q, B, N, d)``.
+
+    Beam search (``beam_size`` > 1) chooses the code sequences with fastvq's
+    :func:`~fastvq.residual.residual_beam_search` under vqp's score (the sum of every depth's
+    weighted commitment), then computes outputs, losses and gradients along the chosen sequence
+    (vqp computes them for every beam and keeps the chosen one: the same values).
+    """
+
+    def __init__(
+        self, *, dim, num_quantizers=None, codebook_size, codebook_dim=None,
+        shared_codebook=False, diveq=False, heads=1, quantize_dropout=False,
+        quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1, accept_image_fmap=False,
+        implicit_neural_codebook=False, mlp_kwargs=None, beam_size=None, eval_beam_size=None,
+        beam_score_quantizer_weights=None, quant_grad_frac=0.0,
+        return_zeros_for_masked_padding=True, **vq_kwargs,
+    ):  # fmt: skip
+        super().__init__()
+        name = type(self).__name__
+        if implicit_neural_codebook:
+            raise _unsupported(name, "implicit_neural_codebook", implicit_neural_codebook)
+        if diveq:
+            raise _unsupported(name, "diveq", diveq)
+        if mlp_kwargs:
+            raise _unsupported(name, "mlp_kwargs", mlp_kwargs)
+        if heads != 1:
+            raise ValueError("residual vq is not compatible with multi-headed codes (as in vqp)")
+        if num_quantizers is None and not isinstance(codebook_size, tuple):
+            raise ValueError("pass num_quantizers or a tuple of codebook sizes")
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        self.codebook_dim = codebook_dim
+        self.has_projections = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.accept_image_fmap = accept_image_fmap
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        vq_kwargs.update(return_zeros_for_masked_padding=return_zeros_for_masked_padding)
+        if shared_codebook:
+            vq_kwargs.update(manual_ema_update=True)
+        sizes = (
+            codebook_size if isinstance(codebook_size, tuple) else (codebook_size,) * num_quantizers
+        )
+        num_quantizers = len(sizes) if num_quantizers is None else num_quantizers
+        if len(sizes) != num_quantizers:
+            raise ValueError(f"{len(sizes)} codebook sizes for {num_quantizers} quantizers")
+        self.num_quantizers, self.codebook_sizes = num_quantizers, sizes
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        self.layers = nn.ModuleList(
+            VectorQuantize(
+                dim=codebook_dim, codebook_size=k, codebook_dim=codebook_dim,
+                accept_image_fmap=accept_image_fmap, **vq_kwargs,
+            ) for k in sizes
+        )  # fmt: skip
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        if quantize_dropout_cutoff_index < 0:
+            raise ValueError("quantize_dropout_cutoff_index must be >= 0")
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.vq_is_ema_updating = self.layers[0].ema_update
+        self.quant_grad_frac = quant_grad_frac
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("eval_beam_size needs beam_size (as in vqp)")
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        weights = beam_score_quantizer_weights or [1.0] * num_quantizers
+        if len(weights) != num_quantizers:
+            raise ValueError("beam_score_quantizer_weights needs one weight per quantizer")
+        self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
+        self.shared_codebook = shared_codebook
+        if shared_codebook:
+            if not self.uniform_codebook_size:
+                raise ValueError("a shared codebook needs one codebook size (as in vqp)")
+            for vq in self.layers[1:]:
+                vq.share_codebook_(self.layers[0])
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layers[0].codebook_size
+
+    @property
+    def codebooks(self):
+        """``(Q, K, d)`` (a tuple of ``(K_i, d)`` for sizes per depth)."""
+        books = tuple(layer.codebook_module.embed[0] for layer in self.layers)
+        return torch.stack(books) if self.uniform_codebook_size else books
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes ``(Q, B, ..., d)`` for indices ``(B, ..., q)`` (-1 and missing depths: 0)."""
+        q = indices.shape[-1]
+        if q < self.num_quantizers:
+            if not self.quantize_dropout:
+                raise ValueError("fewer indices than quantizers needs quantize_dropout (as in vqp)")
+            indices = F.pad(indices, (0, self.num_quantizers - q), value=-1)
+        dropped = indices == -1
+        indices = indices.masked_fill(dropped, 0)
+        codes = torch.stack([
+            F.embedding(indices[..., i], self.layers[i].codebook_module.embed[0])
+            for i in range(self.num_quantizers)
+        ])  # fmt: skip
+        return codes.masked_fill(dropped.movedim(-1, 0)[..., None], 0.0)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.project_out(self.get_codes_from_indices(indices).sum(0))
+
+    def _num_active(self, seed, device) -> int:
+        """vqp's quantize dropout draw: the last depth run, from ``random.Random(seed)``."""
+        if seed is None:
+            seed = _maybe_sync_seed(device)
+        last = random.Random(seed).randrange(
+            self.quantize_dropout_cutoff_index, self.num_quantizers
+        )
+        mult = self.quantize_dropout_multiple_of
+        if mult != 1:
+            last = math.ceil((last + 1) / mult) * mult - 1
+        return last + 1
+
+    def forward(
+        self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
+        freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None,
+    ):  # fmt: skip
+        """See the class docstring."""
+        if indices is not None:  # vqp 1.32.0 fails here too (3 values unpacked from 2)
+            raise _unsupported(
+                type(self).__name__, "indices (cross-entropy to given codes)", "given"
+            )
+        beam = beam_size if beam_size is not None else (
+            self.beam_size if self.training else self.eval_beam_size
+        )  # fmt: skip
+        is_beam = beam is not None and beam > 1
+        z = self.project_in(x)
+        q_total = self.num_quantizers
+        active = q_total
+        if self.training and self.quantize_dropout:
+            active = self._num_active(rand_quantize_dropout_fixed_seed, x.device)
+        layers = self.layers[:active]
+        residuals, all_idx, all_losses = [], [], []
+        quantized_out = torch.zeros_like(z)
+        if is_beam:
+            quantized_out, all_idx, all_losses, residuals = self._beam(
+                z, mask, layers, beam, sample_codebook_temp, freeze_codebook
+            )
+        else:
+            residual = z
+            for vq in layers:
+                residuals.append(residual)
+                q, idx, loss = vq(
+                    residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
+                    freeze_codebook=freeze_codebook,
+                )  # fmt: skip
+                residual = residual - _frac_gradient(q, self.quant_grad_frac)
+                quantized_out = quantized_out + q
+                all_idx.append(idx)
+                all_losses.append(loss.reshape(()))
+        # vqp runs this even with freeze_codebook (a recomputation of the codes from unchanged
+        # statistics then, and dead-code replacement)
+        if self.training and self.shared_codebook:
+            first = self.layers[0]
+            if self.vq_is_ema_updating:
+                first.codebook_module.smooth_()
+            pooled = torch.stack([r.detach() for r in residuals], dim=-2)
+            first.expire_codes_(pooled.reshape(pooled.shape[0], -1, pooled.shape[-1]))
+        fill_idx = all_idx[0].new_full(all_idx[0].shape, -1)
+        all_idx = all_idx + [fill_idx] * (q_total - active)
+        zero = torch.zeros((), device=x.device)
+        all_losses = all_losses + [zero] * (q_total - active)
+        quantized_out = self.project_out(quantized_out)
+        if mask is not None:
+            fill = torch.zeros_like(quantized_out) if self.return_zeros_for_masked_padding else x
+            quantized_out = torch.where(mask[..., None], quantized_out, fill)
+        out_idx = torch.stack(all_idx, dim=-1)
+        ret = (quantized_out, out_idx, torch.stack(all_losses))
+        if return_all_codes:
+            ret = (*ret, self.get_codes_from_indices(out_idx))
+        return ret
+
+    def _beam(self, z, mask, layers, beam, temp, freeze):
+        """Beam search over ``layers``: the chosen sequence by vqp's score, then each depth's
+        output (rotation trick or straight-through) and loss along it, and vqp's EMA step from
+        the chosen residuals."""
+        name = type(self).__name__
+        first = layers[0]
+        if first.use_cosine_sim:
+            raise _unsupported(name, "beam_size with use_cosine_sim", beam)
+        if first.stochastic_sample_codes:
+            raise _unsupported(name, "beam_size with stochastic_sample_codes", beam)
+        if not first.has_commitment_loss:
+            raise _unsupported(name, "beam_size with commitment_weight=0", beam)
+        if self.training and first.commitment_use_cross_entropy_loss:
+            raise ValueError(
+                "beam search in training needs commitment_use_cross_entropy_loss=False (as in vqp)"
+            )
+        if self.training and first.has_codebook_diversity_loss:
+            # vqp adds each depth's diversity over all beams to every candidate's loss
+            raise _unsupported(name, "beam_size with codebook_diversity_loss_weight", beam)
+        if self.accept_image_fmap:
+            raise _unsupported(name, "beam_size with accept_image_fmap", beam)
+        if self.training and first.has_codebook_orthogonal_loss:
+            # vqp adds the orthogonal term to every candidate's loss; this route does not
+            raise _unsupported(name, "beam_size with orthogonal_reg_weight", beam)
+        if self.training and first.sync_update_v > 0:
+            raise _unsupported(name, "beam_size with sync_update_v", beam)
+        if self.training and not all(vq.codebook_module.initialised for vq in layers):
+            # vqp's k-means runs on each depth's rows first; the beam reads the codes as they are
+            raise _unsupported(
+                name, "beam_size with kmeans_init (before the codes are initted)", beam
+            )
+        lead, d = z.shape[:-1], z.shape[-1]
+        books = [vq.codebook_module.embed[0].detach() for vq in layers]
+        weights = self.beam_score_weights[: len(layers)].tolist()
+        idx, _ = residual_beam_search(
+            z.detach().reshape(-1, d).float(), books, beam, score_weights=weights
+        )
+        idx = idx.reshape(*lead, len(layers))
+        keep = None if mask is None else mask
+        residual, out = z, torch.zeros_like(z)
+        residuals, all_idx, all_losses = [], [], []
+        for i, vq in enumerate(layers):
+            residuals.append(residual)
+            embed = vq.codebook_module.embed[0]
+            codes = F.embedding(idx[..., i], embed)
+            cq = (
+                codes
+                if (vq.learnable_codebook and not freeze and self.training)
+                else codes.detach()
+            )
+            per_token = (cq - residual.float()).square().mean(-1) * vq.commitment_weight
+            if keep is not None:
+                per_token = torch.where(keep, per_token, 0.0)
+                loss = per_token.sum() / keep.sum().clamp_min(1e-4)
+            else:
+                loss = per_token.mean()
+            if self.training and residual.requires_grad and vq.route_gradients_to_input:
+                q = _rotate_or_pass(residual, codes, vq.rotation_trick).to(z.dtype)
+            else:
+                q = codes.to(z.dtype)
+            if keep is not None:
+                q = torch.where(keep[..., None], q, 0.0)
+            residual = residual - _frac_gradient(q, self.quant_grad_frac)
+            out = out + q
+            layer_idx = idx[..., i] if keep is None else torch.where(keep, idx[..., i], -1)
+            all_idx.append(layer_idx)
+            all_losses.append(loss)
+        if self.training and not freeze:
+            for vq, r, i in zip(layers, residuals, all_idx, strict=True):
+                vq.update_indices(r.detach(), i, mask=mask)
+        return out, all_idx, all_losses, residuals
+
+
+class GroupedResidualVQ(nn.Module):
+    """vqp's ``GroupedResidualVQ``: the feature dim split into ``groups``, one
+    :class:`ResidualVQ` each. ``forward(x, indices=None, return_all_codes=False,
+    sample_codebook_temp=None, freeze_codebook=False, mask=None)`` returns ``(quantized,
+    indices (groups, B, N, Q), losses (groups, Q))``."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        super().__init__()
+        if dim % groups != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList(
+            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+            for _ in range(groups)
+        )
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    @property
+    def split_dim(self) -> int:
+        return 1 if self.accept_image_fmap else -1
+
+    def get_codes_from_indices(self, indices) -> torch.Tensor:
+        return torch.stack(
+            [rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices, strict=True)]
+        )
+
+    def get_output_from_indices(self, indices) -> torch.Tensor:
+        outs = [rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices, strict=True)]
+        return torch.cat(outs, dim=self.split_dim)
+
+    def forward(
+        self, x, indices=None, return_all_codes=False, sample_codebook_temp=None,
+        freeze_codebook=False, mask=None,
+    ):  # fmt: skip
+        """See the class docstring."""
+        if indices is not None:  # vqp 1.32.0 fails here too (its ResidualVQ does)
+            raise _unsupported(
+                type(self).__name__, "indices (cross-entropy to given codes)", "given"
+            )
+        if x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"x must have {self.dim} channels in dim {self.split_dim}")
+        chunks = x.chunk(self.groups, dim=self.split_dim)
+        seed = _maybe_sync_seed(x.device) if self.training else None
+        outs = [
+            rvq(
+                c, mask=mask, return_all_codes=return_all_codes,
+                sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
+                rand_quantize_dropout_fixed_seed=seed,
+            ) for rvq, c in zip(self.rvqs, chunks, strict=True)
+        ]  # fmt: skip
+        quantized, idx, losses, *codes = zip(*outs, strict=True)
+        ret = (torch.cat(quantized, dim=self.split_dim), torch.stack(idx), torch.stack(losses))
+        return (*ret, torch.stack(codes[0])) if codes else ret
