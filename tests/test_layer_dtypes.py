@@ -26,3 +26,30 @@ def test_input_dtype_differs_from_the_layers(in_dtype, codebook_dim):
     q, idx, loss = vq(xr)
     (q.float().sum() + loss).backward()
     assert xr.grad.dtype == in_dtype and torch.isfinite(xr.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"ema": False}, {"codebook_dim": 4}, {"heads": 2}])
+def test_a_converted_layer_trains_in_its_dtype_with_fp32_statistics(dtype, kw):
+    """``.half()`` / ``.bfloat16()`` used to crash the first training forward (a bf16
+    ``cluster_size`` lerped with fp32 counts). The codes take the dtype; the EMA statistics and
+    usage stay fp32, and the codes are their smoothed ratio, rounded once."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 16, backend="torch", **kw).to(dtype)
+    assert vq.usage_counts.dtype == torch.float32
+    for _ in range(3):
+        x = torch.randn(4, 10, 8).to(dtype).requires_grad_()
+        q, idx, loss = vq(x)
+        (q.float().sum() + loss).backward()
+        assert q.dtype == dtype and torch.isfinite(x.grad).all()
+    assert vq.usage_counts.sum() == 3 * 40 * vq.heads
+    if vq.ema:
+        assert vq.cluster_size.dtype == vq.embed_avg.dtype == torch.float32
+        assert vq.codebook.dtype == dtype
+        total = vq.cluster_size.sum(-1, keepdim=True)
+        smoothed = (vq.cluster_size + vq.eps) / (total + 16 * vq.eps) * total
+        torch.testing.assert_close(vq.codebook, (vq.embed_avg / smoothed[..., None]).to(dtype))
+    state = vq.state_dict()
+    fresh = VectorQuantizer(8, 16, backend="torch", **kw).to(dtype)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())

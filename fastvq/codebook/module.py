@@ -157,6 +157,17 @@ class Codebook(nn.Module):
         self.register_buffer("last_used_fraction", torch.zeros(()), persistent=False)
         self.register_load_state_dict_post_hook(_after_load)
 
+    def _apply(self, fn, recurse=True):
+        # A converted codebook (.half(), .bfloat16(), .to(dtype)) keeps its statistics in fp32:
+        # the rules accumulate fp32 counts and sums into them, and an EMA of counts in 8 mantissa
+        # bits would stall. The codes themselves take the new dtype.
+        super()._apply(fn, recurse)
+        for name in ("cluster_size", "embed_avg", "usage_counts"):
+            t = getattr(self, name, None)
+            if t is not None and t.dtype != torch.float32:
+                setattr(self, name, t.float())
+        return self
+
     def extra_repr(self) -> str:
         whole = (self.start, self.end) == (0, self.codebook_size)
         shard = "" if whole else f"[{self.start}, {self.end}) of "
