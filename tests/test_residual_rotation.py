@@ -10,24 +10,12 @@ depth's (attached) output, as vector-quantize-pytorch's ``ResidualVQ`` computes 
 
 import pytest
 import torch
+from test_rotation import literal_rotation  # the paper's explicit matrix, shared oracle
 
 from fastvq.residual import GroupedResidualVQ, ResidualVQ
 
-EPS = 1e-6
 BETA, W_CB = 0.25, 1.0
 PLAIN = dict(ema=False, kmeans_init=False)
-
-
-def literal_rotation(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """(N, D): ``sg(lambda R) e`` with R the explicit matrix of Fifty et al. 2024, section 4.2."""
-    e_hat = e.detach() / e.detach().norm(dim=1, keepdim=True).clamp_min(EPS)
-    q_hat = q.detach() / q.detach().norm(dim=1, keepdim=True).clamp_min(EPS)
-    r = e_hat + q_hat
-    r = r / r.norm(dim=1, keepdim=True).clamp_min(EPS)
-    eye = torch.eye(e.shape[1], dtype=e.dtype)
-    rot = eye - 2 * r[:, :, None] * r[:, None, :] + 2 * q_hat[:, :, None] * e_hat[:, None, :]
-    lam = q.detach().norm(dim=1) / e.detach().norm(dim=1).clamp_min(EPS)
-    return lam[:, None] * torch.einsum("nij,nj->ni", rot.detach(), e)
 
 
 def frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:

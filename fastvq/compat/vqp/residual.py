@@ -12,16 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _dist
-from ...residual import residual_beam_search
+from ...residual import frac_gradient, residual_beam_search
 from .vq import VectorQuantize, _rotate_or_pass, _unsupported
 
 __all__ = ["GroupedResidualVQ", "ResidualVQ"]
-
-
-def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
-    if frac <= 0:
-        return t.detach()
-    return frac * t + (1.0 - frac) * t.detach()
 
 
 def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
@@ -186,7 +180,7 @@ class ResidualVQ(nn.Module):
                     residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
                     freeze_codebook=freeze_codebook,
                 )  # fmt: skip
-                residual = residual - _frac_gradient(q, self.quant_grad_frac)
+                residual = residual - frac_gradient(q, self.quant_grad_frac)
                 quantized_out = quantized_out + q
                 all_idx.append(idx)
                 all_losses.append(loss.reshape(()))
@@ -274,7 +268,7 @@ class ResidualVQ(nn.Module):
                 q = codes.to(z.dtype)
             if keep is not None:
                 q = torch.where(keep[..., None], q, 0.0)
-            residual = residual - _frac_gradient(q, self.quant_grad_frac)
+            residual = residual - frac_gradient(q, self.quant_grad_frac)
             out = out + q
             layer_idx = idx[..., i] if keep is None else torch.where(keep, idx[..., i], -1)
             all_idx.append(layer_idx)
