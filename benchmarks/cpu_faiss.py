@@ -39,6 +39,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._stamp import add_protocol_args, git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(16384, 1024, 64), (16384, 8192, 64), (16384, 8192, 256), (8192, 65536, 64),
           (1024, 8192, 64), (16384, 8192, 16), (16384, 8192, 32)]  # fmt: skip
@@ -134,19 +136,6 @@ def measure(
     return rows
 
 
-def _commit(repo: Path) -> str | None:
-    """Short commit of a checkout, with "+changes" when its tracked files differ from it; None
-    when it is not a git checkout (a result must say which code it timed)."""
-    try:
-        run = lambda *cmd: subprocess.run(  # noqa: E731
-            ["git", "-C", str(repo), *cmd], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        head = run("rev-parse", "--short", "HEAD")
-        return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def markdown(doc: dict) -> str:
     other = doc["rows"][0]["other"] if doc["rows"] else "faiss"
     what = {"fwdbwd": "forward+backward", "ema": "EMA layer training step"}.get(
@@ -175,15 +164,7 @@ def markdown(doc: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=5)
-    ap.add_argument(
-        "--min-time",
-        type=float,
-        default=1.0,
-        help="seconds: keep calling until both --calls calls and this much time",
-    )
+    add_protocol_args(ap)
     ap.add_argument("--smoke", action="store_true", help="one tiny round (CI)")
     ap.add_argument("--ref", help="another fastvq checkout: compare against it instead of faiss")
     ap.add_argument("--shapes", help="N,K,D;N,K,D... (default: the issue's list)")
@@ -206,8 +187,8 @@ def main(argv=None) -> int:
            "machine": f"{platform.node()} ({os.cpu_count()} cores, {cpu})",
            "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
            "threads": a.threads, "calls": calls, "min_time": min_time, "ref": a.ref,
-           "commit": _commit(Path(__file__).resolve().parents[1]),
-           "ref_commit": _commit(Path(a.ref)) if a.ref else None}  # fmt: skip
+           "commit": git_commit(Path(__file__).resolve().parents[1]),
+           "ref_commit": git_commit(Path(a.ref)) if a.ref else None}  # fmt: skip
     try:
         import faiss
 

@@ -112,10 +112,10 @@ def main(argv=None) -> int:
     for name, fn in (("argmin", lambda: slot.argmin(dim=1)), ("eq/amin first match", first_match)):
         rows.append((f"slot 512 x 128: {name}", _min_time(fn, a.reps * 5) * 1e6, "us"))
 
-    from benchmarks.cpu_faiss import _commit
+    from benchmarks._stamp import git_commit
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    commit = _commit(Path(__file__).resolve().parents[1]) or "unknown"
+    commit = git_commit(Path(__file__).resolve().parents[1]) or "unknown"
     head = (f"`python -m benchmarks.cpu_search_parts {' '.join(argv or sys.argv[1:])}` on "
             f"{platform.node()} ({os.cpu_count()} cores), {now:%Y-%m-%d %H:%M} UTC, commit "
             f"{commit}, torch "

@@ -39,6 +39,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._stamp import add_protocol_args, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(16384, 8192, 64), (256, 1024, 64)]
@@ -146,19 +148,6 @@ def measure(sides: dict, shapes, steps, rounds, threads, calls, min_time) -> lis
     return rows
 
 
-def _commit(repo: Path) -> str:
-    """Short commit of a checkout, "+changes" when its tracked files differ from it ("unknown"
-    outside git, e.g. an unpacked archive)."""
-    try:
-        run = lambda *cmd: subprocess.run(  # noqa: E731
-            ["git", "-C", str(repo), *cmd], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        head = run("rev-parse", "--short", "HEAD")
-        return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(doc: dict) -> str:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     lines = [
@@ -188,15 +177,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ref", type=Path, required=True, help="the old checkout (e.g. a worktree)")
     ap.add_argument("--new", type=Path, default=ROOT, help="the new checkout (default: this one)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=5)
-    ap.add_argument(
-        "--min-time",
-        type=float,
-        default=1.0,
-        help="seconds: keep calling until both --calls calls and this much time",
-    )
+    add_protocol_args(ap)
     ap.add_argument("--steps", default=",".join(STEPS), help="ema,grad (default both)")
     ap.add_argument("--shapes", help="N,K,D;N,K,D... (default 16384,8192,64;256,1024,64)")
     ap.add_argument("--smoke", action="store_true", help="one tiny round (CI)")
@@ -223,7 +204,8 @@ def main(argv=None) -> int:
         "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
         "threads": a.threads, "calls": calls, "min_time": min_time,
         "new": str(sides["new"]), "old": str(sides["old"]),
-        "new_commit": _commit(sides["new"]), "old_commit": _commit(sides["old"]),
+        "new_commit": git_commit(sides["new"]) or "unknown",
+        "old_commit": git_commit(sides["old"]) or "unknown",
     }  # fmt: skip
     doc["rows"] = measure(sides, shapes, steps, rounds, a.threads, calls, min_time)
     print(markdown(doc))

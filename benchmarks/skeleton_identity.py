@@ -37,13 +37,14 @@ import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import fastvq  # noqa: E402
+
+from ._stamp import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("torch", "triton")
@@ -323,23 +324,11 @@ def run_all(names, backends) -> tuple[dict, dict]:
     return results, seconds
 
 
-def _commit() -> str | None:
-    """Short commit of this checkout, "+changes" when tracked files differ from it."""
-    try:
-        run = lambda *cmd: subprocess.run(  # noqa: E731
-            ["git", "-C", str(ROOT), *cmd], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        head = run("rev-parse", "--short", "HEAD")
-        return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def header(seconds: dict) -> dict:
     import triton
 
     return {
-        "commit": _commit(),
+        "commit": git_commit(ROOT),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "triton": triton.__version__,
         "machine": f"{platform.node()} ({os.cpu_count()} cores, "
@@ -381,7 +370,7 @@ def main(argv=None) -> int:
         print(f"wrote {a.path}: {len(names)} cases x {len(backends)} backends", file=sys.stderr)
         return 0
     doc = json.loads(a.path.read_text())
-    print(f"recorded: {doc['header']['commit']} ({doc['header']['date']}); now: {_commit()}")
+    print(f"recorded: {doc['header']['commit']} ({doc['header']['date']}); now: {git_commit(ROOT)}")
     bad = 0
     for backend in backends:
         for name in names:
