@@ -12,8 +12,9 @@ at any depth. Options (docs/layer.md, "ResidualVQ options"):
 * ``shared_codebook``: one codebook for every depth; one EMA / restart / usage step per training
   forward from the statistics of all depths pooled;
 * ``quantize_dropout`` (SoundStream): in training, each forward uses only the first ``n`` depths,
-  ``n`` drawn by a generator the module owns (seeded, identical on every rank); depths left out
-  give index ``-1`` and contribute nothing;
+  ``n`` drawn by a generator the module owns (seeded, identical on every rank; activation
+  checkpointing replays each call's own draw); depths left out give index ``-1`` and contribute
+  nothing;
 * ``beam_size``: beam search over the stack instead of the greedy choice per depth;
 * ``return_losses``: each depth's loss besides their sum;
 * ``rotation_trick`` / ``quant_grad_frac`` (vector-quantize-pytorch's per-depth gradients): the
