@@ -12,8 +12,9 @@ at any depth. Options (docs/layer.md, "ResidualVQ options"):
 * ``shared_codebook``: one codebook for every depth; one EMA / restart / usage step per training
   forward from the statistics of all depths pooled;
 * ``quantize_dropout`` (SoundStream): in training, each forward uses only the first ``n`` depths,
-  ``n`` drawn by a generator the module owns (seeded, identical on every rank); depths left out
-  give index ``-1`` and contribute nothing;
+  ``n`` drawn by a generator the module owns (seeded, identical on every rank; activation
+  checkpointing replays each call's own draw); depths left out give index ``-1`` and contribute
+  nothing;
 * ``beam_size``: beam search over the stack instead of the greedy choice per depth;
 * ``return_losses``: each depth's loss besides their sum;
 * ``rotation_trick`` / ``quant_grad_frac`` (vector-quantize-pytorch's per-depth gradients): the
@@ -28,6 +29,7 @@ Layers not run by a forward (dropped depths) change no state: no EMA, usage or d
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -145,15 +147,68 @@ def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
     multiple of ``multiple_of`` (capped at ``q``).
 
     Drawn from ``module``'s CPU generator (seeded from ``module.seed``: the same on every rank, no
-    device sync). A forward recomputed inside autograd's backward (activation checkpointing)
-    reuses the last draw instead of drawing again, so the recomputation quantizes the same depths
-    and the generator advances once per step."""
-    if in_backward() and module.last_num_active is not None:
-        return module.last_num_active
+    device sync); the global RNG is not touched."""
     gen = module.random_streams.get("quantize-dropout", "cpu")
     i = cutoff + int(torch.randint(q - cutoff, (), generator=gen))
     module.last_num_active = min(-(-(i + 1) // multiple_of) * multiple_of, q)
     return module.last_num_active
+
+
+# Per-call draws kept for activation checkpointing's recomputation (one int each, oldest dropped).
+REPLAY_DRAWS = 4096
+
+
+def _replayable_draw(module, q: int, cutoff: int, multiple_of: int) -> int:
+    """:func:`_draw_active` for one training forward, replayed by its recomputation.
+
+    Each call takes one int64 from torch's global CPU RNG as its key (as dropout does) and files
+    its draw under it in ``module.dropout_draws``. Activation checkpointing restores that RNG
+    before it recomputes a forward, so the recomputation (a forward inside autograd's backward)
+    reads its own call's key and replays that call's draw: in either ``use_reentrant`` mode, for
+    any number of checkpointed calls before a backward, in any order of recomputation. The key is
+    this rank's alone; the draw comes from the seeded stream, the same on every rank, which
+    advances once per forward (recomputations draw nothing)."""
+    key = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    draws = module.dropout_draws
+    if in_backward():
+        if key not in draws:
+            raise RuntimeError(
+                f"{type(module).__name__}: a forward recomputed in backward (activation "
+                "checkpointing) has no recorded quantize-dropout draw to replay; checkpoint "
+                "with preserve_rng_state=True (the default), or pass num_active"
+            )
+        module.last_num_active = draws[key]
+        return draws[key]
+    draws[key] = _draw_active(module, q, cutoff, multiple_of)
+    draws.move_to_end(key)
+    while len(draws) > REPLAY_DRAWS:
+        draws.popitem(last=False)
+    return draws[key]
+
+
+def _rank_fields(rvq, num_active: int, beam: int) -> dict:
+    """What every rank must agree on before a training forward of the stack ``rvq``: the options
+    that fix which layers run and how (so the sequence of collectives), and this call's depths
+    and beams. Each layer checks its own options (K, EMA, ...) on its own first call."""
+    names = ("dim", "codebook_dim", "num_quantizers", "shared_codebook", "quantize_dropout")
+    names += ("quantize_dropout_cutoff_index", "quantize_dropout_multiple_of", "seed")
+    fields = {n: getattr(rvq, n) for n in names}
+    fields.update(beam_size=rvq.beam_size or 1, eval_beam_size=rvq.eval_beam_size or 1)
+    fields.update(rotation_trick=rvq.rotation_trick, quant_grad_frac=rvq.quant_grad_frac)
+    return dict(fields, call_num_active=num_active, call_beam_size=beam)
+
+
+def _check_ranks_if_due(module, what: str, layer, fields: dict) -> None:
+    """Before a training forward's first collective under torch.distributed: ValueError on every
+    rank when the ranks disagree on ``fields`` (the stack's options that fix which layers run
+    and so the sequence of collectives, and this call's choices), through ``layer``'s Codebook;
+    on the first call, and on every call when ``layer`` has ``debug``. Each layer checks its own
+    options on its own first call."""
+    if not module.training or in_backward() or not layer.book.dist_policy()["distributed"]:
+        return
+    if layer.debug or not module.ranks_checked:
+        layer.book.check_ranks(what, fields)
+        module.ranks_checked = True
 
 
 def _check_grad_options(rotation_trick, quant_grad_frac) -> float:
@@ -195,6 +250,20 @@ class _CodesWithGrad(torch.autograd.Function):
 
 
 # --- top-k and beam search ------------------------------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``q + 0.0`` (the codes: ``q + (z - sg(z))``'s value for a finite row, ``-0.0``
+    included), gradient straight to ``z``. A row of ``z`` holding NaN/Inf (masked padding) still
+    outputs its codes, as the layer's does, where ``z - sg(z)`` would make it NaN."""
+
+    @staticmethod
+    def forward(ctx, z, q):
+        return q + 0.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
 
 
 # Layer options that the pooled routes (shared codebook, beam search) do not apply: they search,
@@ -436,7 +505,9 @@ class ResidualVQ(nn.Module):
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.seed = layer_kwargs.pop("seed", 0)
         self.random_streams = RandomStreams(self.seed)  # quantize dropout (saved by fastvq.app.rng)
-        self.last_num_active = None  # replayed by a checkpoint's recomputation
+        self.last_num_active = None  # the last forward's draw
+        self.dropout_draws = OrderedDict()  # per-call draws, replayed by recomputations
+        self.ranks_checked = False  # the cross-rank check has run (host flag: no sync)
         self.layers = nn.ModuleList(
             VectorQuantizer(
                 inner, k, seed=self.seed + i, rotation_trick=rotation_trick, **layer_kwargs
@@ -495,7 +566,8 @@ class ResidualVQ(nn.Module):
                 ``beam_size`` in training, ``eval_beam_size`` in eval; None or 1 is greedy).
             num_active: quantize with the first ``num_active`` depths only (for example a lower
                 bitrate at inference); in training with ``quantize_dropout`` it is drawn when
-                None (:meth:`draw_num_active`).
+                None (as :meth:`draw_num_active`; activation checkpointing's recomputation
+                replays the call's own draw).
 
         Returns:
             ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x`` (forward
@@ -518,8 +590,14 @@ class ResidualVQ(nn.Module):
             raise ValueError("beam_size > 1 is not supported with cosine=True")
         if beam > 1 and self._pooled_unsupported:
             _reject_pooled(self._pooled_unsupported)
-        if num_active is None:
-            num_active = self.draw_num_active() if self.training else self.num_quantizers
+        if num_active is None and self.training and self.quantize_dropout:
+            num_active = _replayable_draw(
+                self, self.num_quantizers, self.quantize_dropout_cutoff_index,
+                self.quantize_dropout_multiple_of,
+            )  # fmt: skip
+        num_active = self.num_quantizers if num_active is None else num_active
+        fields = _rank_fields(self, num_active, beam)
+        _check_ranks_if_due(self, "ResidualVQ", self.layers[0], fields)
         if self.channel_first:
             x = x.movedim(1, -1)
         z = self.project_in(x)
@@ -552,7 +630,7 @@ class ResidualVQ(nn.Module):
         if self._attach:  # the gradient reaches z through every depth's output
             quantized = self.project_out(total)
         else:
-            quantized = self.project_out(total + (z - z.detach()))  # value: sum of codes; grad to z
+            quantized = self.project_out(_StraightThrough.apply(z, total))  # codes; grad to z
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
         dropped = self.num_quantizers - num_active
@@ -760,6 +838,8 @@ class GroupedResidualVQ(nn.Module):
         self.num_quantizers = q
         self.random_streams = RandomStreams(self.seed)  # as ResidualVQ's quantize dropout
         self.last_num_active = None
+        self.dropout_draws = OrderedDict()  # per-call draws, replayed by recomputations
+        self.ranks_checked = False
         self.rvqs = nn.ModuleList(
             ResidualVQ(
                 dim // groups, codebook_size, num_quantizers, seed=self.seed + g * q, **kwargs
@@ -794,10 +874,13 @@ class GroupedResidualVQ(nn.Module):
             x = x.movedim(1, -1)
         first = self.rvqs[0]
         if num_active is None and self.training and first.quantize_dropout:
-            num_active = _draw_active(
+            num_active = _replayable_draw(
                 self, self.num_quantizers, first.quantize_dropout_cutoff_index,
                 first.quantize_dropout_multiple_of,
             )  # fmt: skip
+        fields = {"dim": self.dim, "groups": self.groups, "seed": self.seed}
+        fields.update(_rank_fields(first, num_active or self.num_quantizers, 0))
+        _check_ranks_if_due(self, "GroupedResidualVQ", first.layers[0], fields)
         outs = [
             rvq(
                 chunk,
