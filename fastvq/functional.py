@@ -80,6 +80,41 @@ def rotate_grad(
     return torch.where(ok, rot, g)
 
 
+class _AttachCodes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, q, rotation: bool, keep):
+        ctx.rotation = rotation
+        ctx.save_for_backward(z, q, keep)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        z, q, keep = ctx.saved_tensors
+        if not ctx.rotation:
+            return g, None, None, None
+        rot = rotate_grad(g, z.to(torch.float32), q.to(torch.float32), keep)
+        return rot.to(z.dtype), None, None, None
+
+
+def attach_codes(
+    z: torch.Tensor, q: torch.Tensor, *, rotation: bool, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Codes found elsewhere (a beam search, a stack's pooled search) as the fused op gives a
+    layer's ``quantized``: forward value exactly ``q``, gradient to ``z`` straight through or,
+    with ``rotation``, by the rotation trick (:func:`rotate_grad`, computed in fp32; rows outside
+    ``keep`` and rows holding NaN/Inf straight through).
+
+    Args:
+        z: (..., D) the inputs; q: (..., D) their codes; keep: optional bool (...).
+
+    Returns:
+        (..., D): ``q``'s values, with ``z``'s gradient.
+    """
+    d = z.shape[-1]
+    keep = None if keep is None else keep.reshape(-1)
+    return _AttachCodes.apply(z.reshape(-1, d), q.reshape(-1, d), rotation, keep).view(q.shape)
+
+
 def grad_z(
     diff: torch.Tensor,
     grad_q: torch.Tensor | None,

@@ -39,7 +39,7 @@ from torch import nn
 
 from ._checks import check_nonneg_real, check_same_device
 from .codebook import batch_statistics, in_backward, perplexity
-from .functional import rotate_grad
+from .functional import attach_codes
 from .layer import (
     CodebookStats,
     QuantizeOutput,
@@ -226,27 +226,6 @@ def frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
     if frac <= 0:
         return t.detach()
     return frac * t + (1.0 - frac) * t.detach()
-
-
-class _CodesWithGrad(torch.autograd.Function):
-    """Forward value ``q`` exactly (the codes), gradient to ``z`` straight through or by the
-    rotation trick (:func:`~fastvq.functional.rotate_grad`; rows outside ``keep`` and rows
-    holding NaN/Inf straight through), as the fused op gives a layer's ``quantized``: for the
-    pooled routes, whose codes come from a search that ran elsewhere."""
-
-    @staticmethod
-    def forward(ctx, z, q, rotation: bool, keep):
-        ctx.rotation = rotation
-        ctx.save_for_backward(z, q, keep)
-        return q.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        z, q, keep = ctx.saved_tensors
-        if not ctx.rotation:
-            return g, None, None, None
-        rot = rotate_grad(g, z.to(torch.float32), q.to(torch.float32), keep)
-        return rot.to(z.dtype), None, None, None
 
 
 # --- top-k and beam search ------------------------------------------------------------------------
@@ -682,7 +661,7 @@ class ResidualVQ(nn.Module):
             q, loss, err = _loss_of_codes(zr, codes, i, valid, layer.beta, w_cb)
             q = q.detach().to(residual.dtype)
             if self._attach:  # as the layer's op: the code, its gradient to zr (rotated or not)
-                q = _CodesWithGrad.apply(zr, q, self.rotation_trick, valid)
+                q = attach_codes(zr, q, rotation=self.rotation_trick, keep=valid)
                 residual = residual - frac_gradient(q, self.quant_grad_frac)
             else:
                 residual = residual - q

@@ -9,7 +9,7 @@ mode (loss 0) and its ``state_dict`` keys, mapped onto:
   vqp's names (:class:`.codebook.VqpCodebook`); the layouts: :class:`.layout.Layout`;
 * search, commitment loss and straight-through or rotation-trick gradient: one
   :func:`fastvq.functional.quantize_rows` per codebook (no N x K tensor); the rotation of given
-  codes (``topk``, sampling, beam): :func:`fastvq.functional.rotate_grad`;
+  codes (``topk``, sampling, beam): :func:`fastvq.functional.attach_codes`;
 * vqp's losses on its logits (cross-entropy commitment, diversity, ``indices=``) and the
   orthogonal loss: :mod:`fastvq.codebook_losses`; ``topk`` and stochastic sampling:
   :mod:`fastvq.sampling`.
@@ -31,7 +31,7 @@ from ... import _dist
 from ...codebook.vqp_rules import l2norm
 from ...codebook_losses import ce_commitment_loss, diversity_loss
 from ...codebook_losses import orthogonal_loss as _orthogonal_loss
-from ...functional import quantize_rows, rotate_grad
+from ...functional import attach_codes, quantize_rows
 from ...ops import resolve_backend, search
 from ...sampling import sample_codes, topk_codes
 from .codebook import VqpCodebook
@@ -76,28 +76,13 @@ def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
     return (_orthogonal_loss(c32) + 2 * (1 - diag).sum() / (h * n * n)).to(dtype)
 
 
-class _Rotate(torch.autograd.Function):
-    """Forward ``q``; backward :func:`fastvq.functional.rotate_grad` (rows paired already)."""
-
-    @staticmethod
-    def forward(ctx, z, q):
-        ctx.save_for_backward(z, q)
-        return q.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        z, q = ctx.saved_tensors
-        d = z.shape[-1]
-        return rotate_grad(g.reshape(-1, d), z.reshape(-1, d), q.reshape(-1, d)).view_as(z), None
-
-
 def _rotate_or_pass(z: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.Tensor:
     """Forward value ``q`` (detached), gradient to ``z`` straight through or by fastvq's
     rotation trick, for rows already paired with their codes: ``z``, ``q`` (..., d)."""
     q = q.detach()
     if not rotation:
         return z + (q - z).detach()
-    return _Rotate.apply(z, q.to(z.dtype))
+    return attach_codes(z, q.to(z.dtype), rotation=True)
 
 
 @torch.no_grad()
