@@ -208,8 +208,11 @@ def migrate_layout(run_dir) -> None:
     cur = run_dir / CURRENT
     if cur.is_symlink() or not cur.is_dir():
         return
-    step = _read_json(cur / "run.json").get("step") if (cur / "run.json").is_file() else 0
-    step = step if isinstance(step, int) and 0 <= step < 10**8 else 0
+    try:
+        step = _read_json(cur / "run.json").get("step")
+    except CheckpointError:  # damaged: migrated all the same (only the directory name needs it)
+        step = 0
+    step = step if type(step) is int and 0 <= step < 10**8 else 0
     moved = run_dir / f"ckpt-{step:08d}-{uuid.uuid4().hex[:8]}"
     os.rename(cur, moved)  # now the top-level plain files are the live checkpoint
     _swap_symlink(cur, moved.name)

@@ -131,10 +131,11 @@ def set_rng_state(model: torch.nn.Module, state: dict, device=None, source="run.
 def _usable(saved_on: torch.device, target: torch.device | None) -> bool:
     """Whether a stream saved on ``saved_on`` can be restored for a run on ``target``: CPU
     streams always (some streams are CPU-only, whatever the run's device); another device type
-    only when the run computes on that type and the device exists here."""
+    only when the run computes on that type (any, for ``target`` None) and the device exists
+    here."""
     if saved_on.type == "cpu":
         return True
-    if target is None or saved_on.type != target.type:
+    if target is not None and saved_on.type != target.type:
         return False
     if saved_on.type == "cuda":
         return torch.cuda.is_available() and (saved_on.index or 0) < torch.cuda.device_count()
