@@ -385,3 +385,7 @@ def test_demo_cli_says_where_it_wrote(tmp_path, data_dir, capsys, monkeypatch):
     assert f"wrote {out.resolve()}/" in captured.out
     assert "5/5 metrics" in captured.err  # the metrics stage shows progress
     assert (out / "metrics.json").is_file() and (out / "pixelcnn" / "run.json").is_file()
+    # the demo owns its output folder: a second demo there replaces the first one's output
+    first = (out / "metrics.json").read_text()
+    assert _rc(argv) == 0
+    assert (out / "metrics.json").read_text() == first

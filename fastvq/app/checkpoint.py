@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -91,7 +92,7 @@ def run_lock(run_dir):
     re-entrant within a process. Raises :class:`RunLockedError` at once if another holds it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = os.path.realpath(run_dir / ".lock")
+    path = os.path.join(os.path.realpath(run_dir), ".lock")
     if path in _held_locks:
         _held_locks[path][1] += 1
         try:
@@ -99,7 +100,9 @@ def run_lock(run_dir):
         finally:
             _held_locks[path][1] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if os.path.islink(path):  # never create or open a file outside the run through it
+        os.unlink(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -141,6 +144,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path, write) -> None:
+    """Write the file ``path`` as a new file renamed into place: ``write(tmp_path)`` writes a
+    temporary file beside it, which ``os.replace`` then puts at ``path``. A symlink (or anything
+    else) at ``path`` is replaced, never written through, and a reader sees the old file or the
+    new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
 def _swap_symlink(link: Path, target: str) -> None:
     """Point ``link`` at ``target`` atomically: a fresh symlink renamed over the old name."""
     tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -156,12 +174,20 @@ def checkpoint_dir(run_dir) -> Path | None:
     cur = run_dir / CURRENT
     if cur.is_symlink():
         target = run_dir / os.readlink(cur)
+        real = os.path.realpath(target)
+        if os.path.dirname(real) != os.path.realpath(run_dir) or os.path.islink(target):
+            raise CheckpointError(
+                f"{run_dir}: {CURRENT} points to {os.readlink(cur)}, outside the run directory; "
+                "the run directory was modified by hand. Refusing to load it"
+            )
         if not (target / "run.json").is_file():
             raise CheckpointError(
                 f"{run_dir}: {CURRENT} points to {target}, which holds no run.json; the run "
                 "directory was modified by hand. Refusing to load it"
             )
         return target
+    if cur.is_dir() and (cur / "run.json").is_file():
+        return cur  # a copy that dereferenced the links (cp -rL, scp -r); see migrate_layout
     if (run_dir / "run.json").is_symlink():
         raise CheckpointError(
             f"{run_dir}: run.json links through a missing {CURRENT} symlink; the run directory "
@@ -172,6 +198,33 @@ def checkpoint_dir(run_dir) -> Path | None:
     return None
 
 
+def migrate_layout(run_dir) -> None:
+    """Bring a run directory copied with its symlinks dereferenced (``cp -rL``, ``scp -r``, many
+    sync tools: ``current`` a directory, the top-level names plain files) back to the checkpoint
+    layout: ``current`` is renamed to a fresh ``ckpt-*`` directory, then linked as ``current``.
+    Every step is a rename, and each intermediate state loads as the same checkpoint. Call with
+    the run's lock held."""
+    run_dir = Path(run_dir)
+    cur = run_dir / CURRENT
+    if cur.is_symlink() or not cur.is_dir():
+        return
+    try:
+        step = _read_json(cur / "run.json").get("step")
+    except CheckpointError:  # damaged: migrated all the same (only the directory name needs it)
+        step = 0
+    step = step if type(step) is int and 0 <= step < 10**8 else 0
+    moved = run_dir / f"ckpt-{step:08d}-{uuid.uuid4().hex[:8]}"
+    os.rename(cur, moved)  # now the top-level plain files are the live checkpoint
+    _swap_symlink(cur, moved.name)
+    _fsync(run_dir)
+    for name in FILES:
+        link = run_dir / name
+        if (moved / name).is_file():
+            _swap_symlink(link, f"{CURRENT}/{name}")
+        elif os.path.lexists(link):
+            os.unlink(link)
+
+
 def save_run(run_dir, model, kind: str, meta: dict, optimizer=None) -> None:
     """Write weights, optimizer tensors and ``run.json`` as one checkpoint (module docstring).
 
@@ -180,7 +233,8 @@ def save_run(run_dir, model, kind: str, meta: dict, optimizer=None) -> None:
     """
     run_dir = Path(run_dir)
     with run_lock(run_dir):
-        prev = checkpoint_dir(run_dir)
+        migrate_layout(run_dir)
+        prev = checkpoint_dir(run_dir) if optimizer is None else None
         step = meta.get("step")
         tag = {_STEP_KEY: str(step)}
         new = run_dir / f"ckpt-{int(step or 0):08d}-{uuid.uuid4().hex[:8]}"
@@ -225,7 +279,9 @@ def save_run(run_dir, model, kind: str, meta: dict, optimizer=None) -> None:
             elif link.is_symlink() or link.exists():
                 link.unlink()
         for old_dir in run_dir.glob("ckpt-*"):
-            if old_dir.name != new.name:
+            if old_dir.is_symlink():  # never delete through a link
+                old_dir.unlink()
+            elif old_dir.name != new.name:
                 shutil.rmtree(old_dir, ignore_errors=True)
         for tmp in run_dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -238,14 +294,80 @@ def _damaged(path, e: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: damaged checkpoint file ({what}); retrain or restore it")
 
 
+class _HugeInt(str):
+    """An integer literal of ``run.json`` too long to be any real value (see :func:`_read_json`)."""
+
+
+def _parse_int(text: str):
+    return _HugeInt(text) if len(text) > 40 else int(text)
+
+
+def _find_huge(value, where: str = ""):
+    """The field path of the first :class:`_HugeInt` in ``value`` (``args.seed``,
+    ``history[3].step``), or None."""
+    if isinstance(value, _HugeInt):
+        return where or "(top level)"
+    if isinstance(value, dict):
+        items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    for field, v in items:
+        found = _find_huge(v, field)
+        if found is not None:
+            return found
+    return None
+
+
+def _bad_field(path, field: str, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: field {field}: {why}; the run is damaged or was edited by hand"
+    )
+
+
+# run.json's run arguments: (test, what it must be); at the top level and under "args"
+_FIELDS = {
+    "step": (lambda v: type(v) is int and 0 <= v < 2**62, "an integer >= 0"),
+    "steps": (lambda v: type(v) is int and 1 <= v < 2**62, "an integer >= 1"),
+    "batch_size": (lambda v: type(v) is int and 1 <= v < 2**62, "an integer >= 1"),
+    "eval_every": (lambda v: type(v) is int and 0 <= v < 2**62, "an integer >= 0"),
+    "eval_limit": (
+        lambda v: v is None or (type(v) is int and 1 <= v < 2**62),
+        "null or an integer >= 1",
+    ),
+    "seed": (lambda v: type(v) is int and 0 <= v < 2**63, "an integer >= 0"),
+    "lr": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a number > 0"),
+}
+
+
+def check_meta(path, meta: dict) -> dict:
+    """Refuse a ``run.json`` whose run arguments cannot drive a run (:data:`_FIELDS`: a batch
+    size of 0, a negative or infinite lr, ...), naming the file and the field."""
+    for where, d in (("", meta), ("args.", meta.get("args"))):
+        if not isinstance(d, dict):
+            if where and d is not None:
+                raise _bad_field(path, "args", "not an object")
+            continue
+        for name, (ok, what) in _FIELDS.items():
+            if name in d and not ok(d[name]):
+                raise _bad_field(path, where + name, f"{d[name]!r} is not {what}")
+    return meta
+
+
 def _read_json(path: Path) -> dict:
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(path.read_text(), parse_int=_parse_int)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError included
         raise _damaged(path, e) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(meta, dict):
         raise _damaged(path, TypeError("run.json does not hold an object"))
-    return meta
+    huge = _find_huge(meta)
+    if huge is not None:
+        raise _bad_field(path, huge, "an integer of thousands of digits")
+    return check_meta(path, meta)
 
 
 def _saved_step(path: Path) -> str | None:
@@ -286,48 +408,106 @@ def load_run(run_dir, device="cpu") -> tuple[torch.nn.Module, dict]:
         raise FileNotFoundError(f"{run_dir}: no run.json; not a fastvq run directory")
     meta = _read_json(ckpt / "run.json")
     _check_consistent(ckpt, meta)
-    try:
-        model = build(meta["kind"], meta["config"])
-    except (KeyError, TypeError) as e:  # a run.json edited by hand or from another version
-        raise _damaged(ckpt / "run.json", e) from None
+    model = build_checked(ckpt / "run.json", meta)
     _load_weights(model, ckpt / "model.safetensors", device)
     return model.to(device).eval(), meta
 
 
+def build_checked(path, meta: dict) -> torch.nn.Module:
+    """:func:`build` from ``meta`` (the ``run.json`` at ``path``); a kind or config that no
+    model takes (edited by hand, another version, a size the allocator refuses) is a
+    :class:`CheckpointError` naming the field."""
+    if meta.get("kind") not in MODELS:
+        raise _bad_field(path, "kind", f"{meta.get('kind')!r} is not one of {', '.join(MODELS)}")
+    if not isinstance(meta.get("config"), dict):
+        raise _bad_field(path, "config", "missing, or not an object")
+    try:
+        return build(meta["kind"], meta["config"])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
+        what = " ".join(str(e).split()) or type(e).__name__
+        raise _bad_field(
+            path, "config", f"no {meta['kind']} model can be built from it ({what})"
+        ) from None
+
+
 def _load_weights(model, path: Path, device) -> None:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing; the checkpoint is incomplete. Retrain or restore it"
+        )
     try:
         load_model(model, str(path), device=str(device))
-    except (SafetensorError, RuntimeError) as e:  # unparsable, or keys/shapes that do not fit
+    except (
+        SafetensorError,
+        RuntimeError,
+        OSError,
+    ) as e:  # unparsable, or keys/shapes that do not fit
         raise _damaged(path, e) from None
 
 
 def load_optimizer_state(optimizer, run_dir, meta) -> None:
+    """Load ``optim.safetensors`` of the live checkpoint into ``optimizer``, checking first that
+    every tensor fits its parameter (a state that would fail at the first step is refused now,
+    as a :class:`CheckpointError` naming the file and the tensor)."""
     ckpt = checkpoint_dir(run_dir) or Path(run_dir)
+    path = ckpt / "optim.safetensors"
     try:
-        tensors = load_file(str(ckpt / "optim.safetensors"))
-    except SafetensorError as e:
-        raise _damaged(ckpt / "optim.safetensors", e) from None
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, e) from None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict = {}
     for key, t in tensors.items():
-        pid, name = key.split(".", 1)
+        pid, _, name = key.partition(".")
+        if not pid.isdigit() or int(pid) >= len(params) or not name:
+            raise _bad_field(path, key, f"names no parameter of the model ({len(params)} of them)")
+        shape = tuple(params[int(pid)].shape) if name != "step" else ()
+        if tuple(t.shape) != shape:
+            raise _bad_field(path, key, f"shape {tuple(t.shape)}, but its parameter's is {shape}")
         state.setdefault(int(pid), {})[name] = t
-    groups = meta["optimizer"]["param_groups"]
+    groups = (meta.get("optimizer") or {}).get("param_groups")
+    runjson = ckpt / "run.json"
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise _bad_field(runjson, "optimizer.param_groups", "missing, or not a list of objects")
     for g in groups:
         if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+            g["betas"] = tuple(g["betas"]) if isinstance(g["betas"], list) else g["betas"]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, TypeError, ValueError) as e:
+        what = " ".join(str(e).split()) or type(e).__name__
+        raise _bad_field(
+            runjson, "optimizer.param_groups", f"does not fit the model ({what})"
+        ) from None
 
 
-def load_for_resume(run_dir, model, optimizer, device) -> dict | None:
-    """Load the live checkpoint of ``run_dir`` into ``model`` and ``optimizer`` (when it saved
-    optimizer state) -> its ``run.json``, or None if ``run_dir`` has no checkpoint yet. Raises
-    :class:`CheckpointError` if the checkpoint is inconsistent or damaged."""
+def load_for_resume(
+    run_dir, model, optimizer, device, reset_optimizer: bool = False
+) -> dict | None:
+    """Load the live checkpoint of ``run_dir`` into ``model`` and ``optimizer`` -> its
+    ``run.json``, or None if ``run_dir`` has no checkpoint yet. Raises :class:`CheckpointError`
+    if the checkpoint is inconsistent or damaged, or has no ``optim.safetensors`` (a fresh Adam
+    state would silently change the run) unless ``reset_optimizer``, which keeps ``optimizer``
+    fresh. A run copied with its symlinks dereferenced is migrated first (:func:`migrate_layout`;
+    call with the run's lock held)."""
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:
         return None
+    migrate_layout(run_dir)
+    ckpt = checkpoint_dir(run_dir)
     meta = _read_json(ckpt / "run.json")
     _check_consistent(ckpt, meta)
     _load_weights(model, ckpt / "model.safetensors", device)
-    if (ckpt / "optim.safetensors").is_file():
-        load_optimizer_state(optimizer, run_dir, meta)
+    if reset_optimizer:
+        return meta
+    if not (ckpt / "optim.safetensors").is_file():
+        raise missing_optimizer(ckpt)
+    load_optimizer_state(optimizer, run_dir, meta)
     return meta
+
+
+def missing_optimizer(ckpt: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{ckpt / 'optim.safetensors'}: missing, so the run cannot continue as it would have; "
+        "restore it, or pass --reset-optimizer to continue with a fresh Adam state"
+    )

@@ -24,6 +24,7 @@ from .checkpoint import (
     build,
     checkpoint_dir,
     load_run,
+    missing_optimizer,
     read_meta,
     run_lock,
 )
@@ -68,6 +69,20 @@ def _run_meta(path: Path, arg: str) -> dict:
     return read_meta(path)
 
 
+def _held_run(path: Path) -> str | None:
+    """What run ``path`` holds, as words ("a vqvae run at step 4"), or None if it holds no
+    completed checkpoint (a run killed before its first one has nothing to lose)."""
+    if not path.is_dir():
+        return None
+    try:
+        if checkpoint_dir(path) is None:
+            return None
+        meta = read_meta(path)
+    except CheckpointError:
+        return "a damaged run"
+    return f"a {meta.get('kind')} run at step {meta.get('step')}"
+
+
 def _config_value(dest: str, cfg: dict):
     """The value the run's model config holds for the CLI option ``dest``."""
     if dest == "layers":
@@ -93,8 +108,21 @@ def _prepare_train(args) -> None:
         raise UsageError("argument --epochs: give --steps or --epochs, not both")
     args.out = Path(args.out or f"runs/{args.kind}")
     args.resume_meta = None
+    if args.reset_optimizer and not args.resume:
+        raise UsageError("argument --reset-optimizer: only with --resume")
+    if args.overwrite and args.resume:
+        raise UsageError(
+            "argument --overwrite: --resume continues the run, --overwrite replaces it; give one"
+        )
     if args.resume:
         _resolve_resume(args)
+    elif not args.overwrite:
+        held = _held_run(args.out)
+        if held is not None:
+            raise UsageError(
+                f"argument --out: {args.out} holds {held}; continue it with --resume, replace "
+                "it with --overwrite, or choose another --out"
+            )
     for k, v in {**RUN_DEFAULTS, **PLACE_DEFAULTS}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -123,6 +151,14 @@ def _resolve_resume(args) -> None:
             "(drop --resume to start a new run)"
         )
     meta = read_meta(out)
+    ckpt = checkpoint_dir(out)
+    if not (ckpt / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'}: missing; the checkpoint is incomplete. Retrain or "
+            "restore it"
+        )
+    if not args.reset_optimizer and not (ckpt / "optim.safetensors").is_file():
+        raise missing_optimizer(ckpt)
     if meta.get("kind") != args.kind:
         raise UsageError(
             f"argument --resume: {out} is a {meta.get('kind')} run, not {args.kind} "
@@ -185,7 +221,7 @@ def _prepare_sample(args) -> None:
     if kind == "ae" and "latent_mean" not in meta:
         raise UsageError(f"argument run: {run} is an AE run without latent statistics; retrain it")
     if kind == "pixelcnn":
-        _run_meta(run / meta.get("vqvae", ""), "run (its VQ-VAE run)")
+        _check_prior(run, meta)
         classes = meta.get("config", {}).get("num_classes")
         if args.label is not None and not classes:
             raise UsageError(f"argument --label: {run} is an unconditional prior")
@@ -197,6 +233,60 @@ def _prepare_sample(args) -> None:
     if args.out.is_dir():
         raise UsageError(f"argument --out: {args.out} is a directory; give a PNG file path")
     _check_writable_dir(args.out.parent, "--out")
+
+
+MAX_CODE_SIDE = 256  # a code map side no real run has (28x28 images give 7x7 maps)
+
+
+def _check_prior(run: Path, meta: dict) -> None:
+    """What ``fastvq sample`` needs of a prior's ``run.json`` before any work: a VQ-VAE run
+    with at least the prior's codes, and a usable ``code_shape``; CheckpointError naming the
+    file and the field."""
+    path = checkpoint_dir(run) / "run.json"
+    if not isinstance(meta.get("vqvae"), str):
+        raise CheckpointError(f"{path}: field vqvae: missing; the prior's VQ-VAE run is unknown")
+    vq = _run_meta(run / meta["vqvae"], "run (its VQ-VAE run)")
+    if vq.get("kind") != "vqvae":
+        raise CheckpointError(f"{path}: field vqvae: {meta['vqvae']} is a {vq.get('kind')} run")
+    shape = meta.get("code_shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(type(v) is int and 1 <= v <= MAX_CODE_SIDE for v in shape)
+    ):
+        raise CheckpointError(
+            f"{path}: field code_shape: {shape!r} is not a code map shape [h, w] with sides "
+            f"1..{MAX_CODE_SIDE}; the run is damaged or was edited by hand"
+        )
+    codes = meta.get("config", {}).get("num_codes")
+    book = vq.get("config", {}).get("codebook_size")
+    if type(codes) is not int or type(book) is not int or codes > book:
+        raise CheckpointError(
+            f"{path}: field config.num_codes: the prior draws {codes!r} codes but its VQ-VAE "
+            f"{run / meta['vqvae']} has codebook_size {book!r}; it was replaced by another "
+            "VQ-VAE. Retrain the prior on it"
+        )
+
+
+def _check_demo_out(out: Path, overwrite: bool) -> None:
+    """``fastvq demo`` owns its output folder: it replaces what an earlier demo wrote there
+    (marked by ``.fastvq-demo``), but never a training run: ``--out`` itself may not be a run
+    directory, and runs in its ``ae/ vae/ vqvae/ pixelcnn/`` that no demo wrote need
+    ``--overwrite``."""
+    from .demo import MARK, STAGES
+
+    held = _held_run(out)
+    if held is not None:
+        raise UsageError(f"argument --out: {out} holds {held}; give the demo its own folder")
+    if overwrite or (out / MARK).is_file():
+        return
+    for stage in STAGES:
+        held = _held_run(out / stage)
+        if held is not None:
+            raise UsageError(
+                f"argument --out: {out / stage} holds {held} that no demo wrote; choose "
+                "another --out, or replace it with --overwrite"
+            )
 
 
 def auto_threads(cores: int | None = None, load: float | None = None) -> tuple[int, str | None]:
@@ -262,6 +352,7 @@ def _train_locked(args, ds, out: Path) -> dict:
         device=args.device,
         eval_every=args.eval_every,
         resume=args.resume,
+        reset_optimizer=args.reset_optimizer,
     )
     resume_cfg = args.resume_meta["config"] if args.resume_meta else None
     if args.kind != "pixelcnn":
@@ -350,6 +441,7 @@ def _prepare(args) -> None:
     elif args.command == "sample":
         _prepare_sample(args)
     else:
+        _check_demo_out(Path(args.out), args.overwrite)
         _check_writable_dir(Path(args.out), "--out")
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from . import recipes as R
-from .checkpoint import build
+from .checkpoint import atomic_write, build
 from .data import Dataset, load_dataset, to_float
 from .evaluate import eval_prior, eval_recon, eval_vae, features, get_classifier
 from .figures import save_panels, save_usage_histogram
@@ -33,6 +33,8 @@ from .rng import seed_everything
 BATCH_SIZE = 128
 FD_SEEDS = 3  # sample sets per generator behind each Fréchet distance's mean and spread
 NAMES = {"ae": "AE", "vae": "VAE", "vqvae": "VQ-VAE"}  # stages 1-3, in order
+STAGES = (*NAMES, "pixelcnn")  # the run directories under the demo's output folder
+MARK = ".fastvq-demo"  # marks a folder as a demo's output, which a later demo may replace
 
 
 @dataclass
@@ -96,6 +98,7 @@ def run_demo(
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / MARK, lambda p: p.write_text(json.dumps({"fastvq_demo": 1}) + "\n"))
     ds: Dataset = load_dataset(dataset, data_dir, prefix=data_prefix)
     st = steps or steps_for(quick, epochs, scale, len(ds.train), BATCH_SIZE)
     result = _header(ds, st, seed, device)
@@ -154,11 +157,15 @@ def run_demo(
     info = result.pop("run_info")
     info["seconds"] = {**timings, "total": round(time.time() - t_start, 1)}
     info["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "run_info.json").write_text(json.dumps(info, indent=2))
+    _write_text(out / "metrics.json", json.dumps(result, indent=2))
+    _write_text(out / "run_info.json", json.dumps(info, indent=2))
     result.update(info)  # the caller and the summary see both
-    (out / "summary.md").write_text(summary_markdown(result))
+    _write_text(out / "summary.md", summary_markdown(result))
     return result
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 @contextlib.contextmanager

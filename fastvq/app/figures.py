@@ -1,11 +1,14 @@
 """PNG figures shared by ``fastvq demo`` and ``fastvq sample``: image grids and a code-usage
-histogram. matplotlib is imported on first use, with the Agg backend (no display needed)."""
+histogram. matplotlib is imported on first use, with the Agg backend (no display needed). Each
+file is written as a new file renamed into place (never through a symlink at its path)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .checkpoint import atomic_write
 
 
 def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
@@ -42,7 +45,7 @@ def save_panels(path, panels: list[tuple[str, torch.Tensor]], nrow: int, title: 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -64,5 +67,5 @@ def save_usage_histogram(path, counts: list[int], title: str):
     axes[1].set_ylabel("count (sorted)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)

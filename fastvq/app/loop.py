@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_for_resume, run_lock, save_run
+from .checkpoint import checkpoint_dir, load_for_resume, run_lock, save_run
 from .data import to_float
 from .rng import rng_state, seed_everything, set_rng_state
 
@@ -111,6 +111,7 @@ def fit(
     run_dir=None,
     meta: dict | None = None,
     resume: bool = False,
+    reset_optimizer: bool = False,
     desc: str | None = None,
     position: int | None = None,
 ) -> dict:
@@ -121,27 +122,30 @@ def fit(
     end; with ``run_dir`` the run is checkpointed at each evaluation and at the end, holding the
     run directory's lock throughout (:class:`RunLockedError` if another process holds it).
     ``resume=True`` continues from the run directory's live checkpoint (from scratch if it has
-    none) and raises :class:`CheckpointError` if that checkpoint is inconsistent.
+    none) and raises :class:`CheckpointError` if that checkpoint is inconsistent, damaged or has
+    no optimizer state; ``reset_optimizer=True`` resumes with a fresh Adam state instead.
     """
     lock = run_lock(run_dir) if run_dir is not None else contextlib.nullcontext()
     with lock:  # held from the resume read to the last checkpoint: one writer per run directory
         return _fit(
             model, kind, data, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
             device=device, prepare=prepare, conditional=conditional, evaluate=evaluate,
-            eval_every=eval_every, run_dir=run_dir, meta=meta, resume=resume, desc=desc,
-            position=position,
+            eval_every=eval_every, run_dir=run_dir, meta=meta, resume=resume,
+            reset_optimizer=reset_optimizer, desc=desc, position=position,
         )  # fmt: skip
 
 
 def _fit(
     model, kind, data, labels, *, steps, batch_size, lr, seed, device, prepare, conditional,
-    evaluate, eval_every, run_dir, meta, resume, desc, position,
+    evaluate, eval_every, run_dir, meta, resume, reset_optimizer, desc, position,
 ) -> dict:  # fmt: skip
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     meta = dict(meta or {})
     start = 0
-    old = load_for_resume(run_dir, model, opt, device) if resume and run_dir is not None else None
+    old = None
+    if resume and run_dir is not None:
+        old = load_for_resume(run_dir, model, opt, device, reset_optimizer=reset_optimizer)
     saved_rng = None
     if old is not None:
         start = int(old.get("step", 0))
@@ -150,7 +154,7 @@ def _fit(
     meta.setdefault("history", [])
     meta.update(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     if saved_rng is not None:  # continue the interrupted run's random streams exactly
-        set_rng_state(model, saved_rng)
+        set_rng_state(model, saved_rng, device, source=checkpoint_dir(run_dir) / "run.json")
     else:  # a fresh run, or a checkpoint from before rng_state was recorded
         seed_everything(seed + start)
     stream = epoch_batches(data, labels, batch_size, seed, start)

@@ -293,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps/--epochs set a new end",
     )
     t.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="with --resume: continue with a fresh Adam state (the run's optim.safetensors is "
+        "missing or unwanted); without it, a run lacking its optimizer state is refused",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its checkpoint is deleted at this run's first "
+        "save); without it, training into a directory that holds a run needs --resume",
+    )
+    t.add_argument(
         "--latent-dim",
         type=POSITIVE,
         default=None,
@@ -352,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default="runs/demo", help="report folder")
     d.add_argument("--quick", action="store_true", help="~1-2 minute smoke version")
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace training runs found in --out's ae/ vae/ vqvae/ pixelcnn/ (an earlier "
+        "demo's own output is replaced without it)",
+    )
     d.add_argument(
         "--epochs",
         type=POSITIVE_FLOAT,
