@@ -5,6 +5,7 @@
 """
 
 from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
+from .fsq import FSQ
 from .functional import VQOutput, vector_quantize
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .ops import code_counts, scatter_rows, search, triton_available
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CodebookStats",
+    "FSQ",
     "GroupedResidualVQ",
     "QuantizeOutput",
     "ResidualVQ",
