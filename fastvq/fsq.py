@@ -252,6 +252,8 @@ class FSQ(nn.Module):
         n = math.prod(lead)
         keep = None if mask is None else mask.reshape(n)
         x2 = x.reshape(n, self.dim)
+        if keep is not None:  # masked rows: detached and finite, so no NaN reaches a gradient
+            x2 = torch.where(keep[:, None], x2, x2.detach().nan_to_num(0.0))
         pdt = self._proj_dtype(x2)
         if x2.dtype != pdt and not torch.is_autocast_enabled(x.device.type):
             x2 = x2.to(pdt)  # as autocast would: the projection runs in its weights' dtype
@@ -300,7 +302,7 @@ class FSQ(nn.Module):
         ``indices_to_level_indices``)."""
         return fsq_index_levels(indices, self.levels_t, self.basis)
 
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+    def grid_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """fp32 grid codes ``(..., d)`` of ``indices``, before ``project_out``."""
         lv = self.levels_t
         return fsq_codes(self.index_levels(indices), lv, symmetric=self.preserve_symmetry)
@@ -312,7 +314,7 @@ class FSQ(nn.Module):
         ``dtype``: the input's dtype the output should match (default the projection's, or
         fp32); ``check``: ValueError on indices outside ``[0, codebook_size)`` (a host sync)."""
         self.check_indices(indices, check)
-        codes = self.indices_to_codes(indices)  # (..., [C,] d) fp32
+        codes = self.grid_codes(indices)  # (..., [C,] d) fp32
         if self.num_codebooks > 1:
             codes = codes.flatten(-2)
         w = getattr(self.project_in, "weight", None)
@@ -325,7 +327,7 @@ class FSQ(nn.Module):
     def get_codebook(self) -> torch.Tensor:
         """The implicit codebook, fp32 ``(codebook_size, len(levels))`` (``codebook_size`` rows:
         mind large grids)."""
-        return self.indices_to_codes(torch.arange(self.codebook_size, device=self.basis.device))
+        return self.grid_codes(torch.arange(self.codebook_size, device=self.basis.device))
 
     def get_indices(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of ``x`` (the layer's input layout) as in eval mode."""

@@ -128,6 +128,12 @@ def test_mask_rows_give_codes_no_gradient_no_counts():
         (grad,) = torch.autograd.grad((q * torch.randn_like(q)).sum() + loss, inp)
         assert torch.isfinite(q).all() and (grad[~mask] == 0).all() and (grad[mask] != 0).any()
         assert float(stats.counts.sum()) == float(mask.sum()) and float(loss) == 0.0
+    proj = FSQ([5, 5, 4], dim=6)
+    xp = torch.randn(4, 9, 6)
+    xp[~mask] = float("nan")
+    qp, _, _ = proj(xp, mask=mask)
+    qp.square().sum().backward()
+    assert torch.isfinite(qp).all() and all(torch.isfinite(p.grad).all() for p in proj.parameters())
     q_all, idx_all, _ = f(x)
     q_m, idx_m, _ = f(x, mask=mask)
     assert torch.equal(q_all, q_m) and torch.equal(idx_all, idx_m)  # masked rows: their code
