@@ -189,10 +189,9 @@ class FSQ(nn.Module):
         self.register_buffer("basis", torch.tensor(basis, dtype=torch.int64), False)
         inner = d * self.num_codebooks
         bias = self.projection_has_bias
-        self.project_in = nn.Linear(self.dim, inner, bias=bias) if inner != self.dim else None
-        self.project_out = nn.Linear(inner, self.dim, bias=bias) if inner != self.dim else None
-        if self.project_in is None:
-            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+        proj = inner != self.dim
+        self.project_in = nn.Linear(self.dim, inner, bias=bias) if proj else nn.Identity()
+        self.project_out = nn.Linear(inner, self.dim, bias=bias) if proj else nn.Identity()
 
     def extra_repr(self) -> str:
         names = ("levels", "dim", "num_codebooks", "preserve_symmetry", "noise_dropout")
