@@ -5,18 +5,23 @@
 """
 
 from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
+from .fsq import FSQ
 from .functional import VQOutput, vector_quantize
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .ops import code_counts, scatter_rows, search, triton_available
 from .residual import GroupedResidualVQ, ResidualVQ
+from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .sampling import sample_codes, topk_codes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CodebookStats",
+    "FSQ",
+    "GroupedResidualFSQ",
     "GroupedResidualVQ",
     "QuantizeOutput",
+    "ResidualFSQ",
     "ResidualVQ",
     "UsageMeter",
     "VectorQuantizer",

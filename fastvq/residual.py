@@ -77,7 +77,7 @@ class ResidualOutputWithLossesAndStats(NamedTuple):
     stats: list
 
 
-def _output(quantized, indices, loss, losses, stats, return_losses, return_stats):
+def stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats):
     if return_losses and return_stats:
         return ResidualOutputWithLossesAndStats(quantized, indices, loss, losses, stats)
     if return_losses:
@@ -117,7 +117,7 @@ def _codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
     return sizes
 
 
-def _check_dropout(q: int, cutoff, multiple_of) -> None:
+def check_dropout(q: int, cutoff, multiple_of) -> None:
     if not _is_int(cutoff) or not 0 <= cutoff < q:
         raise ValueError(
             f"quantize_dropout_cutoff_index must be an int in [0, num_quantizers={q}), "
@@ -134,7 +134,7 @@ def _check_beam(name: str, beam) -> None:
         raise ValueError(f"{name} must be None or a positive int, got {beam!r}")
 
 
-def _check_active(num_active, q: int) -> None:
+def check_active(num_active, q: int) -> None:
     if num_active is not None and (not _is_int(num_active) or not 1 <= num_active <= q):
         raise ValueError(
             f"num_active must be None or an int in [1, num_quantizers={q}], got {num_active!r}"
@@ -158,7 +158,7 @@ def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
 REPLAY_DRAWS = 4096
 
 
-def _replayable_draw(module, q: int, cutoff: int, multiple_of: int) -> int:
+def replayable_draw(module, q: int, cutoff: int, multiple_of: int) -> int:
     """:func:`_draw_active` for one training forward, replayed by its recomputation.
 
     Each call takes one int64 from torch's global CPU RNG as its key (as dropout does) and files
@@ -456,7 +456,7 @@ class ResidualVQ(nn.Module):
             raise ValueError(
                 f"shared_codebook=True needs one codebook_size for every depth, got {sizes}"
             )
-        _check_dropout(q, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        check_dropout(q, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
         _check_beam("beam_size", beam_size)
         _check_beam("eval_beam_size", eval_beam_size)
         eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
@@ -560,7 +560,7 @@ class ResidualVQ(nn.Module):
         lead = x.movedim(1, -1).shape[:-1] if self.channel_first else x.shape[:-1]
         if mask is not None:
             check_mask(mask, lead)
-        _check_active(num_active, self.num_quantizers)
+        check_active(num_active, self.num_quantizers)
         _check_beam("beam_size", beam_size)
         if beam_size is None:
             beam_size = self.beam_size if self.training else self.eval_beam_size
@@ -570,7 +570,7 @@ class ResidualVQ(nn.Module):
         if beam > 1 and self._pooled_unsupported:
             _reject_pooled(self._pooled_unsupported)
         if num_active is None and self.training and self.quantize_dropout:
-            num_active = _replayable_draw(
+            num_active = replayable_draw(
                 self, self.num_quantizers, self.quantize_dropout_cutoff_index,
                 self.quantize_dropout_multiple_of,
             )  # fmt: skip
@@ -619,7 +619,7 @@ class ResidualVQ(nn.Module):
         loss = losses.sum()
         losses = F.pad(losses, (0, dropped))
         stats = stats + [None] * dropped
-        return _output(quantized, indices, loss, losses, stats, return_losses, return_stats)
+        return stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats)
 
     def _forward_pooled(self, z2, valid, num_active: int, beam: int):
         """The route for a shared codebook or beam search: every depth's search first (greedy
@@ -848,12 +848,12 @@ class GroupedResidualVQ(nn.Module):
             ``(groups, Q)``; ``return_stats`` adds ``stats``, per group the list of Q.
         """
         check_input(x, self.dim, self.channel_first)
-        _check_active(num_active, self.num_quantizers)
+        check_active(num_active, self.num_quantizers)
         if self.channel_first:
             x = x.movedim(1, -1)
         first = self.rvqs[0]
         if num_active is None and self.training and first.quantize_dropout:
-            num_active = _replayable_draw(
+            num_active = replayable_draw(
                 self, self.num_quantizers, first.quantize_dropout_cutoff_index,
                 first.quantize_dropout_multiple_of,
             )  # fmt: skip
@@ -878,7 +878,7 @@ class GroupedResidualVQ(nn.Module):
         losses = torch.stack([o.losses for o in outs])
         loss = torch.stack([o.loss for o in outs]).mean()
         stats = [o.stats for o in outs]
-        return _output(quantized, indices, loss, losses, stats, return_losses, return_stats)
+        return stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats)
 
     def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Decode ``(..., groups, Q)`` indices (``-1``: no code) to the module's output (eval:

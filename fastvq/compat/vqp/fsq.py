@@ -1,0 +1,250 @@
+"""vqp's ``FSQ``, ``ResidualFSQ`` and ``GroupedResidualFSQ`` (vector-quantize-pytorch 1.32.0)
+on :class:`fastvq.FSQ` and :mod:`fastvq.residual_fsq`.
+
+vqp's argument names and defaults, its layouts (an input of 4+ dims is channel-first; residual
+indices channel-first with ``is_channel_first``; grouped indices group-first), its return values
+(``(out, indices)``, int32 indices, int64 once a depth was dropped) and its ``state_dict`` keys
+(``project_in.*``, ``project_out.*``; the grids are non-persistent buffers). The bound is vqp's
+(``half_l = (L - 1)(1 + eps) / 2``: ``bound_margin=-1e-3``), so outputs, indices and gradients
+agree with vqp's (tests/test_fsq_vqp.py). Differences (docs/fsq.md): ``noise_dropout`` is the
+paper's noise (uniform, one grid step wide, on the bounded value) where vqp adds ``U(-1/2, 1/2)``
+to the rounded code and clamps; the quantization always runs in fp32. An argument this front end
+cannot honour raises ``NotImplementedError`` naming it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from ...fsq import FSQ as _FSQ
+from ...residual_fsq import ResidualFSQ as _ResidualFSQ
+
+__all__ = ["FSQ", "GroupedResidualFSQ", "ResidualFSQ"]
+
+VQP_BOUND_MARGIN = -1e-3  # vqp's bound: half_l = (L - 1) * (1 + 1e-3) / 2
+
+
+def _unsupported(cls: str, name: str, value) -> NotImplementedError:
+    return NotImplementedError(
+        f"fastvq.compat.vqp.{cls}: {name}={value!r} is not supported by this front end "
+        "(see docs/fsq.md, 'Coming from vector-quantize-pytorch')"
+    )
+
+
+def _check_fsq_options(cls, allowed_dtypes, force_quantization_f32, orthogonal_rotation):
+    if not force_quantization_f32:
+        raise _unsupported(cls, "force_quantization_f32", force_quantization_f32)
+    low = [dt for dt in allowed_dtypes if dt not in (torch.float32, torch.float64)]
+    if low:  # vqp would round in that dtype: indices inexact past its integer range
+        raise _unsupported(cls, "allowed_dtypes", tuple(allowed_dtypes))
+    if orthogonal_rotation:
+        raise _unsupported(cls, "orthogonal_rotation", orthogonal_rotation)
+
+
+class FSQ(_FSQ):
+    """vqp's ``FSQ(levels, dim=None, num_codebooks=1, ...)``: ``forward(z) -> (out, indices)``."""
+
+    def __init__(
+        self, levels, dim: int | None = None, num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None, scale: float | None = None,
+        allowed_dtypes: tuple = (torch.float32, torch.float64), channel_first: bool = False,
+        projection_has_bias: bool = True, return_indices: bool = True,
+        force_quantization_f32: bool = True, preserve_symmetry: bool = False,
+        noise_dropout: float = 0.0, bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
+    ):  # fmt: skip
+        _check_fsq_options("FSQ", allowed_dtypes, force_quantization_f32, orthogonal_rotation)
+        if noise_dropout > 0 and not preserve_symmetry:
+            raise ValueError("noise_dropout > 0 needs preserve_symmetry=True (as vqp)")
+        keep = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep:
+            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks == 1 (as vqp)")
+        super().__init__(
+            list(levels), dim, num_codebooks=num_codebooks,
+            projection_has_bias=projection_has_bias, preserve_symmetry=preserve_symmetry,
+            noise_dropout=noise_dropout, bound_margin=VQP_BOUND_MARGIN,
+            hard_clamp=bound_hard_clamp,
+        )  # fmt: skip
+        self.keep_num_codebooks_dim = keep
+        self.return_indices = return_indices
+        self.vqp_channel_first = channel_first
+        self.scale = scale  # unused, as in vqp
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.allowed_dtypes = tuple(allowed_dtypes)
+        self.force_quantization_f32 = True
+
+    @property
+    def implicit_codebook(self) -> torch.Tensor:
+        """vqp's buffer, computed on demand: fp32 ``(codebook_size, len(levels))``."""
+        return self.get_codebook()
+
+    def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.index_levels(indices)
+
+    def forward(self, z: torch.Tensor):
+        move = z.ndim >= 4 or self.vqp_channel_first
+        if move:
+            z = z.movedim(1, -1)
+        out, indices, _ = super().forward(z)
+        if move:
+            out = out.movedim(-1, 1)
+        if not self.return_indices:
+            return out, None
+        if self.keep_num_codebooks_dim and self.num_codebooks == 1:
+            indices = indices.unsqueeze(-1)
+        return out, indices.to(torch.int32)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """vqp's inverse of the indices: ``(b, ..., dim)``, channel-first for an image layout."""
+        img = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        if self.keep_num_codebooks_dim and self.num_codebooks == 1:
+            indices = indices.squeeze(-1)
+        out = self.codes_from_indices(indices, check=False)
+        return out.movedim(-1, 1) if img or self.vqp_channel_first else out
+
+
+def _fsq_kwargs(cls: str, kwargs: dict) -> dict:
+    """vqp's ``**kwargs`` to its residual FSQ layers, mapped onto fastvq's FSQ options."""
+    kw = dict(kwargs)
+    _check_fsq_options(
+        cls, kw.pop("allowed_dtypes", (torch.float32,)), kw.pop("force_quantization_f32", True),
+        kw.pop("orthogonal_rotation", False),
+    )  # fmt: skip
+    kw.pop("scale", None)  # unused, as in vqp
+    kw.pop("projection_has_bias", None)  # the layers have no projection in vqp's stack
+    for name in ("num_codebooks", "return_indices", "keep_num_codebooks_dim", "channel_first"):
+        if name in kw:
+            raise _unsupported(cls, name, kw[name])
+    out = {"bound_margin": VQP_BOUND_MARGIN}
+    if "noise_dropout" in kw:
+        out["noise_dropout"] = kw.pop("noise_dropout")
+    if kw:
+        name = sorted(kw)[0]
+        raise TypeError(f"{cls} got an unexpected keyword argument {name!r}")
+    return out
+
+
+def _vqp_num_active(q: int, cutoff: int, multiple_of: int, seed) -> int:
+    """vqp's draw for a given ``rand_quantize_dropout_fixed_seed``: the last kept depth from
+    ``random.Random(seed)``, rounded up to a multiple."""
+    i = random.Random(seed).randrange(cutoff, q)
+    if multiple_of != 1:
+        i = -(-(i + 1) // multiple_of) * multiple_of - 1
+    return min(i + 1, q)
+
+
+class ResidualFSQ(_ResidualFSQ):
+    """vqp's ``ResidualFSQ(*, levels, num_quantizers, dim=None, ...)``:
+    ``forward(x) -> (out, indices[, all_codes])``."""
+
+    def __init__(
+        self, *, levels, num_quantizers: int, dim: int | None = None,
+        is_channel_first: bool = False, quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value=None, bound_hard_clamp: bool = True, **kwargs,
+    ):  # fmt: skip
+        if bound_hard_clamp and soft_clamp_input_value is not None:
+            raise ValueError("soft_clamp_input_value needs bound_hard_clamp=False (as vqp)")
+        super().__init__(
+            list(levels), num_quantizers, dim, quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            preserve_symmetry=True, hard_clamp=bound_hard_clamp,
+            soft_clamp_input_value=soft_clamp_input_value,
+            **_fsq_kwargs("ResidualFSQ", kwargs),
+        )  # fmt: skip
+        self.is_channel_first = is_channel_first
+        self.has_projections = self.dim != self.codebook_dim
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """``(Q, codebook_size, len(levels))``: every depth's grid, unscaled (as vqp)."""
+        return torch.stack([layer.get_codebook() for layer in self.layers])
+
+    def vqp_num_active(self, seed) -> int:
+        """Depths for one forward, as vqp: dropout only in training with gradients on."""
+        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
+            return self.num_quantizers
+        if seed is None:
+            return self.num_active_for(None)
+        return _vqp_num_active(
+            self.num_quantizers, self.quantize_dropout_cutoff_index,
+            self.quantize_dropout_multiple_of, seed,
+        )  # fmt: skip
+
+    def forward(self, x, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
+        num_active = self.vqp_num_active(rand_quantize_dropout_fixed_seed)
+        return self.forward_active(x, return_all_codes, num_active)
+
+    def forward_active(self, x, return_all_codes: bool, num_active: int):
+        """vqp's forward with the first ``num_active`` depths."""
+        if self.is_channel_first:
+            x = x.movedim(1, -1)
+        lead = x.shape[:-1]
+        total, idx = self.quantize(x.reshape(-1, self.dim), None, num_active)
+        out = self.project_out(total).reshape(*lead, self.dim)
+        dropped = self.num_quantizers - num_active
+        idx = [i.to(torch.int32) for i in idx] + [torch.full_like(idx[0], -1)] * dropped
+        indices = torch.stack(idx, dim=-1).reshape(*lead, self.num_quantizers)
+        codes = self.get_codes_from_indices(indices) if return_all_codes else None
+        if self.is_channel_first:
+            out, indices = out.movedim(-1, 1), indices.movedim(-1, 1)
+        return (out, indices) if codes is None else (out, indices, codes)
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(Q, ..., len(levels))`` each depth's scaled code (0 for -1); fewer than Q indices
+        are padded with -1 (coarse codes, as vqp)."""
+        pad = self.num_quantizers - indices.shape[-1]
+        if pad > 0:
+            fill = indices.new_full((*indices.shape[:-1], pad), -1)
+            indices = torch.cat([indices, fill], dim=-1)
+        return self.depth_codes(indices, check=False).movedim(-2, 0)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.project_out(self.get_codes_from_indices(indices).sum(0))
+
+
+class GroupedResidualFSQ(nn.Module):
+    """vqp's ``GroupedResidualFSQ(*, dim, groups=1, accept_image_fmap=False, **kwargs)``:
+    indices ``(groups, ...)``; one quantize-dropout draw for every group."""
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__()
+        if dim % groups != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList(ResidualFSQ(dim=dim // groups, **kwargs) for _ in range(groups))
+        self.codebook_size = self.rvqs[0].codebook_size
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    @property
+    def split_dim(self) -> int:
+        return 1 if self.accept_image_fmap else -1
+
+    def get_codes_from_indices(self, indices):
+        pairs = zip(self.rvqs, indices, strict=True)
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in pairs])
+
+    def get_output_from_indices(self, indices):
+        outs = [r.get_output_from_indices(i) for r, i in zip(self.rvqs, indices, strict=True)]
+        return torch.cat(outs, dim=self.split_dim)
+
+    def forward(self, x, return_all_codes: bool = False):
+        if x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"x must have {self.dim} channels in dim {self.split_dim}")
+        first = self.rvqs[0]
+        num_active = first.vqp_num_active(None)  # one draw for every group
+        outs = []
+        for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim), strict=True):
+            outs.append(rvq.forward_active(chunk, return_all_codes, num_active))
+        quantized = torch.cat([o[0] for o in outs], dim=self.split_dim)
+        indices = torch.stack([o[1] for o in outs])
+        if return_all_codes:
+            return quantized, indices, tuple(o[2] for o in outs)
+        return quantized, indices
