@@ -67,6 +67,7 @@ def _ref_ce(z, codes, y, cosine=False):
 # --- orthogonal_loss ----------------------------------------------------------------------------
 
 
+@pytest.mark.extras  # the vqp half runs only with vector_quantize_pytorch
 @pytest.mark.parametrize("shape", [(1, 6), (20, 6), (5, 30), (3, 20, 6), (2, 7, 40)])
 def test_orthogonal_matches_literal_and_vqp(shape):
     # M > D and M <= D take the two different Gram matrices
@@ -204,6 +205,7 @@ def test_diversity_default_temperature_and_clamped_probabilities():
     _close(gc, rc, atol=1e-5)
 
 
+@pytest.mark.extras
 @needs_vqp
 def test_diversity_and_ce_match_vqp_layer():
     # vqp's VectorQuantize in training: its loss breakdown's diversity and cross-entropy

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
+pytestmark = pytest.mark.extras  # `pip install -e ".[compat]"`
 from diffusers import VQModel  # noqa: E402
 from diffusers.models.autoencoders.vae import VectorQuantizer as DiffusersVQ  # noqa: E402
 from test_compat_taming import check_no_near_tie  # noqa: E402

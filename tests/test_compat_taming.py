@@ -200,6 +200,7 @@ def test_state_dict_keys_and_init():
     assert ours.remap is None and ours.re_embed == 16 and not ours.sane_index_shape
 
 
+@pytest.mark.extras
 def test_reference_agrees_with_diffusers_copy():
     """diffusers' VectorQuantizer is taming's VectorQuantizer2 copied: the transcription above
     must agree with it (same indices, outputs, loss, gradients)."""

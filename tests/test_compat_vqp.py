@@ -30,7 +30,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding of O(1) values; measured max 6
 STEPS = 3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.extras]
 
 
 def _pair(cls: str, kw: dict):

@@ -27,8 +27,10 @@ def test_wheel_contains_kernels_and_imports(tmp_path):
         "fastvq/kernels/vq_search.py",
         "fastvq/ops.py",
         "fastvq/app/cli.py",
+        "fastvq/py.typed",
     ):
         assert f in names, f"{f} missing from {wheel.name}"
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "LICENSE not shipped"
     assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package leaked"
 
     # A fresh venv that installs only the wheel itself (--no-deps) and sees torch, triton and the

@@ -17,6 +17,7 @@ from fastvq.residual import (
 )
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
+pytestmark = pytest.mark.extras  # `pip install -e ".[bench]"`
 
 # k-means and restart off: the codes are exactly the loaded ones, so references can be literal
 PLAIN = dict(kmeans_init=False, dead_code_steps=0, backend="torch")

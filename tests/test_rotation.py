@@ -80,6 +80,7 @@ def test_rotation_differs_from_straight_through_and_keeps_codebook_grad(backend)
     torch.testing.assert_close(grads[True][1], grads[False][1], rtol=0, atol=0)
 
 
+@pytest.mark.extras
 def test_rotation_matches_vector_quantize_pytorch():
     vqp = pytest.importorskip("vector_quantize_pytorch.vector_quantize_pytorch")
     e = torch.randn(50, 12, dtype=torch.float64, requires_grad=True)

@@ -97,6 +97,7 @@ def test_topk_half_inputs(dtype):
     torch.testing.assert_close(dist.double(), ref_v[:, :6], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.extras  # the vqp half runs only with vector_quantize_pytorch
 def test_topk_k1_is_search_and_vqp_topk():
     g = _gen(3)
     z = torch.randn(63, 6, generator=g)
@@ -204,6 +205,7 @@ def test_sample_distribution_matches_softmax(cosine):
         assert _chi2(counts, probs[r]) < 25.0, (counts, probs[r] * reps)
 
 
+@pytest.mark.extras
 def test_sample_distribution_like_vqp_gumbel_sample():
     # vqp's own gumbel_sample on the same logits, as a second empirical distribution: the two
     # frequency vectors agree (two-sample chi^2, 5 degrees of freedom).

@@ -35,6 +35,7 @@ IMPLS = {"vqp": vqp, "fastvq": fastvq_vqp}
 # vqp 1.32.0's masked commitment with heads broadcasts mismatched shapes (the VQP_MASK_HEADS
 # cases, expected failures): its mse_loss warning says so each time
 pytestmark = [
+    pytest.mark.extras,
     pytest.mark.filterwarnings("ignore:Using a target size:UserWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]

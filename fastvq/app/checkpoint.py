@@ -107,16 +107,39 @@ def run_lock(run_dir):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunLockedError(
-            f"{run_dir}: another fastvq process is writing this run directory (lock {path} is "
-            "held); wait for it to finish or choose another --out"
-        ) from None
+        raise _locked(run_dir, path) from None
     _held_locks[path] = [fd, 1]
     try:
         yield
     finally:
         del _held_locks[path]
         os.close(fd)  # releases the flock
+
+
+def check_unlocked(run_dir) -> None:
+    """Raise :class:`RunLockedError` at once if another process holds ``RUN/.lock``; creates
+    nothing. A check before any work (the CLI's, before it reads the run or the data): the lock
+    that guards the writes is still :func:`run_lock`'s."""
+    path = os.path.join(os.path.realpath(run_dir), ".lock")
+    if path in _held_locks or os.path.islink(path):  # ours, or run_lock replaces it anyway
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # no lock file (or none we may read): nobody holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked(run_dir, path) from None
+    finally:
+        os.close(fd)  # releases the probe's flock, if it got one
+
+
+def _locked(run_dir, path) -> RunLockedError:
+    return RunLockedError(
+        f"{run_dir}: another fastvq process is writing this run directory (lock {path} is "
+        "held); wait for it to finish or choose another --out"
+    )
 
 
 def _after_write(name: str) -> None:

@@ -22,13 +22,14 @@ from .checkpoint import (
     CheckpointError,
     RunLockedError,
     build,
+    check_unlocked,
     checkpoint_dir,
     load_run,
     missing_optimizer,
     read_meta,
     run_lock,
 )
-from .data import DataNotFoundError, IDXError, load_dataset
+from .data import DataNotFoundError, IDXError, find_dataset, load_dataset
 from .figures import save_panels
 from .loop import TrainingInterrupted
 from .parser import (
@@ -107,6 +108,7 @@ def _prepare_train(args) -> None:
     if args.steps is not None and args.epochs is not None:
         raise UsageError("argument --epochs: give --steps or --epochs, not both")
     args.out = Path(args.out or f"runs/{args.kind}")
+    check_unlocked(args.out)  # a run being trained: refused at once, before reading it or the data
     args.resume_meta = None
     if args.reset_optimizer and not args.resume:
         raise UsageError("argument --reset-optimizer: only with --resume")
@@ -133,7 +135,17 @@ def _prepare_train(args) -> None:
         kind = _run_meta(Path(args.vqvae), "--vqvae").get("kind")
         if kind != "vqvae":
             raise UsageError(f"argument --vqvae: {args.vqvae} is a {kind} run, not a vqvae run")
+    _check_data(args)
     _check_writable_dir(args.out, "--out")
+
+
+def _check_data(args) -> None:
+    """The data set is where the arguments say, checked before anything is written (a failed
+    command leaves no folder behind); a missing --data-dir is a one-line error."""
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        what = "is not a directory" if Path(args.data_dir).exists() else "does not exist"
+        raise UsageError(f"argument --data-dir: {args.data_dir} {what}")
+    find_dataset(args.dataset, args.data_dir, prefix=args.data_prefix)
 
 
 def _resolve_resume(args) -> None:
@@ -326,9 +338,11 @@ def _total_steps(args, n_train: int) -> int:
 
 def cmd_train(args) -> dict:
     """``fastvq train KIND``: one stage of :mod:`fastvq.app.recipes` into its run directory."""
-    seed_everything(args.seed)
-    ds = load_dataset(args.dataset, args.data_dir, prefix=args.data_prefix)
-    with run_lock(args.out):  # one writer per run directory, from the resume read to the last save
+    # One writer per run directory, from the resume read to the last save; taken before the data
+    # is read, so that a second trainer is refused at once, not after loading the data set.
+    with run_lock(args.out):
+        seed_everything(args.seed)
+        ds = load_dataset(args.dataset, args.data_dir, prefix=args.data_prefix)
         return _train_locked(args, ds, args.out)
 
 
@@ -442,6 +456,7 @@ def _prepare(args) -> None:
         _prepare_sample(args)
     else:
         _check_demo_out(Path(args.out), args.overwrite)
+        _check_data(args)
         _check_writable_dir(Path(args.out), "--out")
 
 

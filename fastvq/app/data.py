@@ -203,23 +203,33 @@ def load_dataset(
 ) -> Dataset:
     """Load train and test splits of an IDX dataset from local disk (see module docstring)."""
     name = name.lower()
+    folder = find_dataset(name, data_dir, prefix=prefix)
+    train = _load_split(folder, "train", prefix, transpose=name == "emnist")
+    test = _load_split(folder, "t10k", prefix, transpose=name == "emnist")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise IDXError(
+            f"{folder}: train images {tuple(train.images.shape[1:])} and test images "
+            f"{tuple(test.images.shape[1:])} differ in size"
+        )
+    n_cls = DATASETS[name][2] or int(max(train.labels.max(), test.labels.max())) + 1
+    return Dataset(name, folder, train, test, n_cls)
+
+
+def find_dataset(
+    name: str = "fashion-mnist",
+    data_dir: str | os.PathLike | None = None,
+    *,
+    prefix: str | None = None,
+) -> Path:
+    """The folder :func:`load_dataset` reads, found without reading it (the CLI checks this
+    before it writes anything); DataNotFoundError where there is none."""
+    name = name.lower()
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     looked = _candidates(name, data_dir)
     for folder in looked:
-        if not folder.is_dir():
-            continue
-        if _find_file(folder, "train-images-idx3-ubyte", prefix) is None:
-            continue
-        train = _load_split(folder, "train", prefix, transpose=name == "emnist")
-        test = _load_split(folder, "t10k", prefix, transpose=name == "emnist")
-        if train.images.shape[1:] != test.images.shape[1:]:
-            raise IDXError(
-                f"{folder}: train images {tuple(train.images.shape[1:])} and test images "
-                f"{tuple(test.images.shape[1:])} differ in size"
-            )
-        n_cls = DATASETS[name][2] or int(max(train.labels.max(), test.labels.max())) + 1
-        return Dataset(name, folder, train, test, n_cls)
+        if folder.is_dir() and _find_file(folder, "train-images-idx3-ubyte", prefix) is not None:
+            return folder
     raise DataNotFoundError(_how_to_get(name, looked))
 
 

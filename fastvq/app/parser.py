@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from .. import __version__
 from ..models import AEConfig, PixelCNNConfig, VQVAEConfig
 from .data import DATASETS
 
@@ -245,25 +246,12 @@ def vqvae_options(args) -> dict:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
-        prog="fastvq",
-        description="fastvq: train the AE, VAE, VQ-VAE and PixelCNN models, sample from them,\n"
-        "or run the whole demo.",
-        epilog=EXAMPLES,
-        formatter_class=_Formatter,
-    )
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser(
-        "train",
-        help="train one model into a run directory",
-        description="Train one model into a run directory. It checkpoints at every evaluation,\n"
-        "at the end and on Ctrl-C; --resume continues a run with its own arguments.",
-        formatter_class=_Formatter,
-    )
-    t.add_argument("kind", choices=["ae", "vae", "vqvae", "pixelcnn"], help="the model to train")
-    t.add_argument("--out", default=None, help="run directory (default: runs/KIND)")
+def _add_train_options(t: argparse.ArgumentParser, kind: str | None) -> None:
+    """``train``'s options: the run's and the model options of ``kind``; ``kind`` None: of every
+    kind (the parser takes them all, so that one given to the wrong kind is named in the error,
+    while ``train KIND --help`` lists only that kind's)."""
+    takes = MODEL_OPTIONS if kind is None else KIND_OPTIONS[kind]
+    t.add_argument("--out", default=None, help=f"run directory (default: runs/{kind or 'KIND'})")
     t.add_argument(
         "--steps", type=POSITIVE, default=None, help="optimizer steps in all (default: 2 epochs)"
     )
@@ -304,36 +292,99 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the run already in --out (its checkpoint is deleted at this run's first "
         "save); without it, training into a directory that holds a run needs --resume",
     )
-    t.add_argument(
-        "--latent-dim",
-        type=POSITIVE,
-        default=None,
-        help=f"ae/vae latent size (default: {AEConfig.latent_dim})",
-    )
-    t.add_argument(
-        "--hidden", type=POSITIVE, default=None, help="conv width (default: the model's)"
-    )
-    t.add_argument("--vqvae", default=None, help="pixelcnn: the VQ-VAE run directory (required)")
-    t.add_argument(
-        "--channels",
-        type=POSITIVE,
-        default=None,
-        help=f"pixelcnn width (default: {PixelCNNConfig.channels})",
-    )
-    t.add_argument(
-        "--layers",
-        type=POSITIVE,
-        default=None,
-        help=f"pixelcnn gated layers (default: {PixelCNNConfig.n_layers})",
-    )
-    t.add_argument(
-        "--conditional",
-        action="store_true",
-        default=None,
-        help="pixelcnn: condition on the class",
-    )
+    if "latent_dim" in takes:
+        t.add_argument(
+            "--latent-dim",
+            type=POSITIVE,
+            default=None,
+            help=f"ae/vae latent size (default: {AEConfig.latent_dim})",
+        )
+    if "hidden" in takes:
+        t.add_argument(
+            "--hidden", type=POSITIVE, default=None, help="conv width (default: the model's)"
+        )
+    if "vqvae" in takes:
+        t.add_argument(
+            "--vqvae", default=None, help="pixelcnn: the VQ-VAE run directory (required)"
+        )
+    if "channels" in takes:
+        t.add_argument(
+            "--channels",
+            type=POSITIVE,
+            default=None,
+            help=f"pixelcnn width (default: {PixelCNNConfig.channels})",
+        )
+    if "layers" in takes:
+        t.add_argument(
+            "--layers",
+            type=POSITIVE,
+            default=None,
+            help=f"pixelcnn gated layers (default: {PixelCNNConfig.n_layers})",
+        )
+    if "conditional" in takes:
+        t.add_argument(
+            "--conditional",
+            action="store_true",
+            default=None,
+            help="pixelcnn: condition on the class",
+        )
     _add_common(t, train=True)
-    _add_vq_options(t)
+    if "codebook_size" in takes:
+        _add_vq_options(t)
+
+
+TRAIN_NOTE = (
+    "It checkpoints at every evaluation,\n"
+    "at the end and on Ctrl-C; --resume continues a run with its own arguments."
+)
+
+
+class _KindHelp(argparse.Action):
+    """``train``'s -h/--help: after a kind (``fastvq train vqvae --help``), only that kind's
+    options; before one, every kind's."""
+
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
+        super().__init__(option_strings, dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kind = getattr(namespace, "kind", None)
+        if kind in KIND_OPTIONS:
+            parser = _Parser(
+                prog=f"{parser.prog} {kind}",
+                description=f"Train a {kind} model into a run directory. {TRAIN_NOTE}",
+                formatter_class=_Formatter,
+            )
+            _add_train_options(parser, kind)
+        parser.print_help()
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="fastvq",
+        description="fastvq: train the AE, VAE, VQ-VAE and PixelCNN models, sample from them,\n"
+        "or run the whole demo.",
+        epilog=EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    ap.add_argument("--version", action="version", version=f"fastvq {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train one model into a run directory",
+        description=f"Train one model into a run directory. {TRAIN_NOTE}\n"
+        "`fastvq train KIND --help` lists only that kind's options.",
+        formatter_class=_Formatter,
+        add_help=False,
+    )
+    t.add_argument(
+        "-h", "--help", action=_KindHelp, help="show this help (after KIND: only its options)"
+    )
+    t.add_argument("kind", choices=["ae", "vae", "vqvae", "pixelcnn"], help="the model to train")
+    _add_train_options(t, None)
 
     s = sub.add_parser(
         "sample",
