@@ -16,7 +16,7 @@ import fastvq.compat.vqp as fastvq_vqp
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
 IMPLS = {"vqp": vqp, "fastvq": fastvq_vqp}
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.extras]
 
 
 def _pair(cls: str, **kwargs):
