@@ -10,10 +10,14 @@ its tensors, with vqp's exact value and gradient:
 - :func:`ce_commitment_loss`: the cross-entropy commitment loss, ``cross_entropy(logits, idx)``.
 
 The last two need vqp's logits, its NEGATIVE NON-SQUARED distance ``-max(||z - c||, 1e-4)``
-(``z.c`` for its cosine codebook), for every row and code. Here they are computed over chunks of
-rows, in the forward and again in the backward (each an ``autograd.Function`` that recomputes a
-chunk's logits to backpropagate through it), so memory is O(chunk x K), never N x K, and the
-gradient is the one of the literal full formula. Both are first-order only (no double backward).
+(``z.c`` for its cosine codebook), for every row and code. Here they are computed over tiles of
+rows AND codes (at most :data:`TILE_ELEMS` logits, 4 MiB, per tile): the forward streams each
+row's logsumexp over the code tiles (running max and rescaled sum), and the backward recomputes
+each tile's probabilities from that saved logsumexp. Working memory is a few tiles plus O(N + K)
+vectors (the diversity loss's T x K means too), never N x K or chunk x K, and the gradient is the
+one of the literal full formula. The tile loops run inside ``torch.library.custom_op``s, so
+``torch.compile(fullgraph=True)`` traces both losses as single ops. Both are first-order only (no
+double backward).
 """
 
 from __future__ import annotations
@@ -155,10 +159,12 @@ TILE_ELEMS = 1 << 20
 
 
 def _tiles(chunk: int, k: int) -> tuple[int, int]:
-    """(rows, codes) per tile: at most ``chunk`` rows, and fewer (down to 16) so that a row tile's
-    logits over all K codes fit in one tile when they can (one pass over the codes instead of
-    two); codes per tile so that a tile holds at most :data:`TILE_ELEMS` values."""
-    rows = min(chunk, max(16, TILE_ELEMS // k))
+    """(rows, codes) per tile, at most ``chunk`` rows. When 128 or more rows' logits over all K
+    codes fit in one tile, the tile holds them all (one pass over the codes instead of two for
+    the diversity loss); otherwise tiles of up to 512 rows (code tiles of a few hundred KiB that
+    stay in cache). A tile holds at most :data:`TILE_ELEMS` values."""
+    whole = TILE_ELEMS // k
+    rows = min(chunk, whole if whole >= 128 else 512)
     return rows, max(1, min(k, TILE_ELEMS // rows))
 
 
@@ -451,7 +457,7 @@ def diversity_loss(
     chunk: int = 4096,
     cosine: bool = False,
 ) -> torch.Tensor:
-    """vqp's codebook diversity loss, chunked over rows: memory O(chunk x K), not O(N x K).
+    """vqp's codebook diversity loss, tiled over rows and codes: no N x K (or chunk x K) tensor.
 
     vqp (``codebook_diversity_loss_weight > 0``)::
 
@@ -472,7 +478,8 @@ def diversity_loss(
         z: (N, D) or (B, T, D) float32/float16/bfloat16; computed in fp32, differentiable.
         codes: (K, D) float32/float16/bfloat16, K >= 1, same device; differentiable.
         temperature: finite >= 0, vqp's ``codebook_diversity_temperature``.
-        chunk: rows per chunk, >= 1.
+        chunk: at most this many rows per tile, >= 1 (codes per tile so a tile holds at most
+            :data:`TILE_ELEMS` logits).
         cosine: logits ``z.c`` instead of ``-||z - c||``.
 
     Returns:
@@ -540,25 +547,26 @@ def ce_commitment_loss(
     chunk: int = 4096,
     cosine: bool = False,
 ) -> torch.Tensor:
-    """vqp's cross-entropy commitment loss (``commitment_use_cross_entropy_loss``), chunked.
+    """vqp's cross-entropy commitment loss (``commitment_use_cross_entropy_loss``), tiled.
 
     ``cross_entropy(logits, indices, ignore_index=-1)``, the mean over the rows whose index is
     not -1, with vqp's logits: the negative NON-SQUARED distance ``-max(||z - c_k||, 1e-4)``, no
     temperature (``z.c`` with ``cosine=True``, for inputs the caller has l2-normalised). vqp
-    passes the selected codes as ``indices``, masked rows set to -1. Memory O(chunk x K).
+    passes the selected codes as ``indices``, masked rows set to -1. Tiled over rows and codes:
+    no N x K (or chunk x K) tensor.
 
     Args:
         z: (N, D) float32/float16/bfloat16 rows; computed in fp32, differentiable.
         codes: (K, D) float32/float16/bfloat16 codes, K >= 1, same device; differentiable.
         indices: int64 (N,) in [0, K), or -1 to ignore a row.
-        chunk: rows per chunk, >= 1.
+        chunk: at most this many rows per tile, >= 1.
         cosine: logits ``z.c`` instead of ``-||z - c||``.
 
     Returns:
         fp32 scalar; 0 when no row counts (N = 0 or every index -1, where torch's and so vqp's
         mean is NaN). Gradients (first order) are those of the literal formula. An index outside
-        [-1, K) raises ValueError on CPU; on other devices it makes the loss NaN instead (the
-        check would cost a device sync).
+        [-1, K) raises ValueError on CPU; on other devices, and on CPU under ``torch.compile``,
+        it makes the loss NaN instead (the check would cost a device sync, or a graph break).
     """
     check_rows_codes(z, codes)
     check_tensor("indices", indices)
