@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
+from .codebook_losses import _diversity, ce_commitment_loss, orthogonal_loss
 from .functional import vq_loss
 from .outputs import LossBreakdown
+from .sampling import check_rows_codes
 from .streams import per_call_generator
 
 
@@ -32,9 +33,10 @@ def aux_terms(layer, zg, cg, idx, keep) -> tuple:
         target = idx if keep is None else torch.where(keep, idx, -1)
         ce = layer.beta * ce_commitment_loss(zg, cg.detach(), target, cosine=layer.cosine)
     if layer.codebook_diversity_loss_weight > 0:
-        rows = zg if keep is None else zg[keep]  # a boolean selection: a host sync on CUDA
-        div = layer.codebook_diversity_loss_weight * diversity_loss(
-            rows, cg, temperature=layer.codebook_diversity_temperature, cosine=layer.cosine
+        # masked rows weigh 0 (no boolean selection: no host sync, and torch.compile traces it)
+        check_rows_codes(zg, cg)
+        div = layer.codebook_diversity_loss_weight * _diversity(
+            zg, cg, keep, layer.codebook_diversity_temperature, 4096, layer.cosine
         )
     return ce, div
 
