@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200; torch, triton, pytest, pytest-benchmark; no
-# network). About 5.5 minutes (the stages' limits add to 345 s): every stage runs under its own
-# `timeout` and writes its results into $OUT as soon as it ends, so a stage that overruns costs
-# only itself.
+# network). At most 5 minutes: the stage limits below (BUDGET) add to 290 s, checked by
+# tests/test_gpu_check.py; every stage runs under its own `timeout` and writes its results
+# (JSON) into $OUT as soon as it ends, so a stage that overruns costs only itself. The run
+# records the Triton version (env.json) and keeps the TTGIR of every binary it compiled
+# ($OUT/ttgir/, from a Triton cache under $OUT).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/gc bash benchmarks/gpu_check.sh --dry-run    # on CPU: same stages, tiny sizes
@@ -15,6 +17,10 @@
 # vector-quantize-pytorch at one K each) -> markdown/PNG report of whatever JSON exists.
 set -u
 cd "$(dirname "$0")/.."
+
+# Stage limits in seconds (sum <= 300; the setup and the TTGIR copy take a few seconds more).
+B_PREFLIGHT=15 B_CUDA_TESTS=50 B_CONFIGS=125 B_BF16=30 B_FP32=25 B_PEERS=30 B_REPORT=15
+BUDGET=$((B_PREFLIGHT + B_CUDA_TESTS + B_CONFIGS + B_BF16 + B_FP32 + B_PEERS + B_REPORT))
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -34,6 +40,8 @@ fi
 OUT="${OUT:-benchmarks/results/gpu-check-$(date -u +%Y%m%d-%H%M)}"
 mkdir -p "$OUT"
 export OUT DRY
+# Triton's cache under $OUT: the TTGIR of every kernel the run compiles is copied out at the end.
+export TRITON_CACHE_DIR="$OUT/triton-cache"
 LOG="$OUT/gpu_check.log"
 STATUS="$OUT/stages.tsv"
 : > "$STATUS"
@@ -66,7 +74,8 @@ if [ -n "${TRITON_INTERPRET:-}" ] && [ "${TRITON_INTERPRET}" != "0" ]; then
         exit 2
     fi
 fi
-stage preflight 20 "$PY" - <<'EOF'
+log "stage budget: ${BUDGET}s in all"
+stage preflight $B_PREFLIGHT "$PY" - <<'EOF'
 import json, os, platform, sys
 import torch
 info = {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -98,13 +107,13 @@ command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 # ---- CUDA correctness tests --------------------------------------------------------------------
 # rc 5 = no tests collected (dry run on CPU: the cuda tests are skipped, not deselected).
-FASTVQ_RESULTS_DIR="$OUT" stage cuda-tests 55 \
-    "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --timeout 50 \
+FASTVQ_RESULTS_DIR="$OUT" stage cuda-tests $B_CUDA_TESTS \
+    "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --timeout 45 \
     --junitxml "$OUT/cuda-tests.xml"
 
 # ---- default configs vs alternatives vs cuBLAS, with the static model's prediction -----------
 if [ $DRY = 0 ]; then
-    stage configs 150 "$PY" -m benchmarks.gpu_configs
+    stage configs $B_CONFIGS "$PY" -m benchmarks.gpu_configs
 fi
 
 # ---- pruned benchmark grid ---------------------------------------------------------------------
@@ -119,9 +128,9 @@ bench() {  # bench NAME SECONDS PROVIDERS DTYPES
         "$PY" -m pytest benchmarks/test_vq.py -q -p no:cacheprovider --timeout 30 \
         --benchmark-json "$OUT/$1.json" --benchmark-columns median,rounds
 }
-bench bench-bf16 30 fastvq-triton,matmul bf16
-bench bench-fp32 25 fastvq-triton,matmul fp32
-bench bench-peers 30 fastvq-torch,naive,vqp-train bf16,fp32
+bench bench-bf16 $B_BF16 fastvq-triton,matmul bf16
+bench bench-fp32 $B_FP32 fastvq-triton,matmul fp32
+bench bench-peers $B_PEERS fastvq-torch,naive,vqp-train bf16,fp32
 
 # ---- report ------------------------------------------------------------------------------------
 JSONS=""
@@ -131,7 +140,11 @@ for f in "$OUT"/bench-*.json; do  # a stage killed at its limit may leave an emp
 done
 if [ -n "$JSONS" ]; then
     # shellcheck disable=SC2086
-    stage report 20 "$PY" -m benchmarks.report $JSONS --out "$OUT" --name gpu-check
+    stage report $B_REPORT "$PY" -m benchmarks.report $JSONS --out "$OUT" --name gpu-check
 fi
-log "done in $(($(date +%s) - T0))s; stages (name, rc, seconds):"
+# ---- TTGIR of the binaries this run compiled ----------------------------------------------------
+mkdir -p "$OUT/ttgir"
+find "$OUT/triton-cache" -name '*.ttgir' -exec cp {} "$OUT/ttgir/" \; 2> /dev/null
+log "kept $(ls "$OUT/ttgir" | wc -l) TTGIR files in $OUT/ttgir"
+log "done in $(($(date +%s) - T0))s (budget ${BUDGET}s); stages (name, rc, seconds):"
 tee -a "$LOG" < "$STATUS"

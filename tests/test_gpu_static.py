@@ -125,3 +125,33 @@ def test_gpu_default_tiles_are_exact_under_the_interpreter(arch, dtype, d, preci
         torch.testing.assert_close(z_q, c[idx])
         ref = (z.float() - c[idx].float()).square().sum(1)
         torch.testing.assert_close(err, ref)
+
+
+def test_loop_mix_per_element_and_overlap_flag():
+    """The static report's loop figure (non-MMA per accumulator element) and TTGIR overlap."""
+    from benchmarks.gpu_static import analyse_ttgir, loop_per_element
+
+    cfg = vs.SearchConfig(128, 64, 64, 8, 3)  # 32 accumulator elements per thread
+    outer = dict(tensor=4, fma=40, cmp_sel=100, int_alu=8, cvt=0, mem=12, move=0, uniform=0,
+                 other=0)  # fmt: skip
+    inner = dict(outer, tensor=2, fma=16, cmp_sel=0, int_alu=0, mem=0)
+    assert loop_per_element({"outer": outer, "inner": None}, cfg) == 5.0
+    assert loop_per_element({"outer": outer, "inner": inner}, cfg) == 5.5  # D loop once
+    assert loop_per_element(None, cfg) is None
+    waits = "%a:3 = ttng.warp_group_dot_wait %x, %y {pendings = %s : i32} : tensor<...>"
+    assert analyse_ttgir(waits.replace("%s", "0"))["overlap"] is False
+    ov = analyse_ttgir(waits.replace("%s", "0") + "\n" + waits.replace("%s", "1"))
+    assert ov["overlap"] and ov["dot_wait_pendings"] == [0, 1]
+    assert analyse_ttgir("ttg.warp_specialize(%a)")["overlap"]
+    assert analyse_ttgir("tt.dot")["overlap"] is False  # sm_80: mma.sync, no async dot
+
+
+def test_gate_reports_the_sm90_targets(tmp_path):
+    """Every binary carries the loop figure and the overlap flag; the bf16 targets are printed."""
+    out = tmp_path / "s.json"
+    r = _run(["-m", "benchmarks.gpu_static", "--gate", "--arch", "90", "--only", "bf16 D64",
+              "--out", str(out)], timeout=600)  # fmt: skip
+    assert "target sm_90 bf16 D64:" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    recs = json.loads(out.read_text())["binaries"]
+    assert recs and all(r["loop_per_element"] > 0 and "overlap" in r["overlap"] for r in recs)
+    assert "non-MMA / acc. element" in out.with_suffix(".md").read_text()
