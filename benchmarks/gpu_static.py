@@ -515,11 +515,13 @@ def main(argv=None) -> int:
     for r in records:
         if r.get("targets"):
             ov = r["overlap"]
-            print(f"target sm_{r['arch']} {r['name']}: {r['loop_per_element']} non-MMA per "
-                  f"accumulator element (<= {TARGET_PER_ELEMENT:g}: "
-                  f"{'met' if r['targets']['per_element'] else 'missed'}); overlap "
-                  f"{'met' if ov['overlap'] else 'missed'} (pendings "
-                  f"{ov['dot_wait_pendings']}, warp specialised {ov['warp_specialized']})")
+            print(
+                f"target sm_{r['arch']} {r['name']}: {r['loop_per_element']} non-MMA per "
+                f"accumulator element (<= {TARGET_PER_ELEMENT:g}: "
+                f"{'met' if r['targets']['per_element'] else 'missed'}); overlap "
+                f"{'met' if ov['overlap'] else 'missed'} (pendings "
+                f"{ov['dot_wait_pendings']}, warp specialised {ov['warp_specialized']})"
+            )
     if a.gate and not a.out:
         print(f"{len(records) - len(bad)}/{len(records)} default binaries pass the gate")
         return 1 if bad else 0
