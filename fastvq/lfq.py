@@ -250,7 +250,7 @@ class LFQ(nn.Module):
         hs = hc = commit = zero
         if self.entropy_loss_weight != 0 or breakdown:
             hs, hc = self.entropies(self.entropy_rows(z, keep), inv_temperature)
-        if self.commitment_loss_weight != 0 or breakdown:
+        if self.commitment_loss_weight != 0:  # off: 0 in the breakdown too
             zr, cr = (z, codes) if keep is None else (z[keep], codes[keep])
             commit = F.mse_loss(zr, cr.detach()) if zr.numel() > 0 else zero
         loss = self.entropy_loss_weight * (hs - self.diversity_gamma * hc)
