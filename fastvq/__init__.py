@@ -8,6 +8,7 @@ from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
 from .fsq import FSQ
 from .functional import VQOutput, vector_quantize
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
+from .lfq import LFQ
 from .ops import code_counts, scatter_rows, search, triton_available
 from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
@@ -20,6 +21,7 @@ __all__ = [
     "FSQ",
     "GroupedResidualFSQ",
     "GroupedResidualVQ",
+    "LFQ",
     "QuantizeOutput",
     "ResidualFSQ",
     "ResidualVQ",

@@ -91,14 +91,23 @@ class RandomStreams:
 # Per-call streams: seeded from torch's global CPU RNG at each call, as dropout draws, so that
 # activation checkpointing (which restores that RNG before it recomputes a forward) replays the
 # forward's choices in any order of recomputation; the CPU draw never syncs a device.
-_PER_CALL_OFFSETS = {"sample-codes": 11, "orthogonal-subset": 13, "fsq-noise": 17}
-_PER_RANK = ("sample-codes", "fsq-noise")  # per-row noise: independent on every rank
+_PER_CALL_OFFSETS = {
+    "sample-codes": 11,
+    "orthogonal-subset": 13,
+    "fsq-noise": 17,
+    "lfq-entropy-rows": 23,
+}
+_PER_RANK = (
+    "sample-codes",
+    "fsq-noise",
+    "lfq-entropy-rows",
+)  # per-row noise: independent on every rank
 
 
 def per_call_generator(purpose: str, device, rank: int = 0) -> torch.Generator:
     """A generator for one call's random choices: ``sample-codes`` and ``fsq-noise`` (FSQ's noise
-    dropout), offset by ``rank`` so rows at the same position on two ranks get independent noise,
-    or ``orthogonal-subset``."""
+    dropout) and ``lfq-entropy-rows`` (LFQ's row fraction), offset by ``rank`` so rows at the same
+    position on two ranks get independent draws, or ``orthogonal-subset``."""
     offset = _PER_CALL_OFFSETS[purpose] + (rank if purpose in _PER_RANK else 0)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     return torch.Generator(device).manual_seed(seed + offset)

@@ -11,10 +11,11 @@ and ``state_dict`` keys.
 """
 
 from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ
+from .lfq import LFQ
 from .residual import GroupedResidualVQ, ResidualVQ
 from .vq import LossBreakdown, VectorQuantize, orthogonal_loss
 
 __all__ = [
-    "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "LossBreakdown", "ResidualFSQ",
+    "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "LFQ", "LossBreakdown", "ResidualFSQ",
     "ResidualVQ", "VectorQuantize", "orthogonal_loss",
 ]  # fmt: skip

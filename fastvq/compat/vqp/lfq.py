@@ -1,0 +1,144 @@
+"""vqp's ``LFQ`` (vector-quantize-pytorch 1.32.0) on :class:`fastvq.LFQ`.
+
+vqp's keyword-only arguments and defaults, its layouts (an input of 4+ dims is channel-first
+unless ``channel_first`` says otherwise), its return values (``(quantized, indices,
+entropy_aux_loss)``, then ``(per_sample_entropy, batch_entropy, commitment)`` with
+``return_loss_breakdown``), int64 indices and its ``state_dict`` keys (the persistent bit-weight
+buffer ``mask``, ``project_in.*``, ``project_out.*``). The entropies take vqp's
+``log(clamp(p, 1e-5))`` (``prob_floor=1e-5``), computed in chunks of codes, so the front end
+never builds vqp's ``N x 2^d`` matrices. Differences (docs/lfq.md): a ``mask`` of shape
+``(b, n)`` excludes its rows from both entropies (vqp then computes its batch entropy per row,
+equal to the per-sample entropy); masked rows pass no gradient; in training the output is the
+code itself (vqp: ``x + (code - x).detach()``, the code up to rounding); the row fraction of
+``frac_per_sample_entropy`` comes from fastvq's stream. An argument this front end cannot
+honour raises ``NotImplementedError`` naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ...lfq import LFQ as _LFQ
+from ...lfq import lfq_codes
+
+__all__ = ["LFQ", "LFQLossBreakdown", "LFQReturn"]
+
+VQP_PROB_FLOOR = 1e-5  # vqp's log(t.clamp(min=1e-5))
+
+
+class LFQReturn(NamedTuple):
+    """vqp's ``Return``."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    entropy_aux_loss: torch.Tensor
+
+
+class LFQLossBreakdown(NamedTuple):
+    """vqp's ``LossBreakdown`` (detached here)."""
+
+    per_sample_entropy: torch.Tensor
+    batch_entropy: torch.Tensor
+    commitment: torch.Tensor
+
+
+def _unsupported(name: str, value) -> NotImplementedError:
+    return NotImplementedError(
+        f"fastvq.compat.vqp.LFQ: {name}={value!r} is not supported by this front end "
+        "(see docs/lfq.md, 'Coming from vector-quantize-pytorch')"
+    )
+
+
+class LFQ(_LFQ):
+    """vqp's ``LFQ(*, dim=None, codebook_size=None, ...)``:
+    ``forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)``."""
+
+    def __init__(
+        self, *, dim=None, codebook_size=None, entropy_loss_weight=0.1,
+        commitment_loss_weight=0.0, diversity_gamma=1.0, straight_through_activation=None,
+        num_codebooks=1, keep_num_codebooks_dim=None, codebook_scale=1.0,
+        frac_per_sample_entropy=1.0, has_projections=None, projection_has_bias=True,
+        soft_clamp_input_value=None, cosine_sim_project_in=False,
+        cosine_sim_project_in_scale=None, channel_first=None,
+        experimental_softplus_entropy_loss=False, entropy_loss_offset=5.0, spherical=False,
+        force_quantization_f32=True, orthogonal_rotation=False,
+    ):  # fmt: skip
+        act = straight_through_activation
+        if act is not None and type(act) is not nn.Identity:
+            raise _unsupported("straight_through_activation", act)
+        for name, value in (
+            ("cosine_sim_project_in", cosine_sim_project_in),
+            ("experimental_softplus_entropy_loss", experimental_softplus_entropy_loss),
+            ("orthogonal_rotation", orthogonal_rotation),
+        ):
+            if value:
+                raise _unsupported(name, value)
+        if not force_quantization_f32:
+            raise _unsupported("force_quantization_f32", force_quantization_f32)
+        if codebook_size is not None and not math.log2(codebook_size).is_integer():
+            raise ValueError(f"codebook_size must be a power of 2, got {codebook_size!r}")
+        keep = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep:
+            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks == 1 (as vqp)")
+        super().__init__(
+            dim, codebook_size, entropy_loss_weight=entropy_loss_weight,
+            commitment_loss_weight=commitment_loss_weight, diversity_gamma=diversity_gamma,
+            num_codebooks=num_codebooks, spherical=spherical, codebook_scale=codebook_scale,
+            frac_per_sample_entropy=frac_per_sample_entropy,
+            soft_clamp_input_value=soft_clamp_input_value, inv_temperature=100.0,
+            prob_floor=VQP_PROB_FLOOR, projections=has_projections,
+            projection_has_bias=projection_has_bias,
+        )  # fmt: skip
+        self.keep_num_codebooks_dim = keep
+        self.vqp_channel_first = channel_first
+        self.entropy_loss_offset = entropy_loss_offset  # unused, as vqp without the softplus
+        self.force_quantization_f32 = True
+        self.register_buffer("mask", self.bit_shifts.new_ones(()) << self.bit_shifts)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """vqp's buffer, computed on demand: ``(codebook_size, d)`` of ``+-codebook_scale``."""
+        k = torch.arange(self.codebook_size, device=self.bit_shifts.device)
+        bits = ((k[:, None] >> self.bit_shifts) & 1).bool()
+        return lfq_codes(bits, self.codebook_scale, False)
+
+    def forward(self, x, inv_temperature=100.0, return_loss_breakdown=False, mask=None):
+        move = x.ndim >= 4 if self.vqp_channel_first is None else self.vqp_channel_first
+        if move:
+            x = x.movedim(1, -1)
+        if mask is not None:  # vqp's mask: a prefix of the packed (b, n) layout
+            packed = (x.shape[0], math.prod(x.shape[1:-1]))
+            mask = mask.reshape(*mask.shape, *[1] * (2 - mask.dim())).expand(packed)
+            mask = mask.reshape(x.shape[:-1])
+        out = super().forward(
+            x, mask, inv_temperature=inv_temperature, return_loss_breakdown=True
+        )  # fmt: skip
+        quantized, indices = out.quantized, out.indices
+        if move:
+            quantized = quantized.movedim(-1, 1)
+        if self.keep_num_codebooks_dim and self.num_codebooks == 1:
+            indices = indices.unsqueeze(-1)
+        ret = LFQReturn(quantized, indices, out.loss)
+        if not return_loss_breakdown:
+            return ret
+        return ret, LFQLossBreakdown(*out.breakdown)
+
+    def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
+        """vqp's inverse of the indices: ``(b, ..., dim)``, channel-first for an image layout."""
+        img = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        move = img if self.vqp_channel_first is None else self.vqp_channel_first
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        codes = self.grid_codes(indices).flatten(-2)
+        if project_out:
+            w = getattr(self.project_in, "weight", None)
+            codes = self.project_out(codes if w is None else codes.to(w.dtype))
+        return codes.movedim(-1, 1) if move else codes
