@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from . import _dist
-from .codebook import perplexity, row_counts
-from .layer_config import check_indices, check_input, check_mask
-from .outputs import CodebookStats, quantize_output
+from .implicit import ImplicitQuantizer
+from .layer_config import check_input, check_mask
+from .outputs import quantize_output
 from .streams import per_call_generator
 
 __all__ = ["FSQ", "FSQConfig", "fsq_codes", "fsq_indices", "fsq_levels"]
@@ -166,7 +166,7 @@ def fsq_index_levels(indices: torch.Tensor, levels: torch.Tensor, basis: torch.T
     return (indices.to(torch.int64).unsqueeze(-1) // basis) % levels
 
 
-class FSQ(nn.Module):
+class FSQ(ImplicitQuantizer):
     """Finite scalar quantization with the layer conventions of :class:`~fastvq.VectorQuantizer`.
 
     ``FSQ(levels, dim=None, **options)`` (:class:`FSQConfig`). ``q(x)`` returns
@@ -196,14 +196,6 @@ class FSQ(nn.Module):
     def extra_repr(self) -> str:
         names = ("levels", "dim", "num_codebooks", "preserve_symmetry", "noise_dropout")
         return ", ".join(f"{n}={getattr(self, n)}" for n in names + ("channel_first",))
-
-    @property
-    def has_projections(self) -> bool:
-        return isinstance(self.project_in, nn.Linear)
-
-    def _proj_dtype(self, x: torch.Tensor) -> torch.dtype:
-        w = getattr(self.project_in, "weight", None)
-        return x.dtype if w is None else w.dtype
 
     def quantize_rows(self, z: torch.Tensor, keep: torch.Tensor | None, training: bool):
         """Quantize rows ``z`` (N, C, d) (any float dtype; fp32 inside): ``(q, idx)`` with
@@ -266,35 +258,10 @@ class FSQ(nn.Module):
         quantized = q.reshape(*lead, self.dim)
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
-        indices = idx.reshape(*lead, self.num_codebooks) if self.num_codebooks > 1 else idx
-        indices = indices.reshape(lead) if self.num_codebooks == 1 else indices
+        indices = self.layer_indices(idx, lead)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         stats = self.batch_stats(idx, keep) if return_stats else None
         return quantize_output(quantized, indices, loss, stats)
-
-    def batch_stats(self, idx: torch.Tensor, keep: torch.Tensor | None) -> CodebookStats:
-        """Usage of one batch: ``idx`` int64 (N, C), ``keep`` optional bool (N,)."""
-        k = self.codebook_size
-        if keep is not None:  # masked rows go to an extra bin, then dropped
-            idx = torch.where(keep[:, None], idx, k)
-        counts = torch.stack([row_counts(idx[:, c], k + 1)[:k] for c in range(idx.shape[1])])
-        return CodebookStats(perplexity(counts), (counts > 0).float().mean(), counts)
-
-    def check_indices(self, indices: torch.Tensor, check: bool = True) -> None:
-        """TypeError/ValueError for indices :meth:`codes_from_indices` cannot decode."""
-        check_indices(indices, 1, 0, check=False)  # a tensor of an integer dtype
-        c = self.num_codebooks
-        if c > 1 and (indices.dim() < 1 or indices.shape[-1] != c):
-            raise ValueError(
-                f"indices must have a trailing dim of size num_codebooks={c}, "
-                f"got shape {tuple(indices.shape)}"
-            )
-        if check and indices.numel() > 0:
-            lo, hi = int(indices.min()), int(indices.max())
-            if lo < 0 or hi >= self.codebook_size:
-                raise ValueError(
-                    f"indices must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]"
-                )
 
     def index_levels(self, indices: torch.Tensor) -> torch.Tensor:
         """int64 levels ``(..., d)`` in ``[0, L)`` of int ``indices`` (vqp's
@@ -306,34 +273,7 @@ class FSQ(nn.Module):
         lv = self.levels_t
         return fsq_codes(self.index_levels(indices), lv, symmetric=self.preserve_symmetry)
 
-    def codes_from_indices(self, indices: torch.Tensor, *, dtype: torch.dtype | None = None,
-                           check: bool = True) -> torch.Tensor:  # fmt: skip
-        """Decode int ``indices`` (the layer's layout) to what the layer outputs for them (eval,
-        no noise: bit-identical): ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
-        ``dtype``: the input's dtype the output should match (default the projection's, or
-        fp32); ``check``: ValueError on indices outside ``[0, codebook_size)`` (a host sync)."""
-        self.check_indices(indices, check)
-        codes = self.grid_codes(indices)  # (..., [C,] d) fp32
-        if self.num_codebooks > 1:
-            codes = codes.flatten(-2)
-        w = getattr(self.project_in, "weight", None)
-        inner = w.dtype if w is not None else (dtype or torch.float32)
-        q = self.project_out(codes.to(inner))
-        if dtype is not None:
-            q = q.to(dtype)
-        return q.movedim(-1, 1) if self.channel_first else q
-
     def get_codebook(self) -> torch.Tensor:
         """The implicit codebook, fp32 ``(codebook_size, len(levels))`` (``codebook_size`` rows:
         mind large grids)."""
         return self.grid_codes(torch.arange(self.codebook_size, device=self.basis.device))
-
-    def get_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices of ``x`` (the layer's input layout) as in eval mode."""
-        with torch.no_grad():
-            was = self.training
-            self.eval()
-            try:
-                return self(x).indices
-            finally:
-                self.train(was)

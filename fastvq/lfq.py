@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dist
-from .codebook import perplexity, row_counts
-from .layer_config import check_indices, check_input, check_mask
+from .implicit import ImplicitQuantizer
+from .layer_config import check_input, check_mask
 from .lfq_entropy import clamped_sample_entropy, codebook_entropy, per_sample_entropy
-from .outputs import CodebookStats, quantize_output
+from .outputs import quantize_output
 from .streams import per_call_generator
 
 __all__ = ["LFQ", "LFQConfig", "LFQLossBreakdown", "lfq_codes"]
@@ -157,7 +157,7 @@ def lfq_codes(bits: torch.Tensor, scale: float, spherical: bool) -> torch.Tensor
     return F.normalize(codes, dim=-1) * scale if spherical else codes
 
 
-class LFQ(nn.Module):
+class LFQ(ImplicitQuantizer):
     """Lookup-free (or, ``spherical``, binary spherical) quantization with the layer conventions
     of :class:`~fastvq.VectorQuantizer`.
 
@@ -191,18 +191,10 @@ class LFQ(nn.Module):
         return ", ".join(f"{n}={getattr(self, n)}" for n in names)
 
     @property
-    def has_projections(self) -> bool:
-        return isinstance(self.project_in, nn.Linear)
-
-    @property
     def bit_scale(self) -> float:
         """``s``: each code's magnitude per channel (spherical: ``codebook_scale / sqrt(d)``)."""
         s = self.codebook_scale
         return s / math.sqrt(self.codebook_dim) if self.spherical else s
-
-    def _proj_dtype(self, x: torch.Tensor) -> torch.dtype:
-        w = getattr(self.project_in, "weight", None)
-        return x.dtype if w is None else w.dtype
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """fp32 ``z`` (N, C * d) -> (N, C, d): the soft clamp, the split, the sphere."""
@@ -297,68 +289,16 @@ class LFQ(nn.Module):
         quantized = q.reshape(*lead, self.dim)
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
-        indices = idx.reshape(*lead, self.num_codebooks) if self.num_codebooks > 1 else idx
-        indices = indices.reshape(lead) if self.num_codebooks == 1 else indices
+        indices = self.layer_indices(idx, lead)
         stats = self.batch_stats(idx, keep) if return_stats else None
         bd = LFQLossBreakdown(*(t.detach() for t in parts)) if return_loss_breakdown else None
         return quantize_output(quantized, indices, loss, stats, bd)
-
-    def batch_stats(self, idx: torch.Tensor, keep: torch.Tensor | None) -> CodebookStats:
-        """Usage of one batch: ``idx`` int64 (N, C), ``keep`` optional bool (N,)."""
-        k = self.codebook_size
-        if keep is not None:  # masked rows go to an extra bin, then dropped
-            idx = torch.where(keep[:, None], idx, k)
-        counts = torch.stack([row_counts(idx[:, c], k + 1)[:k] for c in range(idx.shape[1])])
-        return CodebookStats(perplexity(counts), (counts > 0).float().mean(), counts)
-
-    def check_indices(self, indices: torch.Tensor, check: bool = True) -> None:
-        """TypeError/ValueError for indices :meth:`codes_from_indices` cannot decode."""
-        check_indices(indices, 1, 0, check=False)  # a tensor of an integer dtype
-        c = self.num_codebooks
-        if c > 1 and (indices.dim() < 1 or indices.shape[-1] != c):
-            raise ValueError(
-                f"indices must have a trailing dim of size num_codebooks={c}, "
-                f"got shape {tuple(indices.shape)}"
-            )
-        if check and indices.numel() > 0:
-            lo, hi = int(indices.min()), int(indices.max())
-            if lo < 0 or hi >= self.codebook_size:
-                raise ValueError(
-                    f"indices must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]"
-                )
 
     def grid_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """fp32 codes ``(..., d)`` of int ``indices``, before ``project_out``."""
         bits = ((indices.to(torch.int64).unsqueeze(-1) >> self.bit_shifts) & 1).bool()
         return lfq_codes(bits, self.codebook_scale, self.spherical)
 
-    def codes_from_indices(self, indices: torch.Tensor, *, dtype: torch.dtype | None = None,
-                           check: bool = True) -> torch.Tensor:  # fmt: skip
-        """Decode int ``indices`` (the layer's layout) to what the eval forward outputs for them
-        (bit-identical): ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``. ``dtype``:
-        the input's dtype the output should match; ``check``: ValueError on indices outside
-        ``[0, codebook_size)`` (a host sync)."""
-        self.check_indices(indices, check)
-        codes = self.grid_codes(indices)  # (..., [C,] d) fp32
-        if self.num_codebooks > 1:
-            codes = codes.flatten(-2)
-        w = getattr(self.project_in, "weight", None)
-        inner = w.dtype if w is not None else (dtype or torch.float32)
-        q = self.project_out(codes.to(inner))
-        if dtype is not None:
-            q = q.to(dtype)
-        return q.movedim(-1, 1) if self.channel_first else q
-
     def get_codebook(self) -> torch.Tensor:
         """The implicit codebook, fp32 ``(codebook_size, d)`` (mind large codebooks)."""
         return self.grid_codes(torch.arange(self.codebook_size, device=self.bit_shifts.device))
-
-    def get_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices of ``x`` (the layer's input layout) as in eval mode."""
-        with torch.no_grad():
-            was = self.training
-            self.eval()
-            try:
-                return self(x).indices
-            finally:
-                self.train(was)
