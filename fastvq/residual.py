@@ -87,6 +87,20 @@ def stack_output(quantized, indices, loss, losses, stats, return_losses, return_
     return QuantizeOutput(quantized, indices, loss)
 
 
+def merge_groups(outs: list, channel_first: bool, return_losses: bool, return_stats: bool):
+    """A grouped stack's output from its groups' (each run with ``return_stats`` and
+    ``return_losses``): the quantized channels concatenated (moved to dim 1 with
+    ``channel_first``), indices ``(..., groups, Q)``, the mean loss, per-group losses and stats."""
+    quantized = torch.cat([o.quantized for o in outs], dim=-1)
+    if channel_first:
+        quantized = quantized.movedim(-1, 1)
+    indices = torch.stack([o.indices for o in outs], dim=-2)
+    losses = torch.stack([o.losses for o in outs])
+    loss = torch.stack([o.loss for o in outs]).mean()
+    stats = [o.stats for o in outs]
+    return stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats)
+
+
 # --- argument checks ------------------------------------------------------------------------------
 
 
@@ -871,14 +885,7 @@ class GroupedResidualVQ(nn.Module):
             )  # fmt: skip
             for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=-1), strict=True)
         ]
-        quantized = torch.cat([o.quantized for o in outs], dim=-1)
-        if self.channel_first:
-            quantized = quantized.movedim(-1, 1)
-        indices = torch.stack([o.indices for o in outs], dim=-2)
-        losses = torch.stack([o.losses for o in outs])
-        loss = torch.stack([o.loss for o in outs]).mean()
-        stats = [o.stats for o in outs]
-        return stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats)
+        return merge_groups(outs, self.channel_first, return_losses, return_stats)
 
     def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Decode ``(..., groups, Q)`` indices (``-1``: no code) to the module's output (eval:

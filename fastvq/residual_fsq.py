@@ -22,7 +22,7 @@ from torch import nn
 
 from .fsq import FSQ
 from .layer_config import check_indices, check_input, check_mask
-from .residual import check_active, check_dropout, replayable_draw, stack_output
+from .residual import check_active, check_dropout, merge_groups, replayable_draw, stack_output
 from .streams import RandomStreams
 
 __all__ = ["GroupedResidualFSQ", "ResidualFSQ"]
@@ -252,14 +252,7 @@ class GroupedResidualFSQ(nn.Module):
             rvq(chunk, mask, return_stats=True, return_losses=True, num_active=num_active)
             for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=-1), strict=True)
         ]
-        quantized = torch.cat([o.quantized for o in outs], dim=-1)
-        if self.channel_first:
-            quantized = quantized.movedim(-1, 1)
-        indices = torch.stack([o.indices for o in outs], dim=-2)
-        losses = torch.stack([o.losses for o in outs])
-        loss = torch.stack([o.loss for o in outs]).mean()
-        stats = [o.stats for o in outs]
-        return stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats)
+        return merge_groups(outs, self.channel_first, return_losses, return_stats)
 
     def codes_from_indices(self, indices: torch.Tensor, *, dtype: torch.dtype | None = None,
                            check: bool = True) -> torch.Tensor:  # fmt: skip
