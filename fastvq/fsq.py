@@ -24,7 +24,7 @@ from torch import nn
 
 from . import _dist
 from .implicit import ImplicitQuantizer
-from .layer_config import check_input, check_mask
+from .layer_config import check_input
 from .outputs import quantize_output
 from .streams import per_call_generator
 
@@ -235,29 +235,12 @@ class FSQ(ImplicitQuantizer):
         output their code, pass no gradient and count in no statistic). ``return_stats`` adds
         :class:`~fastvq.CodebookStats` (counts ``(num_codebooks, codebook_size)``)."""
         check_input(x, self.dim, self.channel_first)
-        if self.channel_first:
-            x = x.movedim(1, -1)  # (B, ..., dim)
-        lead = x.shape[:-1]
-        if mask is not None:
-            check_mask(mask, lead)
-        n = math.prod(lead)
-        keep = None if mask is None else mask.reshape(n)
-        x2 = x.reshape(n, self.dim)
-        if keep is not None:  # masked rows: detached and finite, so no NaN reaches a gradient
-            x2 = torch.where(keep[:, None], x2, x2.detach().nan_to_num(0.0))
-        pdt = self._proj_dtype(x2)
-        if x2.dtype != pdt and not torch.is_autocast_enabled(x.device.type):
-            x2 = x2.to(pdt)  # as autocast would: the projection runs in its weights' dtype
-        z = self.project_in(x2)  # (N, C * d)
+        lead, keep, z = self.rows_in(x, mask)  # z (N, C * d)
+        n = z.shape[0]
         q, idx = self.quantize_rows(
             z.reshape(n, self.num_codebooks, self.codebook_dim), keep, self.training
         )
-        q = self.project_out(q.reshape(n, self.num_codebooks * self.codebook_dim).to(z.dtype))
-        if q.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            q = q.to(x.dtype)
-        quantized = q.reshape(*lead, self.dim)
-        if self.channel_first:
-            quantized = quantized.movedim(-1, 1)
+        quantized = self.rows_out(q, z, x, lead)
         indices = self.layer_indices(idx, lead)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         stats = self.batch_stats(idx, keep) if return_stats else None

@@ -5,11 +5,13 @@ layer conventions of :class:`~fastvq.layer.VectorQuantizer` (projections, ``chan
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .codebook import perplexity, row_counts
-from .layer_config import check_indices
+from .layer_config import check_indices, check_mask
 from .outputs import CodebookStats
 
 
@@ -25,6 +27,34 @@ class ImplicitQuantizer(nn.Module):
     def _proj_dtype(self, x: torch.Tensor) -> torch.dtype:
         w = getattr(self.project_in, "weight", None)
         return x.dtype if w is None else w.dtype
+
+    def rows_in(self, x: torch.Tensor, mask: torch.Tensor | None):
+        """``x`` (checked) to projected rows: ``(lead, keep, z)`` with ``lead`` x's shape without
+        the channel dim, ``keep`` optional bool (N,) and ``z`` (N, C * d) ``project_in``'s
+        output. Masked rows enter detached and finite, so no NaN reaches a gradient."""
+        if self.channel_first:
+            x = x.movedim(1, -1)  # (B, ..., dim)
+        lead = x.shape[:-1]
+        if mask is not None:
+            check_mask(mask, lead)
+        n = math.prod(lead)
+        keep = None if mask is None else mask.reshape(n)
+        x2 = x.reshape(n, self.dim)
+        if keep is not None:
+            x2 = torch.where(keep[:, None], x2, x2.detach().nan_to_num(0.0))
+        pdt = self._proj_dtype(x2)
+        if x2.dtype != pdt and not torch.is_autocast_enabled(x.device.type):
+            x2 = x2.to(pdt)  # as autocast would: the projection runs in its weights' dtype
+        return lead, keep, self.project_in(x2)
+
+    def rows_out(self, q: torch.Tensor, z: torch.Tensor, x: torch.Tensor, lead) -> torch.Tensor:
+        """Quantized rows ``q`` (N, C, d) back to the layer's output: ``project_out`` in
+        ``z``'s dtype (``rows_in``'s), then ``x``'s dtype outside autocast and its layout."""
+        q = self.project_out(q.reshape(-1, self.num_codebooks * self.codebook_dim).to(z.dtype))
+        if q.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            q = q.to(x.dtype)
+        quantized = q.reshape(*lead, self.dim)
+        return quantized.movedim(-1, 1) if self.channel_first else quantized
 
     def layer_indices(self, idx: torch.Tensor, lead) -> torch.Tensor:
         """int64 (N, C) row indices in the layer's layout: ``lead`` (plus ``num_codebooks``)."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import _dist
 from .implicit import ImplicitQuantizer
-from .layer_config import check_input, check_mask
+from .layer_config import check_input
 from .lfq_entropy import clamped_sample_entropy, codebook_entropy, per_sample_entropy
 from .outputs import quantize_output
 from .streams import per_call_generator
@@ -262,20 +262,7 @@ class LFQ(ImplicitQuantizer):
         beta = self.inv_temperature if inv_temperature is None else inv_temperature
         if not _is_real(beta) or beta <= 0:
             raise ValueError(f"inv_temperature must be a positive float, got {beta!r}")
-        if self.channel_first:
-            x = x.movedim(1, -1)
-        lead = x.shape[:-1]
-        if mask is not None:
-            check_mask(mask, lead)
-        n = math.prod(lead)
-        keep = None if mask is None else mask.reshape(n)
-        x2 = x.reshape(n, self.dim)
-        if keep is not None:  # masked rows: detached and finite, so no NaN reaches a gradient
-            x2 = torch.where(keep[:, None], x2, x2.detach().nan_to_num(0.0))
-        pdt = self._proj_dtype(x2)
-        if x2.dtype != pdt and not torch.is_autocast_enabled(x.device.type):
-            x2 = x2.to(pdt)
-        zp = self.project_in(x2)  # (N, C * d)
+        lead, keep, zp = self.rows_in(x, mask)  # zp (N, C * d)
         with torch.autocast(x.device.type, enabled=False):
             z = self.bound(zp.to(torch.float32))
             q, codes, idx = self.quantize_rows(z, keep, self.training)
@@ -283,12 +270,7 @@ class LFQ(ImplicitQuantizer):
             loss, parts = zero, LFQLossBreakdown(zero, zero, zero)
             if self.training:
                 loss, parts = self.loss_terms(z, codes, keep, beta, return_loss_breakdown)
-        q = self.project_out(q.reshape(n, self.num_codebooks * self.codebook_dim).to(zp.dtype))
-        if q.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            q = q.to(x.dtype)
-        quantized = q.reshape(*lead, self.dim)
-        if self.channel_first:
-            quantized = quantized.movedim(-1, 1)
+        quantized = self.rows_out(q, zp, x, lead)
         indices = self.layer_indices(idx, lead)
         stats = self.batch_stats(idx, keep) if return_stats else None
         bd = LFQLossBreakdown(*(t.detach() for t in parts)) if return_loss_breakdown else None
