@@ -201,6 +201,15 @@ def _row_lse(zt, zsq, codes, csq, temperature, cosine, ctile, y=None):
     return m, s.log(), picked
 
 
+def _row_tiles(z32: torch.Tensor, chunk: int):
+    """``(r0, r1, rows, their squared norms)`` for each tile of ``chunk`` rows of ``z32``."""
+    n = z32.shape[0]
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        zt = z32[r0:r1]
+        yield r0, r1, zt, zt.square().sum(dim=1)
+
+
 def _accumulate_grads(gz, gc, zt, zsq, ct, csq, r0, c0, g, d2, logits, cosine, need_z, need_c):
     """Add a tile's share of the gradients, from ``g`` = d loss / d logits (rows x codes)."""
     c1 = c0 + ct.shape[0]
@@ -233,11 +242,9 @@ def _ce_fwd_op(
     picked = torch.zeros((n,), dtype=torch.float32, device=z32.device)
     csq = codes32.square().sum(dim=1)
     chunk, ctile = _tiles(chunk, k)
-    for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
-        zt = z32[r0:r1]
+    for r0, r1, zt, zsq in _row_tiles(z32, chunk):
         lse[0, r0:r1], lse[1, r0:r1], picked[r0:r1] = _row_lse(
-            zt, zt.square().sum(dim=1), codes32, csq, 1.0, cosine, ctile, y[r0:r1]
+            zt, zsq, codes32, csq, 1.0, cosine, ctile, y[r0:r1]
         )
     return lse, picked
 
@@ -261,16 +268,13 @@ def _ce_bwd_op(
     need_c: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i scale_i (lse_i - logits[i, y_i])``: d/d logits = scale (p - onehot)."""
-    n, k = z32.shape[0], codes32.shape[0]
+    k = codes32.shape[0]
     gz, gc = torch.zeros_like(z32), torch.zeros_like(codes32)
     if not (need_z or need_c):
         return gz, gc
     csq = codes32.square().sum(dim=1)
     chunk, ctile = _tiles(chunk, k)
-    for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
-        zt = z32[r0:r1]
-        zsq = zt.square().sum(dim=1)
+    for r0, r1, zt, zsq in _row_tiles(z32, chunk):
         s, yt, mt, lt = scale[r0:r1], y[r0:r1], lse[0, r0:r1, None], lse[1, r0:r1, None]
         for c0 in range(0, k, ctile):
             c1 = min(c0 + ctile, k)
@@ -311,10 +315,7 @@ def _div_fwd_op(
     csq = codes32.square().sum(dim=1)
     chunk, ctile = _tiles(chunk, k)
     pos = torch.arange(n, device=z32.device) % positions
-    for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
-        zt = z32[r0:r1]
-        zsq = zt.square().sum(dim=1)
+    for r0, r1, zt, zsq in _row_tiles(z32, chunk):
         w = weight[r0:r1, None]
         if ctile >= k:  # all codes in one tile: one pass, softmax's own rounding
             x = _tile_logits(zt, zsq, codes32, csq, cosine)[0].mul_(temperature)
@@ -375,10 +376,7 @@ def _div_bwd_op(
     csq = codes32.square().sum(dim=1)
     chunk, ctile = _tiles(chunk, k)
     pos = torch.arange(n, device=z32.device) % positions
-    for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
-        zt = z32[r0:r1]
-        zsq = zt.square().sum(dim=1)
+    for r0, r1, zt, zsq in _row_tiles(z32, chunk):
         mt, lt = lse[0, r0:r1, None], lse[1, r0:r1, None]
         w, pt = weight[r0:r1, None], pos[r0:r1]
 
