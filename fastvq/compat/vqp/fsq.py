@@ -21,6 +21,7 @@ from torch import nn
 
 from ...fsq import FSQ as _FSQ
 from ...residual_fsq import ResidualFSQ as _ResidualFSQ
+from .residual import GroupedStack
 
 __all__ = ["FSQ", "GroupedResidualFSQ", "ResidualFSQ"]
 
@@ -207,7 +208,7 @@ class ResidualFSQ(_ResidualFSQ):
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
-class GroupedResidualFSQ(nn.Module):
+class GroupedResidualFSQ(GroupedStack, nn.Module):
     """vqp's ``GroupedResidualFSQ(*, dim, groups=1, accept_image_fmap=False, **kwargs)``:
     indices ``(groups, ...)``; one quantize-dropout draw for every group."""
 
@@ -218,22 +219,6 @@ class GroupedResidualFSQ(nn.Module):
         self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
         self.rvqs = nn.ModuleList(ResidualFSQ(dim=dim // groups, **kwargs) for _ in range(groups))
         self.codebook_size = self.rvqs[0].codebook_size
-
-    @property
-    def codebooks(self) -> torch.Tensor:
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
-
-    @property
-    def split_dim(self) -> int:
-        return 1 if self.accept_image_fmap else -1
-
-    def get_codes_from_indices(self, indices):
-        pairs = zip(self.rvqs, indices, strict=True)
-        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in pairs])
-
-    def get_output_from_indices(self, indices):
-        outs = [r.get_output_from_indices(i) for r, i in zip(self.rvqs, indices, strict=True)]
-        return torch.cat(outs, dim=self.split_dim)
 
     def forward(self, x, return_all_codes: bool = False):
         if x.shape[self.split_dim] != self.dim:

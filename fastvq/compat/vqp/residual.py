@@ -279,21 +279,9 @@ class ResidualVQ(nn.Module):
         return out, all_idx, all_losses, residuals
 
 
-class GroupedResidualVQ(nn.Module):
-    """vqp's ``GroupedResidualVQ``: the feature dim split into ``groups``, one
-    :class:`ResidualVQ` each. ``forward(x, indices=None, return_all_codes=False,
-    sample_codebook_temp=None, freeze_codebook=False, mask=None)`` returns ``(quantized,
-    indices (groups, B, N, Q), losses (groups, Q))``."""
-
-    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
-        super().__init__()
-        if dim % groups != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
-        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
-        self.rvqs = nn.ModuleList(
-            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
-            for _ in range(groups)
-        )
+class GroupedStack:
+    """What vqp's grouped stacks (``GroupedResidualVQ``, ``GroupedResidualFSQ``) share: one
+    stack per channel group in ``self.rvqs``, split along ``split_dim``."""
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -311,6 +299,23 @@ class GroupedResidualVQ(nn.Module):
     def get_output_from_indices(self, indices) -> torch.Tensor:
         outs = [rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices, strict=True)]
         return torch.cat(outs, dim=self.split_dim)
+
+
+class GroupedResidualVQ(GroupedStack, nn.Module):
+    """vqp's ``GroupedResidualVQ``: the feature dim split into ``groups``, one
+    :class:`ResidualVQ` each. ``forward(x, indices=None, return_all_codes=False,
+    sample_codebook_temp=None, freeze_codebook=False, mask=None)`` returns ``(quantized,
+    indices (groups, B, N, Q), losses (groups, Q))``."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        super().__init__()
+        if dim % groups != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList(
+            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+            for _ in range(groups)
+        )
 
     def forward(
         self, x, indices=None, return_all_codes=False, sample_codebook_temp=None,
