@@ -7,30 +7,14 @@ every rank (so no rank is left waiting in a collective) or, where stated, run wi
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_scenarios import WORLD, raises, run_scenarios
 
 from fastvq import VectorQuantizer
 from fastvq.sharded import ShardedVectorQuantizer, shard_range, sharded_vector_quantize
 
-WORLD = 2
 GLOO_TIMEOUT_S = 30  # a scenario that desynchronises the ranks fails after this, not hangs
-
-
-def _raises(match: str, fn):
-    try:
-        fn()
-    except ValueError as exc:
-        if match not in str(exc):
-            raise AssertionError(f"ValueError without {match!r}: {exc}") from exc
-        return str(exc)
-    raise AssertionError(f"no ValueError mentioning {match!r}")
 
 
 def _layer(**kw):
@@ -43,7 +27,7 @@ def scenario_layer_different_k_same_stat_size(rank):
     (1, 10, 4), 40 numbers each, so the all-reduce alone succeeds and sums garbage."""
     dim, k = (4, 8) if rank == 0 else (3, 10)
     vq = _layer(dim=dim, codebook_size=k)
-    msg = _raises("codebook_size", lambda: vq(torch.randn(6, dim)))
+    msg = raises("codebook_size", lambda: vq(torch.randn(6, dim)))
     assert "[8, 10]" in msg, msg
 
 
@@ -56,7 +40,7 @@ def scenario_layer_check_sees_first_call_only_without_debug(rank):
         if rank == 1:
             vq.decay = 0.5
         if debug:
-            _raises("decay", lambda vq=vq: vq(torch.randn(5, 4)))
+            raises("decay", lambda vq=vq: vq(torch.randn(5, 4)))
         else:
             vq(torch.randn(5, 4))
 
@@ -67,7 +51,7 @@ def scenario_layer_kmeans_state_differs(rank):
     vq = VectorQuantizer(4, 8, kmeans_iters=2, dead_code_steps=0, backend="torch")
     if rank == 1:
         vq.load_codebook(torch.randn(8, 4))
-    _raises("kmeans initialised", lambda: vq(torch.randn(20, 4)))
+    raises("kmeans initialised", lambda: vq(torch.randn(20, 4)))
 
 
 def scenario_layer_consistent_ranks_pass(rank):
@@ -85,7 +69,7 @@ def scenario_sharded_different_num_codes(rank):
     start, end = shard_range(k, rank, WORLD)
     shard = torch.randn(end - start, 4)
     z = torch.randn(16, 4)
-    msg = _raises(
+    msg = raises(
         "num_codes", lambda: sharded_vector_quantize(z, shard, num_codes=k, backend="torch")
     )
     assert "[10, 12]" in msg, msg
@@ -98,15 +82,13 @@ def scenario_sharded_different_shapes_same_bytes(rank):
     start, end = shard_range(6, rank, WORLD)
     shard = torch.randn(end - start, d)
     z = torch.randn(n, d)
-    _raises(
-        "disagree on D", lambda: sharded_vector_quantize(z, shard, num_codes=6, backend="torch")
-    )
+    raises("disagree on D", lambda: sharded_vector_quantize(z, shard, num_codes=6, backend="torch"))
 
 
 def scenario_sharded_layer_ema_differs(rank):
     """EMA on rank 0 only: rank 0 would all-reduce a total that rank 1 never sends."""
     vq = ShardedVectorQuantizer(4, 10, ema=(rank == 0), backend="torch")
-    _raises("ema", lambda: vq(torch.randn(5, 4)))
+    raises("ema", lambda: vq(torch.randn(5, 4)))
 
 
 SCENARIOS = [
@@ -120,47 +102,10 @@ SCENARIOS = [
 ]
 
 
-def _worker(rank, store, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S),
-    )  # fmt: skip
-    try:
-        for fn in SCENARIOS:
-            torch.manual_seed(0)
-            try:
-                fn(rank)
-                msg = "ok"
-            except BaseException:
-                msg = traceback.format_exc()
-            with open(os.path.join(out_dir, f"{fn.__name__}.{rank}"), "w") as f:
-                f.write(msg)
-            if msg != "ok":
-                os._exit(1)  # the ranks may be out of step now: stop rather than hang
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    mp.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "fastvq", __name__])
     d = tmp_path_factory.mktemp("distcheck")
-    try:
-        mp.start_processes(
-            _worker, args=(str(d / "store"), str(d)), nprocs=WORLD, join=True,
-            start_method="forkserver",
-        )  # fmt: skip
-    except Exception:  # the per-scenario files say which scenario failed
-        pass
-    return {
-        fn.__name__: [
-            (d / f"{fn.__name__}.{r}").read_text() if (d / f"{fn.__name__}.{r}").exists()
-            else "not run (an earlier scenario failed or a process died)"
-            for r in range(WORLD)
-        ]
-        for fn in SCENARIOS
-    }  # fmt: skip
+    return run_scenarios(__name__, SCENARIOS, d, GLOO_TIMEOUT_S, preload=("torch._dynamo",))
 
 
 @pytest.mark.timeout(300)
