@@ -44,3 +44,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli_env(monkeypatch):
+    """For the command-line tests: tiny tensors on one thread (faster on a busy box; their
+    ``--threads 1`` keeps main() there), and no fault injection left over from the environment."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.delenv("FASTVQ_INTERRUPT_AT_STEP", raising=False)
+    yield
+    torch.set_num_threads(n)

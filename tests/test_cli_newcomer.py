@@ -5,7 +5,6 @@ import fcntl
 import os
 
 import pytest
-import torch
 
 import fastvq
 from fastvq.app import cli
@@ -13,13 +12,7 @@ from fastvq.app.cli import main
 from fastvq.app.data import write_synthetic_dataset
 from fastvq.app.parser import KIND_OPTIONS, MODEL_OPTIONS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

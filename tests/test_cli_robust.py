@@ -15,23 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error, rc
 from safetensors.torch import load_file
 
 from fastvq.app import demo
-from fastvq.app.cli import auto_threads, main
+from fastvq.app.cli import auto_threads
 from fastvq.app.data import write_synthetic_dataset
 from fastvq.app.demo import DemoSteps, run_demo
 from fastvq.app.parser import build_parser
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """Tiny tensors: one thread is faster on a busy box; --threads 1 below keeps main() there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.delenv("FASTVQ_INTERRUPT_AT_STEP", raising=False)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture(scope="module")
@@ -49,26 +42,9 @@ OPTIONS = {
 }
 
 
-def _rc(argv) -> int:
-    """main()'s exit status, argparse's own exits (SystemExit) included."""
-    try:
-        return main([*argv, "--threads", "1"] if argv[0] != "--help" else argv)
-    except SystemExit as e:
-        return e.code
-
-
 def _train(kind, data_dir, out, *extra) -> int:
     argv = ["train", kind, "--data-dir", str(data_dir), "--out", str(out), "--batch-size", "16"]
-    return _rc([*argv, "--eval-limit", "16", "--eval-every", "3", *OPTIONS[kind], *extra])
-
-
-def _one_line_error(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in err, (w, err)
-    return err
+    return rc([*argv, "--eval-limit", "16", "--eval-every", "3", *OPTIONS[kind], *extra])
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +96,7 @@ def test_stop_mid_run_then_resume_is_bit_identical(kind, tmp_path, data_dir, vqv
     assert f"fastvq train {kind} --out {tmp_path / 'run'} --resume" in err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["step"] == 5
     monkeypatch.delenv("FASTVQ_INTERRUPT_AT_STEP")
-    assert _rc(["train", kind, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert rc(["train", kind, "--out", str(tmp_path / "run"), "--resume"]) == 0
     _assert_same_run(tmp_path / "ref", tmp_path / "run")
     if kind == "vqvae":  # the usage counters are buffers: compared above; check they moved
         w = load_file(tmp_path / "run" / "model.safetensors")
@@ -157,11 +133,11 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tmp_path, data_dir):
     assert 2 <= step < 100000
     assert f"interrupted at step {step}/100000" in err
     assert f"fastvq train vae --out {out} --resume" in err
-    assert _rc(["train", "vae", "--out", str(out), "--resume", "--steps", str(step + 2)]) == 0
+    assert rc(["train", "vae", "--out", str(out), "--resume", "--steps", str(step + 2)]) == 0
     ref = tmp_path / "ref"
     argv[argv.index("--out") + 1] = str(ref)
     argv[argv.index("--steps") + 1] = str(step + 2)
-    assert _rc(argv[:-4] + OPTIONS["vae"]) == 0  # the same command, uninterrupted
+    assert rc(argv[:-4] + OPTIONS["vae"]) == 0  # the same command, uninterrupted
     _assert_same_run(ref, out)
 
 
@@ -170,7 +146,7 @@ def test_resume_restores_every_run_argument(tmp_path, data_dir):
     args = ["--steps", "2", "--eval-every", "2", "--lr", "0.01", "--seed", "3"]
     assert _train("ae", data_dir, out, *args, "--batch-size", "8") == 0
     before = json.loads((out / "run.json").read_text())
-    assert _rc(["train", "ae", "--out", str(out), "--resume", "--steps", "6"]) == 0
+    assert rc(["train", "ae", "--out", str(out), "--resume", "--steps", "6"]) == 0
     meta = json.loads((out / "run.json").read_text())
     assert meta["args"] == before["args"]
     assert (meta["batch_size"], meta["lr"], meta["seed"]) == (8, 0.01, 3)
@@ -193,34 +169,34 @@ def test_resume_rejects_a_conflicting_argument(tmp_path, data_dir, vqvae_run, ca
                                                flag):  # fmt: skip
     before = _tensors(vqvae_run)
     argv = ["train", "vqvae", "--out", str(vqvae_run), "--resume", "--steps", "6", *given]
-    assert _rc(argv) == 2
-    _one_line_error(capsys, flag, "conflicts with the run being resumed")
+    assert rc(argv) == 2
+    one_line_error(capsys, flag, "conflicts with the run being resumed")
     after = _tensors(vqvae_run)
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was trained
     # the same values as the run's are no conflict
     same = ["--codebook-size", "16", "--dim", "4", "--batch-size", "16", "--ema"]
-    assert _rc(["train", "vqvae", "--out", str(tmp_path / "x"), *same, "--steps", "1",
+    assert rc(["train", "vqvae", "--out", str(tmp_path / "x"), *same, "--steps", "1",
                 "--data-dir", str(data_dir), "--eval-limit", "8"]) == 0  # fmt: skip
 
 
 def test_resume_refuses_a_missing_directory(tmp_path, data_dir, capsys):
     out = tmp_path / "nope"
-    assert _rc(["train", "vae", "--data-dir", str(data_dir), "--out", str(out), "--resume"]) == 2
-    _one_line_error(capsys, "--resume", "does not exist")
+    assert rc(["train", "vae", "--data-dir", str(data_dir), "--out", str(out), "--resume"]) == 2
+    one_line_error(capsys, "--resume", "does not exist")
     assert not out.exists()  # and started nothing there
     out.mkdir()
-    assert _rc(["train", "vae", "--data-dir", str(data_dir), "--out", str(out), "--resume"]) == 2
-    _one_line_error(capsys, "--resume", "no checkpoint")
+    assert rc(["train", "vae", "--data-dir", str(data_dir), "--out", str(out), "--resume"]) == 2
+    one_line_error(capsys, "--resume", "no checkpoint")
 
 
 def test_resume_refuses_another_model_kind(vqvae_run, capsys):
-    assert _rc(["train", "vae", "--out", str(vqvae_run), "--resume"]) == 2
-    _one_line_error(capsys, "--resume", "is a vqvae run, not vae")
+    assert rc(["train", "vae", "--out", str(vqvae_run), "--resume"]) == 2
+    one_line_error(capsys, "--resume", "is a vqvae run, not vae")
 
 
 def test_resume_refuses_steps_below_the_run(vqvae_run, capsys):
-    assert _rc(["train", "vqvae", "--out", str(vqvae_run), "--resume", "--steps", "2"]) == 2
-    _one_line_error(capsys, "--steps", "below the run's step 4")
+    assert rc(["train", "vqvae", "--out", str(vqvae_run), "--resume", "--steps", "2"]) == 2
+    one_line_error(capsys, "--steps", "below the run's step 4")
 
 
 # ---------------------------------------------------------------- validation before any work
@@ -251,8 +227,8 @@ def test_bad_argument_is_one_line_naming_it(tmp_path, data_dir, capsys, monkeypa
     argv = [str(tmp_path) if a == "RUN" else a for a in argv]
     if argv[0] == "train":
         argv += ["--data-dir", str(data_dir)]
-    assert _rc(argv) == 2
-    _one_line_error(capsys, flag)
+    assert rc(argv) == 2
+    one_line_error(capsys, flag)
     assert not list(tmp_path.rglob("run.json"))  # no training happened
 
 
@@ -264,31 +240,31 @@ def test_unwritable_out_fails_before_training(tmp_path, data_dir, capsys):
         ["demo", "--data-dir", str(data_dir), "--out", str(blocker / "demo")],
     ):
         t0 = time.time()
-        assert _rc(argv) == 2
-        _one_line_error(capsys, "--out", "cannot write")
+        assert rc(argv) == 2
+        one_line_error(capsys, "--out", "cannot write")
         assert time.time() - t0 < 5  # refused at once, not after training
 
 
 def test_sample_needs_an_existing_run(tmp_path, capsys):
-    assert _rc(["sample", str(tmp_path / "nonexistent")]) == 2
-    _one_line_error(capsys, "argument run", "does not exist")
-    assert _rc(["sample", str(tmp_path)]) == 2
-    _one_line_error(capsys, "argument run", "no checkpoint")
+    assert rc(["sample", str(tmp_path / "nonexistent")]) == 2
+    one_line_error(capsys, "argument run", "does not exist")
+    assert rc(["sample", str(tmp_path)]) == 2
+    one_line_error(capsys, "argument run", "no checkpoint")
 
 
 def test_sample_refuses_what_it_cannot_do(tmp_path, vqvae_run, data_dir, capsys):
-    assert _rc(["sample", str(vqvae_run)]) == 2
-    _one_line_error(capsys, "argument run", "cannot sample from a vqvae run")
+    assert rc(["sample", str(vqvae_run)]) == 2
+    one_line_error(capsys, "argument run", "cannot sample from a vqvae run")
     prior = tmp_path / "prior"
     assert _train("pixelcnn", data_dir, prior, "--steps", "1", "--vqvae", str(vqvae_run)) == 0
     png = prior / "samples.png"
-    assert _rc(["sample", str(prior), "-n", "2"]) == 0
+    assert rc(["sample", str(prior), "-n", "2"]) == 0
     stamp = png.stat().st_mtime_ns
     capsys.readouterr()  # the training's progress bars
-    assert _rc(["sample", str(prior), "-n", "0"]) == 2
-    _one_line_error(capsys, "-n")
-    assert _rc(["sample", str(prior), "--label", "10"]) == 2
-    _one_line_error(capsys, "--label", "< 10")
+    assert rc(["sample", str(prior), "-n", "0"]) == 2
+    one_line_error(capsys, "-n")
+    assert rc(["sample", str(prior), "--label", "10"]) == 2
+    one_line_error(capsys, "--label", "< 10")
     assert png.stat().st_mtime_ns == stamp  # not overwritten
 
 
@@ -297,9 +273,9 @@ def test_pixelcnn_vqvae_must_be_a_vqvae_run(tmp_path, data_dir, capsys):
     assert _train("ae", data_dir, ae, "--steps", "1") == 0
     capsys.readouterr()
     assert _train("pixelcnn", data_dir, tmp_path / "p", "--vqvae", str(ae)) == 2
-    _one_line_error(capsys, "--vqvae", "is a ae run, not a vqvae run")
+    one_line_error(capsys, "--vqvae", "is a ae run, not a vqvae run")
     assert _train("pixelcnn", data_dir, tmp_path / "p", "--vqvae", str(tmp_path / "none")) == 2
-    _one_line_error(capsys, "--vqvae", "does not exist")
+    one_line_error(capsys, "--vqvae", "does not exist")
 
 
 def test_damaged_checkpoint_is_one_line(tmp_path, data_dir, capsys):
@@ -309,16 +285,16 @@ def test_damaged_checkpoint_is_one_line(tmp_path, data_dir, capsys):
     ckpt = run / os.readlink(run / "current")
     weights = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(b"garbage" * 10)
-    assert _rc(["sample", str(run)]) == 2
-    _one_line_error(capsys, "model.safetensors", "damaged checkpoint")
-    assert _rc(["train", "ae", "--out", str(run), "--resume", "--steps", "2"]) == 2
-    _one_line_error(capsys, "damaged checkpoint")
+    assert rc(["sample", str(run)]) == 2
+    one_line_error(capsys, "model.safetensors", "damaged checkpoint")
+    assert rc(["train", "ae", "--out", str(run), "--resume", "--steps", "2"]) == 2
+    one_line_error(capsys, "damaged checkpoint")
     (ckpt / "model.safetensors").write_bytes(weights)
     (ckpt / "run.json").write_text('{"kind": "ae", "step": ')
-    assert _rc(["sample", str(run)]) == 2
-    _one_line_error(capsys, "run.json", "damaged checkpoint")
+    assert rc(["sample", str(run)]) == 2
+    one_line_error(capsys, "run.json", "damaged checkpoint")
     assert _train("pixelcnn", data_dir, tmp_path / "p", "--vqvae", str(run)) == 2
-    _one_line_error(capsys, "run.json", "damaged checkpoint")
+    one_line_error(capsys, "run.json", "damaged checkpoint")
 
 
 # ---------------------------------------------------------------- help and threads
@@ -380,12 +356,12 @@ def test_demo_cli_says_where_it_wrote(tmp_path, data_dir, capsys, monkeypatch):
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--data-dir", str(data_dir), "--out", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--codebook-size", "16"]  # fmt: skip
-    assert _rc(argv) == 0
+    assert rc(argv) == 0
     captured = capsys.readouterr()
     assert f"wrote {out.resolve()}/" in captured.out
     assert "5/5 metrics" in captured.err  # the metrics stage shows progress
     assert (out / "metrics.json").is_file() and (out / "pixelcnn" / "run.json").is_file()
     # the demo owns its output folder: a second demo there replaces the first one's output
     first = (out / "metrics.json").read_text()
-    assert _rc(argv) == 0
+    assert rc(argv) == 0
     assert (out / "metrics.json").read_text() == first

@@ -12,21 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error, rc
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastvq.app import cli
-from fastvq.app.cli import main
 from fastvq.app.data import write_synthetic_dataset
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.delenv("FASTVQ_INTERRUPT_AT_STEP", raising=False)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +34,9 @@ OPTIONS = {
 }
 
 
-def _rc(argv) -> int:
-    try:
-        return main([*argv, "--threads", "1"])
-    except SystemExit as e:
-        return e.code
-
-
 def _train(kind, data_dir, out, *extra) -> int:
     argv = ["train", kind, "--data-dir", str(data_dir), "--out", str(out), "--batch-size", "16"]
-    return _rc([*argv, "--eval-limit", "16", "--eval-every", "2", *OPTIONS[kind], *extra])
-
-
-def _one_line_error(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in err, (w, err)
-    return err
+    return rc([*argv, "--eval-limit", "16", "--eval-every", "2", *OPTIONS[kind], *extra])
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -109,18 +86,18 @@ def test_resume_without_optimizer_state_is_refused(tmp_path, runs, capsys):
     (_ckpt(run) / "optim.safetensors").unlink()
     (run / "optim.safetensors").unlink()
     before = load_file(run / "model.safetensors")
-    assert _rc(["train", "ae", "--out", str(run), "--resume", "--steps", "4"]) == 2
-    _one_line_error(capsys, "optim.safetensors", "--reset-optimizer")
+    assert rc(["train", "ae", "--out", str(run), "--resume", "--steps", "4"]) == 2
+    one_line_error(capsys, "optim.safetensors", "--reset-optimizer")
     after = load_file(run / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was trained
     # the explicit flag continues with a fresh Adam state
-    assert _rc(["train", "ae", "--out", str(run), "--resume", "--steps", "4",
+    assert rc(["train", "ae", "--out", str(run), "--resume", "--steps", "4",
                 "--reset-optimizer"]) == 0  # fmt: skip
     assert json.loads((run / "run.json").read_text())["step"] == 4
     assert (run / "optim.safetensors").is_file()
     capsys.readouterr()
-    assert _rc(["train", "ae", "--out", str(tmp_path / "new"), "--reset-optimizer"]) == 2
-    _one_line_error(capsys, "--reset-optimizer", "--resume")
+    assert rc(["train", "ae", "--out", str(tmp_path / "new"), "--reset-optimizer"]) == 2
+    one_line_error(capsys, "--reset-optimizer", "--resume")
 
 
 # ---------------------------------------------------------------- item 2: a copied run
@@ -134,7 +111,7 @@ def test_run_copied_with_symlinks_dereferenced_resumes_and_saves(tmp_path, runs)
     shutil.copytree(orig, copy, symlinks=False)  # dereference every link
     assert (copy / "current").is_dir() and not (copy / "current").is_symlink()
     for run in (orig, copy):
-        assert _rc(["train", "ae", "--out", str(run), "--resume", "--steps", "4"]) == 0
+        assert rc(["train", "ae", "--out", str(run), "--resume", "--steps", "4"]) == 0
     assert (copy / "current").is_symlink()  # migrated to the normal layout
     for name in ("model.safetensors", "optim.safetensors", "run.json"):
         assert os.readlink(copy / name) == f"current/{name}"
@@ -151,9 +128,9 @@ def test_training_into_a_run_without_resume_is_refused(tmp_path, runs, data_dir,
     run = _copy(runs / "vqvae", tmp_path / "vqvae")
     before = _weights(run)
     assert _train("ae", data_dir, run, "--steps", "1") == 2
-    _one_line_error(capsys, "--out", "holds a vqvae run", "--resume", "--overwrite")
+    one_line_error(capsys, "--out", "holds a vqvae run", "--resume", "--overwrite")
     assert _train("vqvae", data_dir, run, "--steps", "2") == 2
-    _one_line_error(capsys, "--out", "holds a vqvae run at step 4")
+    one_line_error(capsys, "--out", "holds a vqvae run at step 4")
     after = _weights(run)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((run / "run.json").read_text())["step"] == 4
@@ -162,18 +139,18 @@ def test_training_into_a_run_without_resume_is_refused(tmp_path, runs, data_dir,
     assert json.loads((run / "run.json").read_text())["step"] == 2
     capsys.readouterr()
     assert _train("ae", data_dir, run, "--steps", "1", "--resume", "--overwrite") == 2
-    _one_line_error(capsys, "--overwrite", "--resume")
+    one_line_error(capsys, "--overwrite", "--resume")
 
 
 def test_demo_owns_its_output_folder_only(tmp_path, runs, data_dir, capsys):
     """`fastvq demo` may replace its own earlier output, never a training run."""
     run = _copy(runs / "ae", tmp_path / "ae")
-    assert _rc(["demo", "--data-dir", str(data_dir), "--out", str(run)]) == 2
-    _one_line_error(capsys, "--out", "holds a ae run")
+    assert rc(["demo", "--data-dir", str(data_dir), "--out", str(run)]) == 2
+    one_line_error(capsys, "--out", "holds a ae run")
     foreign = tmp_path / "runs"
     _copy(runs / "vqvae", foreign / "vqvae")
-    assert _rc(["demo", "--data-dir", str(data_dir), "--out", str(foreign)]) == 2
-    _one_line_error(capsys, "--out", "vqvae", "--overwrite")
+    assert rc(["demo", "--data-dir", str(data_dir), "--out", str(foreign)]) == 2
+    one_line_error(capsys, "--out", "vqvae", "--overwrite")
     (foreign / ".fastvq-demo").write_text("{}")  # the mark an earlier demo left there
     cli._check_demo_out(foreign, overwrite=False)  # its own output: accepted
     cli._check_demo_out(tmp_path / "fresh", overwrite=False)
@@ -189,7 +166,7 @@ def test_sample_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_pat
     victim.parent.mkdir()
     victim.write_text("keep me")
     os.symlink(victim, run / "samples.png")
-    assert _rc(["sample", str(run), "-n", "2"]) == 0
+    assert rc(["sample", str(run), "-n", "2"]) == 0
     assert victim.read_text() == "keep me"
     png = run / "samples.png"
     assert not png.is_symlink() and png.read_bytes()[:4] == b"\x89PNG"
@@ -201,8 +178,8 @@ def test_current_pointing_outside_the_run_is_refused(tmp_path, runs, capsys):
     other = _copy(runs / "ae", tmp_path / "other")
     os.unlink(run / "current")
     os.symlink(_ckpt(other).resolve(), run / "current")
-    assert _rc(["sample", str(run)]) == 2
-    _one_line_error(capsys, "current", "outside")
+    assert rc(["sample", str(run)]) == 2
+    one_line_error(capsys, "current", "outside")
 
 
 def test_a_planted_lock_symlink_is_not_followed(tmp_path, runs, data_dir):
@@ -211,7 +188,7 @@ def test_a_planted_lock_symlink_is_not_followed(tmp_path, runs, data_dir):
     outside.parent.mkdir()
     (run / ".lock").unlink()
     os.symlink(outside, run / ".lock")
-    assert _rc(["train", "ae", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert rc(["train", "ae", "--out", str(run), "--resume", "--steps", "3"]) == 0
     assert not outside.exists()
 
 
@@ -248,17 +225,17 @@ def test_damaged_run_json_field_is_one_line(tmp_path, runs, capsys, field, value
     else:
         _edit_meta(run, _set(field, value))
     more = [] if field == "steps" else ["--steps", "3"]  # a run that would train on
-    assert _rc(["train", "ae", "--out", str(run), "--resume", *more]) == 2
-    _one_line_error(capsys, "run.json", field)
+    assert rc(["train", "ae", "--out", str(run), "--resume", *more]) == 2
+    one_line_error(capsys, "run.json", field)
 
 
 def test_missing_model_file_is_one_line(tmp_path, runs, capsys):
     run = _copy(runs / "ae", tmp_path / "ae")
     (_ckpt(run) / "model.safetensors").unlink()
-    assert _rc(["sample", str(run)]) == 2
-    _one_line_error(capsys, "model.safetensors", "missing")
-    assert _rc(["train", "ae", "--out", str(run), "--resume", "--steps", "3"]) == 2
-    _one_line_error(capsys, "model.safetensors", "missing")
+    assert rc(["sample", str(run)]) == 2
+    one_line_error(capsys, "model.safetensors", "missing")
+    assert rc(["train", "ae", "--out", str(run), "--resume", "--steps", "3"]) == 2
+    one_line_error(capsys, "model.safetensors", "missing")
 
 
 def test_optimizer_state_of_the_wrong_shape_is_one_line(tmp_path, runs, capsys):
@@ -270,8 +247,8 @@ def test_optimizer_state_of_the_wrong_shape_is_one_line(tmp_path, runs, capsys):
     key = next(k for k in tensors if k.endswith(".exp_avg"))
     tensors[key] = torch.zeros(3, 5)
     save_file(tensors, str(path), metadata=meta)
-    assert _rc(["train", "ae", "--out", str(run), "--resume", "--steps", "3"]) == 2
-    _one_line_error(capsys, "optim.safetensors", key)
+    assert rc(["train", "ae", "--out", str(run), "--resume", "--steps", "3"]) == 2
+    one_line_error(capsys, "optim.safetensors", key)
 
 
 def test_run_trained_on_a_gpu_resumes_on_the_cpu(tmp_path, runs, capsys):
@@ -291,13 +268,13 @@ def test_run_trained_on_a_gpu_resumes_on_the_cpu(tmp_path, runs, capsys):
         return edit
 
     _edit_meta(run, on("cuda:0"))
-    assert _rc(["train", "vqvae", "--out", str(run), "--resume", "--steps", "6",
+    assert rc(["train", "vqvae", "--out", str(run), "--resume", "--steps", "6",
                 "--device", "cpu"]) == 0  # fmt: skip
     assert "cuda:0" in capsys.readouterr().err
     assert json.loads((run / "run.json").read_text())["step"] == 6
     _edit_meta(run, on("warp-drive:0"))
-    assert _rc(["train", "vqvae", "--out", str(run), "--resume", "--steps", "8"]) == 2
-    _one_line_error(capsys, "run.json", "rng_state.layers")
+    assert rc(["train", "vqvae", "--out", str(run), "--resume", "--steps", "8"]) == 2
+    one_line_error(capsys, "run.json", "rng_state.layers")
 
 
 # ---------------------------------------------------------------- item 6: damaged priors
@@ -308,8 +285,8 @@ def test_prior_with_a_smaller_vqvae_is_one_line(tmp_path, runs, data_dir, capsys
     small = tmp_path / "vqvae"
     assert _train("vqvae", data_dir, small, "--steps", "1", "--codebook-size", "8") == 0
     capsys.readouterr()
-    assert _rc(["sample", str(run), "-n", "2"]) == 2
-    _one_line_error(capsys, "run.json", "num_codes", "codebook_size")
+    assert rc(["sample", str(run), "-n", "2"]) == 2
+    one_line_error(capsys, "run.json", "num_codes", "codebook_size")
 
 
 @pytest.mark.parametrize("shape", [None, [100000, 100000], [7], [7, "x"]])
@@ -320,5 +297,5 @@ def test_prior_with_a_damaged_code_shape_is_one_line(tmp_path, runs, capsys, sha
         _edit_meta(run, lambda m: m.pop("code_shape"))
     else:
         _edit_meta(run, _set("code_shape", shape))
-    assert _rc(["sample", str(run), "-n", "2"]) == 2
-    _one_line_error(capsys, "run.json", "code_shape")
+    assert rc(["sample", str(run), "-n", "2"]) == 2
+    one_line_error(capsys, "run.json", "code_shape")
