@@ -12,37 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# the literal fp64 references and the comparison helpers of the untiled tests
+from test_codebook_losses import _close, _gen, _grads, _ref_diversity, _ref_logits
+
 from fastvq import VectorQuantizer
 from fastvq import codebook_losses as cl
 from fastvq.codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _grads(loss_fn, *tensors):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    value = loss_fn(*leaves)
-    return value.detach(), torch.autograd.grad(value, leaves)
-
-
-def _close(ours, ref, rtol=2e-5, atol=1e-6):
-    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
-
-
-def _ref_logits(z, codes, cosine=False):
-    if cosine:
-        return z @ codes.t()
-    return -(z[:, None, :] - codes[None, :, :]).square().sum(-1).clamp(min=1e-8).sqrt()
-
-
-def _ref_diversity(z, codes, temperature, cosine=False):
-    b, t, d = z.shape
-    prob = (_ref_logits(z.reshape(-1, d), codes, cosine) * temperature).softmax(-1)
-    avg = prob.view(b, t, -1).mean(0)
-    return -(-avg * avg.clamp(min=1e-5).log()).sum(-1).mean()
-
 
 # --- many code tiles ----------------------------------------------------------------------------
 
