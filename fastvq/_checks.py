@@ -65,6 +65,16 @@ def check_rows_and_codebook(
     check_same_device(z_name, z, c, codebook)
 
 
+def is_int(v) -> bool:
+    """A Python int, not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A finite Python int or float, not a bool."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     """``value`` as an int in ``[lo, hi]``; TypeError for a non-int (bools included)."""
     if isinstance(value, bool):

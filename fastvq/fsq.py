@@ -23,16 +23,13 @@ import torch
 from torch import nn
 
 from . import _dist
+from ._checks import is_int
 from .implicit import ImplicitQuantizer
 from .layer_config import check_input
 from .outputs import quantize_output
 from .streams import per_call_generator
 
 __all__ = ["FSQ", "FSQConfig", "fsq_codes", "fsq_indices", "fsq_levels"]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -79,7 +76,7 @@ class FSQConfig:
             lv = lv.tolist()
         if isinstance(lv, str) or not hasattr(lv, "__len__") or len(lv) == 0:
             raise TypeError(f"levels must be a non-empty sequence of ints, got {self.levels!r}")
-        if not all(_is_int(v) and v >= 2 for v in lv):
+        if not all(is_int(v) and v >= 2 for v in lv):
             raise ValueError(f"levels must hold ints >= 2, got {list(lv)!r}")
         if 2 in lv and not self.preserve_symmetry:
             raise ValueError(
@@ -89,11 +86,11 @@ class FSQConfig:
         self.levels = tuple(int(v) for v in lv)
         if math.prod(self.levels) >= 2**63:
             raise ValueError(f"levels {list(lv)!r}: prod(levels) must fit an int64 index")
-        if not _is_int(self.num_codebooks) or self.num_codebooks < 1:
+        if not is_int(self.num_codebooks) or self.num_codebooks < 1:
             raise ValueError(f"num_codebooks must be a positive int, got {self.num_codebooks!r}")
         if self.dim is None:
             self.dim = len(self.levels) * self.num_codebooks
-        if not _is_int(self.dim) or self.dim < 1:
+        if not is_int(self.dim) or self.dim < 1:
             raise ValueError(f"dim must be None or a positive int, got {self.dim!r}")
         for name in ("channel_first", "projection_has_bias", "preserve_symmetry", "hard_clamp"):
             if not isinstance(getattr(self, name), bool):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dist
+from ._checks import is_int, is_real
 from .implicit import ImplicitQuantizer
 from .layer_config import check_input
 from .lfq_entropy import clamped_sample_entropy, codebook_entropy, per_sample_entropy
@@ -32,14 +33,6 @@ from .outputs import quantize_output
 from .streams import per_call_generator
 
 __all__ = ["LFQ", "LFQConfig", "LFQLossBreakdown", "lfq_codes"]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class LFQLossBreakdown(NamedTuple):
@@ -97,43 +90,43 @@ class LFQConfig:
     def __post_init__(self):
         if self.dim is None and self.codebook_size is None:
             raise ValueError("dim or codebook_size must be given")
-        if not _is_int(self.num_codebooks) or self.num_codebooks < 1:
+        if not is_int(self.num_codebooks) or self.num_codebooks < 1:
             raise ValueError(f"num_codebooks must be a positive int, got {self.num_codebooks!r}")
         if self.codebook_size is None:
-            if not _is_int(self.dim) or not 1 <= self.dim <= 62:
+            if not is_int(self.dim) or not 1 <= self.dim <= 62:
                 raise ValueError(f"dim must be an int in [1, 62] without codebook_size, got "
                                  f"{self.dim!r}")  # fmt: skip
             self.codebook_size = 2**self.dim
         k = self.codebook_size
-        if not _is_int(k) or k < 2 or k & (k - 1) or k > 2**62:
+        if not is_int(k) or k < 2 or k & (k - 1) or k > 2**62:
             raise ValueError(f"codebook_size must be a power of 2 in [2, 2**62], got {k!r}")
         self.codebook_dim = k.bit_length() - 1
         if self.dim is None:
             self.dim = self.codebook_dim * self.num_codebooks
-        if not _is_int(self.dim) or self.dim < 1:
+        if not is_int(self.dim) or self.dim < 1:
             raise ValueError(f"dim must be None or a positive int, got {self.dim!r}")
         for name in ("entropy_loss_weight", "commitment_loss_weight", "diversity_gamma"):
-            if not _is_real(getattr(self, name)):
+            if not is_real(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite float, got {getattr(self, name)!r}")
             setattr(self, name, float(getattr(self, name)))
         for name in ("codebook_scale", "inv_temperature"):
             v = getattr(self, name)
-            if not _is_real(v) or v <= 0:
+            if not is_real(v) or v <= 0:
                 raise ValueError(f"{name} must be a positive float, got {v!r}")
             setattr(self, name, float(v))
         f = self.frac_per_sample_entropy
-        if not _is_real(f) or not 0 < f <= 1:
+        if not is_real(f) or not 0 < f <= 1:
             raise ValueError(f"frac_per_sample_entropy must be a float in (0, 1], got {f!r}")
         v = self.soft_clamp_input_value
-        if v is not None and (not _is_real(v) or v < self.codebook_scale):
+        if v is not None and (not is_real(v) or v < self.codebook_scale):
             raise ValueError(
                 f"soft_clamp_input_value must be None or a float >= codebook_scale, got {v!r}"
             )
         p = self.prob_floor
-        if p is not None and (not _is_real(p) or not 0 < p < 1):
+        if p is not None and (not is_real(p) or not 0 < p < 1):
             raise ValueError(f"prob_floor must be None or a float in (0, 1), got {p!r}")
         c = self.entropy_chunk
-        if c is not None and (not _is_int(c) or c < 1):
+        if c is not None and (not is_int(c) or c < 1):
             raise ValueError(f"entropy_chunk must be None or a positive int, got {c!r}")
         for name in ("spherical", "channel_first", "projection_has_bias"):
             if not isinstance(getattr(self, name), bool):
@@ -260,7 +253,7 @@ class LFQ(ImplicitQuantizer):
         :class:`LFQLossBreakdown` (zeros in eval)."""
         check_input(x, self.dim, self.channel_first)
         beta = self.inv_temperature if inv_temperature is None else inv_temperature
-        if not _is_real(beta) or beta <= 0:
+        if not is_real(beta) or beta <= 0:
             raise ValueError(f"inv_temperature must be a positive float, got {beta!r}")
         lead, keep, zp = self.rows_in(x, mask)  # zp (N, C * d)
         with torch.autocast(x.device.type, enabled=False):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_nonneg_real, check_same_device
+from ._checks import check_nonneg_real, check_same_device, is_int
 from .codebook import batch_statistics, in_backward, perplexity
 from .functional import attach_codes
 from .layer import (
@@ -104,13 +104,9 @@ def merge_groups(outs: list, channel_first: bool, return_losses: bool, return_st
 # --- argument checks ------------------------------------------------------------------------------
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
     """The Q sizes from ``codebook_size`` (an int, or one int per depth) and ``num_quantizers``."""
-    if num_quantizers is not None and (not _is_int(num_quantizers) or num_quantizers < 1):
+    if num_quantizers is not None and (not is_int(num_quantizers) or num_quantizers < 1):
         raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
     if isinstance(codebook_size, Sequence) and not isinstance(codebook_size, str):
         sizes = tuple(codebook_size)
@@ -126,30 +122,30 @@ def _codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
     else:
         sizes = (codebook_size,) * num_quantizers
     for i, k in enumerate(sizes):
-        if not _is_int(k) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"codebook_size must hold positive ints, got {k!r} at depth {i}")
     return sizes
 
 
 def check_dropout(q: int, cutoff, multiple_of) -> None:
-    if not _is_int(cutoff) or not 0 <= cutoff < q:
+    if not is_int(cutoff) or not 0 <= cutoff < q:
         raise ValueError(
             f"quantize_dropout_cutoff_index must be an int in [0, num_quantizers={q}), "
             f"got {cutoff!r}"
         )
-    if not _is_int(multiple_of) or multiple_of < 1:
+    if not is_int(multiple_of) or multiple_of < 1:
         raise ValueError(
             f"quantize_dropout_multiple_of must be a positive int, got {multiple_of!r}"
         )
 
 
 def _check_beam(name: str, beam) -> None:
-    if beam is not None and (not _is_int(beam) or beam < 1):
+    if beam is not None and (not is_int(beam) or beam < 1):
         raise ValueError(f"{name} must be None or a positive int, got {beam!r}")
 
 
 def check_active(num_active, q: int) -> None:
-    if num_active is not None and (not _is_int(num_active) or not 1 <= num_active <= q):
+    if num_active is not None and (not is_int(num_active) or not 1 <= num_active <= q):
         raise ValueError(
             f"num_active must be None or an int in [1, num_quantizers={q}], got {num_active!r}"
         )
@@ -320,7 +316,7 @@ def residual_beam_search(
     Returns:
         ``(indices, err)``: int64 (N, Q) the best sequence and fp32 (N,) its squared error.
     """
-    if not _is_int(beam_size) or beam_size < 1:
+    if not is_int(beam_size) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
     if score_weights is not None and len(score_weights) < len(codebooks):
         raise ValueError(
@@ -821,9 +817,9 @@ class GroupedResidualVQ(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        if not _is_int(groups) or groups < 1:
+        if not is_int(groups) or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
-        if not _is_int(dim) or dim < 1 or dim % groups != 0:
+        if not is_int(dim) or dim < 1 or dim % groups != 0:
             raise ValueError(f"dim ({dim!r}) must be a positive int divisible by groups ({groups})")
         self.dim, self.groups, self.channel_first = dim, groups, channel_first
         self.seed = kwargs.pop("seed", 0)
