@@ -157,7 +157,7 @@ def _paragraphs(lines: list[str]) -> list[str]:
 def _entry(title: str, obj, level: str = "###") -> list[str]:
     doc = inspect.getdoc(obj) or ""
     prose, args, others = _split_doc(doc)
-    lines = [f"{level} `{title}`", "", "```python", _signature(title.rsplit(".", 1)[-1], obj),
+    lines = [f"{level} `{title}`", "", "```text", _signature(title.rsplit(".", 1)[-1], obj),
              "```", ""]  # fmt: skip
     text = _paragraphs(prose)
     while text and text[-1] == "":
