@@ -46,3 +46,22 @@ def test_guide_api_snippet_runs():
     for seed in range(5):
         namespace = _run(code, seed)
         assert namespace["idx"].shape == (8 * 256,)
+
+
+def test_ci_runs_the_readme_install_and_test_lines():
+    """.ci/run's phase 1 is the README's install lines (pip's -q added) then its test command."""
+    install = README.read_text().split("## Install", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", install, re.S).group(1)
+    pips = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.startswith("pip install")]
+    assert pips, "the README's install block has no pip line"
+    ci = (ROOT / ".ci" / "run").read_text()
+    phase1 = ci.split("== phase 1", 1)[1].split("== phase 2", 1)[0]
+    at = 0
+    for line in pips:
+        quiet = line.replace("pip install ", "pip install -q ", 1)
+        at = phase1.index(quiet, at)  # ValueError: the README line is not in phase 1, in order
+    commands = re.search(
+        r"```bash\n(.*?)```", README.read_text().split("## The two commands")[1], re.S
+    )
+    assert "python -m pytest -q" in commands.group(1)
+    assert "\npython -m pytest -q\n" in phase1[at:]
