@@ -60,3 +60,12 @@ def test_wheel_contains_kernels_and_imports(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "fastvq.kernels.vq_search"
+
+
+def test_triton_only_in_the_dev_extra():
+    """Triton is not a base dependency (CUDA torch brings its own; on CPU only the interpreter
+    tests use it): `pip install -e .` stays 1 GB lighter (docs/guide.md, Install)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("triton") for d in project["dependencies"])
+    assert any(d.startswith("triton") for d in project["optional-dependencies"]["dev"])

@@ -14,7 +14,7 @@ from .data import DATASETS
 
 EXAMPLES = """\
 examples:
-  fastvq demo                                  # 4.6 min at --threads 2 on 2 CPU cores -> runs/demo/
+  fastvq demo                                  # 4 min 35 s (--threads 2, 2 cores) -> runs/demo/
   fastvq demo --quick                          # ~1-2 min smoke version
   fastvq train vqvae --out runs/vqvae --codebook-size 512
   fastvq train pixelcnn --vqvae runs/vqvae --out runs/prior
