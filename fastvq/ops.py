@@ -251,6 +251,10 @@ def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     An ``index_add_`` of ones rather than ``bincount``: bincount's output size depends on the
     data, which costs a host sync on CUDA and a graph break under ``torch.compile``. Counts stay
     exact in fp32 up to 2^24 rows per code.
+
+    Args:
+        indices: int64 (N,) in ``[0, num_codes)`` (not checked: callers pass search results).
+        num_codes: K, the length of the result.
     """
     out = torch.zeros(num_codes, dtype=torch.float32, device=indices.device)
     return out.index_add_(0, indices, torch.ones_like(indices, dtype=torch.float32))

@@ -223,6 +223,14 @@ class GroupedResidualFSQ(nn.Module):
     """``groups`` :class:`ResidualFSQ` stacks over equal slices of the channel dim (as
     :class:`~fastvq.GroupedResidualVQ`): indices ``(..., groups, Q)``, ``loss`` zero, one
     quantize-dropout draw per forward for every group. Other arguments: :class:`ResidualFSQ`.
+
+    Args:
+        levels: FSQ levels of every stage of every group (as :class:`ResidualFSQ`).
+        num_quantizers: Q, stages per group.
+        dim: channels of the input, divisible by ``groups``.
+        groups: stacks, each on ``dim // groups`` consecutive channels.
+        channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
+        seed: group ``g``'s stack gets ``seed + g`` (its quantize-dropout and noise streams).
     """
 
     def __init__(self, levels, num_quantizers: int, dim: int, *, groups: int = 1,

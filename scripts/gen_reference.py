@@ -90,6 +90,24 @@ def _split_doc(doc: str) -> tuple[list[str], dict[str, str], list[tuple[str, lis
     return prose, args, others
 
 
+_FIELD = re.compile(r"^\s+(\w+)\s*:[^#=]*(?:=[^#]*)?#\s*(.*)$")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """A dataclass's or NamedTuple's ``name: type = default  # comment`` lines: the comment
+    is the field's description where the docstring has no ``Args:`` entry."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in source.splitlines():
+        m = _FIELD.match(line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def _default(value) -> str:
     if value is inspect.Parameter.empty or value is dataclasses.MISSING:
         return ""
@@ -156,6 +174,8 @@ def _paragraphs(lines: list[str]) -> list[str]:
 
 def _entry(title: str, obj, level: str = "###") -> list[str]:
     doc = inspect.getdoc(obj) or ""
+    if inspect.isclass(obj) and doc.startswith(obj.__name__ + "("):
+        doc = ""  # the dataclass's generated docstring: the signature again
     prose, args, others = _split_doc(doc)
     lines = [f"{level} `{title}`", "", "```text", _signature(title.rsplit(".", 1)[-1], obj),
              "```", ""]  # fmt: skip
@@ -164,6 +184,8 @@ def _entry(title: str, obj, level: str = "###") -> list[str]:
         text.pop()
     lines += text + [""] if text else []
     params = [p for p in _parameters(obj) if p[0] not in ("*args", "**kwargs")]
+    if inspect.isclass(obj) and (dataclasses.is_dataclass(obj) or hasattr(obj, "_fields")):
+        args = {**_field_comments(obj), **args}
     if params:
         lines.append("Arguments:")
         lines.append("")
