@@ -1,6 +1,6 @@
 """CPU nearest-code search, fastvq's torch backend against faiss-cpu, by a fair protocol.
 
-    python -m benchmarks.cpu_faiss                              # the README's table
+    python -m benchmarks.cpu_faiss                              # docs/benchmarks.md's table
     python -m benchmarks.cpu_faiss --threads 1                  # the single-thread table
     python -m benchmarks.cpu_faiss --smoke                      # one tiny round (CI)
     python -m benchmarks.cpu_faiss --ref /path/to/old/checkout  # fastvq before/after a change
