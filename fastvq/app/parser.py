@@ -15,7 +15,7 @@ from .data import DATASETS
 EXAMPLES = """\
 examples:
   fastvq demo                                  # 4 min 35 s (--threads 2, 2 cores) -> runs/demo/
-  fastvq demo --quick                          # ~1-2 min smoke version
+  fastvq demo --quick                          # ~2 CPU-minutes: the smoke version
   fastvq train vqvae --out runs/vqvae --codebook-size 512
   fastvq train pixelcnn --vqvae runs/vqvae --out runs/prior
   fastvq train vqvae --out runs/vqvae --resume # after Ctrl-C: continue where it stopped
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     d.add_argument("--out", default="runs/demo", help="report folder")
-    d.add_argument("--quick", action="store_true", help="~1-2 minute smoke version")
+    d.add_argument("--quick", action="store_true", help="smoke version (~2 CPU-minutes, 1 thread)")
     d.add_argument(
         "--overwrite",
         action="store_true",
