@@ -46,69 +46,91 @@ class LFQLossBreakdown(NamedTuple):
     commitment: torch.Tensor
 
 
-def _unsupported(name: str, value) -> NotImplementedError:
+def _unsupported(cls: str, name: str, value) -> NotImplementedError:
     return NotImplementedError(
-        f"fastvq.compat.vqp.LFQ: {name}={value!r} is not supported by this front end "
+        f"fastvq.compat.vqp.{cls}: {name}={value!r} is not supported by this front end "
         "(see docs/lfq.md, 'Coming from vector-quantize-pytorch')"
     )
 
 
-class LFQ(_LFQ):
+def _lfq_options(
+    cls: str, *, entropy_loss_weight=0.1, commitment_loss_weight=0.0, diversity_gamma=1.0,
+    straight_through_activation=None, frac_per_sample_entropy=1.0, projection_has_bias=True,
+    soft_clamp_input_value=None, cosine_sim_project_in=False, cosine_sim_project_in_scale=None,
+    experimental_softplus_entropy_loss=False, entropy_loss_offset=5.0, spherical=False,
+    force_quantization_f32=True, orthogonal_rotation=False,
+) -> dict:  # fmt: skip
+    """vqp's ``LFQ`` options (its names and defaults) that every layer takes, mapped onto
+    :class:`fastvq.LFQ`'s; NotImplementedError naming one this front end cannot honour.
+    ``entropy_loss_offset`` is unused, as in vqp without the softplus."""
+    act = straight_through_activation
+    if act is not None and type(act) is not nn.Identity:
+        raise _unsupported(cls, "straight_through_activation", act)
+    for name, value in (
+        ("cosine_sim_project_in", cosine_sim_project_in),
+        ("experimental_softplus_entropy_loss", experimental_softplus_entropy_loss),
+        ("orthogonal_rotation", orthogonal_rotation),
+    ):
+        if value:
+            raise _unsupported(cls, name, value)
+    if not force_quantization_f32:
+        raise _unsupported(cls, "force_quantization_f32", force_quantization_f32)
+    return dict(
+        entropy_loss_weight=entropy_loss_weight, commitment_loss_weight=commitment_loss_weight,
+        diversity_gamma=diversity_gamma, spherical=spherical,
+        frac_per_sample_entropy=frac_per_sample_entropy,
+        soft_clamp_input_value=soft_clamp_input_value, inv_temperature=100.0,
+        prob_floor=VQP_PROB_FLOOR, projection_has_bias=projection_has_bias,
+    )  # fmt: skip
+
+
+def _check_codebook_size(codebook_size) -> None:
+    if codebook_size is not None and not math.log2(codebook_size).is_integer():
+        raise ValueError(f"codebook_size must be a power of 2, got {codebook_size!r}")
+
+
+class LFQDepth(_LFQ):
+    """:class:`fastvq.LFQ` with vqp's persistent bit-weight buffer ``mask`` (its ``state_dict``
+    key) and its ``codebook``: the base of :class:`LFQ` and the depth of :class:`ResidualLFQ`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", self.bit_shifts.new_ones(()) << self.bit_shifts)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """vqp's buffer, computed on demand: ``(codebook_size, d)`` of ``+-codebook_scale``
+        (not on the sphere, as vqp's, even with ``spherical``)."""
+        k = torch.arange(self.codebook_size, device=self.bit_shifts.device)
+        bits = ((k[:, None] >> self.bit_shifts) & 1).bool()
+        return lfq_codes(bits, self.codebook_scale, False)
+
+
+class LFQ(LFQDepth):
     """vqp's ``LFQ(*, dim=None, codebook_size=None, ...)``:
     ``forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)``."""
 
     def __init__(
-        self, *, dim=None, codebook_size=None, entropy_loss_weight=0.1,
-        commitment_loss_weight=0.0, diversity_gamma=1.0, straight_through_activation=None,
-        num_codebooks=1, keep_num_codebooks_dim=None, codebook_scale=1.0,
-        frac_per_sample_entropy=1.0, has_projections=None, projection_has_bias=True,
-        soft_clamp_input_value=None, cosine_sim_project_in=False,
-        cosine_sim_project_in_scale=None, channel_first=None,
-        experimental_softplus_entropy_loss=False, entropy_loss_offset=5.0, spherical=False,
-        force_quantization_f32=True, orthogonal_rotation=False,
+        self, *, dim=None, codebook_size=None, num_codebooks=1, keep_num_codebooks_dim=None,
+        codebook_scale=1.0, has_projections=None, channel_first=None, **options,
     ):  # fmt: skip
-        act = straight_through_activation
-        if act is not None and type(act) is not nn.Identity:
-            raise _unsupported("straight_through_activation", act)
-        for name, value in (
-            ("cosine_sim_project_in", cosine_sim_project_in),
-            ("experimental_softplus_entropy_loss", experimental_softplus_entropy_loss),
-            ("orthogonal_rotation", orthogonal_rotation),
-        ):
-            if value:
-                raise _unsupported(name, value)
-        if not force_quantization_f32:
-            raise _unsupported("force_quantization_f32", force_quantization_f32)
-        if codebook_size is not None and not math.log2(codebook_size).is_integer():
-            raise ValueError(f"codebook_size must be a power of 2, got {codebook_size!r}")
+        opts = _lfq_options("LFQ", **options)
+        _check_codebook_size(codebook_size)
         keep = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
         if num_codebooks > 1 and not keep:
             raise ValueError("keep_num_codebooks_dim=False needs num_codebooks == 1 (as vqp)")
         super().__init__(
-            dim, codebook_size, entropy_loss_weight=entropy_loss_weight,
-            commitment_loss_weight=commitment_loss_weight, diversity_gamma=diversity_gamma,
-            num_codebooks=num_codebooks, spherical=spherical, codebook_scale=codebook_scale,
-            frac_per_sample_entropy=frac_per_sample_entropy,
-            soft_clamp_input_value=soft_clamp_input_value, inv_temperature=100.0,
-            prob_floor=VQP_PROB_FLOOR, projections=has_projections,
-            projection_has_bias=projection_has_bias,
+            dim, codebook_size, num_codebooks=num_codebooks, codebook_scale=codebook_scale,
+            projections=has_projections, **opts,
         )  # fmt: skip
         self.keep_num_codebooks_dim = keep
         self.vqp_channel_first = channel_first
-        self.entropy_loss_offset = entropy_loss_offset  # unused, as vqp without the softplus
+        self.entropy_loss_offset = options.get("entropy_loss_offset", 5.0)
         self.force_quantization_f32 = True
-        self.register_buffer("mask", self.bit_shifts.new_ones(()) << self.bit_shifts)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        """vqp's buffer, computed on demand: ``(codebook_size, d)`` of ``+-codebook_scale``."""
-        k = torch.arange(self.codebook_size, device=self.bit_shifts.device)
-        bits = ((k[:, None] >> self.bit_shifts) & 1).bool()
-        return lfq_codes(bits, self.codebook_scale, False)
 
     def forward(self, x, inv_temperature=100.0, return_loss_breakdown=False, mask=None):
         move = x.ndim >= 4 if self.vqp_channel_first is None else self.vqp_channel_first
