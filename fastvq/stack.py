@@ -60,6 +60,8 @@ class ResidualOutputWithLossesAndStats(NamedTuple):
 
 
 def stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats):
+    """A stack's return value: ``(quantized, indices, loss)``, then ``losses`` (fp32 ``(Q,)``)
+    and ``stats`` (a list of Q) when asked for, in that order."""
     if return_losses and return_stats:
         return ResidualOutputWithLossesAndStats(quantized, indices, loss, losses, stats)
     if return_losses:

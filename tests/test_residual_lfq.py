@@ -245,3 +245,18 @@ def test_memory_large_codebook_stays_flat():
     assert out.returncode == 0, out.stderr
     growth_mib = float(out.stdout.split()[-1])
     assert growth_mib < 32, f"peak RSS growth {growth_mib:.0f} MiB (one N x K of a depth: 64)"
+
+
+def test_autocast_projections_and_fp32_depths():
+    """Under autocast the projections run in bf16 and the depths in fp32: the indices are the
+    fp32 stack's on the bf16 projection, and decoding under autocast gives the output back."""
+    torch.manual_seed(7)
+    m = ResidualLFQ(64, 3, dim=10).eval()
+    x = torch.randn(4, 9, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, idx, _ = m(x)
+        back = m.codes_from_indices(idx)
+        z = m.project_in(x)
+    assert q.dtype == back.dtype == torch.bfloat16 and torch.equal(back, q)
+    plain = ResidualLFQ(64, 3)  # the same depths without projections, on the bf16 rows
+    assert torch.equal(plain.eval()(z.float()).indices, idx)
