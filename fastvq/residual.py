@@ -492,7 +492,7 @@ class ResidualVQ(nn.Module):
             qs = [q.reshape(z.shape) for q in qs]
             idx = [i.reshape(lead) for i in idx]
         else:
-            qs, idx, losses, stats = run_depths(
+            qs, idx, losses, stats, _ = run_depths(
                 self.layers[:num_active], z, mask, detach=not self._attach,
                 quant_grad_frac=self.quant_grad_frac, return_stats=True,
             )  # fmt: skip

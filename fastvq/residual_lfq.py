@@ -43,10 +43,14 @@ class ResidualLFQ(ResidualStack):
             ``entropy_chunk``).
 
     ``forward(x, mask=None, *, inv_temperature=None, return_stats=False, return_losses=False,
-    num_active=None)`` returns ``(quantized, indices, loss)``: indices int64 ``x``'s shape
-    without the channel dim plus ``(Q,)`` (``-1`` for a dropped depth), ``loss`` the fp32 sum of
-    the depths' losses (zero in eval); ``return_losses`` adds each depth's, ``return_stats``
-    each depth's :class:`~fastvq.CodebookStats`. ``inv_temperature`` overrides every depth's.
+    return_loss_breakdown=False, num_active=None)`` returns ``(quantized, indices, loss)``:
+    indices int64 ``x``'s shape without the channel dim plus ``(Q,)`` (``-1`` for a dropped
+    depth), ``loss`` the fp32 sum of the depths' losses (zero in eval); ``return_losses`` adds
+    each depth's, ``return_stats`` each depth's :class:`~fastvq.CodebookStats`;
+    ``return_loss_breakdown`` returns every field (:class:`~fastvq.stack.
+    ResidualOutputWithBreakdown`), its ``breakdown`` an :class:`~fastvq.lfq.LFQLossBreakdown`
+    of per-depth ``(Q,)`` terms (per-sample entropy, codebook entropy, commitment; unweighted).
+    ``inv_temperature`` overrides every depth's.
     """
 
     depth_class = LFQ  # a front end's depth layer (its state_dict keys)
@@ -98,12 +102,14 @@ class ResidualLFQ(ResidualStack):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, *,
         inv_temperature: float | None = None, return_stats: bool = False,
-        return_losses: bool = False, num_active: int | None = None,
+        return_losses: bool = False, return_loss_breakdown: bool = False,
+        num_active: int | None = None,
     ):  # fmt: skip
         """Quantize ``x`` with every depth (or the first ``num_active``); see the class."""
         return super().forward(
             x, mask, return_stats=return_stats, return_losses=return_losses,
             num_active=num_active, inv_temperature=inv_temperature,
+            return_loss_breakdown=return_loss_breakdown,
         )  # fmt: skip
 
 
@@ -127,7 +133,7 @@ class GroupedResidualLFQ(GroupedResidualStack):
         inv_temperature: float | None = None, return_stats: bool = False,
         return_losses: bool = False, num_active: int | None = None,
     ):  # fmt: skip
-        """As :meth:`ResidualLFQ.forward`, per group."""
+        """As :meth:`ResidualLFQ.forward`, per group (without a loss breakdown)."""
         return super().forward(
             x, mask, return_stats=return_stats, return_losses=return_losses,
             num_active=num_active, inv_temperature=inv_temperature,

@@ -32,8 +32,8 @@ from .outputs import QuantizeOutput, QuantizeOutputWithStats
 from .streams import RandomStreams
 
 __all__ = [
-    "GroupedResidualStack", "ResidualOutputWithLosses", "ResidualOutputWithLossesAndStats",
-    "ResidualStack", "run_depths",
+    "GroupedResidualStack", "ResidualOutputWithBreakdown", "ResidualOutputWithLosses",
+    "ResidualOutputWithLossesAndStats", "ResidualStack", "run_depths",
 ]  # fmt: skip
 
 
@@ -59,9 +59,27 @@ class ResidualOutputWithLossesAndStats(NamedTuple):
     stats: list
 
 
-def stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats):
+class ResidualOutputWithBreakdown(NamedTuple):
+    """``forward(..., return_loss_breakdown=True)``: every field; ``stats`` None unless
+    ``return_stats``, ``breakdown`` the depth layers' breakdown type with each term fp32
+    ``(Q,)`` per depth (detached; 0 for a depth left out)."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    losses: torch.Tensor
+    stats: list | None
+    breakdown: NamedTuple
+
+
+def stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats,
+                 breakdown=None):  # fmt: skip
     """A stack's return value: ``(quantized, indices, loss)``, then ``losses`` (fp32 ``(Q,)``)
-    and ``stats`` (a list of Q) when asked for, in that order."""
+    and ``stats`` (a list of Q) when asked for, in that order; with a ``breakdown``, every field
+    (:class:`ResidualOutputWithBreakdown`)."""
+    if breakdown is not None:
+        stats = stats if return_stats else None
+        return ResidualOutputWithBreakdown(quantized, indices, loss, losses, stats, breakdown)
     if return_losses and return_stats:
         return ResidualOutputWithLossesAndStats(quantized, indices, loss, losses, stats)
     if return_losses:
@@ -170,6 +188,7 @@ class Depths(NamedTuple):
     indices: list  # int64, the layer's index layout
     losses: list  # fp32 0-dim
     stats: list  # CodebookStats, or None without return_stats
+    breakdowns: list  # the layer's loss breakdown, or None without return_loss_breakdown
 
 
 def run_depths(
@@ -189,11 +208,13 @@ def run_depths(
         detach: each depth's output detached (the caller routes the gradient to ``r_0``).
         quant_grad_frac: the fraction of ``q_i``'s gradient that flows into ``r_{i+1}``.
         return_stats: collect each layer's :class:`~fastvq.CodebookStats`.
+        layer_kwargs: given to every layer's forward (``return_loss_breakdown=True``: the
+            layers' breakdowns are collected).
 
     Returns:
         :class:`Depths`, lists in depth order.
     """
-    qs, idx, losses, stats = [], [], [], []
+    qs, idx, losses, stats, bds = [], [], [], [], []
     for depth, layer in enumerate(layers):
         s = None if scales is None else scales[depth]
         x = residual if s is None else residual / s
@@ -206,7 +227,8 @@ def run_depths(
         idx.append(out.indices)
         losses.append(out.loss)
         stats.append(out.stats if return_stats else None)
-    return Depths(qs, idx, losses, stats)
+        bds.append(getattr(out, "breakdown", None))
+    return Depths(qs, idx, losses, stats, bds)
 
 
 def sum_depths(qs: list) -> torch.Tensor:
@@ -343,7 +365,14 @@ class ResidualStack(nn.Module):
         loss = losses.sum()
         losses = F.pad(losses, (0, dropped))
         stats = depths.stats + [None] * dropped
-        return stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats)
+        bd = None
+        if depths.breakdowns[0] is not None:  # each term per depth, (Q,)
+            terms = zip(*depths.breakdowns, strict=True)
+            kind = type(depths.breakdowns[0])
+            bd = kind(*(F.pad(torch.stack(t).float(), (0, dropped)) for t in terms))
+        return stack_output(
+            quantized, indices, loss, losses, stats, return_losses, return_stats, bd
+        )  # fmt: skip
 
     def check_indices(self, indices: torch.Tensor, check: bool = True) -> None:
         """TypeError/ValueError for ``(..., Q)`` indices the stack cannot decode."""

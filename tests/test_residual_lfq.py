@@ -79,7 +79,9 @@ def test_matches_the_literal_fp64_stack(kw):
     assert idx.dtype == torch.int64 and torch.equal(idx, want_idx.reshape(idx.shape))
     torch.testing.assert_close(q.double(), want_q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses.double(), want_losses, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(float(loss.detach()), float(want_losses.sum()), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        float(loss.detach()), float(want_losses.sum().detach()), rtol=1e-4, atol=1e-6
+    )
     g = torch.randn(q.shape)
     (grad,) = torch.autograd.grad((q * g).sum() + loss, x)
     (want,) = torch.autograd.grad((want_q * g.double()).sum() + want_losses.sum(), xd)
@@ -260,3 +262,23 @@ def test_autocast_projections_and_fp32_depths():
     assert q.dtype == back.dtype == torch.bfloat16 and torch.equal(back, q)
     plain = ResidualLFQ(64, 3)  # the same depths without projections, on the bf16 rows
     assert torch.equal(plain.eval()(z.float()).indices, idx)
+
+
+def test_per_depth_loss_breakdown():
+    """Each depth's unweighted entropy and commitment terms, (Q,) each, recombine into its loss;
+    a dropped depth's are 0; eval gives zeros."""
+    torch.manual_seed(8)
+    w_e, w_c, gamma = 0.2, 0.5, 0.7
+    m = ResidualLFQ(32, 4, dim=7, entropy_loss_weight=w_e, commitment_loss_weight=w_c,
+                    diversity_gamma=gamma)  # fmt: skip
+    x = torch.randn(3, 11, 7)
+    out = m(x, return_loss_breakdown=True, num_active=3)
+    bd = out.breakdown
+    assert out.stats is None and all(t.shape == (4,) and not t.requires_grad for t in bd)
+    want = w_e * (bd.per_sample_entropy - gamma * bd.codebook_entropy) + w_c * bd.commitment
+    torch.testing.assert_close(want, out.losses.detach())
+    assert (bd.per_sample_entropy[3:] == 0).all() and (bd.codebook_entropy[:3] > 0).all()
+    plain = m(x, return_losses=True, num_active=3)
+    assert torch.equal(plain.losses, out.losses) and torch.equal(plain.quantized, out.quantized)
+    m.eval()
+    assert all((t == 0).all() for t in m(x, return_loss_breakdown=True).breakdown)
