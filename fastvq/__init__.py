@@ -12,6 +12,7 @@ from .lfq import LFQ
 from .ops import code_counts, scatter_rows, search, triton_available
 from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
+from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .sampling import sample_codes, topk_codes
 
 __version__ = "0.1.0"
@@ -20,10 +21,12 @@ __all__ = [
     "CodebookStats",
     "FSQ",
     "GroupedResidualFSQ",
+    "GroupedResidualLFQ",
     "GroupedResidualVQ",
     "LFQ",
     "QuantizeOutput",
     "ResidualFSQ",
+    "ResidualLFQ",
     "ResidualVQ",
     "UsageMeter",
     "VectorQuantizer",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +41,6 @@ from .codebook import batch_statistics, in_backward, perplexity
 from .functional import attach_codes
 from .layer import (
     CodebookStats,
-    QuantizeOutput,
-    QuantizeOutputWithStats,
     VectorQuantizer,
     check_indices,
     check_input,
@@ -51,54 +48,22 @@ from .layer import (
 )
 from .ops import resolve_backend, search
 from .sampling import topk_codes
+from .stack import (
+    check_active,
+    check_dropout,
+    draw_active,
+    frac_gradient,
+    merge_groups,
+    replayable_draw,
+    run_depths,
+    stack_output,
+    sum_depths,
+)
 from .streams import RandomStreams
 
 # Codes per tile of the top-k search behind beam search (rows are blocked by topk_codes's own
 # tile budget); a running top-k carries across code blocks, so no N x K tensor exists.
 TOPK_CODE_BLOCK = 1024
-
-
-class ResidualOutputWithLosses(NamedTuple):
-    """``forward(..., return_losses=True)``: ``(quantized, indices, loss, losses)``."""
-
-    quantized: torch.Tensor
-    indices: torch.Tensor
-    loss: torch.Tensor
-    losses: torch.Tensor  # fp32 (num_quantizers,) (grouped: (groups, num_quantizers))
-
-
-class ResidualOutputWithLossesAndStats(NamedTuple):
-    """``forward(..., return_losses=True, return_stats=True)``."""
-
-    quantized: torch.Tensor
-    indices: torch.Tensor
-    loss: torch.Tensor
-    losses: torch.Tensor
-    stats: list
-
-
-def stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats):
-    if return_losses and return_stats:
-        return ResidualOutputWithLossesAndStats(quantized, indices, loss, losses, stats)
-    if return_losses:
-        return ResidualOutputWithLosses(quantized, indices, loss, losses)
-    if return_stats:
-        return QuantizeOutputWithStats(quantized, indices, loss, stats)
-    return QuantizeOutput(quantized, indices, loss)
-
-
-def merge_groups(outs: list, channel_first: bool, return_losses: bool, return_stats: bool):
-    """A grouped stack's output from its groups' (each run with ``return_stats`` and
-    ``return_losses``): the quantized channels concatenated (moved to dim 1 with
-    ``channel_first``), indices ``(..., groups, Q)``, the mean loss, per-group losses and stats."""
-    quantized = torch.cat([o.quantized for o in outs], dim=-1)
-    if channel_first:
-        quantized = quantized.movedim(-1, 1)
-    indices = torch.stack([o.indices for o in outs], dim=-2)
-    losses = torch.stack([o.losses for o in outs])
-    loss = torch.stack([o.loss for o in outs]).mean()
-    stats = [o.stats for o in outs]
-    return stack_output(quantized, indices, loss, losses, stats, return_losses, return_stats)
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -127,73 +92,9 @@ def _codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
     return sizes
 
 
-def check_dropout(q: int, cutoff, multiple_of) -> None:
-    if not is_int(cutoff) or not 0 <= cutoff < q:
-        raise ValueError(
-            f"quantize_dropout_cutoff_index must be an int in [0, num_quantizers={q}), "
-            f"got {cutoff!r}"
-        )
-    if not is_int(multiple_of) or multiple_of < 1:
-        raise ValueError(
-            f"quantize_dropout_multiple_of must be a positive int, got {multiple_of!r}"
-        )
-
-
 def _check_beam(name: str, beam) -> None:
     if beam is not None and (not is_int(beam) or beam < 1):
         raise ValueError(f"{name} must be None or a positive int, got {beam!r}")
-
-
-def check_active(num_active, q: int) -> None:
-    if num_active is not None and (not is_int(num_active) or not 1 <= num_active <= q):
-        raise ValueError(
-            f"num_active must be None or an int in [1, num_quantizers={q}], got {num_active!r}"
-        )
-
-
-def _draw_active(module, q: int, cutoff: int, multiple_of: int) -> int:
-    """Depths used by one training forward under quantize dropout (vector-quantize-pytorch's
-    rule): the last kept depth ``i`` uniform in ``[cutoff, q)``, then ``i + 1`` rounded up to a
-    multiple of ``multiple_of`` (capped at ``q``).
-
-    Drawn from ``module``'s CPU generator (seeded from ``module.seed``: the same on every rank, no
-    device sync); the global RNG is not touched."""
-    gen = module.random_streams.get("quantize-dropout", "cpu")
-    i = cutoff + int(torch.randint(q - cutoff, (), generator=gen))
-    module.last_num_active = min(-(-(i + 1) // multiple_of) * multiple_of, q)
-    return module.last_num_active
-
-
-# Per-call draws kept for activation checkpointing's recomputation (one int each, oldest dropped).
-REPLAY_DRAWS = 4096
-
-
-def replayable_draw(module, q: int, cutoff: int, multiple_of: int) -> int:
-    """:func:`_draw_active` for one training forward, replayed by its recomputation.
-
-    Each call takes one int64 from torch's global CPU RNG as its key (as dropout does) and files
-    its draw under it in ``module.dropout_draws``. Activation checkpointing restores that RNG
-    before it recomputes a forward, so the recomputation (a forward inside autograd's backward)
-    reads its own call's key and replays that call's draw: in either ``use_reentrant`` mode, for
-    any number of checkpointed calls before a backward, in any order of recomputation. The key is
-    this rank's alone; the draw comes from the seeded stream, the same on every rank, which
-    advances once per forward (recomputations draw nothing)."""
-    key = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    draws = module.dropout_draws
-    if in_backward():
-        if key not in draws:
-            raise RuntimeError(
-                f"{type(module).__name__}: a forward recomputed in backward (activation "
-                "checkpointing) has no recorded quantize-dropout draw to replay; checkpoint "
-                "with preserve_rng_state=True (the default), or pass num_active"
-            )
-        module.last_num_active = draws[key]
-        return draws[key]
-    draws[key] = _draw_active(module, q, cutoff, multiple_of)
-    draws.move_to_end(key)
-    while len(draws) > REPLAY_DRAWS:
-        draws.popitem(last=False)
-    return draws[key]
 
 
 def _rank_fields(rvq, num_active: int, beam: int) -> dict:
@@ -228,14 +129,6 @@ def _check_grad_options(rotation_trick, quant_grad_frac) -> float:
     if quant_grad_frac > 1:
         raise ValueError(f"quant_grad_frac must lie in [0, 1], got {quant_grad_frac}")
     return float(quant_grad_frac)
-
-
-def frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
-    """``t``'s value with ``frac`` of its gradient (vector-quantize-pytorch's ``frac_gradient``):
-    ``sg(t)`` for ``frac = 0``, else ``frac t + (1 - frac) sg(t)``."""
-    if frac <= 0:
-        return t.detach()
-    return frac * t + (1.0 - frac) * t.detach()
 
 
 # --- top-k and beam search ------------------------------------------------------------------------
@@ -525,7 +418,7 @@ class ResidualVQ(nn.Module):
         module's generator (CPU, seeded from ``seed``: every rank draws the same; no sync)."""
         if not self.quantize_dropout:
             return self.num_quantizers
-        return _draw_active(
+        return draw_active(
             self, self.num_quantizers, self.quantize_dropout_cutoff_index,
             self.quantize_dropout_multiple_of,
         )  # fmt: skip
@@ -599,23 +492,11 @@ class ResidualVQ(nn.Module):
             qs = [q.reshape(z.shape) for q in qs]
             idx = [i.reshape(lead) for i in idx]
         else:
-            qs, idx, losses, stats = [], [], [], []
-            residual = z
-            for layer in self.layers[:num_active]:
-                out = layer(residual, mask=mask, return_stats=True)
-                if self._attach:  # vqp: each depth's output keeps its gradient to its residual
-                    q = out.quantized
-                    residual = residual - frac_gradient(q, self.quant_grad_frac)
-                else:
-                    q = out.quantized.detach()
-                    residual = residual - q
-                qs.append(q)
-                idx.append(out.indices)
-                losses.append(out.loss)
-                stats.append(out.stats)
-        total = qs[0]
-        for q in qs[1:]:
-            total = total + q
+            qs, idx, losses, stats, _ = run_depths(
+                self.layers[:num_active], z, mask, detach=not self._attach,
+                quant_grad_frac=self.quant_grad_frac, return_stats=True,
+            )  # fmt: skip
+        total = sum_depths(qs)
         if self._attach:  # the gradient reaches z through every depth's output
             quantized = self.project_out(total)
         else:

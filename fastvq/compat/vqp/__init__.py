@@ -1,21 +1,24 @@
 """A vector-quantize-pytorch 1.32.0 ("vqp") compatible front end on fastvq's layers.
 
 ``from fastvq.compat.vqp import VectorQuantize`` replaces ``from vector_quantize_pytorch import
-VectorQuantize`` (likewise ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``ResidualFSQ`` and
-``GroupedResidualFSQ``). One module per vqp family: :mod:`.vq` (``VectorQuantize``, its codebook
-under vqp's names), :mod:`.residual` (``ResidualVQ``, ``GroupedResidualVQ``) and :mod:`.fsq`
-(``FSQ``, ``ResidualFSQ``, ``GroupedResidualFSQ`` on :class:`fastvq.FSQ`). The VQ codes and
-their learning are a :class:`fastvq.codebook.Codebook` with vqp's policies
+VectorQuantize`` (likewise ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``ResidualFSQ``,
+``GroupedResidualFSQ``, ``LFQ``, ``ResidualLFQ`` and ``GroupedResidualLFQ``). One module per vqp
+family: :mod:`.vq` (``VectorQuantize``, its codebook under vqp's names), :mod:`.residual`
+(``ResidualVQ``, ``GroupedResidualVQ``), :mod:`.fsq` (``FSQ``, ``ResidualFSQ``,
+``GroupedResidualFSQ`` on :class:`fastvq.FSQ` and :mod:`fastvq.stack`) and :mod:`.lfq` (``LFQ``,
+``ResidualLFQ``, ``GroupedResidualLFQ`` on :class:`fastvq.LFQ` and :mod:`fastvq.stack`). The
+VQ codes and their learning are a :class:`fastvq.codebook.Codebook` with vqp's policies
 (:mod:`fastvq.codebook.vqp_rules`); this package maps names, defaults, arguments, return layouts
 and ``state_dict`` keys.
 """
 
 from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ
-from .lfq import LFQ
+from .lfq import LFQ, GroupedResidualLFQ, ResidualLFQ
 from .residual import GroupedResidualVQ, ResidualVQ
 from .vq import LossBreakdown, VectorQuantize, orthogonal_loss
 
 __all__ = [
-    "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "LFQ", "LossBreakdown", "ResidualFSQ",
-    "ResidualVQ", "VectorQuantize", "orthogonal_loss",
+    "FSQ", "GroupedResidualFSQ", "GroupedResidualLFQ", "GroupedResidualVQ", "LFQ",
+    "LossBreakdown", "ResidualFSQ", "ResidualLFQ", "ResidualVQ", "VectorQuantize",
+    "orthogonal_loss",
 ]  # fmt: skip

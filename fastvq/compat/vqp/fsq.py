@@ -14,14 +14,12 @@ cannot honour raises ``NotImplementedError`` naming it.
 
 from __future__ import annotations
 
-import random
-
 import torch
 from torch import nn
 
 from ...fsq import FSQ as _FSQ
 from ...residual_fsq import ResidualFSQ as _ResidualFSQ
-from .residual import GroupedStack
+from .residual import GroupedStack, ImplicitStackFront
 
 __all__ = ["FSQ", "GroupedResidualFSQ", "ResidualFSQ"]
 
@@ -128,16 +126,7 @@ def _fsq_kwargs(cls: str, kwargs: dict) -> dict:
     return out
 
 
-def _vqp_num_active(q: int, cutoff: int, multiple_of: int, seed) -> int:
-    """vqp's draw for a given ``rand_quantize_dropout_fixed_seed``: the last kept depth from
-    ``random.Random(seed)``, rounded up to a multiple."""
-    i = random.Random(seed).randrange(cutoff, q)
-    if multiple_of != 1:
-        i = -(-(i + 1) // multiple_of) * multiple_of - 1
-    return min(i + 1, q)
-
-
-class ResidualFSQ(_ResidualFSQ):
+class ResidualFSQ(ImplicitStackFront, _ResidualFSQ):
     """vqp's ``ResidualFSQ(*, levels, num_quantizers, dim=None, ...)``:
     ``forward(x) -> (out, indices[, all_codes])``."""
 
@@ -165,17 +154,6 @@ class ResidualFSQ(_ResidualFSQ):
         """``(Q, codebook_size, len(levels))``: every depth's grid, unscaled (as vqp)."""
         return torch.stack([layer.get_codebook() for layer in self.layers])
 
-    def vqp_num_active(self, seed) -> int:
-        """Depths for one forward, as vqp: dropout only in training with gradients on."""
-        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
-            return self.num_quantizers
-        if seed is None:
-            return self.num_active_for(None)
-        return _vqp_num_active(
-            self.num_quantizers, self.quantize_dropout_cutoff_index,
-            self.quantize_dropout_multiple_of, seed,
-        )  # fmt: skip
-
     def forward(self, x, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
         num_active = self.vqp_num_active(rand_quantize_dropout_fixed_seed)
         return self.forward_active(x, return_all_codes, num_active)
@@ -185,27 +163,17 @@ class ResidualFSQ(_ResidualFSQ):
         if self.is_channel_first:
             x = x.movedim(1, -1)
         lead = x.shape[:-1]
-        total, idx = self.quantize(x.reshape(-1, self.dim), None, num_active)
+        total, depths = self.quantize(x.reshape(-1, self.dim), None, num_active)
         out = self.project_out(total).reshape(*lead, self.dim)
         dropped = self.num_quantizers - num_active
+        idx = depths.indices
+        # int32 as vqp's; its -1 fill is int64, so a dropped depth promotes the stack (as vqp)
         idx = [i.to(torch.int32) for i in idx] + [torch.full_like(idx[0], -1)] * dropped
         indices = torch.stack(idx, dim=-1).reshape(*lead, self.num_quantizers)
         codes = self.get_codes_from_indices(indices) if return_all_codes else None
         if self.is_channel_first:
             out, indices = out.movedim(-1, 1), indices.movedim(-1, 1)
         return (out, indices) if codes is None else (out, indices, codes)
-
-    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``(Q, ..., len(levels))`` each depth's scaled code (0 for -1); fewer than Q indices
-        are padded with -1 (coarse codes, as vqp)."""
-        pad = self.num_quantizers - indices.shape[-1]
-        if pad > 0:
-            fill = indices.new_full((*indices.shape[:-1], pad), -1)
-            indices = torch.cat([indices, fill], dim=-1)
-        return self.depth_codes(indices, check=False).movedim(-2, 0)
-
-    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
 class GroupedResidualFSQ(GroupedStack, nn.Module):

@@ -1,4 +1,5 @@
-"""vqp's ``LFQ`` (vector-quantize-pytorch 1.32.0) on :class:`fastvq.LFQ`.
+"""vqp's ``LFQ``, ``ResidualLFQ`` and ``GroupedResidualLFQ`` (vector-quantize-pytorch 1.32.0) on
+:class:`fastvq.LFQ` and :mod:`fastvq.residual_lfq`.
 
 vqp's keyword-only arguments and defaults, its layouts (an input of 4+ dims is channel-first
 unless ``channel_first`` says otherwise), its return values (``(quantized, indices,
@@ -10,8 +11,12 @@ never builds vqp's ``N x 2^d`` matrices. Differences (docs/lfq.md): a ``mask`` o
 ``(b, n)`` excludes its rows from both entropies (vqp then computes its batch entropy per row,
 equal to the per-sample entropy); masked rows pass no gradient; in training the output is the
 code itself (vqp: ``x + (code - x).detach()``, the code up to rounding); the row fraction of
-``frac_per_sample_entropy`` comes from fastvq's stream. An argument this front end cannot
-honour raises ``NotImplementedError`` naming it.
+``frac_per_sample_entropy`` comes from fastvq's stream. The residual forms keep vqp's stack
+(depth ``i``'s codes ``+-2^-i``, its soft clamp halved per depth, ``(Q,)`` losses, ``state_dict``
+keys ``project_in.*``, ``project_out.*``, ``layers.{i}.mask``); their quantize dropout draws as
+the FSQ front end's, and ``get_codes_from_indices`` of a spherical stack decodes the forward's
+codes (vqp's decodes codes off the sphere). An argument this front end cannot honour raises
+``NotImplementedError`` naming it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from torch import nn
 
 from ...lfq import LFQ as _LFQ
 from ...lfq import lfq_codes
+from ...residual_lfq import ResidualLFQ as _ResidualLFQ
+from .residual import GroupedStack, ImplicitStackFront
 
-__all__ = ["LFQ", "LFQLossBreakdown", "LFQReturn"]
+__all__ = ["GroupedResidualLFQ", "LFQ", "LFQLossBreakdown", "LFQReturn", "ResidualLFQ"]
 
 VQP_PROB_FLOOR = 1e-5  # vqp's log(t.clamp(min=1e-5))
 
@@ -46,69 +53,91 @@ class LFQLossBreakdown(NamedTuple):
     commitment: torch.Tensor
 
 
-def _unsupported(name: str, value) -> NotImplementedError:
+def _unsupported(cls: str, name: str, value) -> NotImplementedError:
     return NotImplementedError(
-        f"fastvq.compat.vqp.LFQ: {name}={value!r} is not supported by this front end "
+        f"fastvq.compat.vqp.{cls}: {name}={value!r} is not supported by this front end "
         "(see docs/lfq.md, 'Coming from vector-quantize-pytorch')"
     )
 
 
-class LFQ(_LFQ):
+def _lfq_options(
+    cls: str, *, entropy_loss_weight=0.1, commitment_loss_weight=0.0, diversity_gamma=1.0,
+    straight_through_activation=None, frac_per_sample_entropy=1.0, projection_has_bias=True,
+    soft_clamp_input_value=None, cosine_sim_project_in=False, cosine_sim_project_in_scale=None,
+    experimental_softplus_entropy_loss=False, entropy_loss_offset=5.0, spherical=False,
+    force_quantization_f32=True, orthogonal_rotation=False,
+) -> dict:  # fmt: skip
+    """vqp's ``LFQ`` options (its names and defaults) that every layer takes, mapped onto
+    :class:`fastvq.LFQ`'s; NotImplementedError naming one this front end cannot honour.
+    ``entropy_loss_offset`` is unused, as in vqp without the softplus."""
+    act = straight_through_activation
+    if act is not None and type(act) is not nn.Identity:
+        raise _unsupported(cls, "straight_through_activation", act)
+    for name, value in (
+        ("cosine_sim_project_in", cosine_sim_project_in),
+        ("experimental_softplus_entropy_loss", experimental_softplus_entropy_loss),
+        ("orthogonal_rotation", orthogonal_rotation),
+    ):
+        if value:
+            raise _unsupported(cls, name, value)
+    if not force_quantization_f32:
+        raise _unsupported(cls, "force_quantization_f32", force_quantization_f32)
+    return dict(
+        entropy_loss_weight=entropy_loss_weight, commitment_loss_weight=commitment_loss_weight,
+        diversity_gamma=diversity_gamma, spherical=spherical,
+        frac_per_sample_entropy=frac_per_sample_entropy,
+        soft_clamp_input_value=soft_clamp_input_value, inv_temperature=100.0,
+        prob_floor=VQP_PROB_FLOOR, projection_has_bias=projection_has_bias,
+    )  # fmt: skip
+
+
+def _check_codebook_size(codebook_size) -> None:
+    if codebook_size is not None and not math.log2(codebook_size).is_integer():
+        raise ValueError(f"codebook_size must be a power of 2, got {codebook_size!r}")
+
+
+class LFQDepth(_LFQ):
+    """:class:`fastvq.LFQ` with vqp's persistent bit-weight buffer ``mask`` (its ``state_dict``
+    key) and its ``codebook``: the base of :class:`LFQ` and the depth of :class:`ResidualLFQ`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", self.bit_shifts.new_ones(()) << self.bit_shifts)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """vqp's buffer, computed on demand: ``(codebook_size, d)`` of ``+-codebook_scale``
+        (not on the sphere, as vqp's, even with ``spherical``)."""
+        k = torch.arange(self.codebook_size, device=self.bit_shifts.device)
+        bits = ((k[:, None] >> self.bit_shifts) & 1).bool()
+        return lfq_codes(bits, self.codebook_scale, False)
+
+
+class LFQ(LFQDepth):
     """vqp's ``LFQ(*, dim=None, codebook_size=None, ...)``:
     ``forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)``."""
 
     def __init__(
-        self, *, dim=None, codebook_size=None, entropy_loss_weight=0.1,
-        commitment_loss_weight=0.0, diversity_gamma=1.0, straight_through_activation=None,
-        num_codebooks=1, keep_num_codebooks_dim=None, codebook_scale=1.0,
-        frac_per_sample_entropy=1.0, has_projections=None, projection_has_bias=True,
-        soft_clamp_input_value=None, cosine_sim_project_in=False,
-        cosine_sim_project_in_scale=None, channel_first=None,
-        experimental_softplus_entropy_loss=False, entropy_loss_offset=5.0, spherical=False,
-        force_quantization_f32=True, orthogonal_rotation=False,
+        self, *, dim=None, codebook_size=None, num_codebooks=1, keep_num_codebooks_dim=None,
+        codebook_scale=1.0, has_projections=None, channel_first=None, **options,
     ):  # fmt: skip
-        act = straight_through_activation
-        if act is not None and type(act) is not nn.Identity:
-            raise _unsupported("straight_through_activation", act)
-        for name, value in (
-            ("cosine_sim_project_in", cosine_sim_project_in),
-            ("experimental_softplus_entropy_loss", experimental_softplus_entropy_loss),
-            ("orthogonal_rotation", orthogonal_rotation),
-        ):
-            if value:
-                raise _unsupported(name, value)
-        if not force_quantization_f32:
-            raise _unsupported("force_quantization_f32", force_quantization_f32)
-        if codebook_size is not None and not math.log2(codebook_size).is_integer():
-            raise ValueError(f"codebook_size must be a power of 2, got {codebook_size!r}")
+        opts = _lfq_options("LFQ", **options)
+        _check_codebook_size(codebook_size)
         keep = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
         if num_codebooks > 1 and not keep:
             raise ValueError("keep_num_codebooks_dim=False needs num_codebooks == 1 (as vqp)")
         super().__init__(
-            dim, codebook_size, entropy_loss_weight=entropy_loss_weight,
-            commitment_loss_weight=commitment_loss_weight, diversity_gamma=diversity_gamma,
-            num_codebooks=num_codebooks, spherical=spherical, codebook_scale=codebook_scale,
-            frac_per_sample_entropy=frac_per_sample_entropy,
-            soft_clamp_input_value=soft_clamp_input_value, inv_temperature=100.0,
-            prob_floor=VQP_PROB_FLOOR, projections=has_projections,
-            projection_has_bias=projection_has_bias,
+            dim, codebook_size, num_codebooks=num_codebooks, codebook_scale=codebook_scale,
+            projections=has_projections, **opts,
         )  # fmt: skip
         self.keep_num_codebooks_dim = keep
         self.vqp_channel_first = channel_first
-        self.entropy_loss_offset = entropy_loss_offset  # unused, as vqp without the softplus
+        self.entropy_loss_offset = options.get("entropy_loss_offset", 5.0)
         self.force_quantization_f32 = True
-        self.register_buffer("mask", self.bit_shifts.new_ones(()) << self.bit_shifts)
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        """vqp's buffer, computed on demand: ``(codebook_size, d)`` of ``+-codebook_scale``."""
-        k = torch.arange(self.codebook_size, device=self.bit_shifts.device)
-        bits = ((k[:, None] >> self.bit_shifts) & 1).bool()
-        return lfq_codes(bits, self.codebook_scale, False)
 
     def forward(self, x, inv_temperature=100.0, return_loss_breakdown=False, mask=None):
         move = x.ndim >= 4 if self.vqp_channel_first is None else self.vqp_channel_first
@@ -142,3 +171,95 @@ class LFQ(_LFQ):
             w = getattr(self.project_in, "weight", None)
             codes = self.project_out(codes if w is None else codes.to(w.dtype))
         return codes.movedim(-1, 1) if move else codes
+
+
+def _depth_options(cls: str, kwargs: dict) -> dict:
+    """vqp's ``**kwargs`` to its residual LFQ layers, mapped onto fastvq's LFQ options."""
+    kw = dict(kwargs)
+    if "codebook_scale" in kw:  # vqp sets it per depth: its LFQ would get it twice
+        raise TypeError(f"{cls} got multiple values for keyword argument 'codebook_scale'")
+    for name, ok in (
+        ("num_codebooks", lambda v: v == 1),
+        ("keep_num_codebooks_dim", lambda v: not v),
+        ("has_projections", lambda v: not v),
+        ("channel_first", lambda v: not v),
+    ):  # vqp's stack asserts its layers have no projection and one codebook
+        if name in kw and not ok(kw[name]):
+            raise _unsupported(cls, name, kw[name])
+        kw.pop(name, None)
+    opts = _lfq_options(cls, **kw)
+    opts.pop("projection_has_bias")  # the layers have no projection in vqp's stack
+    opts.pop("soft_clamp_input_value")  # the stack's own argument
+    return opts
+
+
+class ResidualLFQ(ImplicitStackFront, _ResidualLFQ):
+    """vqp's ``ResidualLFQ(*, dim, num_quantizers, codebook_size, ...)``:
+    ``forward(x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None)``
+    returns ``(quantized, indices (..., Q), losses (Q,)[, all_codes (Q, ..., d)])``; depth
+    ``i``'s codes are ``+-2^-i``. Inputs are ``(..., dim)`` (vqp's stack takes ``(b, n, dim)``).
+    """
+
+    depth_class = LFQDepth
+
+    def __init__(
+        self, *, dim, num_quantizers, codebook_size, quantize_dropout=False,
+        quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
+        soft_clamp_input_value=None, **kwargs,
+    ):  # fmt: skip
+        _check_codebook_size(codebook_size)
+        super().__init__(
+            codebook_size, num_quantizers, dim, quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            soft_clamp_input_value=soft_clamp_input_value,
+            **_depth_options("ResidualLFQ", kwargs),
+        )  # fmt: skip
+        self.has_projections = self.dim != self.codebook_dim
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """vqp's ``(Q, codebook_size, d)``: each depth's ``+-2^-i`` codes."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
+        num_active = self.vqp_num_active(rand_quantize_dropout_fixed_seed)
+        return self.forward_active(x, mask, return_all_codes, num_active)
+
+    def forward_active(self, x, mask, return_all_codes: bool, num_active: int):
+        """vqp's forward with the first ``num_active`` depths."""
+        out = _ResidualLFQ.forward(self, x, mask, return_losses=True, num_active=num_active)
+        ret = (out.quantized, out.indices, out.losses)
+        return (*ret, self.get_codes_from_indices(out.indices)) if return_all_codes else ret
+
+
+class GroupedResidualLFQ(GroupedStack, nn.Module):
+    """vqp's ``GroupedResidualLFQ(*, dim, groups=1, accept_image_fmap=False, **kwargs)``:
+    ``forward(x, mask=None, return_all_codes=False)`` returns ``(quantized, indices (groups,
+    ..., Q), losses (groups, Q)[, codes per group])``; one quantize-dropout draw for every
+    group."""
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__()
+        if accept_image_fmap:  # vqp's stacks would project the wrong dim of (b, d, h, w)
+            raise _unsupported("GroupedResidualLFQ", "accept_image_fmap", accept_image_fmap)
+        if dim % groups != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList(ResidualLFQ(dim=dim // groups, **kwargs) for _ in range(groups))
+        self.codebook_size = self.rvqs[0].codebook_size
+
+    def forward(self, x, mask=None, return_all_codes: bool = False):
+        if x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"x must have {self.dim} channels in dim {self.split_dim}")
+        num_active = self.rvqs[0].vqp_num_active(None)  # one draw for every group
+        outs = [
+            rvq.forward_active(chunk, mask, return_all_codes, num_active)
+            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim), strict=True)
+        ]
+        ret = (
+            torch.cat([o[0] for o in outs], dim=self.split_dim),
+            torch.stack([o[1] for o in outs]),
+            torch.stack([o[2] for o in outs]),
+        )
+        return (*ret, tuple(o[3] for o in outs)) if return_all_codes else ret

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _dist
-from ...residual import frac_gradient, residual_beam_search
+from ...residual import residual_beam_search
+from ...stack import frac_gradient
 from .vq import VectorQuantize, _rotate_or_pass, _unsupported
 
 __all__ = ["GroupedResidualVQ", "ResidualVQ"]
@@ -25,6 +26,15 @@ def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
     if _dist.is_distributed():
         dist.all_reduce(r)
     return int(r.item())
+
+
+def vqp_num_active(q: int, cutoff: int, multiple_of: int, seed) -> int:
+    """Depths vqp's stacks run for a given ``rand_quantize_dropout_fixed_seed``: the last kept
+    depth from ``random.Random(seed)``, rounded up to a multiple, plus one (at most ``q``)."""
+    i = random.Random(seed).randrange(cutoff, q)
+    if multiple_of != 1:
+        i = math.ceil((i + 1) / multiple_of) * multiple_of - 1
+    return min(i + 1, q)
 
 
 class ResidualVQ(nn.Module):
@@ -139,13 +149,10 @@ class ResidualVQ(nn.Module):
         """vqp's quantize dropout draw: the last depth run, from ``random.Random(seed)``."""
         if seed is None:
             seed = _maybe_sync_seed(device)
-        last = random.Random(seed).randrange(
-            self.quantize_dropout_cutoff_index, self.num_quantizers
-        )
-        mult = self.quantize_dropout_multiple_of
-        if mult != 1:
-            last = math.ceil((last + 1) / mult) * mult - 1
-        return last + 1
+        return vqp_num_active(
+            self.num_quantizers, self.quantize_dropout_cutoff_index,
+            self.quantize_dropout_multiple_of, seed,
+        )  # fmt: skip
 
     def forward(
         self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
@@ -277,6 +284,35 @@ class ResidualVQ(nn.Module):
             for vq, r, i in zip(layers, residuals, all_idx, strict=True):
                 vq.update_indices(r.detach(), i, mask=mask)
         return out, all_idx, all_losses, residuals
+
+
+class ImplicitStackFront:
+    """What vqp's stacks of implicit quantizers (``ResidualFSQ``, ``ResidualLFQ``) share, on a
+    :class:`fastvq.stack.ResidualStack`: vqp's dropout draw and its decoding methods."""
+
+    def vqp_num_active(self, seed) -> int:
+        """Depths for one forward, as vqp: dropout only in training with gradients on; without
+        ``seed`` the stack's own replayable draw, with one vqp's draw from ``seed``."""
+        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
+            return self.num_quantizers
+        if seed is None:
+            return self.num_active_for(None)
+        return vqp_num_active(
+            self.num_quantizers, self.quantize_dropout_cutoff_index,
+            self.quantize_dropout_multiple_of, seed,
+        )  # fmt: skip
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(Q, ..., d)`` each depth's scaled code (0 for -1); fewer than Q indices are padded
+        with -1 (coarse codes, as vqp)."""
+        pad = self.num_quantizers - indices.shape[-1]
+        if pad > 0:
+            fill = indices.new_full((*indices.shape[:-1], pad), -1)
+            indices = torch.cat([indices, fill], dim=-1)
+        return self.depth_codes(indices, check=False).movedim(-2, 0)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
 class GroupedStack:
