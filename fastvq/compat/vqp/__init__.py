@@ -1,11 +1,13 @@
 """A vector-quantize-pytorch 1.32.0 ("vqp") compatible front end on fastvq's layers.
 
 ``from fastvq.compat.vqp import VectorQuantize`` replaces ``from vector_quantize_pytorch import
-VectorQuantize`` (likewise ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``ResidualFSQ`` and
-``GroupedResidualFSQ``). One module per vqp family: :mod:`.vq` (``VectorQuantize``, its codebook
-under vqp's names), :mod:`.residual` (``ResidualVQ``, ``GroupedResidualVQ``) and :mod:`.fsq`
-(``FSQ``, ``ResidualFSQ``, ``GroupedResidualFSQ`` on :class:`fastvq.FSQ`). The VQ codes and
-their learning are a :class:`fastvq.codebook.Codebook` with vqp's policies
+VectorQuantize`` (likewise ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``ResidualFSQ``,
+``GroupedResidualFSQ``, ``LFQ``, ``SimVQ``, ``ResidualSimVQ`` and vqp's special ``Sequential``).
+One module per vqp family: :mod:`.vq` (``VectorQuantize``, its codebook under vqp's names),
+:mod:`.residual` (``ResidualVQ``, ``GroupedResidualVQ``), :mod:`.fsq` (``FSQ``,
+``ResidualFSQ``, ``GroupedResidualFSQ`` on :class:`fastvq.FSQ`), :mod:`.sim_vq` (``SimVQ``,
+``ResidualSimVQ`` on a SimVQ :class:`fastvq.codebook.Codebook`) and :mod:`.sequential`. The VQ
+codes and their learning are a :class:`fastvq.codebook.Codebook` with vqp's policies
 (:mod:`fastvq.codebook.vqp_rules`); this package maps names, defaults, arguments, return layouts
 and ``state_dict`` keys.
 """
@@ -13,9 +15,11 @@ and ``state_dict`` keys.
 from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ
 from .lfq import LFQ
 from .residual import GroupedResidualVQ, ResidualVQ
+from .sequential import Sequential
+from .sim_vq import ResidualSimVQ, SimVQ
 from .vq import LossBreakdown, VectorQuantize, orthogonal_loss
 
 __all__ = [
     "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "LFQ", "LossBreakdown", "ResidualFSQ",
-    "ResidualVQ", "VectorQuantize", "orthogonal_loss",
+    "ResidualSimVQ", "ResidualVQ", "Sequential", "SimVQ", "VectorQuantize", "orthogonal_loss",
 ]  # fmt: skip
