@@ -394,7 +394,6 @@ def test_stochastic_sampling_follows_vqps_distribution():
 @pytest.mark.parametrize(
     "cls,kw,name",
     [
-        ("VectorQuantize", dict(straight_through=True), "straight_through"),
         ("VectorQuantize", dict(directional_reparam=True), "directional_reparam"),
         ("VectorQuantize", dict(affine_param=True), "affine_param"),
         ("VectorQuantize", dict(vq_bridge=torch.nn.Identity()), "vq_bridge"),

@@ -33,7 +33,7 @@ from ...codebook_losses import ce_commitment_loss, diversity_loss
 from ...codebook_losses import orthogonal_loss as _orthogonal_loss
 from ...functional import attach_codes, quantize_rows
 from ...ops import resolve_backend, search
-from ...sampling import sample_codes, topk_codes
+from ...sampling import gumbel_soft_codes, sample_codes, topk_codes
 from .codebook import VqpCodebook
 from .layout import Layout
 
@@ -112,6 +112,16 @@ def _pick_codes(rows, codes, *, cosine, temperature, topk):
     return topk_codes(rows, codes, topk)[1]
 
 
+def _soft_codes(rows, embed, idx, temperature, cosine) -> torch.Tensor:
+    """vqp's ``straight_through`` codes per codebook: ``embed[g][idx[g]]`` with the gradient of
+    the softmax of vqp's logits to ``rows`` (:func:`fastvq.sampling.gumbel_soft_codes`, no
+    M x K tensor). ``rows`` (G, M, d), ``embed`` (G, K, d), ``idx`` (G, M) -> (G, M, d)."""
+    return torch.stack([
+        gumbel_soft_codes(r, e.detach(), i, temperature=temperature, cosine=cosine)
+        for r, e, i in zip(rows, embed, idx, strict=True)
+    ])  # fmt: skip
+
+
 class VectorQuantize(nn.Module):
     """vqp's ``VectorQuantize`` on fastvq's fused op (same arguments, defaults, outputs, keys).
 
@@ -153,7 +163,6 @@ class VectorQuantize(nn.Module):
         super().__init__()
         name = type(self).__name__
         for arg, value, ok in (
-            ("straight_through", straight_through, False),
             ("directional_reparam", directional_reparam, False),
             ("vq_bridge", vq_bridge, None),
             ("in_place_codebook_optimizer", in_place_codebook_optimizer, None),
@@ -170,6 +179,13 @@ class VectorQuantize(nn.Module):
         ema_update = True if ema_update is None else ema_update
         learnable_codebook = False if learnable_codebook is None else learnable_codebook
         rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        if straight_through and rotation_trick:
+            raise ValueError(
+                "straight_through and rotation_trick: at most one (as in vqp; rotation_trick "
+                "defaults to dim > 1, pass rotation_trick=False)"
+            )
+        if straight_through and learnable_codebook:
+            raise ValueError("straight_through is not allowed with learnable_codebook (as in vqp)")
         if use_cosine_sim and learnable_codebook:
             raise ValueError("use_cosine_sim is not compatible with learnable_codebook (as in vqp)")
         if ema_update and learnable_codebook:
@@ -212,7 +228,7 @@ class VectorQuantize(nn.Module):
         self.rotation_trick, self.sync_update_v = bool(rotation_trick), sync_update_v
         self.route_gradients_to_input = route_gradients_to_input
         self.stochastic_sample_codes, self.use_cosine_sim = stochastic_sample_codes, use_cosine_sim
-        self.sample_codebook_temp = sample_codebook_temp
+        self.sample_codebook_temp, self.straight_through = sample_codebook_temp, straight_through
         self._codebook = VqpCodebook(
             codebook_dim, codebook_size,
             num_codebooks=heads if separate_codebook_per_head else 1,
@@ -320,6 +336,11 @@ class VectorQuantize(nn.Module):
             raise _unsupported(name, "topk with stochastic_sample_codes in training", topk)
         learn_commit = self.learnable_codebook and not freeze
         route = input_requires_grad and self.route_gradients_to_input
+        # vqp's Gumbel straight-through: its soft path survives only where the layer's own
+        # straight-through (on an input that requires grad) does not replace it
+        soft = self.straight_through and self.training and temp > 0 and not route
+        if soft and is_topk:
+            raise _unsupported(name, "topk with straight_through in training", topk)
         be = resolve_backend(cb.backend, rows.device)
         zero = torch.zeros((), device=rows.device)
 
@@ -347,7 +368,7 @@ class VectorQuantize(nn.Module):
             if self.training and route:
                 q = _rotate_or_pass(zk.expand_as(codes), codes, self.rotation_trick)
             else:
-                q = codes
+                q = _soft_codes(rows, embed, idx, temp, self.use_cosine_sim) if soft else codes
         elif self.training:
             outs = [
                 quantize_rows(
@@ -364,6 +385,8 @@ class VectorQuantize(nn.Module):
             commit = losses[0] if g_count == 1 else torch.stack(losses).mean()
             if route:
                 q = torch.stack([o[0] for o in outs])
+            elif soft:
+                q = _soft_codes(rows, embed, idx, temp, self.use_cosine_sim)
             else:  # vqp: no route to the input, the output keeps the codebook's gradient
                 q = torch.stack([F.embedding(idx[g], embed[g]) for g in range(g_count)])
         else:
