@@ -206,3 +206,14 @@ def test_sequential_needs_exactly_one_quantizer():
     seq = C.Sequential(nn.Linear(3, 2), C.LFQ(dim=2, codebook_size=4), nn.Linear(2, 3))
     out = seq(torch.randn(2, 5, 3))
     assert out[0].shape == (2, 5, 3) and len(out) == 3
+
+
+def test_codebook_takes_a_given_simvq_basis():
+    from fastvq.codebook import Codebook
+
+    basis = torch.randn(5, 3)
+    book = Codebook(1, 5, 3, learning="simvq", init=basis, grouped=False, counters=False)
+    assert torch.equal(book.simvq_basis, basis)
+    torch.testing.assert_close(book.codes()[0], basis @ book.simvq_map.T)
+    with pytest.raises(ValueError, match="init"):
+        Codebook(1, 4, 3, learning="simvq", init=torch.randn(5, 3), grouped=False)
