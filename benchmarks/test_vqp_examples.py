@@ -28,3 +28,15 @@ def test_vqp_examples_benchmark_smallest(tmp_path):
         ref, ours = (doc["runs"][script][impl][0] for impl in ("vqp", "fastvq"))
         assert ours["test_l1"] == pytest.approx(ref["test_l1"], rel=1e-4)
         assert f"| {script} | fastvq |" in done.stdout
+
+
+def test_straight_through_memory_smallest():
+    """benchmarks/vqp_straight_through_memory.py runs both ways; the soft path's gradient to
+    ``project_in`` is the same (printed norm)."""
+    norms = []
+    for impl in ("vqp", "fastvq"):
+        cmd = [sys.executable, "-m", "benchmarks.vqp_straight_through_memory", impl, "64", "128"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        norms.append(float(done.stdout.split("project_in_grad_norm=")[1].split()[0]))
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4) and norms[0] > 0
