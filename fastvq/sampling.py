@@ -32,6 +32,12 @@ VQP_DIST_FLOOR = 1e-4
 # working memory is O(TILE_ELEMS + N) whatever N is (sampling's hash needs int64 temporaries).
 TILE_ELEMS = 1 << 22
 
+# The soft path's backward keeps many tile-sized temporaries alive at once (the logits' autograd
+# graph, the weights), so its tiles are an eighth of the others: measured at N=4096, K=16384,
+# D=32 (benchmarks/vqp_straight_through_memory.py), a peak RSS growth of 468-528 MiB with
+# TILE_ELEMS tiles and 76 MiB with these, at the same backward time.
+SOFT_TILE_ELEMS = TILE_ELEMS // 8
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -333,7 +339,7 @@ def _soft_grad(
         return out
     code_sq = c32.square().sum(1)
     bk = min(chunk, k)
-    bn = max(1, min(n, TILE_ELEMS // bk))
+    bn = max(1, min(n, SOFT_TILE_ELEMS // bk))
     for n0 in range(0, n, bn):
         zb, gb = z32[n0 : n0 + bn], g32[n0 : n0 + bn]
         m = torch.full((zb.shape[0],), -math.inf, device=zb.device)
