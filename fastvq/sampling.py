@@ -5,7 +5,9 @@ vector-quantize-pytorch 1.32 ("vqp") samples codes (``stochastic_sample_codes``,
 both run over tiles of (rows x ``chunk`` codes) with a running reduction, as ``search`` does:
 
 - :func:`sample_codes`: Gumbel-max over vqp's logits, a running max per row;
-- :func:`topk_codes`: the k nearest codes, a running top-k merge per row.
+- :func:`topk_codes`: the k nearest codes, a running top-k merge per row;
+- :func:`gumbel_soft_codes`: vqp's ``straight_through`` gradient (the softmax of its logits
+  through the chosen codes), a running softmax per row in the backward.
 
 The helpers at the top (argument checks, vqp's logits) are shared with
 :mod:`fastvq.codebook_losses`.
@@ -29,6 +31,12 @@ VQP_DIST_FLOOR = 1e-4
 # A tile holds at most about this many elements (rows x codes); rows are blocked to fit, so the
 # working memory is O(TILE_ELEMS + N) whatever N is (sampling's hash needs int64 temporaries).
 TILE_ELEMS = 1 << 22
+
+# The soft path's backward keeps many tile-sized temporaries alive at once (the logits' autograd
+# graph, the weights), so its tiles are an eighth of the others: measured at N=4096, K=16384,
+# D=32 (benchmarks/vqp_straight_through_memory.py), a peak RSS growth of 468-528 MiB with
+# TILE_ELEMS tiles and 76 MiB with these, at the same backward time.
+SOFT_TILE_ELEMS = TILE_ELEMS // 8
 
 _MASK32 = 0xFFFFFFFF
 
@@ -308,3 +316,110 @@ def topk_codes(
         dv = dv.gather(1, order)
         dist[n0:n1], indices[n0:n1] = _sort_pairs(dv, idx, k)
     return dist, indices
+
+
+# --- gumbel_soft_codes --------------------------------------------------------------------------
+
+
+def _soft_grad(
+    g: torch.Tensor, z: torch.Tensor, codes: torch.Tensor, t: float, cosine: bool, chunk: int
+) -> torch.Tensor:
+    """``d/dz sum_i g_i . (sum_k softmax(l_i / t)_k c_k)`` with ``l`` vqp's logits, without an
+    N x K tensor: fp32 (N, D) from ``g``, ``z`` (N, D), ``codes`` (K, D).
+
+    With ``pi = softmax(l / t)``, ``a_k = g . c_k`` and ``s = sum_k pi_k a_k``, the gradient is
+    ``sum_k pi_k (a_k - s) dl_k/dz / t``. Pass 1 runs over code tiles with a running max to get
+    ``log sum exp(l / t)`` and ``s`` per row; pass 2 rebuilds each tile's logits
+    (:func:`vqp_logits`, its clamp included) and back-propagates the tile's weights through them.
+    """
+    z32, c32, g32 = (t_.detach().to(torch.float32) for t_ in (z, codes, g))
+    n, k = z32.shape[0], c32.shape[0]
+    out = torch.zeros_like(z32)
+    if n == 0:
+        return out
+    code_sq = c32.square().sum(1)
+    bk = min(chunk, k)
+    bn = max(1, min(n, SOFT_TILE_ELEMS // bk))
+    for n0 in range(0, n, bn):
+        zb, gb = z32[n0 : n0 + bn], g32[n0 : n0 + bn]
+        m = torch.full((zb.shape[0],), -math.inf, device=zb.device)
+        tot = torch.zeros_like(m)  # sum_k exp(l_k / t - m)
+        acc = torch.zeros_like(m)  # sum_k exp(l_k / t - m) a_k
+        for k0 in range(0, k, bk):
+            ct = c32[k0 : k0 + bk]
+            logits = vqp_logits(zb, ct, code_sq[k0 : k0 + bk], cosine) / t
+            m_new = torch.maximum(m, logits.max(1).values)
+            keep = torch.exp(m - m_new)
+            w = torch.exp(logits - m_new[:, None])
+            tot = tot * keep + w.sum(1)
+            acc = acc * keep + (w * (gb @ ct.t())).sum(1)
+            m = m_new
+        lse, s = m + tot.log(), acc / tot
+        zg = zb.clone().requires_grad_()
+        with torch.enable_grad():
+            for k0 in range(0, k, bk):
+                ct = c32[k0 : k0 + bk]
+                logits = vqp_logits(zg, ct, code_sq[k0 : k0 + bk], cosine) / t
+                weight = torch.exp(logits.detach() - lse[:, None]) * (gb @ ct.t() - s[:, None])
+                (grad,) = torch.autograd.grad(logits, zg, weight)
+                out[n0 : n0 + bn] += grad
+    return out
+
+
+class _GumbelSoftCodes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, codes, indices, temperature, cosine, chunk):
+        ctx.save_for_backward(z, codes)
+        ctx.temperature, ctx.cosine, ctx.chunk = temperature, cosine, chunk
+        return codes.index_select(0, indices).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, codes = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = _soft_grad(g, z, codes, ctx.temperature, ctx.cosine, ctx.chunk).to(z.dtype)
+        return grad, None, None, None, None, None
+
+
+def gumbel_soft_codes(
+    z: torch.Tensor,
+    codes: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    cosine: bool = False,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """vqp's Gumbel straight-through codes (``gumbel_sample(..., straight_through=True)``):
+    forward value exactly ``codes[indices]``, gradient to ``z`` that of
+    ``sum_k softmax(logits / temperature)_k c_k`` (vqp's ``one_hot + pi - sg(pi)``), with vqp's
+    logits (:func:`vqp_logits`: ``-max(||z - c||, 1e-4)``, ``z.c`` with ``cosine``).
+
+    No N x K tensor: the backward runs two passes over tiles of ``chunk`` codes (rows blocked
+    too), so memory is O(N D + rows x chunk). The codes get no gradient (vqp forbids this path
+    with a learned codebook).
+
+    Args:
+        z: (N, D) rows, N >= 0 (fp32, fp16 or bf16; the gradient is computed in fp32).
+        codes: (K, D) codes, K >= 1, same device.
+        indices: int64 (N,) the chosen codes (the nearest, or sampled), in ``[0, K)``.
+        temperature: finite > 0.
+        cosine: logits ``z.c`` (``z`` and ``codes`` l2-normalised by the caller).
+        chunk: codes per tile, >= 1.
+
+    Returns:
+        (N, D) in ``z``'s dtype: ``codes[indices]``, differentiable in ``z``.
+    """
+    check_rows_codes(z, codes)
+    t = check_temperature("temperature", temperature)
+    if t == 0:
+        raise ValueError("temperature must be > 0 for the soft path, got 0")
+    chunk = check_int("chunk", chunk, 1)
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+        raise TypeError(
+            f"indices must be an int64 tensor, got {getattr(indices, 'dtype', indices)}"
+        )
+    if indices.shape != z.shape[:1]:
+        raise ValueError(f"indices must have shape ({z.shape[0]},), got {tuple(indices.shape)}")
+    return _GumbelSoftCodes.apply(z, codes.detach(), indices, t, bool(cosine), chunk)

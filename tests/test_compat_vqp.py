@@ -394,8 +394,6 @@ def test_stochastic_sampling_follows_vqps_distribution():
 @pytest.mark.parametrize(
     "cls,kw,name",
     [
-        ("VectorQuantize", dict(straight_through=True), "straight_through"),
-        ("VectorQuantize", dict(directional_reparam=True), "directional_reparam"),
         ("VectorQuantize", dict(affine_param=True), "affine_param"),
         ("VectorQuantize", dict(vq_bridge=torch.nn.Identity()), "vq_bridge"),
         (
@@ -404,7 +402,6 @@ def test_stochastic_sampling_follows_vqps_distribution():
             "codebook_diversity_loss_weight with separate_codebook_per_head",
         ),
         ("ResidualVQ", dict(num_quantizers=2, implicit_neural_codebook=True), "implicit_neural"),
-        ("ResidualVQ", dict(num_quantizers=2, diveq=True), "diveq"),
     ],
 )
 def test_unsupported_arguments_raise_naming_them(cls, kw, name):

@@ -51,7 +51,8 @@ class Codebook(nn.Module):
         learning: ``"ema"`` (EMA buffers, Laplace smoothing), ``"grad"`` (an ``nn.Parameter``
             trained by the loss) or ``"simvq"`` (a frozen random basis times a learned map).
         init: the initial codes (G, S, D) (or (S, D) with ``grouped=False``); None draws them
-            with kaiming-uniform from torch's global RNG, as ``nn.Linear`` does.
+            with kaiming-uniform from torch's global RNG, as ``nn.Linear`` does. SimVQ: the
+            frozen basis (None draws it from ``seed``).
         shard: ``(start, end)``: this module holds codes ``[start, end)`` of K (default all).
         decay, eps: EMA decay and Laplace smoothing (``learning="ema"``).
         cosine: codes are l2-normalised.
@@ -118,7 +119,8 @@ class Codebook(nn.Module):
         self.grouped = grouped
         self.random_streams = RandomStreams(seed)
         shape = (num_codebooks, self.end - self.start, dim)
-        if init is None:
+        simvq_init = init if learning == "simvq" else None
+        if init is None:  # SimVQ too: its draw keeps the global RNG stream of earlier releases
             init = torch.empty(shape)
             for i in range(num_codebooks):
                 nn.init.kaiming_uniform_(init[i])
@@ -144,8 +146,15 @@ class Codebook(nn.Module):
         if learning == "simvq":
             # vqp's SimVQ: basis randn * D^-0.5, map nn.Linear(D, D, bias=False). The basis is
             # drawn from ``seed`` (not the global RNG), so every rank holds the same one.
-            gen = fresh_generator(seed, "simvq-basis")
-            self.register_buffer("simvq_basis", g(torch.randn(shape, generator=gen) * dim**-0.5))
+            if simvq_init is None:
+                gen = fresh_generator(seed, "simvq-basis")
+                simvq_init = g(torch.randn(shape, generator=gen) * dim**-0.5)
+            elif tuple(simvq_init.shape) != (shape if grouped else shape[1:]):
+                want = shape if grouped else shape[1:]
+                raise ValueError(
+                    f"init (the SimVQ basis) must have shape {want}, got {tuple(simvq_init.shape)}"
+                )
+            self.register_buffer("simvq_basis", simvq_init)
             if simvq_map is None:
                 w = torch.empty(num_codebooks, dim, dim)
                 for i in range(num_codebooks):

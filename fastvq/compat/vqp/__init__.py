@@ -2,12 +2,15 @@
 
 ``from fastvq.compat.vqp import VectorQuantize`` replaces ``from vector_quantize_pytorch import
 VectorQuantize`` (likewise ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``ResidualFSQ``,
-``GroupedResidualFSQ``, ``LFQ``, ``ResidualLFQ`` and ``GroupedResidualLFQ``). One module per vqp
-family: :mod:`.vq` (``VectorQuantize``, its codebook under vqp's names), :mod:`.residual`
-(``ResidualVQ``, ``GroupedResidualVQ``), :mod:`.fsq` (``FSQ``, ``ResidualFSQ``,
-``GroupedResidualFSQ`` on :class:`fastvq.FSQ` and :mod:`fastvq.stack`) and :mod:`.lfq` (``LFQ``,
-``ResidualLFQ``, ``GroupedResidualLFQ`` on :class:`fastvq.LFQ` and :mod:`fastvq.stack`). The
-VQ codes and their learning are a :class:`fastvq.codebook.Codebook` with vqp's policies
+``GroupedResidualFSQ``, ``LFQ``, ``ResidualLFQ``, ``GroupedResidualLFQ``, ``SimVQ``,
+``ResidualSimVQ`` and vqp's special ``Sequential``). One module per vqp family: :mod:`.vq`
+(``VectorQuantize``, its codebook under vqp's names), :mod:`.residual` (``ResidualVQ``,
+``GroupedResidualVQ``), :mod:`.fsq` (``FSQ``, ``ResidualFSQ``, ``GroupedResidualFSQ`` on
+:class:`fastvq.FSQ` and :mod:`fastvq.stack`), :mod:`.lfq` (``LFQ``, ``ResidualLFQ``,
+``GroupedResidualLFQ`` on :class:`fastvq.LFQ` and :mod:`fastvq.stack`), :mod:`.sim_vq`
+(``SimVQ``, ``ResidualSimVQ`` on a SimVQ :class:`fastvq.codebook.Codebook`) and
+:mod:`.sequential`. The VQ codes and their learning are a :class:`fastvq.codebook.Codebook` with
+vqp's policies
 (:mod:`fastvq.codebook.vqp_rules`); this package maps names, defaults, arguments, return layouts
 and ``state_dict`` keys.
 """
@@ -15,10 +18,12 @@ and ``state_dict`` keys.
 from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ
 from .lfq import LFQ, GroupedResidualLFQ, ResidualLFQ
 from .residual import GroupedResidualVQ, ResidualVQ
+from .sequential import Sequential
+from .sim_vq import ResidualSimVQ, SimVQ
 from .vq import LossBreakdown, VectorQuantize, orthogonal_loss
 
 __all__ = [
     "FSQ", "GroupedResidualFSQ", "GroupedResidualLFQ", "GroupedResidualVQ", "LFQ",
-    "LossBreakdown", "ResidualFSQ", "ResidualLFQ", "ResidualVQ", "VectorQuantize",
-    "orthogonal_loss",
+    "LossBreakdown", "ResidualFSQ", "ResidualLFQ", "ResidualSimVQ", "ResidualVQ", "Sequential",
+    "SimVQ", "VectorQuantize", "orthogonal_loss",
 ]  # fmt: skip

@@ -14,9 +14,11 @@ from torch import nn
 from ... import _dist
 from ...residual import residual_beam_search
 from ...stack import frac_gradient
-from .vq import VectorQuantize, _rotate_or_pass, _unsupported
+from .vq import VectorQuantize, _directional_reparam, _rotate_or_pass, _unsupported
 
 __all__ = ["GroupedResidualVQ", "ResidualVQ"]
+
+DIVEQ_VARIANCE = 5e-3  # vqp's ``directional_reparam`` default, which its ResidualVQ uses
 
 
 def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
@@ -63,8 +65,6 @@ class ResidualVQ(nn.Module):
         name = type(self).__name__
         if implicit_neural_codebook:
             raise _unsupported(name, "implicit_neural_codebook", implicit_neural_codebook)
-        if diveq:
-            raise _unsupported(name, "diveq", diveq)
         if mlp_kwargs:
             raise _unsupported(name, "mlp_kwargs", mlp_kwargs)
         if heads != 1:
@@ -81,6 +81,12 @@ class ResidualVQ(nn.Module):
         vq_kwargs.update(return_zeros_for_masked_padding=return_zeros_for_masked_padding)
         if shared_codebook:
             vq_kwargs.update(manual_ema_update=True)
+        self.diveq = bool(diveq)
+        if self.diveq:  # vqp: the codes learn by DiVeQ on the summed output, not by EMA
+            vq_kwargs.update(
+                ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
+                commitment_weight=0.0,
+            )  # fmt: skip
         sizes = (
             codebook_size if isinstance(codebook_size, tuple) else (codebook_size,) * num_quantizers
         )
@@ -101,7 +107,7 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.vq_is_ema_updating = self.layers[0].ema_update
-        self.quant_grad_frac = quant_grad_frac
+        self.quant_grad_frac = 1.0 if self.diveq else quant_grad_frac
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("eval_beam_size needs beam_size (as in vqp)")
         self.beam_size = beam_size
@@ -203,6 +209,8 @@ class ResidualVQ(nn.Module):
         all_idx = all_idx + [fill_idx] * (q_total - active)
         zero = torch.zeros((), device=x.device)
         all_losses = all_losses + [zero] * (q_total - active)
+        if self.diveq:  # vqp: in eval too, with its default noise variance
+            quantized_out = _directional_reparam(z, quantized_out, DIVEQ_VARIANCE)
         quantized_out = self.project_out(quantized_out)
         if mask is not None:
             fill = torch.zeros_like(quantized_out) if self.return_zeros_for_masked_padding else x

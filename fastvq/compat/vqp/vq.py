@@ -21,6 +21,7 @@ vector-quantize-pytorch"); an argument this front end cannot honour raises
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,7 @@ from ...codebook_losses import ce_commitment_loss, diversity_loss
 from ...codebook_losses import orthogonal_loss as _orthogonal_loss
 from ...functional import attach_codes, quantize_rows
 from ...ops import resolve_backend, search
-from ...sampling import sample_codes, topk_codes
+from ...sampling import gumbel_soft_codes, sample_codes, topk_codes
 from .codebook import VqpCodebook
 from .layout import Layout
 
@@ -112,6 +113,26 @@ def _pick_codes(rows, codes, *, cosine, temperature, topk):
     return topk_codes(rows, codes, topk)[1]
 
 
+def _directional_reparam(z: torch.Tensor, q: torch.Tensor, variance: float) -> torch.Tensor:
+    """vqp's ``directional_reparam`` (DiVeQ, openreview KRVnpTbx7R, fig. 1): ``z + sg(u) |q - z|``
+    with ``u`` the unit direction of ``q - z`` plus Gaussian noise of ``variance`` (torch's
+    global generator, vqp's draws): the output's value is about ``q``, and both ``z`` and the
+    codes get a gradient through the error's norm. ``z``, ``q`` (..., d)."""
+    err = q - z
+    noised = err + math.sqrt(variance) * torch.randn_like(err)
+    return z + l2norm(noised).detach() * err.norm(dim=-1, keepdim=True)
+
+
+def _soft_codes(rows, embed, idx, temperature, cosine) -> torch.Tensor:
+    """vqp's ``straight_through`` codes per codebook: ``embed[g][idx[g]]`` with the gradient of
+    the softmax of vqp's logits to ``rows`` (:func:`fastvq.sampling.gumbel_soft_codes`, no
+    M x K tensor). ``rows`` (G, M, d), ``embed`` (G, K, d), ``idx`` (G, M) -> (G, M, d)."""
+    return torch.stack([
+        gumbel_soft_codes(r, e.detach(), i, temperature=temperature, cosine=cosine)
+        for r, e, i in zip(rows, embed, idx, strict=True)
+    ])  # fmt: skip
+
+
 class VectorQuantize(nn.Module):
     """vqp's ``VectorQuantize`` on fastvq's fused op (same arguments, defaults, outputs, keys).
 
@@ -153,8 +174,6 @@ class VectorQuantize(nn.Module):
         super().__init__()
         name = type(self).__name__
         for arg, value, ok in (
-            ("straight_through", straight_through, False),
-            ("directional_reparam", directional_reparam, False),
             ("vq_bridge", vq_bridge, None),
             ("in_place_codebook_optimizer", in_place_codebook_optimizer, None),
             ("affine_param", affine_param, False),
@@ -166,10 +185,23 @@ class VectorQuantize(nn.Module):
             # distribution; fastvq.codebook_losses.diversity_loss takes one codebook
             arg = "codebook_diversity_loss_weight with separate_codebook_per_head and heads > 1"
             raise _unsupported(name, arg, codebook_diversity_loss_weight)
-        # vqp's derived defaults (with directional_reparam and vq_bridge unsupported)
-        ema_update = True if ema_update is None else ema_update
-        learnable_codebook = False if learnable_codebook is None else learnable_codebook
-        rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        # vqp's derived defaults (with vq_bridge unsupported)
+        diveq = bool(directional_reparam)
+        ema_update = not diveq if ema_update is None else ema_update
+        learnable_codebook = diveq if learnable_codebook is None else learnable_codebook
+        rotation_trick = (not diveq and dim > 1) if rotation_trick is None else rotation_trick
+        if sum(map(bool, (straight_through, rotation_trick, diveq))) > 1:
+            raise ValueError(
+                "straight_through, rotation_trick and directional_reparam: at most one (as in "
+                "vqp; rotation_trick defaults to dim > 1, pass rotation_trick=False)"
+            )
+        if diveq and threshold_ema_dead_code == 0:
+            raise ValueError(
+                "directional_reparam needs threshold_ema_dead_code > 0 (periodic dead-code "
+                "replacement, as in vqp)"
+            )
+        if straight_through and learnable_codebook:
+            raise ValueError("straight_through is not allowed with learnable_codebook (as in vqp)")
         if use_cosine_sim and learnable_codebook:
             raise ValueError("use_cosine_sim is not compatible with learnable_codebook (as in vqp)")
         if ema_update and learnable_codebook:
@@ -200,7 +232,10 @@ class VectorQuantize(nn.Module):
             self.project_in, self.project_out = nn.Identity(), nn.Identity()
         # vqp's attribute names (ResidualVQ and vqp's users read them)
         self.eps, self.learnable_codebook = eps, learnable_codebook
-        self.commitment_weight, self.has_commitment_loss = commitment_weight, commitment_weight > 0
+        self.commitment_weight = commitment_weight
+        self.has_commitment_loss = commitment_weight > 0 and not diveq
+        self.directional_reparam = diveq
+        self.directional_reparam_variance = directional_reparam_variance
         self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
         self.orthogonal_reg_weight = orthogonal_reg_weight
         self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0
@@ -212,7 +247,7 @@ class VectorQuantize(nn.Module):
         self.rotation_trick, self.sync_update_v = bool(rotation_trick), sync_update_v
         self.route_gradients_to_input = route_gradients_to_input
         self.stochastic_sample_codes, self.use_cosine_sim = stochastic_sample_codes, use_cosine_sim
-        self.sample_codebook_temp = sample_codebook_temp
+        self.sample_codebook_temp, self.straight_through = sample_codebook_temp, straight_through
         self._codebook = VqpCodebook(
             codebook_dim, codebook_size,
             num_codebooks=heads if separate_codebook_per_head else 1,
@@ -320,6 +355,13 @@ class VectorQuantize(nn.Module):
             raise _unsupported(name, "topk with stochastic_sample_codes in training", topk)
         learn_commit = self.learnable_codebook and not freeze
         route = input_requires_grad and self.route_gradients_to_input
+        # vqp's Gumbel straight-through: its soft path survives only where the layer's own
+        # straight-through (on an input that requires grad) does not replace it
+        soft = self.straight_through and self.training and temp > 0 and not route
+        if soft and is_topk:
+            raise _unsupported(name, "topk with straight_through in training", topk)
+        diveq = self.training and route and self.directional_reparam
+        zk = rows
         be = resolve_backend(cb.backend, rows.device)
         zero = torch.zeros((), device=rows.device)
 
@@ -344,10 +386,12 @@ class VectorQuantize(nn.Module):
                 commit = err[row_mask].mean()
             else:
                 commit = err.mean()
-            if self.training and route:
+            if diveq:
+                q = codes  # DiVeQ after the codebook step, as vqp (its noise follows its draws)
+            elif self.training and route:
                 q = _rotate_or_pass(zk.expand_as(codes), codes, self.rotation_trick)
             else:
-                q = codes
+                q = _soft_codes(rows, embed, idx, temp, self.use_cosine_sim) if soft else codes
         elif self.training:
             outs = [
                 quantize_rows(
@@ -362,8 +406,12 @@ class VectorQuantize(nn.Module):
             if learn_commit:  # both terms carry the gradient; vqp's value is one mse
                 losses = [lo - lo.detach() / 2 for lo in losses]
             commit = losses[0] if g_count == 1 else torch.stack(losses).mean()
-            if route:
+            if diveq:
+                q = torch.stack([F.embedding(idx[g], embed[g]) for g in range(g_count)])
+            elif route:
                 q = torch.stack([o[0] for o in outs])
+            elif soft:
+                q = _soft_codes(rows, embed, idx, temp, self.use_cosine_sim)
             else:  # vqp: no route to the input, the output keeps the codebook's gradient
                 q = torch.stack([F.embedding(idx[g], embed[g]) for g in range(g_count)])
         else:
@@ -374,6 +422,8 @@ class VectorQuantize(nn.Module):
 
         if update:
             cb.update_(rows_d, idx, row_mask, ema_update_weight, accum_ema_update, ema_now)
+        if diveq:
+            q = _directional_reparam(zk.expand_as(q), q, self.directional_reparam_variance)
         if self.training and self.sync_update_v > 0:
             q = q + self.sync_update_v * (q - q.detach())
 
