@@ -22,8 +22,7 @@ from ..._checks import check_int, check_nonneg_real
 from ...codebook import Codebook
 from ...functional import quantize_rows
 from ...ops import resolve_backend
-from .fsq import _vqp_num_active
-from .residual import _maybe_sync_seed
+from .residual import _maybe_sync_seed, vqp_num_active
 
 __all__ = ["ResidualSimVQ", "SimVQ"]
 
@@ -214,7 +213,7 @@ class ResidualSimVQ(nn.Module):
         if self.training and self.quantize_dropout:
             seed = rand_quantize_dropout_fixed_seed
             seed = _maybe_sync_seed(x.device) if seed is None else seed
-            active = _vqp_num_active(
+            active = vqp_num_active(
                 self.num_quantizers, self.quantize_dropout_cutoff_index,
                 self.quantize_dropout_multiple_of, seed,
             )  # fmt: skip
