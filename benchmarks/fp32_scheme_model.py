@@ -13,9 +13,9 @@ Two schemes of benchmarks/fp32_bounds.py, each as three GPU passes:
   kept (the kernel's TRACK_SECOND, compiled here for bf16); pass 2 the plain bf16 binary at 3 D on
   the flagged rows; pass 3 as above.
 
-Assumptions, all stated in docs/benchmarks.md: pass 2 costs the flagged fraction times its
-kernel at full N (split-K keeping the SMs busy); pass 3 and the host sync for the flagged count
-cost ``FIXED_MS``. The flagged fraction is the Gaussian per-row figure of the bounds JSON. The
+Assumptions, all stated in docs/benchmarks.md: pass 2 runs the flagged rows with the launcher's
+split-K rule (:func:`subset_ms`); pass 3 and the host sync for the flagged count cost
+``FIXED_MS``. The flagged fraction is the Gaussian per-row figure of the bounds JSON. The
 kernel does not exist in this form (the gather would read D, the search 3 D): the prediction is
 for its search passes. Every figure is also given times the per-class calibration of
 :func:`benchmarks.gpu_model.calibration` (median measured / predicted on the H200).
@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def _tracking_runner_up():
 
 def compile_binaries(ds=(64, 256)) -> dict:
     """Records (benchmarks.gpu_static's) of every binary the prediction needs, sm_90."""
-    from benchmarks.gpu_static import Binary, compile_one
+    from benchmarks.gpu_static import Binary, compile_one, gate_failures
 
     recs = {}
     for d in ds:
@@ -66,7 +67,28 @@ def compile_binaries(ds=(64, 256)) -> dict:
         with _tracking_runner_up():
             recs[b.name] = compile_one(b)
         assert recs[b.name]["meta"]["track_second"]
+    for r in recs.values():
+        r["gate"] = gate_failures(r)  # spills etc.: reported beside the prediction
     return recs
+
+
+def subset_ms(rec: dict, device: str, rows: float, k: int, d: int, prec, ez: int) -> float:
+    """Kernel time of ``rec`` on ``rows`` flagged rows over all ``k`` codes, with the launcher's
+    split-K rule (``plan_search``: split K when the row blocks leave SMs idle), in the static
+    model's tile cycles and waves."""
+    from benchmarks.gpu_model import DEVICES, tile_cycles
+
+    dev = DEVICES[device]
+    bn, bk = rec["meta"]["config"][:2]
+    tile = tile_cycles(rec, dev, d, prec, ez, ez)["tile"]
+    row_blocks = max(1, math.ceil(rows / bn))
+    splits = 1
+    if row_blocks < dev["sms"] and k >= 32 * bk:
+        splits = min(math.ceil(2 * dev["sms"] / row_blocks), k // (16 * bk))
+    k_per_split = math.ceil(math.ceil(k / splits) / bk) * bk
+    b = max(1, rec["blocks_per_sm"])
+    waves = math.ceil(row_blocks * splits / (dev["sms"] * b))
+    return waves * b * (k_per_split // bk) * tile / (dev["ghz"] * 1e6)
 
 
 def predictions(recs: dict, bounds: dict, calib: dict) -> list[dict]:
@@ -84,11 +106,12 @@ def predictions(recs: dict, bounds: dict, calib: dict) -> list[dict]:
                 tf32 = p(f"fp32 tf32 D{d}", d, 4, "tf32")
                 f_a = res["tf32_rna/row"]["flagged_fraction"]
                 a1 = p(f"fp32 tf32_rescore D{d}", d, 4, "tf32")["fused_ms"]
-                a = a1 + f_a * tf32["kernel_ms"] + FIXED_MS
+                rec = recs[f"fp32 tf32 D{d}"]
+                a = a1 + subset_ms(rec, device, f_a * N, k, d, "tf32", 4) + FIXED_MS
                 f_b = res["bf16x3/row"]["flagged_fraction"]
                 b1 = p(f"bf16 D{3 * d} track", 3 * d, 2, None)["fused_ms"]
-                b2 = p(f"bf16 D{3 * d}", 3 * d, 2, None)["kernel_ms"]
-                b = b1 + f_b * b2 + FIXED_MS
+                b2 = subset_ms(recs[f"bf16 D{3 * d}"], device, f_b * N, k, 3 * d, None, 2)
+                b = b1 + b2 + FIXED_MS
                 cal = lambda ms, cls: ms * calib.get(cls, float("nan"))  # noqa: E731
                 rows.append(dict(
                     device=device, n=N, k=k, d=d, tf32x3_ms=x3, tf32_ms=tf32["fused_ms"],
@@ -129,11 +152,18 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     bounds = json.loads(Path(a.bounds).read_text())
     calib = calibration(load_static(), MEASURED_H200)["factors"]
-    rows = predictions(compile_binaries(), bounds, calib)
+    recs = compile_binaries()
+    for name, r in recs.items():
+        print(f"{name}: config {r['meta']['config']}, regs {r['regs']}, "
+              f"gate {r['gate'] or 'passes'}")  # fmt: skip
+    rows = predictions(recs, bounds, calib)
     table = markdown(rows)
     print(table)
     if a.out:
         doc = dict(
+            binaries={n: dict(config=r["meta"]["config"], regs=r["regs"], gate=r["gate"],
+                              loop_per_element=r["loop_per_element"],
+                              blocks_per_sm=r["blocks_per_sm"]) for n, r in recs.items()},
             command="python -m benchmarks.fp32_scheme_model " + " ".join(argv or sys.argv[1:]),
             date=datetime.date.today().isoformat(), triton=triton.__version__,
             machine="2-core CPU machine, shared: ahead-of-time sm_90 compiles, no GPU",
