@@ -191,3 +191,20 @@ def test_empty_batch_is_valid():
 def test_bad_input_names_the_argument(z, c, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fb.exact_search(z, c, **kwargs)
+
+
+@pytest.mark.parametrize("d", [64, 256])
+def test_truncated_tf32_needs_twice_the_round_to_nearest_bound(d):
+    """Triton's tf32 pass truncates its inputs: on worst-case mantissas its error exceeds the
+    bound built for rounding to nearest (2^-11 per input, the assumption of the tf32_rescore
+    tau in fastvq/_search_triton.py) and stays within the truncation bound (2^-10)."""
+    gen = torch.Generator().manual_seed(d)
+    z, c = _worst_case_mantissas((32, d), gen), _worst_case_mantissas((256, d), gen)
+    z = (z.view(torch.int32) | 0x1FFF).view(torch.float32)  # every low bit set: error ~2^-10
+    c = (c.view(torch.int32) | 0x1FFF).view(torch.float32)
+    zs, cs, norms = fb.scaled(z, c)
+    err = (fb.cheap_dist(zs, cs, norms, fb.SCHEMES["tf32"]) - fb.exact_dist(zs, cs, norms)).abs()
+    b_rz = fb.row_bounds(zs, norms, fb.SCHEMES["tf32"])[:, None]
+    b_rn = fb.row_bounds(zs, norms, fb.SCHEMES["tf32_rna"])[:, None]
+    assert (err <= b_rz).all()
+    assert (err > b_rn).any()
