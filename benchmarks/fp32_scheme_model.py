@@ -107,7 +107,12 @@ def predictions(recs: dict, bounds: dict, calib: dict) -> list[dict]:
                 f_a = res["tf32_rna/row"]["flagged_fraction"]
                 a1 = p(f"fp32 tf32_rescore D{d}", d, 4, "tf32")["fused_ms"]
                 rec = recs[f"fp32 tf32 D{d}"]
-                a = a1 + subset_ms(rec, device, f_a * N, k, d, "tf32", 4) + FIXED_MS
+                a_of = lambda f, rec=rec, dev=device, kk=k, dd=d, a1=a1: (  # noqa: E731
+                    a1 + subset_ms(rec, dev, f * N, kk, dd, "tf32", 4) + FIXED_MS
+                )
+                a = a_of(f_a)
+                # the flagged fraction at which it stops beating tf32x3 (None: never, in 0..1)
+                even = next((i / 200 for i in range(201) if a_of(i / 200) >= x3), None)
                 f_b = res["bf16x3/row"]["flagged_fraction"]
                 b1 = p(f"bf16 D{3 * d} track", 3 * d, 2, None)["fused_ms"]
                 b2 = subset_ms(recs[f"bf16 D{3 * d}"], device, f_b * N, k, 3 * d, None, 2)
@@ -115,7 +120,8 @@ def predictions(recs: dict, bounds: dict, calib: dict) -> list[dict]:
                 cal = lambda ms, cls: ms * calib.get(cls, float("nan"))  # noqa: E731
                 rows.append(dict(
                     device=device, n=N, k=k, d=d, tf32x3_ms=x3, tf32_ms=tf32["fused_ms"],
-                    tf32_rna_cand_ms=a, tf32_rna_flagged=f_a, bf16x3_cand_ms=b,
+                    tf32_rna_cand_ms=a, tf32_rna_flagged=f_a, tf32_rna_breakeven_flagged=even,
+                    bf16x3_cand_ms=b,
                     bf16x3_flagged=f_b,
                     calibrated=dict(tf32x3_ms=cal(x3, "fp32 tf32x3"),
                                     tf32_ms=cal(tf32["fused_ms"], "fp32 tf32"),
@@ -127,13 +133,15 @@ def predictions(recs: dict, bounds: dict, calib: dict) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     out = ["| device | D | K | tf32x3 (today) | tf32 single pass | tf32_rna + candidates "
-           "(flagged) | bf16x3 + candidates (flagged) |", "|" + "---|" * 7]  # fmt: skip
+           "(flagged) | its break-even flagged fraction | bf16x3 + candidates (flagged) |",
+           "|" + "---|" * 8]  # fmt: skip
     for r in rows:
-        c = r["calibrated"]
+        c, even = r["calibrated"], r["tf32_rna_breakeven_flagged"]
         out.append(
             f"| {r['device']} | {r['d']} | {r['k']} | {r['tf32x3_ms']:.2f} ({c['tf32x3_ms']:.2f}) "
             f"| {r['tf32_ms']:.2f} ({c['tf32_ms']:.2f}) | {r['tf32_rna_cand_ms']:.2f} "
             f"({c['tf32_rna_cand_ms']:.2f}; {100 * r['tf32_rna_flagged']:.1f}%) | "
+            f"{'-' if even is None else f'{100 * even:.1f}%'} | "
             f"{r['bf16x3_cand_ms']:.2f} ({c['bf16x3_cand_ms']:.2f}; "
             f"{100 * r['bf16x3_flagged']:.2f}%) |"
         )
