@@ -51,6 +51,39 @@ def _tracking_runner_up():
         vs.plan_search = orig
 
 
+def tf32_conversions() -> dict:
+    """The ``cvt`` and MMA instructions in the PTX of a bare 64 x 64 fp32 ``tl.dot`` per input
+    precision and arch: whether the tensor core gets rounded or raw fp32 bits (the bounds of
+    benchmarks/fp32_bounds.py depend on it)."""
+    import re
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def dot64(a_ptr, b_ptr, o_ptr, PRECISION: tl.constexpr):
+        o = tl.arange(0, 64)
+        a = tl.load(a_ptr + o[:, None] * 64 + o[None, :])
+        b = tl.load(b_ptr + o[:, None] * 64 + o[None, :])
+        c = tl.dot(a, b, input_precision=PRECISION)
+        tl.store(o_ptr + o[:, None] * 64 + o[None, :], c)
+
+    out = {}
+    sig = {"a_ptr": "*fp32", "b_ptr": "*fp32", "o_ptr": "*fp32", "PRECISION": "constexpr"}
+    for prec in ("tf32", "tf32x3"):
+        for arch, threads in ((90, 64), (80, 32)):
+            src = ASTSource(fn=dot64, signature=sig, constexprs={(3,): prec})
+            ptx = triton.compile(src, target=GPUTarget("cuda", arch, threads),
+                                 options=dict(num_warps=4, num_stages=1)).asm["ptx"]  # fmt: skip
+            out[f"{prec} sm_{arch}"] = dict(
+                cvt=sorted(set(re.findall(r"cvt\.rn\w*\.tf32\.f32|cvt\.rna\.tf32\.f32", ptx))),
+                mma=sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]*tf32[\w.]*", ptx))),
+            )  # fmt: skip
+    return out
+
+
 def compile_binaries(ds=(64, 256)) -> dict:
     """Records (benchmarks.gpu_static's) of every binary the prediction needs, sm_90."""
     from benchmarks.gpu_static import Binary, compile_one, gate_failures
@@ -160,6 +193,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     bounds = json.loads(Path(a.bounds).read_text())
     calib = calibration(load_static(), MEASURED_H200)["factors"]
+    cvts = tf32_conversions()
+    for name, v in cvts.items():
+        print(f"{name}: tf32 conversions {v['cvt'] or 'none'}; {v['mma']}")
     recs = compile_binaries()
     for name, r in recs.items():
         print(f"{name}: config {r['meta']['config']}, regs {r['regs']}, "
@@ -176,6 +212,7 @@ def main(argv=None) -> int:
             date=datetime.date.today().isoformat(), triton=triton.__version__,
             machine="2-core CPU machine, shared: ahead-of-time sm_90 compiles, no GPU",
             fixed_ms=FIXED_MS, calibration=calib, rows=rows, markdown=table,
+            tf32_conversions=cvts,
         )  # fmt: skip
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
