@@ -153,7 +153,8 @@ def predictions(recs: dict, bounds: dict, calib: dict) -> list[dict]:
                 cal = lambda ms, cls: ms * calib.get(cls, float("nan"))  # noqa: E731
                 rows.append(dict(
                     device=device, n=N, k=k, d=d, tf32x3_ms=x3, tf32_ms=tf32["fused_ms"],
-                    tf32_rna_cand_ms=a, tf32_rna_flagged=f_a, tf32_rna_breakeven_flagged=even,
+                    tf32_rna_cand_ms=a, tf32_rna_pass1_ms=a1, tf32_rna_pass2_ms=a - a1 - FIXED_MS,
+                    tf32_rna_flagged=f_a, tf32_rna_breakeven_flagged=even,
                     bf16x3_cand_ms=b,
                     bf16x3_flagged=f_b,
                     calibrated=dict(tf32x3_ms=cal(x3, "fp32 tf32x3"),
@@ -174,7 +175,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['device']} | {r['d']} | {r['k']} | {r['tf32x3_ms']:.2f} ({c['tf32x3_ms']:.2f}) "
             f"| {r['tf32_ms']:.2f} ({c['tf32_ms']:.2f}) | {r['tf32_rna_cand_ms']:.2f} "
             f"({c['tf32_rna_cand_ms']:.2f}; {100 * r['tf32_rna_flagged']:.1f}%) | "
-            f"{'-' if even is None else f'{100 * even:.1f}%'} | "
+            f"{'none up to 100%' if even is None else f'{100 * even:.1f}%'} | "
             f"{r['bf16x3_cand_ms']:.2f} ({c['bf16x3_cand_ms']:.2f}; "
             f"{100 * r['bf16x3_flagged']:.2f}%) |"
         )
