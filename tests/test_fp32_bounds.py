@@ -2,6 +2,8 @@
 random and adversarial inputs (worst-case roundings, truncating accumulation in a bad order), and
 the candidate re-scoring scheme's indices against the exact fp32 argmin."""
 
+import json
+
 import pytest
 import torch
 
@@ -208,3 +210,17 @@ def test_truncated_tf32_needs_twice_the_round_to_nearest_bound(d):
     b_rn = fb.row_bounds(zs, norms, fb.SCHEMES["tf32_rna"])[:, None]
     assert (err <= b_rz).all()
     assert (err > b_rn).any()
+
+
+def test_command_line_quick_run_writes_a_report_and_its_table(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert fb.main(["--quick", "--no-encoder", "--schemes", "tf32,bf16x3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"] == fb.MACHINE and set(report["sets"]) == {
+        "gaussian D=64",
+        "gaussian D=256",
+    }
+    capsys.readouterr()
+    assert fb.main(["--markdown", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| gaussian D=") == 4 and "| tf32 | 1 |" in table
