@@ -244,7 +244,7 @@ def calibration(static: dict, measured_paths: list[str]) -> dict:
     """Per precision class (``PRECISIONS`` label), the median of measured / predicted over the
     measured binaries: multiply a prediction by it. The model keeps its structure (tile cycles,
     waves); only its scale moves per class, because its misses are mostly per class (ieee 4x,
-    others 1.4-3x, see docs/benchmarks.md). ``loo`` gives each binary's calibrated / measured
+    the others 1.2-1.9x, see docs/benchmarks.md). ``loo`` gives each binary's calibrated / measured
     with its own measurement left out of its class's factor (an out-of-sample check); a (case,
     config) measured in two runs counts once, the first run's figure.
     """
