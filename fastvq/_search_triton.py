@@ -361,15 +361,18 @@ def _regather(z2d, codebook, indices, rows, z_q, err) -> None:
 def _rows_to_rescore(z2d, cnorm, finite, best, second, scale) -> torch.Tensor:
     """Rows whose tf32 top-2 gap is within tf32's rounding bound: the order may be wrong.
 
-    tf32 keeps 10 mantissa bits (unit roundoff 2^-11), so each product z_d c_d is off by at most
-    2 * 2^-11 |z_d c_d|, plus fp32 accumulation (D * 2^-24). One distance ||c||^2 - 2 z.c is off
-    by at most 2 (2^-10 + D 2^-24) ||z|| ||c||, a difference of two by twice that. Everything is
-    in the kernel's scaled units (``cnorm`` is ``||s c||^2``, distances are ``s^2 dist``).
+    tf32 keeps 10 mantissa bits. A plain ``tl.dot`` on fp32 hands the tensor cores raw fp32 (no
+    ``cvt`` in the PTX), which may truncate: an input is off by up to 2^-10 relative, not the
+    2^-11 of rounding to nearest (tests/test_fp32_bounds.py shows truncated inputs past the
+    round-to-nearest bound). So each product z_d c_d is off by at most 2 * 2^-10 |z_d c_d|, plus
+    fp32 accumulation (D * 2^-24). One distance ||c||^2 - 2 z.c is off by at most
+    2 (2^-9 + D 2^-24) ||z|| ||c||, a difference of two by twice that. Everything is in the
+    kernel's scaled units (``cnorm`` is ``||s c||^2``, distances are ``s^2 dist``).
     """
     d = z2d.shape[1]
     cmax = torch.where(finite, cnorm, torch.zeros((), device=cnorm.device)).max().sqrt()
     znorm = torch.linalg.vector_norm(z2d.to(torch.float32) * scale, dim=1)
-    tau = 4.0 * (2.0**-10 + d * 2.0**-24) * znorm * cmax
+    tau = 4.0 * (2.0**-9 + d * 2.0**-24) * znorm * cmax
     redo = ((second - best) <= tau).nonzero().squeeze(1)  # NaN gaps (non-finite rows) stay out
     RESCORE_STATS["rows"] += redo.numel()
     return redo

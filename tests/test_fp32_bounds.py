@@ -198,8 +198,9 @@ def test_bad_input_names_the_argument(z, c, kwargs, exc, match):
 @pytest.mark.parametrize("d", [64, 256])
 def test_truncated_tf32_needs_twice_the_round_to_nearest_bound(d):
     """Triton's tf32 pass truncates its inputs: on worst-case mantissas its error exceeds the
-    bound built for rounding to nearest (2^-11 per input, the assumption of the tf32_rescore
-    tau in fastvq/_search_triton.py) and stays within the truncation bound (2^-10)."""
+    bound built for rounding to nearest (2^-11 per input, what tf32_rescore's tau in
+    fastvq/_search_triton.py assumed until it moved to the truncation bound) and stays within the
+    truncation bound (2^-10)."""
     gen = torch.Generator().manual_seed(d)
     z, c = _worst_case_mantissas((32, d), gen), _worst_case_mantissas((256, d), gen)
     z = (z.view(torch.int32) | 0x1FFF).view(torch.float32)  # every low bit set: error ~2^-10
