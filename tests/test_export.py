@@ -5,6 +5,9 @@ where fastvq is not installed and convert to ONNX (tests/test_export_onnx.py).""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from export_helpers import BATCH, DecodeIndices, Encode
@@ -61,6 +64,26 @@ def test_export_vqvae_encode_and_decode_indices_equal_eager():
         idx = enc.module()(x)
         assert torch.equal(idx, model.encode(x)[1]) and idx.shape == (b, 7, 7)
         assert torch.equal(dec.module()(idx), model.decode_indices(idx))
+
+
+def test_saved_program_runs_without_fastvq(tmp_path):
+    # torch.export.save / load of the VQ-VAE's encoder in a process where importing fastvq
+    # fails: the graph is aten only (docs/export.md)
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(codebook_size=64)).eval()
+    torch.export.save(_export(Encode(model).eval(), torch.randn(2, 1, 28, 28)), tmp_path / "e.pt2")
+    x = torch.randn(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys; sys.modules['fastvq'] = None\n"  # any import of fastvq raises
+        "import torch\n"
+        f"ep = torch.export.load({str(tmp_path / 'e.pt2')!r})\n"
+        f"torch.save(ep.module()(torch.load({str(tmp_path / 'x.pt')!r})), "
+        f"{str(tmp_path / 'idx.pt')!r})\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "idx.pt"), model.encode(x)[1])
 
 
 def test_exported_decoder_fails_on_an_index_out_of_range():
