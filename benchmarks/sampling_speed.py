@@ -2,12 +2,16 @@
 
     python -m benchmarks.sampling_speed                  # 5 rounds, 1 thread, the default shapes
     python -m benchmarks.sampling_speed --smoke          # one tiny round (CI)
+    python -m benchmarks.sampling_speed --sides layer-sampled,layer --shapes 16384,65536,64
 
 The dense side is what vqp's ``stochastic_sample_codes`` does in plain torch: the full N x K
 ``-torch.cdist(z, codes)``, Gumbel noise ``-log(-log(uniform.clamp(1e-20)).clamp(1e-20))`` on the
 whole matrix, then ``argmax(logits / t + noise)``. The fastvq side is
 ``fastvq.sample_codes(z, codes, temperature=t, generator=...)`` (tiled, no N x K tensor); both at
-``t = 1``, inputs ``torch.manual_seed(0)`` randn (codes times 0.5).
+``t = 1``, inputs ``torch.manual_seed(0)`` randn (codes times 0.5). Two more sides time the
+layer: ``layer`` is one training step (forward + backward of ``mean(quantized^2) + loss``) of
+``VectorQuantizer(D, K, kmeans_init=False)``, ``layer-sampled`` the same with
+``stochastic_sample_codes=True`` (issue 26's comparison).
 
 Protocol (docs/benchmarks.md): every (side, shape, round) runs in a fresh process with the same
 thread count (``torch.set_num_threads``, ``OMP_NUM_THREADS``) and this checkout's ``fastvq``
@@ -15,7 +19,8 @@ first on ``PYTHONPATH``; one warm-up call, then the minimum over at least ``--ca
 ``--min-time`` seconds of calls. The sides alternate, the first one flipping every round. Peak
 memory: growth of the RSS high-water mark (``VmHWM``, glibc's mmap threshold fixed at 128 KiB)
 over the RSS after the inputs were built, through the warm-up and timed calls. The report: every
-per-round figure, the per-round ratios dense / fastvq (> 1: fastvq faster), their median, the
+per-round figure, the per-round ratios second side / first side (default dense / fastvq: > 1,
+fastvq faster), their median, the
 median peak per side and the load average before each process. JSON and markdown under
 benchmarks/results/.
 """
@@ -39,6 +44,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(4100, 16384, 64), (4100, 16384, 256), (16384, 16384, 64)]
 SMOKE_SHAPES = [(64, 300, 8)]
 SIDES = ("fastvq", "dense")
+ALL_SIDES = (*SIDES, "layer", "layer-sampled")
 
 WORKER = r"""
 import ctypes, json, sys, time
@@ -71,7 +77,21 @@ def dense():
 def tiled():
     return fastvq.sample_codes(z, codes, temperature=1.0, generator=gen)
 
-fn = tiled if side == "fastvq" else dense
+def layer_step(sampled):
+    layer = fastvq.VectorQuantizer(d, k, kmeans_init=False, stochastic_sample_codes=sampled)
+    x = torch.randn(n, d, requires_grad=True)
+
+    def step():
+        out = layer(x)
+        (out.quantized.square().mean() + out.loss).backward()
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+    return step
+
+fns = {"fastvq": lambda: tiled, "dense": lambda: dense,
+       "layer": lambda: layer_step(False), "layer-sampled": lambda: layer_step(True)}
+fn = fns[side]()
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
@@ -108,31 +128,31 @@ def _run(side: str, shape, threads: int, calls: int, min_time: float) -> dict:
     return got | {"load": load}
 
 
-def measure(shapes, rounds, threads, calls, min_time) -> list[dict]:
-    """One row per shape: per-round seconds and peaks of both sides, ratios dense / fastvq."""
+def measure(shapes, rounds, threads, calls, min_time, sides=SIDES) -> list[dict]:
+    """One row per shape: per-round seconds and peaks of both sides, ratios second / first."""
     rows = []
     for shape in shapes:
         per_round = []
         for r in range(rounds):
-            order = SIDES if r % 2 == 0 else SIDES[::-1]
+            order = sides if r % 2 == 0 else sides[::-1]
             got = {s: _run(s, shape, threads, calls, min_time) for s in order}
             per_round.append(
-                {s: got[s]["seconds"] for s in SIDES}
-                | {"peak_bytes": {s: got[s]["peak_bytes"] for s in SIDES}}
-                | {"calls": {s: got[s]["calls"] for s in SIDES}}
+                {s: got[s]["seconds"] for s in sides}
+                | {"peak_bytes": {s: got[s]["peak_bytes"] for s in sides}}
+                | {"calls": {s: got[s]["calls"] for s in sides}}
                 | {"loads": [got[s]["load"] for s in order], "first": order[0]}
             )
             print(f"{shape} round {r}: " + ", ".join(
                 f"{s} {got[s]['seconds']:.3f} s {got[s]['peak_bytes'] / 2**20:.0f} MiB"
-                for s in SIDES) + f" (load {got[order[0]]['load']:.2f})",
+                for s in sides) + f" (load {got[order[0]]['load']:.2f})",
                 file=sys.stderr, flush=True)  # fmt: skip
-        ratios = [p["dense"] / p["fastvq"] for p in per_round]
+        ratios = [p[sides[1]] / p[sides[0]] for p in per_round]
         rows.append({
-            "n": shape[0], "k": shape[1], "d": shape[2], "rounds": per_round,
-            "ratios_dense_over_fastvq": ratios,
-            "median_ratio_dense_over_fastvq": statistics.median(ratios),
+            "n": shape[0], "k": shape[1], "d": shape[2], "rounds": per_round, "sides": sides,
+            "ratios": ratios, "ratio": f"{sides[1]} / {sides[0]}",
+            "median_ratio": statistics.median(ratios),
             "median_peak_bytes": {
-                s: statistics.median(p["peak_bytes"][s] for p in per_round) for s in SIDES
+                s: statistics.median(p["peak_bytes"][s] for p in per_round) for s in sides
             },
         })  # fmt: skip
     return rows
@@ -140,27 +160,26 @@ def measure(shapes, rounds, threads, calls, min_time) -> list[dict]:
 
 def markdown(doc: dict) -> str:
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    a, b = doc["sides"]
     lines = [
-        f"# CPU stochastic sampling: fastvq.sample_codes ({doc['commit']}) vs dense cdist + "
-        f"Gumbel + argmax, {doc['threads']} thread(s)", "",
-        f"`{doc['command']}` on {doc['machine']}, {doc['date']}; torch {doc['torch']}. Each "
+        f"# CPU stochastic sampling ({doc['commit']}): {a} vs {b}, {doc['threads']} thread(s)",
+        "", f"`{doc['command']}` on {doc['machine']}, {doc['date']}; torch {doc['torch']}. Each "
         f"figure: the minimum over at least {doc['calls']} call(s) and at least "
         f"{doc['min_time']:g} s of calls, in a fresh process after one warm-up; sides alternate "
-        "every round. Ratio: dense time / fastvq time (> 1: fastvq faster). Peak: RSS "
-        "high-water growth over the process's RSS after the inputs were built (MiB, median of "
-        "rounds).", "",
-        "| N × K × D | fastvq s per round | dense s per round | ratios | median ratio | "
-        "peak fastvq / dense MiB | load average per round |", "|---|---|---|---|---|---|---|",
+        f"every round. Ratio: {b} time / {a} time (> 1: {a} faster). Peak: RSS high-water "
+        "growth over the process's RSS after the inputs were built (MiB, median of rounds).", "",
+        f"| N × K × D | {a} s per round | {b} s per round | ratios | median ratio | "
+        f"peak {a} / {b} MiB | load average per round |", "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in doc["rows"]:
-        new = ", ".join(f"{p['fastvq']:.3f}" for p in r["rounds"])
-        old = ", ".join(f"{p['dense']:.3f}" for p in r["rounds"])
-        rat = ", ".join(f"{x:.2f}" for x in r["ratios_dense_over_fastvq"])
+        new = ", ".join(f"{p[a]:.3f}" for p in r["rounds"])
+        old = ", ".join(f"{p[b]:.3f}" for p in r["rounds"])
+        rat = ", ".join(f"{x:.2f}" for x in r["ratios"])
         loads = ", ".join(f"{max(p['loads']):.2f}" for p in r["rounds"])
         peak = r["median_peak_bytes"]
         lines.append(f"| {r['n']} × {r['k']} × {r['d']} | {new} | {old} | {rat} | "
-                     f"**{r['median_ratio_dense_over_fastvq']:.2f}** | {mib(peak['fastvq'])} / "
-                     f"{mib(peak['dense'])} | {loads} |")  # fmt: skip
+                     f"**{r['median_ratio']:.2f}** | {mib(peak[a])} / {mib(peak[b])} | "
+                     f"{loads} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -171,9 +190,13 @@ def main(argv=None) -> int:
     ap.set_defaults(threads=1, calls=1, min_time=0.0)
     ap.add_argument("--shapes", help="N,K,D;N,K,D... (default 4100,16384,64;4100,16384,256;"
                     "16384,16384,64)")  # fmt: skip
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"two of {ALL_SIDES}")
     ap.add_argument("--smoke", action="store_true", help="one tiny round (CI)")
     ap.add_argument("--out", type=Path, help="JSON path (markdown beside it); --smoke: none")
     a = ap.parse_args(argv)
+    sides = tuple(a.sides.split(","))
+    if len(sides) != 2 or len(set(sides)) != 2 or any(x not in ALL_SIDES for x in sides):
+        ap.error(f"--sides must be two different sides of {ALL_SIDES}, got {a.sides}")
     shapes = SMOKE_SHAPES if a.smoke else SHAPES
     if a.shapes:
         shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
@@ -187,13 +210,16 @@ def main(argv=None) -> int:
         f"{platform.processor() or platform.machine()})",
         "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
         "threads": a.threads, "calls": calls, "min_time": min_time,
-        "commit": git_commit(ROOT) or "unknown",
+        "commit": git_commit(ROOT) or "unknown", "sides": sides,
     }  # fmt: skip
-    doc["rows"] = measure(shapes, rounds, a.threads, calls, min_time)
+    doc["rows"] = measure(shapes, rounds, a.threads, calls, min_time, sides)
     print(markdown(doc))
     if a.out or not a.smoke:
         stamp = now.strftime("%Y-%m-%d")
-        out = a.out or RESULTS / f"cpu-sampling-{stamp}-{doc['commit']}-threads{a.threads}.json"
+        tag = "" if sides == SIDES else "-" + "-vs-".join(sides)
+        out = a.out or RESULTS / (
+            f"cpu-sampling{tag}-{stamp}-{doc['commit']}-threads{a.threads}.json"
+        )
         out.write_text(json.dumps(doc, indent=1) + "\n")
         out.with_suffix(".md").write_text(markdown(doc))
         print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
