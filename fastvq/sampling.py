@@ -223,7 +223,7 @@ def sample_codes(
     # cosine: z.c + 0 (exact), or -inf for a bad code (norm +inf), never sampled
     bias = torch.where(torch.isfinite(cn), 0.0, -math.inf) if cosine else None
 
-    bk = min(chunk, k)
+    bk = min(chunk, k, TILE_ELEMS)
     bn = max(1, min(n, TILE_ELEMS // bk))
     # Work buffers allocated once and reused by every tile (a fresh tensor per pass would cost an
     # allocation and its page faults each time); each tile views their first r x m elements.
