@@ -63,7 +63,7 @@ def scale_and_row_finite(
     row_finite = torch.isfinite(zmax)
 
     def finite_max(m: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        return torch.where(ok, m, zero).amax() if m.numel() else zero
+        return torch.where(ok, m, zero).amax(dim=0) if m.numel() else zero
 
     m = torch.maximum(finite_max(zmax, row_finite), finite_max(cmax, torch.isfinite(cmax)))
     return _scale_of(m), row_finite
@@ -71,10 +71,23 @@ def scale_and_row_finite(
 
 def _scale_of(m: torch.Tensor) -> torch.Tensor:
     """fp32 0-dim power of two ``s`` with ``m * s`` in [0.5, 1) (``m`` finite, >= 0)."""
+    if torch.compiler.is_exporting():
+        return _scale_of_graph(m)
     _, e = torch.frexp(m)  # m = f 2^e, f in [0.5, 1); m = 0 gives e = 0
     # Built from its bits, so s is exactly 2^-e; the clamp keeps s and 1/s normal fp32 numbers.
     e = e.to(torch.int32).clamp(-126, 126)
     return ((127 - e) << 23).view(torch.float32)
+
+
+def _scale_of_graph(m: torch.Tensor) -> torch.Tensor:
+    """:func:`_scale_of` in ops that ONNX has (no ``frexp``, no bit cast), for exported graphs;
+    tests/test_export.py checks that both give the same ``s`` from the smallest subnormal to the
+    largest fp32. ``e = floor(log2 m) + 1`` may be off by one near a power of two (log2 rounds):
+    the two exact tests below move it to the ``e`` of ``m = f 2^e``, f in [0.5, 1)."""
+    e = torch.where(m > 0, torch.floor(torch.log2(m)) + 1, 0.0)
+    e = torch.where(m * torch.exp2(-e) >= 1, e + 1, e)
+    e = torch.where(m * torch.exp2(-e) < 0.5, torch.where(m > 0, e - 1, e), e)
+    return torch.exp2(-e.clamp(-126, 126))
 
 
 def _absmax(x: torch.Tensor) -> torch.Tensor:
@@ -503,8 +516,19 @@ def _run_threaded(row_block, starts, threads: int, sizes: tuple[int, int, int]) 
         f.result()  # re-raises a worker's exception
 
 
+def search_graph(z2d: torch.Tensor, codebook: torch.Tensor, block_k: int = DEFAULT_BLOCK_K):
+    """:func:`search_torch`'s contract as plain aten ops for ``torch.export`` (and ONNX from it):
+    all rows in one block (N may be a symbolic size), the codes in static tiles of ``block_k``.
+
+    z2d: (N, D), codebook: (K, D). Returns ``(indices (N,), z_q (N, D), err (N,))`` as
+    :func:`search_torch`, from the same arithmetic as the accelerator path (sync-free argmin).
+    """
+    return _search_sync_free(z2d, codebook, None, block_k)
+
+
 def _search_sync_free(z2d, codebook, block_n, block_k):
-    """Accelerators without Triton: no host sync, so every row takes the tile's argmin."""
+    """Accelerators without Triton: no host sync, so every row takes the tile's argmin.
+    ``block_n`` None: all rows in one block, no loop over N (export, where N is symbolic)."""
     n, _ = z2d.shape
     k = codebook.shape[0]
     dev = z2d.device
@@ -518,11 +542,11 @@ def _search_sync_free(z2d, codebook, block_n, block_k):
     z32 = torch.where(
         row_finite[:, None], z_in32 * scale, torch.zeros((), dtype=torch.float32, device=dev)
     )
-    bn = min(block_n, n)
+    bn = n if block_n is None else min(block_n, n)
     bk = min(block_k, k)
     buf = torch.empty(bn, bk, dtype=torch.float32, device=dev)
-    for n0 in range(0, n, bn):
-        n1 = min(n0 + bn, n)
+    for n0 in [0] if block_n is None else range(0, n, bn):
+        n1 = n if block_n is None else min(n0 + bn, n)
         zb = z32[n0:n1]
         best = torch.full((n1 - n0,), float("inf"), dtype=torch.float32, device=dev)
         best_i = torch.zeros(n1 - n0, dtype=torch.int64, device=dev)

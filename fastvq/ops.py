@@ -22,7 +22,7 @@ from ._checks import (
     check_tensor,
 )
 from ._interpret import interpreting
-from ._search_torch import search_torch
+from ._search_torch import search_graph, search_torch
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -134,6 +134,13 @@ def search(
         integer or fp64 dtype, a rank other than 2, D mismatch, K = 0, different devices.
     """
     check_rows_and_codebook(z2d, codebook, z_name="z2d", z_shape="(N, D)", z_ndim=2)
+    if torch.compiler.is_exporting():
+        # An exported program of aten ops runs without fastvq installed and converts to ONNX;
+        # the custom op would stay opaque in it (and the CPU path's thread pool untraceable).
+        if torch.is_autocast_enabled(z2d.device.type):  # the search sets its own dtype
+            with torch.autocast(z2d.device.type, enabled=False):
+                return search_graph(z2d.detach(), codebook.detach())
+        return search_graph(z2d.detach(), codebook.detach())
     return _search_op(z2d.detach(), codebook.detach(), resolve_backend(backend, z2d.device))
 
 

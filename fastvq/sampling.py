@@ -28,9 +28,9 @@ from .ops import search
 VQP_DIST_SQ_FLOOR = 1e-8
 VQP_DIST_FLOOR = 1e-4
 
-# A tile holds at most about this many elements (rows x codes); rows are blocked to fit, so the
-# working memory is O(TILE_ELEMS + N) whatever N is (sampling's hash needs int64 temporaries).
-TILE_ELEMS = 1 << 22
+# A tile holds at most this many elements (rows x codes): its six work buffers (~1.3 MiB) stay in
+# a core's L2 cache, so every elementwise pass of the noise runs from cache, not from memory.
+TILE_ELEMS = 1 << 16
 
 # The soft path's backward keeps many tile-sized temporaries alive at once (the logits' autograd
 # graph, the weights), so its tiles are an eighth of the others: measured at N=4096, K=16384,
@@ -39,6 +39,11 @@ TILE_ELEMS = 1 << 22
 SOFT_TILE_ELEMS = TILE_ELEMS // 8
 
 _MASK32 = 0xFFFFFFFF
+# lowbias32's multipliers as int32 words (the second one's two's-complement value)
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B - (1 << 32)
+# sample_codes' tile buffers: scores, two noise temporaries, the hash words and a temporary, a mask
+_TILE_DTYPES = (torch.float32,) * 3 + (torch.int32,) * 2 + (torch.bool,)
 
 
 # --- argument checks (shared with codebook_losses) ----------------------------------------------
@@ -83,37 +88,62 @@ def vqp_logits(
 # --- counter-based Gumbel noise -----------------------------------------------------------------
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2^32`` for int64 ``x`` in [0, 2^32): split ``c`` in 16-bit halves so that no
-    product exceeds 2^48 (int64 overflow is undefined behaviour in torch's C++ kernels)."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
+def _mix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Wellons' "lowbias32" 32-bit hash (full avalanche), in place on int32 words ``h``.
+
+    The words are unsigned values mod 2^32 held as int32: the products wrap in two's complement
+    (AVX2's ``vpmulld``, CUDA's ``mul.lo``), and the logical shifts are arithmetic shifts with the
+    sign-extended bits masked off. int32 rather than int64 halves the bytes per pass, and the
+    wrapping multiply replaces the three-op 16-bit split that int64 needed. ``tmp`` is int32 of
+    ``h``'s shape, overwritten. tests/test_sampling.py checks the words against Python's integers.
+    """
+    torch.bitwise_right_shift(h, 16, out=tmp)
+    h ^= tmp.bitwise_and_(0xFFFF)
+    h *= _MUL1
+    torch.bitwise_right_shift(h, 15, out=tmp)
+    h ^= tmp.bitwise_and_(0x1FFFF)
+    h *= _MUL2
+    torch.bitwise_right_shift(h, 16, out=tmp)
+    h ^= tmp.bitwise_and_(0xFFFF)
+    return h
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"), on int64 in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """:func:`_mix32_` out of place; int64 ``x`` in [0, 2^32) gives int64 in [0, 2^32)."""
+    wide = x.dtype == torch.int64
+    h = x.to(torch.int32) if wide else x.clone()
+    _mix32_(h, torch.empty_like(h))
+    return h.to(torch.int64) & _MASK32 if wide else h
+
+
+def _gumbel_(h, tmp, p, q, upper) -> torch.Tensor:
+    """fp32 standard Gumbel noise ``-log(-log(u))`` from uniform 32-bit words ``h``, into ``p``.
+
+    ``u = (h + 0.5) / 2^32`` lies strictly inside (0, 1), so no clamp is needed (vqp clamps its
+    logs at 1e-20 instead). ``log(u)`` is taken from ``u`` itself when ``u < 1/2`` and as
+    ``log1p(-v)`` from ``v = 1 - u``, computed from the integer, otherwise: fp32 cannot hold ``u``
+    near 1 to better than 6e-8, which would coarsen exactly the large-noise tail where the Gumbel
+    maximum lives.
+
+    ``h`` int32 words (unsigned values mod 2^32, read only); ``tmp`` int32, ``p``, ``q`` fp32 and
+    ``upper`` bool, all of ``h``'s shape, overwritten. Returns ``p``.
+    """
+    # u or v: the word itself in the lower half, its complement 2^32 - 1 - h (= ~h) in the upper
+    torch.bitwise_right_shift(h, 31, out=tmp)  # -1 (all ones) exactly in the upper half
+    tmp ^= h
+    p.copy_(tmp).add_(0.5).mul_(2.0**-32)  # u or v, in (0, 1/2]
+    torch.lt(h, 0, out=upper)
+    torch.neg(p, out=q).log1p_()
+    torch.where(upper, q, p.log_(), out=p)  # log(u) < 0
+    return p.neg_().log_().neg_()
 
 
 def _gumbel_from_bits(h: torch.Tensor) -> torch.Tensor:
-    """fp32 standard Gumbel noise ``-log(-log(u))`` from uniform 32-bit integers ``h``.
-
-    ``u = (h + 0.5) / 2^32`` lies strictly inside (0, 1), so no clamp is needed (vqp clamps its
-    logs at 1e-20 instead). ``-log(u)`` is taken from ``u`` itself when ``u < 1/2`` and as
-    ``-log1p(-v)`` from ``v = 1 - u``, computed from the integer, otherwise: fp32 cannot hold
-    ``u`` near 1 to better than 6e-8, which would coarsen exactly the large-noise tail where the
-    Gumbel maximum lives.
-    """
-    scale = 2.0**-32
-    u = (h.to(torch.float32) + 0.5) * scale
-    v = ((_MASK32 - h).to(torch.float32) + 0.5) * scale
-    e = torch.where(h < (1 << 31), -torch.log(u), -torch.log1p(-v))
-    return -torch.log(e)
+    """:func:`_gumbel_` out of place, from int32 words or int64 words in [0, 2^32)."""
+    h = h.to(torch.int32)
+    p, q = (torch.empty(h.shape, dtype=torch.float32, device=h.device) for _ in range(2))
+    upper = torch.empty(h.shape, dtype=torch.bool, device=h.device)
+    return _gumbel_(h, torch.empty_like(h), p, q, upper)
 
 
 def _draw_seed(generator: torch.Generator | None) -> tuple[int, int]:
@@ -138,7 +168,7 @@ def sample_codes(
     *,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    chunk: int = 4096,
+    chunk: int = 1024,
     cosine: bool = False,
 ) -> torch.Tensor:
     """Sample one code per row from ``softmax(logits / temperature)`` by Gumbel-max, tiled over K.
@@ -149,8 +179,10 @@ def sample_codes(
     the caller has l2-normalised, as vqp's cosine codebook does). So the sampling distribution is
     ``softmax(-||z - c_k|| / temperature)``.
 
-    The logits are computed tile by tile (``chunk`` codes at a time, rows blocked too) with a
-    running max per row, so memory is O(N + rows x chunk), never N x K.
+    The logits are computed tile by tile (``chunk`` codes at a time, rows blocked so that a tile
+    holds at most :data:`TILE_ELEMS` values) with a running max per row, so memory is O((N + K) D
+    + TILE_ELEMS), never N x K: six work buffers of one tile (about 1.3 MiB, reused by every tile
+    so that they stay in cache) beside the fp32 scaled copies of ``z`` and ``codes``.
 
     Reproducibility: the noise of (row i, code k) is a counter-based hash of (seed, i, k), the seed
     being two 32-bit words drawn from ``generator``. So the noise of every (row, code) pair is
@@ -167,7 +199,7 @@ def sample_codes(
             lowest index, exactly :func:`fastvq.search` (the argmax with ``cosine=True``).
         generator: the source of the seed (any device); None uses torch's default CPU generator.
             Two values are drawn from it per call (also when N = 0, never when temperature = 0).
-        chunk: codes per tile, >= 1.
+        chunk: codes per tile, >= 1 (the indices do not depend on it).
         cosine: logits ``z.c`` instead of ``-||z - c||``.
 
     Returns:
@@ -195,35 +227,39 @@ def sample_codes(
     cs, cn = sanitize_codes(codes.to(torch.float32), scale)  # bad codes: norm +inf, zeroed
     zs = torch.where(row_finite[:, None], z.to(torch.float32) * scale, 0.0)
     inv_scale = 1.0 / scale
-    code_keys = _mix32(torch.arange(k, device=dev, dtype=torch.int64) ^ seed[1])
+    code_keys = _mix32(torch.arange(k, device=dev, dtype=torch.int64) ^ seed[1]).to(torch.int32)
+    # cosine: z.c + 0 (exact), or -inf for a bad code (norm +inf), never sampled
+    bias = torch.where(torch.isfinite(cn), 0.0, -math.inf) if cosine else None
 
-    bk = min(chunk, k)
+    bk = min(chunk, k, TILE_ELEMS)
     bn = max(1, min(n, TILE_ELEMS // bk))
+    # Work buffers allocated once and reused by every tile (a fresh tensor per pass would cost an
+    # allocation and its page faults each time); each tile views their first r x m elements.
+    flat = [torch.empty(bn * bk, dtype=dt, device=dev) for dt in _TILE_DTYPES]
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
         zb = zs[n0:n1]
-        zb_sq = zb.square().sum(dim=1, keepdim=True)
-        rkeys = _row_keys(n0, n1, seed[0], dev)[:, None]
+        zb_sq = None if cosine else zb.square().sum(dim=1, keepdim=True)
+        rkeys = _row_keys(n0, n1, seed[0], dev).to(torch.int32)[:, None]
         best = torch.full((n1 - n0,), -math.inf, device=dev)
         best_i = torch.zeros(n1 - n0, dtype=torch.int64, device=dev)
         for k0 in range(0, k, bk):
             k1 = min(k0 + bk, k)
-            dot = zb @ cs[k0:k1].t()
-            if cosine:
-                # unscaled z.c; a bad code (norm +inf) gets -inf, never sampled
-                logits = torch.where(
-                    torch.isfinite(cn[k0:k1]), (dot * inv_scale) * inv_scale, -math.inf
-                )
+            shape = (n1 - n0, k1 - k0)
+            scores, p, q, h, tmp, upper = (b[: shape[0] * shape[1]].view(shape) for b in flat)
+            if cosine:  # unscaled z.c
+                torch.addmm(bias[k0:k1], zb, cs[k0:k1].t(), out=scores)
+                scores.mul_(inv_scale).mul_(inv_scale)
             else:
-                d2 = (zb_sq + cn[k0:k1]) + dot * -2  # scaled squared distance; +inf: bad code
-                # sqrt(clamp(d2, 1e-8)) unscaled, written so that no scaled floor can overflow
-                dist = (d2.clamp(min=0).sqrt() * inv_scale).clamp(min=VQP_DIST_FLOOR)
-                logits = -dist
+                # (||z||^2 + ||c||^2) - 2 z.c, the scaled squared distance (+inf: bad code)
+                torch.add(zb_sq, cn[k0:k1], out=scores)
+                torch.addmm(scores, zb, cs[k0:k1].t(), alpha=-2.0, out=scores)
+                # -sqrt(clamp(d2, 1e-8)) unscaled, written so that no scaled floor can overflow
+                scores.clamp_(min=0).sqrt_().mul_(inv_scale).clamp_(min=VQP_DIST_FLOOR).neg_()
             if t > 0:
-                g = _gumbel_from_bits(_mix32(rkeys ^ code_keys[k0:k1]))
-                scores = logits / t + g  # vqp's order: (logits / temperature) + noise
-            else:
-                scores = logits
+                torch.bitwise_xor(rkeys, code_keys[k0:k1], out=h)
+                g = _gumbel_(_mix32_(h, tmp), tmp, p, q, upper)
+                scores.div_(t).add_(g)  # vqp's order: (logits / temperature) + noise
             tmax, targ = scores.max(dim=1)  # first maximum within the tile
             better = tmax > best  # strict: an earlier (lower-index) tile keeps ties
             best_i = torch.where(better, targ + k0, best_i)

@@ -1,8 +1,9 @@
 """The README's `pip install -e ".[dev]"` has none of the optional peers (the extras bench:
-vector-quantize-pytorch and faiss-cpu; compat: diffusers). Every test module that uses one must
-still collect without it (the peer imported only after a module-level ``pytest.importorskip``, in
-a ``try``, or inside the test), and carry the ``extras`` marker: CI's second phase (.ci/run),
-after installing the extras, runs ``pytest -m extras``, exactly the tests that skipped before."""
+vector-quantize-pytorch and faiss-cpu; compat: diffusers; export: onnx, onnxruntime,
+onnxscript). Every test module that uses one must still collect without it (the peer imported
+only after a module-level ``pytest.importorskip``, in a ``try``, or inside the test), and carry
+the ``extras`` marker: CI's second phase (.ci/run), after installing the extras, runs
+``pytest -m extras``, exactly the tests that skipped before."""
 
 import ast
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-PEERS = {"vector_quantize_pytorch", "diffusers", "faiss"}
+PEERS = {"vector_quantize_pytorch", "diffusers", "faiss", "onnx", "onnxruntime", "onnxscript"}
 MODULES = sorted(p for p in TESTS.glob("test_*.py") if p.name != Path(__file__).name)
 
 

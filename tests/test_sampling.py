@@ -163,6 +163,47 @@ def test_gumbel_noise_moments():
     assert torch.isfinite(g).all()
 
 
+def _lowbias32(x: int) -> int:
+    """Wellons' lowbias32 on Python integers (exact, no overflow): the oracle of the int32 hash."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099])
+def test_hash_words_equal_python_integers(n):
+    # The int32 words wrap in two's complement and shift logically: every word equals the exact
+    # integer hash, in vectorised lanes and in the tail alike (odd lengths), from int64 and int32.
+    words = torch.randint(0, 1 << 32, (n,), generator=_gen(n), dtype=torch.int64)
+    words[0] = 0xFFFFFFFF
+    want = torch.tensor([_lowbias32(w) for w in words.tolist()], dtype=torch.int64)
+    assert torch.equal(sampling._mix32(words), want)
+    as_int32 = sampling._mix32(words.to(torch.int32))
+    assert as_int32.dtype == torch.int32
+    assert torch.equal(as_int32.to(torch.int64) & 0xFFFFFFFF, want)
+
+
+def test_sampling_buffers_do_not_grow_with_n_or_k(monkeypatch):
+    # The tile buffers are allocated once per call, sized by TILE_ELEMS alone.
+    sizes = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    g = _gen(18)
+    z = torch.randn(3000, 4, generator=g)
+    codes = torch.randn(5000, 4, generator=g)
+    monkeypatch.setattr(torch, "empty", empty)
+    sample_codes(z, codes, temperature=1.0, generator=_gen(0))
+    monkeypatch.undo()
+    assert sizes and max(sizes) <= sampling.TILE_ELEMS
+
+
 def test_sample_chunk_independent_and_seeded():
     g = _gen(6)
     z = torch.randn(63, 5, generator=g)

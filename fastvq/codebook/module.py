@@ -304,12 +304,17 @@ class Codebook(nn.Module):
         if self.dead_code_threshold > 0 and self.training:
             vqp_rules.expire_(self, self.state(), rows, keep)
 
-    @torch.no_grad()
     def record_batch_(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep this batch's perplexity and used fraction of ``counts`` (G, K); returns both."""
+        # detached rather than under no_grad(): an exported graph would hold an empty no_grad
+        # region, which torch 2.13 cannot reload (the outputs are unused in inference)
+        counts = counts.detach()
         ppl, used = perplexity(counts), (counts > 0).float().mean()
-        self.last_perplexity.copy_(ppl)
-        self.last_used_fraction.copy_(used)
+        # An exported (inference) graph keeps no bookkeeping state: the buffer writes would
+        # become extra outputs of the program.
+        if not torch.compiler.is_exporting():
+            self.last_perplexity.copy_(ppl)
+            self.last_used_fraction.copy_(used)
         return ppl, used
 
     @torch.no_grad()
