@@ -284,14 +284,17 @@ def vq_kwargs_from_args(args) -> dict:
 
 
 def vqvae_options(args) -> dict:
-    """The VQ-VAE config fields given on the command line; None keeps the model's default."""
-    return {
+    """The VQ-VAE config fields given on the command line; None keeps the model's default
+    (``quantizer`` only when given: the demo has no choice of family)."""
+    options = {
         "codebook_size": args.codebook_size,
         "dim": args.dim,
         "beta": args.beta,
         "vq_kwargs": vq_kwargs_from_args(args),
-        "quantizer": getattr(args, "quantizer", None),
     }
+    if getattr(args, "quantizer", None) is not None:
+        options["quantizer"] = args.quantizer
+    return options
 
 
 def _add_train_options(t: argparse.ArgumentParser, kind: str | None) -> None:
