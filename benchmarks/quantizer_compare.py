@@ -147,7 +147,7 @@ def run_all(args) -> dict:
             run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if run.returncode != 0:
                 sys.exit(f"{name} seed {seed} failed:\n{run.stderr[-3000:]}")
-            row = json.loads(run.stdout.strip().splitlines()[-1])
+            row = dict(json.loads(run.stdout.strip().splitlines()[-1]), commit=_git_commit())
             doc["runs"].append(row)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(doc, indent=1) + "\n")
@@ -184,7 +184,8 @@ def table(doc: dict) -> str:
     """The markdown table of ``doc`` (mean ± sd over seeds; per-seed MSE), with its stamp."""
     s = doc["settings"]
     lines = [
-        f"Command: `{doc['command']}`; {doc['machine']}; {doc['date']}; commit {doc['commit']}; "
+        f"Command: `{doc['command']}`; {doc['machine']}; {doc['date']}; commit "
+        f"{', '.join(sorted({r.get('commit') or doc['commit'] for r in doc['runs']}))}; "
         f"{s['steps']} steps of batch {s['batch_size']} (Adam, lr {s['lr']}), {s['threads']} "
         f"thread, evaluated on all {doc['runs'][0]['test_images']} test images.",
         "",

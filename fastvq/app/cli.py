@@ -96,14 +96,12 @@ def _config_value(dest: str, cfg: dict):
     quantizer = cfg.get("quantizer", "vq")  # runs saved before the choice are vq runs
     if dest == "quantizer":
         return quantizer
-    if dest in VQ_OPTIONS or dest == "beta":  # vq's options: a run of another family has none
+    if dest == "beta":  # vq's, lfq's and bsq's commitment weight; fsq has none
+        return None if quantizer == "fsq" else cfg.get(dest)
+    if dest in VQ_OPTIONS:  # vq's options: a run of another family has none
         if quantizer != "vq":
             return None
-        return (
-            cfg.get(dest)
-            if dest == "beta"
-            else cfg.get("vq_kwargs", {}).get(dest, VQ_DEFAULTS[dest])
-        )
+        return cfg.get("vq_kwargs", {}).get(dest, VQ_DEFAULTS[dest])
     if dest in ("levels", "entropy_weight"):
         arg = QUANTIZER_OPTIONS.get(quantizer, {}).get(dest)
         if arg is None:
@@ -160,8 +158,9 @@ def _prepare_train(args) -> None:
 
 
 def _check_quantizer(args) -> None:
-    """``train vqvae``: each option belongs to the chosen family (vq's VQ options and --beta,
-    fsq's --levels, lfq's and bsq's --entropy-weight), and the family's layer accepts the
+    """``train vqvae``: each option belongs to the chosen family (vq's VQ options, fsq's
+    --levels, lfq's and bsq's --entropy-weight; --beta, the commitment weight, to all but fsq),
+    and the family's layer accepts the
     values (fsq: no --codebook-size, it is the product of the levels; lfq/bsq: a power of 2).
     The layer is built once here, before any work, so its own check names the problem."""
     from ..models.vqvae import VQVAEConfig, make_quantizer
@@ -169,7 +168,8 @@ def _check_quantizer(args) -> None:
     quantizer = args.quantizer or "vq"
     own = QUANTIZER_OPTIONS.get(quantizer, {})
     for dest in ("beta", *VQ_OPTIONS, "levels", "entropy_weight"):
-        mine = dest in own or (quantizer == "vq" and dest in ("beta", *VQ_OPTIONS))
+        mine = dest in own or (quantizer == "vq" and dest in VQ_OPTIONS)
+        mine = mine or (dest == "beta" and quantizer != "fsq")
         if getattr(args, dest) is not None and not mine:
             raise UsageError(f"argument {_flag(dest)}: not an option of --quantizer {quantizer}")
     if quantizer == "fsq" and args.codebook_size is not None:

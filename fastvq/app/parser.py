@@ -170,7 +170,7 @@ def _add_vq_options(p: argparse.ArgumentParser) -> None:
         "--beta",
         type=NON_NEGATIVE_FLOAT,
         default=None,
-        help=f"commitment weight (default: {VQVAEConfig.beta})",
+        help=f"commitment weight of vq, lfq and bsq (default: {VQVAEConfig.beta})",
     )
     g.add_argument(
         "--ema",
@@ -389,7 +389,7 @@ def _add_train_options(t: argparse.ArgumentParser, kind: str | None) -> None:
 def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     """``train vqvae``'s quantizer family and the options of fsq, lfq and bsq."""
     g = p.add_argument_group(
-        "quantizer family (the VQ options above are vq's; the others take these)"
+        "quantizer family (the VQ options above but --beta are vq's; the others take these)"
     )
     g.add_argument(
         "--quantizer",
