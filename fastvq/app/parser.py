@@ -152,7 +152,7 @@ def _add_vq_options(p: argparse.ArgumentParser) -> None:
         "--codebook-size",
         type=POSITIVE,
         default=None,
-        help="K (default: 256; a power of 2 for lfq/bsq; fsq's is the product of its levels)",
+        help="K, a power of 2 for lfq/bsq; fsq's is the product of its levels (default: 256)",
     )
     g.add_argument(
         "--dim",
