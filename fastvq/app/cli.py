@@ -160,9 +160,9 @@ def _prepare_train(args) -> None:
 def _check_quantizer(args) -> None:
     """``train vqvae``: each option belongs to the chosen family (vq's VQ options, fsq's
     --levels, lfq's and bsq's --entropy-weight; --beta, the commitment weight, to all but fsq),
-    and the family's layer accepts the
-    values (fsq: no --codebook-size, it is the product of the levels; lfq/bsq: a power of 2).
-    The layer is built once here, before any work, so its own check names the problem."""
+    and the family's layer accepts the values (fsq: no --codebook-size, it is the product of
+    the levels; lfq/bsq: a power of 2). The layer is built once here, before any work, so that
+    its own check names the problem."""
     from ..models.vqvae import VQVAEConfig, make_quantizer
 
     quantizer = args.quantizer or "vq"
