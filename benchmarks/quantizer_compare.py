@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MACHINE = "2-core CPU machine, shared"
 
 # name -> (family, VQ-VAE config fields, note). LFQ/BSQ at 2**14 compute their entropies on a
-# tenth of each batch's rows (frac_per_sample_entropy): on all of them a step took ~1.5 s at
-# batch 64 on one thread (the codebook entropy is N x 2**14 per step), 6x the other families.
+# tenth of each batch's rows (frac_per_sample_entropy): the codebook entropy is N x 2**14 per
+# step, 6-7x the step's time on all rows (benchmarks/lfq_vqvae_probe.py, docs/quantizers.md).
 CONFIGS = {
     "vq-1024": ("vq", {"codebook_size": 1024}, ""),
     "fsq-1000": ("fsq", {"quantizer": "fsq", "vq_kwargs": {"levels": [8, 5, 5, 5]}}, ""),
