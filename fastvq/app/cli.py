@@ -33,9 +33,12 @@ from .data import DataNotFoundError, IDXError, find_dataset, load_dataset
 from .figures import save_panels
 from .loop import TrainingInterrupted
 from .parser import (
+    FSQ_DEFAULT_LEVELS,
     KIND_OPTIONS,
+    LFQ_DEFAULTS,
     MODEL_OPTIONS,
     PLACE_DEFAULTS,
+    QUANTIZER_OPTIONS,
     RUN_DEFAULTS,
     VQ_DEFAULTS,
     VQ_OPTIONS,
@@ -90,8 +93,21 @@ def _config_value(dest: str, cfg: dict):
         return cfg.get("n_layers")
     if dest == "conditional":
         return cfg.get("num_classes") is not None
-    if dest in VQ_OPTIONS:
+    quantizer = cfg.get("quantizer", "vq")  # runs saved before the choice are vq runs
+    if dest == "quantizer":
+        return quantizer
+    if dest == "beta":  # vq's, lfq's and bsq's commitment weight; fsq has none
+        return None if quantizer == "fsq" else cfg.get(dest)
+    if dest in VQ_OPTIONS:  # vq's options: a run of another family has none
+        if quantizer != "vq":
+            return None
         return cfg.get("vq_kwargs", {}).get(dest, VQ_DEFAULTS[dest])
+    if dest in ("levels", "entropy_weight"):
+        arg = QUANTIZER_OPTIONS.get(quantizer, {}).get(dest)
+        if arg is None:
+            return None
+        default = FSQ_DEFAULT_LEVELS if dest == "levels" else LFQ_DEFAULTS[dest]
+        return cfg.get("vq_kwargs", {}).get(arg, default)
     return cfg.get(dest)
 
 
@@ -118,7 +134,9 @@ def _prepare_train(args) -> None:
         )
     if args.resume:
         _resolve_resume(args)
-    elif not args.overwrite:
+    if args.kind == "vqvae":
+        _check_quantizer(args)
+    if not args.resume and not args.overwrite:
         held = _held_run(args.out)
         if held is not None:
             raise UsageError(
@@ -137,6 +155,37 @@ def _prepare_train(args) -> None:
             raise UsageError(f"argument --vqvae: {args.vqvae} is a {kind} run, not a vqvae run")
     _check_data(args)
     _check_writable_dir(args.out, "--out")
+
+
+def _check_quantizer(args) -> None:
+    """``train vqvae``: each option belongs to the chosen family (vq's VQ options, fsq's
+    --levels, lfq's and bsq's --entropy-weight; --beta, the commitment weight, to all but fsq),
+    and the family's layer accepts the values (fsq: no --codebook-size, it is the product of
+    the levels; lfq/bsq: a power of 2). The layer is built once here, before any work, so that
+    its own check names the problem."""
+    from ..models.vqvae import VQVAEConfig, make_quantizer
+
+    quantizer = args.quantizer or "vq"
+    own = QUANTIZER_OPTIONS.get(quantizer, {})
+    for dest in ("beta", *VQ_OPTIONS, "levels", "entropy_weight"):
+        mine = dest in own or (quantizer == "vq" and dest in VQ_OPTIONS)
+        mine = mine or (dest == "beta" and quantizer != "fsq")
+        if getattr(args, dest) is not None and not mine:
+            raise UsageError(f"argument {_flag(dest)}: not an option of --quantizer {quantizer}")
+    if quantizer == "fsq" and args.codebook_size is not None:
+        raise UsageError(
+            "argument --codebook-size: fsq's codebook size is the product of --levels; "
+            "drop --codebook-size"
+        )
+    if quantizer == "vq" or args.resume:  # vq's values: the parser's types; a resume: the run's
+        return
+    options = vqvae_options(args)
+    try:
+        cfg = VQVAEConfig(**{k: v for k, v in options.items() if v is not None})
+        make_quantizer(cfg)
+    except (TypeError, ValueError) as e:
+        flag = "--levels" if quantizer == "fsq" else "--codebook-size"
+        raise UsageError(f"argument {flag}: {' '.join(str(e).split())}") from None
 
 
 def _check_data(args) -> None:
@@ -198,6 +247,8 @@ def _resolve_resume(args) -> None:
         if getattr(args, k) is None and k in saved:
             setattr(args, k, saved[k])
     cfg = meta.get("config", {})
+    if args.kind == "vqvae" and args.quantizer is None:  # the family of its other options
+        args.quantizer = _config_value("quantizer", cfg)
     for dest in KIND_OPTIONS[args.kind]:
         given = getattr(args, dest)
         if dest == "vqvae":

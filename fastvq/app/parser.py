@@ -10,6 +10,7 @@ import math
 
 from .. import __version__
 from ..models import AEConfig, PixelCNNConfig, VQVAEConfig
+from ..models.vqvae import QUANTIZERS
 from .data import DATASETS
 
 EXAMPLES = """\
@@ -17,6 +18,7 @@ examples:
   fastvq demo                                  # 4 min 35 s (--threads 2, 2 cores) -> runs/demo/
   fastvq demo --quick                          # ~2 CPU-minutes: the smoke version
   fastvq train vqvae --out runs/vqvae --codebook-size 512
+  fastvq train vqvae --out runs/fsq --quantizer fsq --levels 8,5,5,5
   fastvq train pixelcnn --vqvae runs/vqvae --out runs/prior
   fastvq train vqvae --out runs/vqvae --resume # after Ctrl-C: continue where it stopped
   fastvq sample runs/prior -n 64 --out samples.png
@@ -74,6 +76,20 @@ POSITIVE = _number(int, 1)
 NON_NEGATIVE = _number(int, 0)
 POSITIVE_FLOAT = _number(float, 0.0, strict=True)
 NON_NEGATIVE_FLOAT = _number(float, 0.0)
+REAL = _number(float, -math.inf)
+
+
+def levels_list(text: str) -> list[int]:
+    """An argparse ``type``: FSQ levels as comma-separated ints >= 2 (``8,5,5,5``)."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 2 such as 8,5,5,5, got {text!r}"
+        )
+    return [int(p) for p in parts]
+
+
+levels_list.__name__ = "levels"
 
 # `train`'s run arguments: their parser default is None so that --resume can tell a given one
 # (checked against the run) from an unset one (restored from the run); these are the defaults of
@@ -136,7 +152,7 @@ def _add_vq_options(p: argparse.ArgumentParser) -> None:
         "--codebook-size",
         type=POSITIVE,
         default=None,
-        help=f"K (default: {VQVAEConfig.codebook_size})",
+        help="K, a power of 2 for lfq/bsq; fsq's is the product of its levels (default: 256)",
     )
     g.add_argument(
         "--dim",
@@ -154,7 +170,7 @@ def _add_vq_options(p: argparse.ArgumentParser) -> None:
         "--beta",
         type=NON_NEGATIVE_FLOAT,
         default=None,
-        help=f"commitment weight (default: {VQVAEConfig.beta})",
+        help=f"commitment weight of vq, lfq and bsq (default: {VQVAEConfig.beta})",
     )
     g.add_argument(
         "--ema",
@@ -221,29 +237,64 @@ VQ_DEFAULTS = {
     "cosine": False,
 }
 
+# `train vqvae`'s quantizer choice and the options of each family but vq (whose are VQ_OPTIONS
+# and --beta): the CLI option -> the layer's argument in vq_kwargs. An option given to another
+# family is an error.
+QUANTIZER_OPTIONS = {
+    "fsq": {"levels": "levels"},
+    "lfq": {"entropy_weight": "entropy_loss_weight"},
+    "bsq": {"entropy_weight": "entropy_loss_weight"},
+}
+FSQ_DEFAULT_LEVELS = [8, 5, 5, 5]  # the paper's 1000-code set
+LFQ_DEFAULTS = {"entropy_weight": 0.1}  # fastvq.LFQ's entropy_loss_weight
+
 # The model options each `train KIND` takes; any other one given is an error.
 KIND_OPTIONS = {
     "ae": ("latent_dim", "hidden"),
     "vae": ("latent_dim", "hidden"),
-    "vqvae": ("hidden", "codebook_size", "dim", "beta", *VQ_OPTIONS),
+    "vqvae": (
+        "hidden",
+        "codebook_size",
+        "dim",
+        "beta",
+        *VQ_OPTIONS,
+        "quantizer",
+        "levels",
+        "entropy_weight",
+    ),  # fmt: skip
     "pixelcnn": ("vqvae", "channels", "layers", "conditional"),
 }
 MODEL_OPTIONS = tuple(dict.fromkeys(o for opts in KIND_OPTIONS.values() for o in opts))
 
 
 def vq_kwargs_from_args(args) -> dict:
-    """The layer options set on the command line (:data:`VQ_OPTIONS`), for ``vq_kwargs``."""
-    return {k: getattr(args, k) for k in VQ_OPTIONS if getattr(args, k, None) is not None}
+    """The layer options set on the command line, for ``vq_kwargs``: :data:`VQ_OPTIONS` for
+    vq, :data:`QUANTIZER_OPTIONS` for the others (fsq's levels default to 8,5,5,5)."""
+    quantizer = getattr(args, "quantizer", None) or "vq"
+    if quantizer == "vq":
+        return {k: getattr(args, k) for k in VQ_OPTIONS if getattr(args, k, None) is not None}
+    kw = {
+        arg: getattr(args, opt)
+        for opt, arg in QUANTIZER_OPTIONS[quantizer].items()
+        if getattr(args, opt, None) is not None
+    }
+    if quantizer == "fsq":
+        kw.setdefault("levels", FSQ_DEFAULT_LEVELS)
+    return kw
 
 
 def vqvae_options(args) -> dict:
-    """The VQ-VAE config fields given on the command line; None keeps the model's default."""
-    return {
+    """The VQ-VAE config fields given on the command line; None keeps the model's default
+    (``quantizer`` only when given: the demo has no choice of family)."""
+    options = {
         "codebook_size": args.codebook_size,
         "dim": args.dim,
         "beta": args.beta,
         "vq_kwargs": vq_kwargs_from_args(args),
     }
+    if getattr(args, "quantizer", None) is not None:
+        options["quantizer"] = args.quantizer
+    return options
 
 
 def _add_train_options(t: argparse.ArgumentParser, kind: str | None) -> None:
@@ -331,6 +382,33 @@ def _add_train_options(t: argparse.ArgumentParser, kind: str | None) -> None:
     _add_common(t, train=True)
     if "codebook_size" in takes:
         _add_vq_options(t)
+    if "quantizer" in takes:
+        _add_quantizer_options(t)
+
+
+def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
+    """``train vqvae``'s quantizer family and the options of fsq, lfq and bsq."""
+    g = p.add_argument_group(
+        "quantizer family (the VQ options above but --beta are vq's; the others take these)"
+    )
+    g.add_argument(
+        "--quantizer",
+        choices=QUANTIZERS,
+        default=None,
+        help="vq: VectorQuantizer; fsq: FSQ; lfq: LFQ; bsq: LFQ(spherical=True) (default: vq)",
+    )
+    g.add_argument(
+        "--levels",
+        type=levels_list,
+        default=None,
+        help="fsq: values per channel, comma-separated; K is their product (default: 8,5,5,5)",
+    )
+    g.add_argument(
+        "--entropy-weight",
+        type=REAL,
+        default=None,
+        help=f"lfq/bsq: entropy loss weight (default: {LFQ_DEFAULTS['entropy_weight']})",
+    )
 
 
 TRAIN_NOTE = (

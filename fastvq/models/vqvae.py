@@ -1,10 +1,16 @@
-"""VQ-VAE (van den Oord et al., 2017): conv encoder -> fastvq.VectorQuantizer -> conv decoder.
+"""VQ-VAE (van den Oord et al., 2017): conv encoder -> a quantizer -> conv decoder.
+
+The quantizer is ``cfg.quantizer``: ``"vq"`` (fastvq.VectorQuantizer, the default and every run
+saved before the choice existed), ``"fsq"`` (fastvq.FSQ, ``vq_kwargs["levels"]``), ``"lfq"``
+(fastvq.LFQ) or ``"bsq"`` (fastvq.LFQ with ``spherical=True``). Any layer of the family works:
+it returns ``(quantized, indices, loss)`` and decodes indices with ``codes_from_indices``.
 
 Encoder: two 4x4 stride-2 convs, a 3x3 conv, residual blocks (ReLU, 3x3 conv, ReLU, 1x1 conv),
 a 1x1 conv to the quantizer's dim. Decoder: a 3x3 conv, residual blocks, two 4x4 stride-2
 transposed convs. A 28x28 image becomes a 7x7 map of code indices.
 
-Loss = ||x - x_hat||^2 / Var(x) + VQ loss (codebook + beta * commitment, from the layer).
+Loss = ||x - x_hat||^2 / Var(x) + the layer's loss (VQ: codebook + beta * commitment; FSQ: zero;
+LFQ/BSQ: the entropy terms + beta * commitment).
 """
 
 from __future__ import annotations
@@ -23,12 +29,57 @@ class VQVAEConfig:
     res_hidden: int = 32  # bottleneck channels inside a residual block
     n_res: int = 2  # residual blocks in the encoder and in the decoder
     dim: int = 16  # channels of the encoder output = the quantizer's input dim
-    codebook_size: int = 256  # K
-    beta: float = 0.25  # commitment weight
+    # K; None: 256, or for "fsq" prod(levels) (the only value it may have there)
+    codebook_size: int | None = None
+    # commitment weight: vq's beta, LFQ/BSQ's commitment_loss_weight (FSQ has no loss). LFQ's
+    # own default is 0: its entropy term alone then lets the encoder's output grow without bound
+    # (|z| ~ 3e5 at step 100, an infinite loss at step 107: benchmarks/lfq_vqvae_probe.py)
+    beta: float = 0.25
     data_variance: float = 1.0  # recon loss = MSE / data_variance (set from the train set)
-    # passed as-is to fastvq.VectorQuantizer (e.g. ema, kmeans_init, codebook_dim, cosine,
-    # dead-code threshold); empty = the layer's defaults
+    # passed as-is to the quantizer (VectorQuantizer: e.g. ema, kmeans_init, codebook_dim,
+    # cosine, dead-code threshold; FSQ: levels; LFQ: entropy_loss_weight); empty = its defaults
     vq_kwargs: dict = field(default_factory=dict)
+    quantizer: str = "vq"  # one of QUANTIZERS; configs saved before the choice have none: "vq"
+
+    def __post_init__(self):
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.quantizer == "fsq":
+            if "levels" not in self.vq_kwargs:
+                raise ValueError('quantizer "fsq" needs vq_kwargs["levels"]')
+            from fastvq.fsq import FSQ
+
+            # FSQ's own rule, on a layer without projections (it draws no random weights)
+            sym = self.vq_kwargs.get("preserve_symmetry", False)
+            size = FSQ(self.vq_kwargs["levels"], preserve_symmetry=sym).codebook_size
+            if self.codebook_size not in (None, size):
+                raise ValueError(
+                    f"codebook_size must be None or prod(levels) = {size} for quantizer "
+                    f'"fsq", got {self.codebook_size!r}'
+                )
+            self.codebook_size = size
+        elif self.codebook_size is None:
+            self.codebook_size = 256
+
+
+QUANTIZERS = ("vq", "fsq", "lfq", "bsq")
+
+
+def make_quantizer(cfg: VQVAEConfig) -> nn.Module:
+    """The quantizer layer of ``cfg``: channel-first, it takes the encoder's ``(B, dim, h, w)``
+    and returns ``(quantized (B, dim, h, w), indices (B, h, w) int64, loss)``."""
+    from fastvq.fsq import FSQ
+    from fastvq.layer import VectorQuantizer
+    from fastvq.lfq import LFQ
+
+    k = cfg.codebook_size
+    kw = dict(cfg.vq_kwargs, channel_first=True)
+    if cfg.quantizer == "vq":
+        return VectorQuantizer(cfg.dim, k, beta=cfg.beta, **kw)
+    if cfg.quantizer == "fsq":
+        return FSQ(kw.pop("levels"), dim=cfg.dim, **kw)
+    kw.setdefault("commitment_loss_weight", cfg.beta)
+    return LFQ(dim=cfg.dim, codebook_size=k, spherical=cfg.quantizer == "bsq", **kw)
 
 
 class ResidualBlock(nn.Module):
@@ -45,8 +96,6 @@ class ResidualBlock(nn.Module):
 class VQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig | None = None):
         super().__init__()
-        from fastvq.layer import VectorQuantizer  # the layer (issue 3)
-
         self.cfg = cfg = cfg or VQVAEConfig()
         h = cfg.hidden
         self.encoder = nn.Sequential(
@@ -59,9 +108,7 @@ class VQVAE(nn.Module):
             nn.ReLU(),
             nn.Conv2d(h, cfg.dim, 1),
         )
-        self.vq = VectorQuantizer(
-            cfg.dim, cfg.codebook_size, beta=cfg.beta, channel_first=True, **cfg.vq_kwargs
-        )
+        self.vq = make_quantizer(cfg)
         self.decoder = nn.Sequential(
             nn.Conv2d(cfg.dim, h, 3, padding=1),
             *[ResidualBlock(h, cfg.res_hidden) for _ in range(cfg.n_res)],
