@@ -53,7 +53,10 @@ def bit_offsets(u: torch.Tensor) -> torch.Tensor:
 def per_sample_entropy(u: torch.Tensor) -> torch.Tensor:
     """Exact mean over rows of each row's entropy over all ``2^d`` codes: the sum of the per-bit
     entropies, ``(C,)``. An empty batch gives 0."""
-    h = (F.softplus(u) - torch.sigmoid(u) * u).sum(-1)  # (C, N)
+    # softplus(u) - sigmoid(u) u, written as two non-negative terms of |u| (the bit entropy is
+    # even in u): the difference form cancels to noise once |u| is large (u ~ 1e6: ~0.1 nats).
+    au = u.abs()
+    h = (F.softplus(-au) + torch.sigmoid(-au) * au).sum(-1)  # (C, N)
     return h.sum(-1) / max(1, u.shape[1])
 
 
@@ -61,10 +64,22 @@ def _work_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def _logp(u, a, k0, k1):
-    """``log p_n(c)`` (C, N, k1 - k0) for codes ``k0 .. k1 - 1``: ``a + u . b``."""
-    b = code_bits(k0, k1, u.shape[-1], u.dtype, u.device)
-    return torch.baddbmm(a.unsqueeze(-1), u, b.T.unsqueeze(0).expand(u.shape[0], -1, -1))
+def _bit_logs(u: torch.Tensor) -> torch.Tensor:
+    """Per-bit log-probabilities ``[logsigmoid(-u), logsigmoid(u)]`` (C, N, 2d), all <= 0."""
+    return torch.cat([F.logsigmoid(-u), F.logsigmoid(u)], dim=-1)
+
+
+def _logp(logs, k0, k1):
+    """``log p_n(c)`` (C, N, k1 - k0) for codes ``k0 .. k1 - 1`` from :func:`_bit_logs`.
+
+    ``log p = sum_i (1 - b_i) logsigmoid(-u_i) + b_i logsigmoid(u_i)`` (= ``a + u . b``): a sum
+    of terms of one sign, so it stays accurate where ``a + u . b`` cancels (``|u|`` ~ 1e6 in fp32
+    put the near codes' log-probabilities off by whole nats and the entropy past ``log 2^d``).
+    """
+    d = logs.shape[-1] // 2
+    b = code_bits(k0, k1, d, logs.dtype, logs.device)
+    w = torch.cat([1 - b, b], dim=-1)  # (k, 2d)
+    return logs @ w.T
 
 
 def _chunks(k: int, chunk: int):
@@ -89,8 +104,9 @@ class _CodebookEntropy(torch.autograd.Function):
         log_n = math.log(n)
         out = u.new_zeros(cn)
         lbar = u.new_empty(cn, k)  # log pbar, (C, K): kept for the backward (K, not N x K)
+        logs = _bit_logs(u)  # ``a`` enters through its gradient; the values come from ``logs``
         for k0, k1 in _chunks(k, chunk):
-            lb = torch.logsumexp(_logp(u, a, k0, k1), dim=1) - log_n  # (C, k)
+            lb = torch.logsumexp(_logp(logs, k0, k1), dim=1) - log_n  # (C, k)
             lbar[:, k0:k1] = lb
             out -= (lb.exp() * _floored(lb, log_floor)).sum(-1)
         ctx.save_for_backward(u, a, lbar)
@@ -104,8 +120,9 @@ class _CodebookEntropy(torch.autograd.Function):
         gu, ga = torch.zeros_like(u), torch.zeros_like(a)
         # dH/dlog p_n(c) = -(log pbar_c + 1) p_n(c) / N  (floored: the clamp's own slope)
         coef = -(_floor_slope(lbar, ctx.log_floor) + 1) * (g[:, None] / n)  # (C, K)
+        logs = _bit_logs(u)
         for k0, k1 in _chunks(2**d, ctx.chunk):
-            gl = _logp(u, a, k0, k1).exp_().mul_(coef[:, None, k0:k1])  # (C, N, k)
+            gl = _logp(logs, k0, k1).exp_().mul_(coef[:, None, k0:k1])  # (C, N, k)
             ga += gl.sum(-1)
             gu += gl @ code_bits(k0, k1, d, u.dtype, u.device)
         return gu, ga, None, None
@@ -118,8 +135,9 @@ class _ClampedSampleEntropy(torch.autograd.Function):
     def forward(ctx, u, a, chunk: int, log_floor: float):
         cn, n, d = u.shape
         out = u.new_zeros(cn)
+        logs = _bit_logs(u)
         for k0, k1 in _chunks(2**d, chunk):
-            lp = _logp(u, a, k0, k1)
+            lp = _logp(logs, k0, k1)
             out -= (lp.exp() * lp.clamp_min(log_floor)).sum((1, 2))
         ctx.save_for_backward(u, a)
         ctx.chunk, ctx.log_floor = chunk, log_floor
@@ -131,8 +149,9 @@ class _ClampedSampleEntropy(torch.autograd.Function):
         n, d = u.shape[1], u.shape[2]
         gu, ga = torch.zeros_like(u), torch.zeros_like(a)
         scale = -(g / n)[:, None, None]
+        logs = _bit_logs(u)
         for k0, k1 in _chunks(2**d, ctx.chunk):
-            lp = _logp(u, a, k0, k1)
+            lp = _logp(logs, k0, k1)
             gl = lp.exp() * (_floor_slope(lp, ctx.log_floor) + 1) * scale  # (C, N, k)
             ga += gl.sum(-1)
             gu += gl @ code_bits(k0, k1, d, u.dtype, u.device)

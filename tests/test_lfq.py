@@ -70,6 +70,30 @@ def test_entropy_fp32_sharp_logits_and_empty():
     assert per_sample_entropy(empty).tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e5, 1e7])
+def test_entropy_fp32_large_inputs_stays_within_its_range(scale):
+    """Inputs far from zero (an encoder without a commitment term drifts there): the fp32 terms
+    equal fp64 and the codebook entropy stays in [0, log 2^d]. The form ``a + u . b`` cancelled
+    here (10.49 nats of a 6.93 maximum at 1e4, -4e26 at 1e5)."""
+    torch.manual_seed(3)
+    u = 400 * scale * torch.randn(1, 3136, 10)
+    h64 = codebook_entropy(u.double(), 256)
+    for chunk in (None, 256):
+        h32 = codebook_entropy(u, chunk)
+        assert 0.0 <= h32.item() <= 10 * math.log(2) + 1e-4
+        torch.testing.assert_close(h32.double(), h64, rtol=1e-5, atol=1e-5)
+    hs32, hs64 = per_sample_entropy(u), per_sample_entropy(u.double())
+    assert (hs32 >= 0).all()
+    torch.testing.assert_close(hs32.double(), hs64, rtol=1e-5, atol=1e-6)
+    hc32 = clamped_sample_entropy(u, math.log(1e-5), 128)
+    torch.testing.assert_close(hc32.double(), clamped_sample_entropy(u.double(), math.log(1e-5)),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    # gradients stay finite where every bit is saturated
+    ur = u.clone().requires_grad_()
+    (codebook_entropy(ur, 256) + per_sample_entropy(ur)).sum().backward()
+    assert torch.isfinite(ur.grad).all()
+
+
 def test_entropy_errors_name_the_argument():
     with pytest.raises(ValueError, match="chunk"):
         codebook_entropy(torch.randn(1, 3, 2), 0)
