@@ -29,6 +29,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -216,7 +217,9 @@ def main(argv=None) -> int:
     results = []
     out = Path(args.out)
     meta = {
-        "command": "python -m benchmarks.residual_defaults " + " ".join(argv or []),
+        "command": " ".join(
+            ["python -m benchmarks.residual_defaults", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "seeds": seeds,
         "setups": {k: SETUPS[k] for k in setups},
         "depths": DEPTHS,
