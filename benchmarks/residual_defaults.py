@@ -2,6 +2,7 @@
 
     python -m benchmarks.residual_defaults --out benchmarks/results/residual-defaults-DATE.json
     python -m benchmarks.residual_defaults --quick --out /tmp/rd.json    # a tiny run (the test)
+    python -m benchmarks.residual_defaults --table benchmarks/results/residual-defaults-DATE.json
 
 Two setups, each with a 4-depth :class:`fastvq.ResidualVQ` in the bottleneck:
 
@@ -193,6 +194,50 @@ def run(setup: str, cfg, seed: int, steps: int, train_u8, test_u8, variance: flo
     return out
 
 
+def _fmt_usage(runs: list) -> str:
+    """Each depth's usage as ``lo-hi%`` over the seeds (one value where they agree)."""
+    cells = []
+    for d in range(DEPTHS):
+        lo = round(100 * min(r["usage_per_depth"][d] for r in runs))
+        hi = round(100 * max(r["usage_per_depth"][d] for r in runs))
+        cells.append(f"{lo}" if lo == hi else f"{lo}-{hi}")
+    return " / ".join(cells) + "%"
+
+
+def table(doc: dict) -> str:
+    """The Markdown table of a study's JSON: per setup and configuration, test MSE per seed and
+    its mean (with the change against fastvq's defaults), usage per depth (range over seeds) and
+    the median step time (median over seeds of each run's median)."""
+    lines = []
+    for setup in doc["meta"]["setups"]:
+        runs = [r for r in doc["results"] if r["setup"] == setup]
+        names = list(dict.fromkeys(r["name"] for r in runs))
+        by = {
+            n: sorted((r for r in runs if r["name"] == n), key=lambda r: r["seed"]) for n in names
+        }
+        base = statistics.mean(r["test_mse"] for r in by.get("fastvq defaults", runs))
+        s = doc["meta"]["setups"][setup]
+        seeds = " / ".join(str(r["seed"]) for r in by[names[0]])
+        lines += [
+            f"**{setup}** (D = {s['dim']}, K = {s['K']} x {DEPTHS} depths, batch {s['batch']}, "
+            f"{s['steps']} steps)",
+            "",
+            f"| configuration | test MSE (seeds {seeds}) | mean MSE | vs defaults "
+            "| usage per depth (min-max over seeds) | ms / step |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n in names:
+            mses = [r["test_mse"] for r in by[n]]
+            mean = statistics.mean(mses)
+            step = statistics.median(r["step_s_median"] for r in by[n]) * 1e3
+            lines.append(
+                f"| {n} | {' / '.join(f'{m:.5f}' for m in mses)} | {mean:.5f} "
+                f"| {100 * (mean / base - 1):+.1f}% | {_fmt_usage(by[n])} | {step:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="5 steps, 1 seed, 2 configs (a test)")
@@ -200,13 +245,19 @@ def main(argv=None) -> int:
     ap.add_argument("--setups", type=str, default="images,flat")
     ap.add_argument("--only", type=str, default=None, help="'|'-separated config names")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=str, required=True)
+    ap.add_argument("--out", type=str, default=None, help="the JSON to write")
+    ap.add_argument("--table", type=str, default=None, help="print the table of this JSON")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
+    if args.out is None:
+        ap.error("--out is required (or --table JSON)")
     torch.set_num_threads(args.threads)
     setups = args.setups.split(",")
     for name in setups:
         if name not in SETUPS:
-            raise ValueError(f"--setups: unknown setup {name!r}; choose from {sorted(SETUPS)}")
+            ap.error(f"--setups: unknown setup {name!r}; choose from {sorted(SETUPS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only.split("|")]
     if args.quick:
@@ -221,7 +272,9 @@ def main(argv=None) -> int:
             ["python -m benchmarks.residual_defaults", *(sys.argv[1:] if argv is None else argv)]
         ),
         "seeds": seeds,
-        "setups": {k: SETUPS[k] for k in setups},
+        "setups": {
+            k: {**SETUPS[k], "steps": 5 if args.quick else SETUPS[k]["steps"]} for k in setups
+        },
         "depths": DEPTHS,
         "test_images": len(test),
         "commit": subprocess.run(
@@ -233,7 +286,7 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     for setup in setups:
-        steps = 5 if args.quick else SETUPS[setup]["steps"]
+        steps = meta["setups"][setup]["steps"]
         for seed in seeds:
             for cfg in configs:
                 r = run(setup, cfg, seed, steps, ds.train.images, test, variance)
