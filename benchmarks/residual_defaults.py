@@ -155,10 +155,10 @@ def evaluate(model: nn.Module, test_u8: torch.Tensor, k: int) -> dict:
     return {"test_mse": se / n, "usage_per_depth": (counts > 0).float().mean(1).tolist()}
 
 
-def run(setup: str, cfg, seed: int, steps: int, train_u8, test_u8, variance: float) -> dict:
-    """Train one configuration for ``steps`` and evaluate it."""
-    s = SETUPS[setup]
-    model = build(setup, cfg, seed, variance)
+def train(model: nn.Module, setup: str, seed: int, steps: int, train_u8) -> dict:
+    """``steps`` Adam steps on seeded batches: total and median per-step seconds, and the peak
+    RSS growth over the loop."""
+    batch = SETUPS[setup]["batch"]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     step_s = []
@@ -166,7 +166,7 @@ def run(setup: str, cfg, seed: int, steps: int, train_u8, test_u8, variance: flo
     rss0 = proc_status_kib("VmHWM", required=False)
     t_all = time.perf_counter()
     for _ in range(steps):
-        x = to_float(train_u8[torch.randint(len(train_u8), (s["batch"],), generator=g)])
+        x = to_float(train_u8[torch.randint(len(train_u8), (batch,), generator=g)])
         t0 = time.perf_counter()
         x_hat, _, vq_loss = model(x)
         loss = model.objective(x_hat, x, vq_loss)
@@ -174,24 +174,55 @@ def run(setup: str, cfg, seed: int, steps: int, train_u8, test_u8, variance: flo
         loss.backward()
         opt.step()
         step_s.append(time.perf_counter() - t0)
-    train_s = time.perf_counter() - t_all
     rss1 = proc_status_kib("VmHWM", required=False)
-    out = {
-        "setup": setup,
-        "name": cfg[0],
-        "library": cfg[1],
-        "kwargs": cfg[2],
-        "seed": seed,
-        "steps": steps,
-        "batch": s["batch"],
-        "dim": s["dim"],
-        "K": s["K"],
-        "train_s": train_s,
+    return {
+        "train_s": time.perf_counter() - t_all,
         "step_s_median": statistics.median(step_s),
         "peak_rss_growth_mib": None if rss0 is None else (rss1 - rss0) / 1024,
     }
+
+
+def run(setup: str, cfg, seed: int, steps: int, train_u8, test_u8, variance: float) -> dict:
+    """Train one configuration for ``steps`` and evaluate it."""
+    s = SETUPS[setup]
+    model = build(setup, cfg, seed, variance)
+    out = {"setup": setup, "name": cfg[0], "library": cfg[1], "kwargs": cfg[2], "seed": seed}
+    out.update(steps=steps, batch=s["batch"], dim=s["dim"], K=s["K"])
+    out.update(train(model, setup, seed, steps, train_u8))
     out.update(evaluate(model, test_u8, s["K"]))
     return out
+
+
+def time_one(setup: str, name: str, steps: int) -> dict:
+    """One fresh process's measurement for :func:`timing`: seed 1, ``steps`` steps."""
+    (cfg,) = [c for c in CONFIGS if c[0] == name]
+    ds = load_dataset("fashion-mnist")
+    model = build(setup, cfg, 1, data_variance(ds.train.images))
+    return train(model, setup, 1, steps, ds.train.images)
+
+
+def timing(setup: str, names: list, rounds: int, steps: int, threads: int) -> dict:
+    """Step time and peak RSS of configurations ``names``, each measured in a fresh process,
+    alternating (the order reversed every other round); ratios against the first name."""
+    per_round = []
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        got = {}
+        for name in order:
+            cmd = [sys.executable, "-m", "benchmarks.residual_defaults", "--time-one", setup,
+                   name, str(steps), "--threads", str(threads)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            got[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        per_round.append(got)
+        ratios = {n: got[n]["step_s_median"] / got[names[0]]["step_s_median"] for n in names}
+        print(f"{setup} round {r}: " + ", ".join(f"{n} x{v:.3f}" for n, v in ratios.items()))
+    ratio = {
+        n: statistics.median(
+            g[n]["step_s_median"] / g[names[0]]["step_s_median"] for g in per_round
+        )
+        for n in names
+    }
+    return {"setup": setup, "steps": steps, "rounds": per_round, "median_ratio": ratio}
 
 
 def _fmt_usage(runs: list) -> str:
@@ -245,11 +276,24 @@ def main(argv=None) -> int:
     ap.add_argument("--setups", type=str, default="images,flat")
     ap.add_argument("--only", type=str, default=None, help="'|'-separated config names")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps of every setup (default: its own)"
+    )
+    ap.add_argument("--timing", type=str, default=None,
+                    help="'|'-separated config names: step time against fastvq's defaults in "
+                    "fresh processes, alternating, per setup")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=5, help="--timing: rounds")
+    ap.add_argument("--time-one", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=str, default=None, help="the JSON to write")
     ap.add_argument("--table", type=str, default=None, help="print the table of this JSON")
     args = ap.parse_args(argv)
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
+        return 0
+    if args.time_one:
+        torch.set_num_threads(args.threads)
+        setup, name, steps = args.time_one
+        print(json.dumps(time_one(setup, name, int(steps))))
         return 0
     if args.out is None:
         ap.error("--out is required (or --table JSON)")
@@ -258,6 +302,21 @@ def main(argv=None) -> int:
     for name in setups:
         if name not in SETUPS:
             ap.error(f"--setups: unknown setup {name!r}; choose from {sorted(SETUPS)}")
+    if args.timing:
+        names = ["fastvq defaults", *args.timing.split("|")]
+        for name in names:
+            if name not in [c[0] for c in CONFIGS]:
+                ap.error(f"--timing: unknown configuration {name!r}")
+        steps = args.steps or 50
+        doc = {
+            "command": " ".join(["python -m benchmarks.residual_defaults", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "results": [timing(s, names, args.rounds, steps, args.threads) for s in setups],
+        }
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only.split("|")]
     if args.quick:
@@ -273,7 +332,8 @@ def main(argv=None) -> int:
         ),
         "seeds": seeds,
         "setups": {
-            k: {**SETUPS[k], "steps": 5 if args.quick else SETUPS[k]["steps"]} for k in setups
+            k: {**SETUPS[k], "steps": 5 if args.quick else args.steps or SETUPS[k]["steps"]}
+            for k in setups
         },
         "depths": DEPTHS,
         "test_images": len(test),

@@ -47,3 +47,27 @@ def test_residual_defaults_rejects_unknown_setup(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode != 0 and "--setups: unknown setup 'audio'" in run.stderr
+
+
+def test_residual_defaults_timing_fresh_processes(tmp_path):
+    from fastvq.app.data import DataNotFoundError, find_dataset
+
+    try:
+        find_dataset("fashion-mnist")
+    except DataNotFoundError:
+        pytest.skip("Fashion-MNIST is not on this machine")
+    out = tmp_path / "t.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.residual_defaults", "--timing", "rotation trick",
+         "--setups", "flat", "--rounds", "2", "--steps", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["setup"] == "flat" and len(res["rounds"]) == 2
+    assert (
+        res["median_ratio"]["fastvq defaults"] == 1.0 and res["median_ratio"]["rotation trick"] > 0
+    )
+    for rnd in res["rounds"]:
+        assert set(rnd) == {"fastvq defaults", "rotation trick"}
+        assert all(m["step_s_median"] > 0 for m in rnd.values())
