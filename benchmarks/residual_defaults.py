@@ -62,7 +62,7 @@ CONFIGS = [
 
 # per setup: token dim, K per depth, batch, steps (full study; --quick shrinks the steps)
 SETUPS = {
-    "images": {"dim": 16, "K": 256, "batch": 128, "steps": 500},
+    "images": {"dim": 16, "K": 256, "batch": 64, "steps": 300},
     "flat": {"dim": 32, "K": 1024, "batch": 256, "steps": 600},
 }
 
