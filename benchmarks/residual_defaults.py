@@ -2,7 +2,7 @@
 
     python -m benchmarks.residual_defaults --out benchmarks/results/residual-defaults-DATE.json
     python -m benchmarks.residual_defaults --quick --out /tmp/rd.json    # a tiny run (the test)
-    python -m benchmarks.residual_defaults --table benchmarks/results/residual-defaults-DATE.json
+    python -m benchmarks.residual_defaults --table benchmarks/results/residual-defaults-DATE-*.json
 
 Two setups, each with a 4-depth :class:`fastvq.ResidualVQ` in the bottleneck:
 
@@ -285,10 +285,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="--timing: rounds")
     ap.add_argument("--time-one", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=str, default=None, help="the JSON to write")
-    ap.add_argument("--table", type=str, default=None, help="print the table of this JSON")
+    ap.add_argument("--table", nargs="+", default=None, help="print the tables of these JSONs")
     args = ap.parse_args(argv)
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        print("\n".join(table(json.loads(Path(p).read_text())) for p in args.table))
         return 0
     if args.time_one:
         torch.set_num_threads(args.threads)
