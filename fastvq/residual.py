@@ -416,10 +416,8 @@ class ResidualVQ(nn.Module):
         rotation_trick: every depth's layer quantizes with the rotation trick, and the output
             is the sum of every depth's attached output (each depth's gradient reaches ``x``
             through its rotation from that depth's residual), as vector-quantize-pytorch. Every
-            route (greedy, shared codebook, beam search, quantize dropout). Default True: it
-            reconstructed better than straight-through on both data kinds of
-            docs/residual-defaults.md, with the same usage; False gives one straight-through
-            for the sum of codes.
+            route (greedy, shared codebook, beam search, quantize dropout). On by default
+            (measured: docs/residual-defaults.md); False: one straight-through for the sum.
         quant_grad_frac: in ``[0, 1]``; the residual passed to the next depth is
             ``r - (frac q + (1 - frac) sg(q))`` (vector-quantize-pytorch's ``quant_grad_frac``).
             Non-zero (or ``rotation_trick``) switches to the per-depth output above; a depth's
