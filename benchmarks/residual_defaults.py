@@ -47,16 +47,26 @@ from fastvq.models.vqvae import VQVAEConfig
 
 DEPTHS = 4
 
-# (name, library, ResidualVQ keyword arguments); "fastvq" rows start from fastvq's defaults
+# fastvq's defaults when the study ran (2026-12-07, before rotation_trick became the stack's
+# default), spelled out so that a re-run measures the same configurations whatever the defaults
+BASE = {
+    "rotation_trick": False,
+    "decay": 0.99,
+    "beta": 0.25,
+    "kmeans_init": True,
+    "dead_code_steps": 20,
+}
+
+# (name, library, ResidualVQ keyword arguments); each "fastvq" row changes BASE in one place
 CONFIGS = [
-    ("fastvq defaults", "fastvq", {}),
-    ("rotation trick", "fastvq", {"rotation_trick": True}),
-    ("decay 0.8", "fastvq", {"decay": 0.8}),
-    ("beta 1", "fastvq", {"beta": 1.0}),
-    ("no k-means init", "fastvq", {"kmeans_init": False}),
-    ("no dead-code restart", "fastvq", {"dead_code_steps": 0}),
+    ("fastvq defaults", "fastvq", BASE),
+    ("rotation trick", "fastvq", {**BASE, "rotation_trick": True}),
+    ("decay 0.8", "fastvq", {**BASE, "decay": 0.8}),
+    ("beta 1", "fastvq", {**BASE, "beta": 1.0}),
+    ("no k-means init", "fastvq", {**BASE, "kmeans_init": False}),
+    ("no dead-code restart", "fastvq", {**BASE, "dead_code_steps": 0}),
     ("vqp-like (rotation, decay 0.8, beta 1)", "fastvq",
-     {"rotation_trick": True, "decay": 0.8, "beta": 1.0}),
+     {**BASE, "rotation_trick": True, "decay": 0.8, "beta": 1.0}),
     ("vqp defaults", "vqp", {}),
 ]  # fmt: skip
 
