@@ -47,8 +47,8 @@ from fastvq.models.vqvae import VQVAEConfig
 
 DEPTHS = 4
 
-# fastvq's defaults when the study ran (2026-12-07, before rotation_trick became the stack's
-# default), spelled out so that a re-run measures the same configurations whatever the defaults
+# fastvq's defaults when the study ran (2026-12-07), spelled out so that a re-run measures the
+# same configurations should the defaults change
 BASE = {
     "rotation_trick": False,
     "decay": 0.99,

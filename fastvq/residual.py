@@ -20,9 +20,8 @@ at any depth. Options (docs/layer.md, "ResidualVQ options"):
 * ``rotation_trick`` / ``quant_grad_frac`` (vector-quantize-pytorch's per-depth gradients): the
   output is the sum of every depth's attached output, ``quantized = project_out(sum_i q_i)``, each
   ``q_i`` carrying its depth's straight-through or rotation-trick gradient to ``r_i``, and
-  ``r_{i+1} = r_i - (frac q_i + (1 - frac) sg(q_i))`` (``frac = quant_grad_frac``). The rotation
-  trick is on by default (chosen by measurement: docs/residual-defaults.md); with both off the
-  arithmetic above is unchanged (one straight-through for the sum of codes).
+  ``r_{i+1} = r_i - (frac q_i + (1 - frac) sg(q_i))`` (``frac = quant_grad_frac``). With both off
+  (the default) the arithmetic above is unchanged.
 
 Layers not run by a forward (dropped depths) change no state: no EMA, usage or dead-code step.
 """
@@ -416,8 +415,7 @@ class ResidualVQ(nn.Module):
         rotation_trick: every depth's layer quantizes with the rotation trick, and the output
             is the sum of every depth's attached output (each depth's gradient reaches ``x``
             through its rotation from that depth's residual), as vector-quantize-pytorch. Every
-            route (greedy, shared codebook, beam search, quantize dropout). On by default
-            (measured: docs/residual-defaults.md); False: one straight-through for the sum.
+            route (greedy, shared codebook, beam search, quantize dropout).
         quant_grad_frac: in ``[0, 1]``; the residual passed to the next depth is
             ``r - (frac q + (1 - frac) sg(q))`` (vector-quantize-pytorch's ``quant_grad_frac``).
             Non-zero (or ``rotation_trick``) switches to the per-depth output above; a depth's
@@ -447,7 +445,7 @@ class ResidualVQ(nn.Module):
         beam_size: int | None = None,
         eval_beam_size: int | None = None,
         beam_score_weights: Sequence[float] | None = None,
-        rotation_trick: bool = True,
+        rotation_trick: bool = False,
         quant_grad_frac: float = 0.0,
         **layer_kwargs,
     ):

@@ -44,10 +44,7 @@ def test_error_falls_with_more_quantizers():
 
 
 def test_straight_through_gradient_and_projection():
-    rvq = ResidualVQ(
-        8, 16, 2, codebook_dim=4, ema=False, kmeans_init=False, backend="torch",
-        rotation_trick=False,
-    )  # fmt: skip
+    rvq = ResidualVQ(8, 16, 2, codebook_dim=4, ema=False, kmeans_init=False, backend="torch")
     x = torch.randn(10, 8, requires_grad=True)
     q, idx, loss = rvq(x)
     q.sum().backward(retain_graph=True)

@@ -114,9 +114,7 @@ def test_shared_gradient_codebook_equals_literal_autograd():
     torch.manual_seed(3)
     k, d, beta = 6, 3, 0.25
     w0 = torch.randn(k, d)
-    rvq = ResidualVQ(
-        d, k, 3, shared_codebook=True, ema=False, beta=beta, rotation_trick=False, **PLAIN
-    )  # the literal below is the straight-through stack
+    rvq = ResidualVQ(d, k, 3, shared_codebook=True, ema=False, beta=beta, **PLAIN)
     rvq.layers[0].load_codebook(w0)
     x = torch.randn(30, d, requires_grad=True)
     q, idx, loss = rvq(x)
@@ -497,10 +495,9 @@ def test_exported():
 @pytest.mark.parametrize("route", ["layers", "shared", "beam1"])
 def test_simvq_layers_every_route_match_literal_autograd(route):
     """SimVQ codes (frozen basis x learned map) in every ResidualVQ route: indices, output, loss
-    and the map's and x's gradients equal plain autograd over the explicit products (the
-    straight-through stack; the rotation trick's literal: tests/test_residual_rotation.py)."""
+    and the map's and x's gradients equal plain autograd over the explicit products."""
     kw = {"shared": dict(shared_codebook=True), "beam1": dict(beam_size=1)}.get(route, {})
-    rvq = ResidualVQ(6, 16, 3, simvq=True, backend="torch", rotation_trick=False, **kw)
+    rvq = ResidualVQ(6, 16, 3, simvq=True, backend="torch", **kw)
     x = torch.randn(20, 6, requires_grad=True)
     q, idx, loss = rvq(x)
     (q.square().sum() + loss).backward()

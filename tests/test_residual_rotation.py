@@ -79,7 +79,7 @@ OPTIONS = [
     dict(rotation_trick=True),
     dict(rotation_trick=True, quant_grad_frac=0.3),
     dict(rotation_trick=True, quant_grad_frac=1.0),
-    dict(rotation_trick=False, quant_grad_frac=0.5),
+    dict(quant_grad_frac=0.5),
 ]
 IDS = ["rot", "rot-frac0.3", "rot-frac1", "ste-frac0.5"]
 
@@ -116,12 +116,12 @@ def test_beam_search_matches_reference_along_chosen_codes(backend, opts):
 def test_rotation_changes_the_gradient_and_grouped_passes_options_through(backend):
     x = torch.randn(20, 8)
     rot = ResidualVQ(8, 11, 2, backend=backend, rotation_trick=True, **PLAIN)
-    plain = ResidualVQ(8, 11, 2, backend=backend, rotation_trick=False, **PLAIN)
+    plain = ResidualVQ(8, 11, 2, backend=backend, **PLAIN)
     plain.load_state_dict(rot.state_dict())  # same codes, same state_dict keys
     g_rot = check_against_reference(rot, x)
     xr = x.clone().requires_grad_()
     plain(xr).quantized.sum().backward()
-    assert torch.equal(xr.grad, torch.ones_like(x))  # rotation off: one straight-through
+    assert torch.equal(xr.grad, torch.ones_like(x))  # the default: one straight-through
     assert not torch.allclose(g_rot, torch.ones_like(x))
 
     grouped = GroupedResidualVQ(
@@ -145,13 +145,10 @@ def test_rotation_changes_the_gradient_and_grouped_passes_options_through(backen
 
 
 def test_explicit_defaults_are_bit_identical_to_omitted(backend):
-    """The defaults (rotation_trick=True since docs/residual-defaults.md, quant_grad_frac=0.0)
-    given explicitly take the omitted path: same bits everywhere, in both stacks."""
-    assert all(sub.rotation_trick for sub in GroupedResidualVQ(8, 11, 2, groups=2).rvqs)
+    """rotation_trick=False, quant_grad_frac=0.0 take today's path: same bits everywhere."""
     torch.manual_seed(1)
     a = ResidualVQ(6, 11, 3, backend=backend, seed=3)
-    b = ResidualVQ(6, 11, 3, backend=backend, seed=3, rotation_trick=True, quant_grad_frac=0.0)
-    assert a.rotation_trick and all(layer.rotation_trick for layer in a.layers)
+    b = ResidualVQ(6, 11, 3, backend=backend, seed=3, rotation_trick=False, quant_grad_frac=0.0)
     b.load_state_dict(a.state_dict())
     assert repr(a) == repr(b)
     x = torch.randn(25, 6)
