@@ -245,35 +245,41 @@ def _fmt_usage(runs: list) -> str:
     return " / ".join(cells) + "%"
 
 
-def table(doc: dict) -> str:
-    """The Markdown table of a study's JSON: per setup and configuration, test MSE per seed and
-    its mean (with the change against fastvq's defaults), usage per depth (range over seeds) and
-    the median step time (median over seeds of each run's median)."""
+def table(docs: list) -> str:
+    """The Markdown tables of one or more study JSONs, runs pooled per setup: per configuration,
+    its seeds, test MSE per seed and their mean, the change against fastvq's defaults paired by
+    seed (the mean of per-seed ratios) and in how many seeds it was lower, usage per depth (range
+    over seeds) and the median over seeds of each run's median step time."""
+    setups = {k: v for doc in docs for k, v in doc["meta"]["setups"].items()}
+    runs_all = [r for doc in docs for r in doc["results"]]
     lines = []
-    for setup in doc["meta"]["setups"]:
-        runs = [r for r in doc["results"] if r["setup"] == setup]
-        names = list(dict.fromkeys(r["name"] for r in runs))
+    for setup, s in setups.items():
+        runs = [r for r in runs_all if r["setup"] == setup]
+        order = [c[0] for c in CONFIGS]
+        names = sorted(dict.fromkeys(r["name"] for r in runs), key=order.index)
         by = {
             n: sorted((r for r in runs if r["name"] == n), key=lambda r: r["seed"]) for n in names
         }
-        base = statistics.mean(r["test_mse"] for r in by.get("fastvq defaults", runs))
-        s = doc["meta"]["setups"][setup]
-        seeds = " / ".join(str(r["seed"]) for r in by[names[0]])
+        base = {r["seed"]: r["test_mse"] for r in by.get("fastvq defaults", [])}
         lines += [
             f"**{setup}** (D = {s['dim']}, K = {s['K']} x {DEPTHS} depths, batch {s['batch']}, "
             f"{s['steps']} steps)",
             "",
-            f"| configuration | test MSE (seeds {seeds}) | mean MSE | vs defaults "
-            "| usage per depth (min-max over seeds) | ms / step |",
-            "|---|---|---|---|---|---|",
+            "| configuration | seeds | test MSE per seed | mean MSE | vs defaults (paired) "
+            "| lower in | usage per depth (min-max over seeds) | ms / step |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for n in names:
             mses = [r["test_mse"] for r in by[n]]
-            mean = statistics.mean(mses)
+            ratios = [r["test_mse"] / base[r["seed"]] - 1 for r in by[n] if r["seed"] in base]
             step = statistics.median(r["step_s_median"] for r in by[n]) * 1e3
+            seeds = ",".join(str(r["seed"]) for r in by[n])
+            change = f"{100 * statistics.mean(ratios):+.1f}%" if ratios else "-"
+            lower = f"{sum(x < 0 for x in ratios)}/{len(ratios)}" if ratios else "-"
             lines.append(
-                f"| {n} | {' / '.join(f'{m:.5f}' for m in mses)} | {mean:.5f} "
-                f"| {100 * (mean / base - 1):+.1f}% | {_fmt_usage(by[n])} | {step:.1f} |"
+                f"| {n} | {seeds} | {' / '.join(f'{m:.5f}' for m in mses)} "
+                f"| {statistics.mean(mses):.5f} | {change} | {lower} | {_fmt_usage(by[n])} "
+                f"| {step:.1f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -298,7 +304,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", nargs="+", default=None, help="print the tables of these JSONs")
     args = ap.parse_args(argv)
     if args.table:
-        print("\n".join(table(json.loads(Path(p).read_text())) for p in args.table))
+        print(table([json.loads(Path(p).read_text()) for p in args.table]))
         return 0
     if args.time_one:
         torch.set_num_threads(args.threads)
