@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
                 ap.error(f"--timing: unknown configuration {name!r}")
         steps = args.steps or 50
         doc = {
-            "command": " ".join(["python -m benchmarks.residual_defaults", *sys.argv[1:]]),
+            "command": shlex.join(["python", "-m", "benchmarks.residual_defaults", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "threads": args.threads,
             "torch": torch.__version__,
@@ -343,8 +344,13 @@ def main(argv=None) -> int:
     results = []
     out = Path(args.out)
     meta = {
-        "command": " ".join(
-            ["python -m benchmarks.residual_defaults", *(sys.argv[1:] if argv is None else argv)]
+        "command": shlex.join(
+            [
+                "python",
+                "-m",
+                "benchmarks.residual_defaults",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
         ),
         "seeds": seeds,
         "setups": {
