@@ -1,4 +1,4 @@
-"""The pure-torch soft assignment (CPU path and the Triton kernels' twin), tiled over rows and codes.
+"""The pure-torch soft assignment (CPU path, the kernels' twin), tiled over rows and codes.
 
 Same contract as ``fastvq/_soft_assign_triton.py``; ``fastvq/soft_assign.py`` holds the autograd
 Function that calls either. With ``x = sim(z, c) / tau`` (see :func:`tile_logits`) and
