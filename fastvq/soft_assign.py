@@ -28,6 +28,7 @@ from .ops import resolve_backend
 
 __all__ = ["SoftAssignment", "soft_assign"]
 
+TRITON_MAX_D = 512  # as fastvq._soft_assign_triton.MAX_D, which imports Triton
 VQP_DIST_EPS = 1e-4  # vqp's floor on the non-squared distance, -max(||z - c||, 1e-4)
 
 
@@ -166,7 +167,10 @@ def soft_assign(
     (``|s| / temperature`` below about 3e38).
     """
     _check(z, C, temperature, similarity, mask, eps, chunk)
+    requested = backend
     backend = resolve_backend(backend, z.device)
+    if requested == "auto" and backend == "triton" and z.shape[1] > TRITON_MAX_D:
+        backend = "torch"  # the kernels hold D in one register tile
     if backend == "triton" and z.dtype == torch.float64:
         raise TypeError("backend='triton' takes no float64 input: use backend='torch'")
     k = C.shape[0]
