@@ -13,6 +13,7 @@ from .ops import code_counts, scatter_rows, search, triton_available
 from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .sampling import sample_codes, topk_codes
+from .soft_assignment import SoftAssignment, soft_assign
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = [
     "triton_available",
     "vector_quantize",
     "sample_codes",
+    "SoftAssignment",
+    "soft_assign",
     "topk_codes",
     "ce_commitment_loss",
     "diversity_loss",

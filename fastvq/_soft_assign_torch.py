@@ -1,6 +1,6 @@
 """The pure-torch soft assignment (CPU path, the kernels' twin), tiled over rows and codes.
 
-Same contract as ``fastvq/_soft_assign_triton.py``; ``fastvq/soft_assign.py`` holds the autograd
+Same contract as ``fastvq/_soft_assign_triton.py``; ``fastvq/soft_assignment.py`` holds the autograd
 Function that calls either. With ``x = sim(z, c) / tau`` (see :func:`tile_logits`) and
 ``p = softmax_k(x)`` per row, the forward gives per row ``lse``, ``argmax``, ``e = sum_k p x`` and
 ``q = p @ C``, and per code ``col = sum_n w_n p``. The backward takes the upstream gradients and
@@ -37,11 +37,11 @@ def tile_logits(zt, zsq, ct, csq, inv_tau: float, sim: str, eps: float):
     dot = zt @ ct.t()
     if sim == "dot":
         return dot * inv_tau, dot, None
-    d2 = (zsq[:, None] + csq[None, :]) - 2.0 * dot
+    d2 = dot.mul_(-2.0).add_(zsq[:, None]).add_(csq[None, :])  # (|z|^2 + |c|^2) - 2 z.c
     if sim == "neg_l2":
-        s = d2.neg()
+        s = d2.neg_()
         return s * inv_tau, s, None
-    s = d2.clamp(min=eps * eps).sqrt().neg()
+    s = d2.clamp(min=eps * eps).sqrt_().neg_()
     return s * inv_tau, s, d2
 
 
@@ -85,7 +85,7 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
             alpha = torch.exp(m - m_new)
             pe = torch.exp(x - m_new[:, None])
             s = s * alpha + pe.sum(1)
-            se = se * alpha + (pe * x).sum(1)
+            se = se * alpha + torch.einsum("ij,ij->i", pe, x)
             sq = torch.addmm(sq * alpha[:, None], pe, ct)
             m = m_new
         lse[r0:r1] = m + s.log()
@@ -99,8 +99,7 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
             zt, zs = z[r0:r1], zsq[r0:r1]
             for c0, c1 in ctiles:
                 x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps)
-                p = torch.exp(x - lse[r0:r1, None])
-                col[c0:c1] += w[r0:r1] @ p
+                col[c0:c1] += w[r0:r1] @ x.sub_(lse[r0:r1, None]).exp_()
     return lse, idx, e, q, col
 
 
@@ -132,17 +131,19 @@ def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float,
         if g_col is not None:  # the column sums' row term needs a pass of its own
             for c0, c1 in ctiles:
                 x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps)
-                a -= (torch.exp(x - lt) * wt) @ g_col[c0:c1]
+                a -= x.sub_(lt).exp_().mul_(wt) @ g_col[c0:c1]
         for c0, c1 in ctiles:
             ct = codes[c0:c1]
             x, s, d2 = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
-            p = torch.exp(x - lt) * wt
-            inner = a[:, None] + ge * x + gq @ ct.t()
+            p = torch.exp(x - lt).mul_(wt)
+            if need_c:
+                dc[c0:c1].addmm_(p.t(), gq)  # q = p C: the codes' own term
+            inner = torch.addmm(a[:, None], gq, ct.t()).addcmul_(ge, x)
             if g_col is not None:
-                inner = inner + g_col[c0:c1][None, :]
-            gz_t, gc_t = _chain(p * inner * inv_tau, zt, ct, s, d2, sim, eps)
+                inner += g_col[c0:c1][None, :]
+            gz_t, gc_t = _chain(p.mul_(inner).mul_(inv_tau), zt, ct, s, d2, sim, eps)
             if need_z:
                 dz[r0:r1] += gz_t
             if need_c:
-                dc[c0:c1] += gc_t + p.t() @ gq  # q = p C: the codes' own term
+                dc[c0:c1] += gc_t
     return dz, dc
