@@ -35,14 +35,32 @@ class SoftAssignConfig(NamedTuple):
     num_stages: int
 
 
-def pick_config(n: int, k: int, d: int, *, arch: int | None = None) -> SoftAssignConfig:
-    """Tiles for one problem. ``arch`` None: interpreter tiles under ``TRITON_INTERPRET``, else
-    the GPU choice (unmeasured on a GPU: 64 x 64 tiles, the whole D, every dot dim >= 16)."""
+KERNELS = ("fwd", "col", "row_bwd", "col_bwd")
+# Spill-free tiles found by benchmarks/gpu_static.py for D <= 64 (fp32 operands, tf32x3 dots;
+# every similarity), (BLOCK_N, BLOCK_K) per kernel and arch; unmeasured for speed on a GPU.
+# 8 warps or larger tiles spilled (the tf32x3 split triples the operand registers).
+GPU_TILES = {
+    90: dict(fwd=(64, 32), col=(64, 32), row_bwd=(64, 16), col_bwd=(32, 32)),
+    80: dict(fwd=(32, 32), col=(64, 32), row_bwd=(32, 16), col_bwd=(32, 32)),
+}
+
+
+def pick_config(kernel: str, n: int, k: int, d: int, *, arch: int | None = None
+                ) -> SoftAssignConfig:  # fmt: skip
+    """Tiles of one kernel (one of :data:`KERNELS`). ``arch`` None: interpreter tiles under
+    ``TRITON_INTERPRET``, else the sm_90 choice. The whole D is one tile (BLOCK_D >= D); every
+    dot dim >= 16 (the GPU's rule). Above D = 64 the GPU tiles shrink and still spill (the
+    static report lists them; the gate covers D <= 64)."""
     p2 = triton.next_power_of_2
     bd = max(16, p2(d))
     if arch is None and interpreting():
         return SoftAssignConfig(max(16, min(64, p2(n))), max(16, min(64, p2(k))), bd, 4, 1)
-    return SoftAssignConfig(64, 64 if d <= 128 else 32, bd, 4, 2)
+    bn, bk = GPU_TILES[80 if arch is not None and arch < 90 else 90][kernel]
+    if d > 64:
+        bn, bk = max(16, bn // 2), 16
+    elif kernel == "col_bwd" and d <= 32:
+        bn = 16  # 32 x 32 spilled at D = 32 (not at D = 64) on both archs; 16 x 32 does not
+    return SoftAssignConfig(bn, max(16, min(bk, p2(k))), bd, 4, 2)
 
 
 def fp32_precision(arch: int | None = None) -> str:
@@ -64,14 +82,19 @@ def _common(z, codes, inv_tau, sim, eps):
     if d > MAX_D:
         raise ValueError(f"the Triton soft assignment takes D <= {MAX_D}, got D = {d}")
     arch = _arch(z.device)
-    cfg = pick_config(n, k, d, arch=arch)
     csq = codes.square().sum(1)
     scalars = (n, k, d, float(inv_tau), float(eps))
-    meta = dict(
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, SIM=SIM_IDS[sim],
-        PRECISION=fp32_precision(arch), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return cfg, csq, scalars, meta
+
+    def launch(kernel, grid_dim, fn, *args, **flags):
+        cfg = pick_config(kernel, n, k, d, arch=arch)
+        size = cfg.block_n if kernel in ("fwd", "row_bwd") else cfg.block_k
+        fn[(triton.cdiv(grid_dim, size),)](
+            *args, *scalars, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+            SIM=SIM_IDS[sim], PRECISION=fp32_precision(arch), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **flags,
+        )  # fmt: skip
+
+    return csq, launch
 
 
 def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, want_col: bool):
@@ -89,15 +112,12 @@ def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, wa
             col.fill_(float("nan"))
     if n == 0:
         return lse, idx, e, q, col
-    cfg, csq, scalars, meta = _common(z, codes, inv_tau, sim, eps)
-    soft_assign_fwd_kernel[(triton.cdiv(n, cfg.block_n),)](
-        z, codes, csq, lse, idx, e, q, *scalars, **meta
-    )
+    csq, launch = _common(z, codes, inv_tau, sim, eps)
+    launch("fwd", n, soft_assign_fwd_kernel, z, codes, csq, lse, idx, e, q)
     if want_col:
-        soft_assign_col_kernel[(triton.cdiv(k, cfg.block_k),)](
-            z, codes, csq, w, lse, col, lse, lse, q, lse, q, *scalars, **meta,
-            BWD=False, HAS_GCOL=False,
-        )  # fmt: skip
+        # unused gradient pointers: any fp32 tensor (BWD=False never reads them)
+        launch("col", k, soft_assign_col_kernel, z, codes, csq, w, lse, col, lse, lse, q, lse, q,
+               BWD=False, HAS_GCOL=False)  # fmt: skip
     return lse, idx, e, q, col
 
 
@@ -109,18 +129,14 @@ def soft_assign_bwd_triton(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float
     dz, dc = torch.zeros_like(z), torch.zeros_like(codes)
     if not (need_z or need_c) or n == 0:
         return dz, dc
-    cfg, csq, scalars, meta = _common(z, codes, inv_tau, sim, eps)
+    csq, launch = _common(z, codes, inv_tau, sim, eps)
     has_gcol = g_col is not None
     gcol = g_col.contiguous() if has_gcol else lse  # placeholder pointer when absent
     a = torch.empty_like(a0)
     g_e, g_q, a0 = g_e.contiguous(), g_q.contiguous(), a0.contiguous()
-    soft_assign_bwd_row_kernel[(triton.cdiv(n, cfg.block_n),)](
-        z, codes, csq, w, lse, a0, g_e, g_q, gcol, a, dz, *scalars, **meta,
-        HAS_GCOL=has_gcol, NEED_DZ=need_z,
-    )  # fmt: skip
+    launch("row_bwd", n, soft_assign_bwd_row_kernel, z, codes, csq, w, lse, a0, g_e, g_q, gcol,
+           a, dz, HAS_GCOL=has_gcol, NEED_DZ=need_z)  # fmt: skip
     if need_c:
-        soft_assign_col_kernel[(triton.cdiv(k, cfg.block_k),)](
-            z, codes, csq, w, lse, lse, a, g_e, g_q, gcol, dc, *scalars, **meta,
-            BWD=True, HAS_GCOL=has_gcol,
-        )  # fmt: skip
+        launch("col_bwd", k, soft_assign_col_kernel, z, codes, csq, w, lse, lse, a, g_e, g_q,
+               gcol, dc, BWD=True, HAS_GCOL=has_gcol)  # fmt: skip
     return dz, dc

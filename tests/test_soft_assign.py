@@ -298,3 +298,26 @@ def test_memory_stays_flat():
     assert out.returncode == 0, out.stderr
     growth = float(out.stdout.split("growth=")[1].split()[0])
     assert growth < 128, out.stdout
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("d", [64, 32, 100])
+def test_gpu_tiles_are_exact_under_the_interpreter(monkeypatch, arch, d):
+    """The tiles a GPU launches (benchmarks/gpu_static.py gates them), run by the interpreter:
+    two row blocks and several code tiles, ragged, every output's gradient."""
+    from fastvq import _soft_assign_triton as launcher
+
+    monkeypatch.setattr(launcher, "_arch", lambda device: arch)
+    z, c = _inputs(70, d, 75, torch.float32, seed=d)
+    outs, grads = [], []
+    for backend in ("triton", "torch"):
+        z1, c1 = z.clone().requires_grad_(), c.clone().requires_grad_()
+        out = soft_assign(z1, c1, similarity="neg_dist", temperature=2.0, backend=backend)
+        (out.lse.sum() + out.expected_logit.sum() + out.expected_code.square().sum()
+         + out.column_sums.square().sum()).backward()  # fmt: skip
+        outs.append(out)
+        grads.append((z1.grad, c1.grad))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
