@@ -221,7 +221,8 @@ def _soft_launch(b: Binary):
         b.kernel, ks.soft_assign_col_kernel
     )
     if b.kernel in ("soft_col", "soft_col_bwd"):
-        flags.update(BWD=b.kernel == "soft_col_bwd", HAS_GCOL=b.kernel == "soft_col_bwd")
+        bwd = b.kernel == "soft_col_bwd"
+        flags.update(BWD=bwd, HAS_GCOL=bwd, VALUE_GRAD=bwd)
     elif b.kernel == "soft_row_bwd":
         flags.update(HAS_GCOL=True, NEED_DZ=True)
     args = tuple(values[n] for n in fn.arg_names if n not in flags)

@@ -115,10 +115,13 @@ def _chain(h, zt, ct, s, d2, sim: str, eps: float):
 
 
 def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
-                          eps: float, chunk: int, need_z: bool, need_c: bool):  # fmt: skip
+                          eps: float, chunk: int, need_z: bool, need_c: bool,
+                          value_grad: bool = True):  # fmt: skip
     """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 - e) - g_q . q``
     (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D);
-    ``g_col`` (K,) or None. Rows with weight 0 get no gradient and give none to the codes."""
+    ``g_col`` (K,) or None. Rows with weight 0 get no gradient and give none to the codes.
+    ``value_grad=False`` leaves out the codes' direct term ``p^T g_q`` of ``q = p C`` (the
+    gradient of ``p @ sg(C)``)."""
     n, k = z.shape[0], codes.shape[0]
     dz, dc = torch.zeros_like(z), torch.zeros_like(codes)
     if not (need_z or need_c) or n == 0:
@@ -136,7 +139,7 @@ def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float,
             ct = codes[c0:c1]
             x, s, d2 = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
             p = torch.exp(x - lt).mul_(wt)
-            if need_c:
+            if need_c and value_grad:
                 dc[c0:c1].addmm_(p.t(), gq)  # q = p C: the codes' own term
             inner = torch.addmm(a[:, None], gq, ct.t()).addcmul_(ge, x)
             if g_col is not None:

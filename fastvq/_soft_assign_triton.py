@@ -117,12 +117,13 @@ def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, wa
     if want_col:
         # unused gradient pointers: any fp32 tensor (BWD=False never reads them)
         launch("col", k, soft_assign_col_kernel, z, codes, csq, w, lse, col, lse, lse, q, lse, q,
-               BWD=False, HAS_GCOL=False)  # fmt: skip
+               BWD=False, HAS_GCOL=False, VALUE_GRAD=False)  # fmt: skip
     return lse, idx, e, q, col
 
 
 def soft_assign_bwd_triton(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
-                           eps: float, *, need_z: bool, need_c: bool):  # fmt: skip
+                           eps: float, *, need_z: bool, need_c: bool,
+                           value_grad: bool = True):  # fmt: skip
     """Same contract as :func:`fastvq._soft_assign_torch.soft_assign_bwd_torch`."""
     n = z.shape[0]
     k = codes.shape[0]
@@ -138,5 +139,5 @@ def soft_assign_bwd_triton(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float
            a, dz, HAS_GCOL=has_gcol, NEED_DZ=need_z)  # fmt: skip
     if need_c:
         launch("col_bwd", k, soft_assign_col_kernel, z, codes, csq, w, lse, lse, a, g_e, g_q,
-               gcol, dc, BWD=True, HAS_GCOL=has_gcol)  # fmt: skip
+               gcol, dc, BWD=True, HAS_GCOL=has_gcol, VALUE_GRAD=value_grad)  # fmt: skip
     return dz, dc

@@ -50,12 +50,13 @@ def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col):
     return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col)
 
 
-def _bwd(backend, *args, need_z, need_c):
+def _bwd(backend, *args, need_z, need_c, value_grad):
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_bwd_triton
 
-        return soft_assign_bwd_triton(*args[:-1], need_z=need_z, need_c=need_c)
-    return soft_assign_bwd_torch(*args, need_z, need_c)
+        return soft_assign_bwd_triton(*args[:-1], need_z=need_z, need_c=need_c,
+                                      value_grad=value_grad)  # fmt: skip
+    return soft_assign_bwd_torch(*args, need_z, need_c, value_grad)
 
 
 class _SoftAssign(torch.autograd.Function):
@@ -63,10 +64,10 @@ class _SoftAssign(torch.autograd.Function):
     ``z``, ``C``, the row weights and the (N,) / (N, D) outputs: nothing of size N x K."""
 
     @staticmethod
-    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, backend):
+    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, value_grad, backend):
         lse, idx, e, q, col = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col)
         ctx.save_for_backward(z, codes, w, lse, e, q)
-        ctx.args = (inv_tau, sim, eps, chunk, backend)
+        ctx.args = (inv_tau, sim, eps, chunk, value_grad, backend)
         ctx.mark_non_differentiable(idx)
         if col is None:
             return lse, idx, e, q
@@ -75,7 +76,7 @@ class _SoftAssign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lse, _g_idx, g_e, g_q, g_col=None):
         z, codes, w, lse, e, q = ctx.saved_tensors
-        inv_tau, sim, eps, chunk, backend = ctx.args
+        inv_tau, sim, eps, chunk, value_grad, backend = ctx.args
         zero = z.new_zeros(())
         g_lse = zero.expand(z.shape[0]) if g_lse is None else g_lse
         g_e = zero.expand(z.shape[0]) if g_e is None else g_e
@@ -86,9 +87,9 @@ class _SoftAssign(torch.autograd.Function):
         a0 = torch.where(keep, g_lse + g_e * (1 - e) - (g_q * q).sum(1), 0.0)
         dz, dc = _bwd(
             backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
-            need_z=ctx.needs_input_grad[0], need_c=ctx.needs_input_grad[1],
+            need_z=ctx.needs_input_grad[0], need_c=ctx.needs_input_grad[1], value_grad=value_grad,
         )  # fmt: skip
-        return dz, dc, None, None, None, None, None, None, None
+        return dz, dc, None, None, None, None, None, None, None, None
 
 
 def _check(z, codes, temperature, similarity, mask, eps, chunk):
@@ -135,6 +136,7 @@ def soft_assign(
     backend: str = "auto",
     chunk: int | None = None,
     column_sums: bool = True,
+    value_grad: bool = True,
 ) -> SoftAssignment:
     """Softmax of each row over the whole codebook, reduced on the fly: no N x K tensor.
 
@@ -154,6 +156,9 @@ def soft_assign(
         chunk: codes per tile of the torch backend (default: 4 MiB tiles of 512 rows); the last
             tile may be shorter.
         column_sums: False skips the column sums (one pass over the codes less).
+        value_grad: False makes ``expected_code`` ``p @ sg(C)``: its gradient reaches ``C``
+            through ``p`` only (the flash-attention picture: ``C`` as keys, not as values),
+            as IBQ's straight-through estimator needs.
 
     Returns:
         :class:`SoftAssignment` ``(lse (N,), index int64 (N,), expected_logit (N,),
@@ -185,7 +190,8 @@ def soft_assign(
         c32 = torch.where(torch.isfinite(c32), c32, 0.0)
         w = keep.to(work)
         out = _SoftAssign.apply(z32.contiguous(), c32.contiguous(), w, 1.0 / temperature,
-                                similarity, float(eps), chunk, column_sums, backend)  # fmt: skip
+                                similarity, float(eps), chunk, column_sums, bool(value_grad),
+                                backend)  # fmt: skip
     lse, idx, e, q = out[:4]
     nan = torch.full((), math.nan, dtype=work, device=z.device)
     bad = keep & ~row_ok

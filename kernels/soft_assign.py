@@ -134,6 +134,7 @@ def soft_assign_col_kernel(
     PRECISION: tl.constexpr,
     BWD: tl.constexpr,
     HAS_GCOL: tl.constexpr,
+    VALUE_GRAD: tl.constexpr,
 ):
     """One program owns BLOCK_K codes and walks every row tile: no atomics, a fixed summation
     order. BWD=False stores the column sums; BWD=True the codes' gradient (the similarity's
@@ -181,7 +182,8 @@ def soft_assign_col_kernel(
                 b_h = tl.where(b_d2 < EPS * EPS, 0.0, b_h / b_sim)
                 b_zh = tl.dot(tl.trans(b_h), b_z, input_precision=PRECISION)
                 b_dc += b_c * tl.sum(b_h, axis=0)[:, None] - b_zh
-            b_dc += tl.dot(tl.trans(b_p), b_gq, input_precision=PRECISION)
+            if VALUE_GRAD:  # q = p C: the codes' own term (off: the gradient of p @ sg(C))
+                b_dc += tl.dot(tl.trans(b_p), b_gq, input_precision=PRECISION)
         else:
             b_col += tl.sum(b_p, axis=0)
     if BWD:

@@ -321,3 +321,16 @@ def test_gpu_tiles_are_exact_under_the_interpreter(monkeypatch, arch, d):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_value_grad_false_is_the_gradient_of_p_times_detached_codes(backend):
+    z, c = _inputs(30, 5, 40, torch.float32, seed=11)
+    g = torch.randn(30, 5, generator=torch.Generator().manual_seed(1))
+    z1, c1 = z.clone().requires_grad_(), c.clone().requires_grad_()
+    out = soft_assign(z1, c1, backend=backend, value_grad=False, temperature=0.5)
+    (out.expected_code * g).sum().backward()
+    z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
+    p = (z2 @ c2.T / 0.5).softmax(1)
+    ((p @ c2.detach()) * g.double()).sum().backward()
+    torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(c1.grad.double(), c2.grad, rtol=1e-4, atol=1e-4)
