@@ -7,6 +7,7 @@
 from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
 from .fsq import FSQ
 from .functional import VQOutput, vector_quantize
+from .ibq import IBQ
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .lfq import LFQ
 from .ops import code_counts, scatter_rows, search, triton_available
@@ -22,6 +23,7 @@ __all__ = [
     "FSQ",
     "GroupedResidualFSQ",
     "GroupedResidualVQ",
+    "IBQ",
     "LFQ",
     "QuantizeOutput",
     "ResidualFSQ",
