@@ -55,16 +55,17 @@ def _tiles(n: int, k: int, chunk: int):
 
 
 def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: int,
-                          want_col: bool):  # fmt: skip
+                          want_col: bool, want_q: bool = True):  # fmt: skip
     """Forward over tiles. ``z`` (N, D), ``codes`` (K, D), ``w`` (N,) row weights (1 counted,
     0 masked), all one float dtype (fp32 or fp64). Returns ``(lse, idx, e, q, col)``: (N,),
-    int64 (N,), (N,), (N, D), (K,) (``col`` None unless ``want_col``)."""
+    int64 (N,), (N,), (N, D), (K,) (``col`` None unless ``want_col``, ``q`` unless
+    ``want_q``)."""
     n, k = z.shape[0], codes.shape[0]
     dt = z.dtype
     lse = z.new_empty(n)
     idx = torch.zeros(n, dtype=torch.int64, device=z.device)
     e = z.new_empty(n)
-    q = z.new_empty(z.shape)
+    q = z.new_empty(z.shape) if want_q else None
     zsq, csq = z.square().sum(1), codes.square().sum(1)
     for r0, r1, ctiles in _tiles(n, k, chunk):
         zt, zs = z[r0:r1], zsq[r0:r1]
@@ -86,12 +87,14 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
             pe = torch.exp(x - m_new[:, None])
             s = s * alpha + pe.sum(1)
             se = se * alpha + torch.einsum("ij,ij->i", pe, x)
-            sq = torch.addmm(sq * alpha[:, None], pe, ct)
+            if want_q:
+                sq = torch.addmm(sq * alpha[:, None], pe, ct)
             m = m_new
         lse[r0:r1] = m + s.log()
         idx[r0:r1] = bi
         e[r0:r1] = se / s
-        q[r0:r1] = sq / s[:, None]
+        if want_q:
+            q[r0:r1] = sq / s[:, None]
     col = None
     if want_col:
         col = codes.new_zeros(k)
@@ -118,10 +121,10 @@ def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float,
                           eps: float, chunk: int, need_z: bool, need_c: bool,
                           value_grad: bool = True):  # fmt: skip
     """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 - e) - g_q . q``
-    (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D);
-    ``g_col`` (K,) or None. Rows with weight 0 get no gradient and give none to the codes.
-    ``value_grad=False`` leaves out the codes' direct term ``p^T g_q`` of ``q = p C`` (the
-    gradient of ``p @ sg(C)``)."""
+    (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D) and
+    ``g_col`` (K,), each None when that output has no gradient (its work is skipped). Rows with
+    weight 0 get no gradient and give none to the codes. ``value_grad=False`` leaves out the
+    codes' direct term ``p^T g_q`` of ``q = p C`` (the gradient of ``p @ sg(C)``)."""
     n, k = z.shape[0], codes.shape[0]
     dz, dc = torch.zeros_like(z), torch.zeros_like(codes)
     if not (need_z or need_c) or n == 0:
@@ -129,7 +132,9 @@ def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float,
     zsq, csq = z.square().sum(1), codes.square().sum(1)
     for r0, r1, ctiles in _tiles(n, k, chunk):
         zt, zs, wt = z[r0:r1], zsq[r0:r1], w[r0:r1, None]
-        lt, ge, gq = lse[r0:r1, None], g_e[r0:r1, None], g_q[r0:r1]
+        lt = lse[r0:r1, None]
+        ge = None if g_e is None else g_e[r0:r1, None]
+        gq = None if g_q is None else g_q[r0:r1]
         a = a0[r0:r1].clone()
         if g_col is not None:  # the column sums' row term needs a pass of its own
             for c0, c1 in ctiles:
@@ -139,9 +144,14 @@ def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float,
             ct = codes[c0:c1]
             x, s, d2 = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
             p = torch.exp(x - lt).mul_(wt)
-            if need_c and value_grad:
+            if need_c and value_grad and gq is not None:
                 dc[c0:c1].addmm_(p.t(), gq)  # q = p C: the codes' own term
-            inner = torch.addmm(a[:, None], gq, ct.t()).addcmul_(ge, x)
+            if gq is not None:
+                inner = torch.addmm(a[:, None], gq, ct.t())
+            else:
+                inner = a[:, None].expand(-1, c1 - c0).clone()
+            if ge is not None:
+                inner.addcmul_(ge, x)
             if g_col is not None:
                 inner += g_col[c0:c1][None, :]
             gz_t, gc_t = _chain(p.mul_(inner).mul_(inv_tau), zt, ct, s, d2, sim, eps)

@@ -121,7 +121,9 @@ def ibq_entropy_terms(z, codes, keep, temperature: float, eps: float, backend: s
     """SEED-Voken's ``compute_entropy_loss`` of the logits ``z codes^T``, over the counted rows:
     ``(sample_entropy, codebook_entropy)``, the mean per-row entropy of ``softmax(x / T)`` and
     ``-sum_k pbar_k log(pbar_k + eps)`` of the mean distribution over all K codes."""
-    out = soft_assign(z, codes, temperature=temperature, mask=keep, backend=backend)
+    out = soft_assign(
+        z, codes, temperature=temperature, mask=keep, backend=backend, expected_code=False
+    )
     m = z.shape[0] if keep is None else keep.sum()
     m = torch.as_tensor(m, dtype=out.lse.dtype, device=z.device).clamp(min=1)
     sample = (out.lse - out.expected_logit).sum() / m  # H(p) = lse - E_p[x]; masked rows: 0

@@ -38,25 +38,32 @@ class SoftAssignment(NamedTuple):
     lse: torch.Tensor  # (N,) log sum_k exp(x_nk)
     index: torch.Tensor  # (N,) int64 argmax_k x_nk, ties -> lowest k; no gradient
     expected_logit: torch.Tensor  # (N,) sum_k p_nk x_nk
-    expected_code: torch.Tensor  # (N, D) sum_k p_nk c_k
+    expected_code: torch.Tensor | None  # (N, D) sum_k p_nk c_k; None if not asked
     column_sums: torch.Tensor | None  # (K,) sum over counted rows of p_nk; None if not asked
 
 
-def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col):
+def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q):
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_fwd_triton
 
         return soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col)
-    return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col)
+    return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q)
 
 
-def _bwd(backend, *args, need_z, need_c, value_grad):
+def _bwd(backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk, *, need_z,
+         need_c, value_grad):  # fmt: skip
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_bwd_triton
 
-        return soft_assign_bwd_triton(*args[:-1], need_z=need_z, need_c=need_c,
-                                      value_grad=value_grad)  # fmt: skip
-    return soft_assign_bwd_torch(*args, need_z, need_c, value_grad)
+        # the kernels read every upstream gradient: absent ones as zeros
+        g_e = z.new_zeros(z.shape[0]) if g_e is None else g_e
+        g_q = torch.zeros_like(z) if g_q is None else g_q
+        return soft_assign_bwd_triton(
+            z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, need_z=need_z,
+            need_c=need_c, value_grad=value_grad,
+        )  # fmt: skip
+    return soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
+                                 need_z, need_c, value_grad)  # fmt: skip
 
 
 class _SoftAssign(torch.autograd.Function):
@@ -64,32 +71,40 @@ class _SoftAssign(torch.autograd.Function):
     ``z``, ``C``, the row weights and the (N,) / (N, D) outputs: nothing of size N x K."""
 
     @staticmethod
-    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, value_grad, backend):
-        lse, idx, e, q, col = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col)
+    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, value_grad,
+                backend):  # fmt: skip
+        lse, idx, e, q, col = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col,
+                                   want_q)  # fmt: skip
+        q = q if want_q else None
         ctx.save_for_backward(z, codes, w, lse, e, q)
         ctx.args = (inv_tau, sim, eps, chunk, value_grad, backend)
         ctx.mark_non_differentiable(idx)
-        if col is None:
-            return lse, idx, e, q
-        return lse, idx, e, q, col
+        # unused outputs' gradients arrive as None, and their passes are skipped
+        ctx.set_materialize_grads(False)
+        return tuple(t for t in (lse, idx, e, q, col) if t is not None)
 
     @staticmethod
-    def backward(ctx, g_lse, _g_idx, g_e, g_q, g_col=None):
+    def backward(ctx, *grads):
         z, codes, w, lse, e, q = ctx.saved_tensors
         inv_tau, sim, eps, chunk, value_grad, backend = ctx.args
-        zero = z.new_zeros(())
-        g_lse = zero.expand(z.shape[0]) if g_lse is None else g_lse
-        g_e = zero.expand(z.shape[0]) if g_e is None else g_e
-        g_q = zero.expand(z.shape) if g_q is None else g_q
+        g_lse, _, g_e = grads[:3]
+        rest = list(grads[3:])
+        g_q = rest.pop(0) if q is not None else None
+        g_col = rest.pop(0) if rest else None
         keep = w > 0  # masked rows: no gradient, whatever their upstream
-        g_e = torch.where(keep, g_e, 0.0)
-        g_q = torch.where(keep[:, None], g_q, 0.0).contiguous()
-        a0 = torch.where(keep, g_lse + g_e * (1 - e) - (g_q * q).sum(1), 0.0)
+        a0 = torch.zeros_like(lse) if g_lse is None else g_lse
+        if g_e is not None:
+            g_e = torch.where(keep, g_e, 0.0)
+            a0 = a0 + g_e * (1 - e)
+        if g_q is not None:
+            g_q = torch.where(keep[:, None], g_q, 0.0).contiguous()
+            a0 = a0 - (g_q * q).sum(1)
+        a0 = torch.where(keep, a0, 0.0)
         dz, dc = _bwd(
             backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
             need_z=ctx.needs_input_grad[0], need_c=ctx.needs_input_grad[1], value_grad=value_grad,
         )  # fmt: skip
-        return dz, dc, None, None, None, None, None, None, None, None
+        return dz, dc, None, None, None, None, None, None, None, None, None
 
 
 def _check(z, codes, temperature, similarity, mask, eps, chunk):
@@ -136,6 +151,7 @@ def soft_assign(
     backend: str = "auto",
     chunk: int | None = None,
     column_sums: bool = True,
+    expected_code: bool = True,
     value_grad: bool = True,
 ) -> SoftAssignment:
     """Softmax of each row over the whole codebook, reduced on the fly: no N x K tensor.
@@ -155,7 +171,10 @@ def soft_assign(
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"`` (no fp64).
         chunk: codes per tile of the torch backend (default: 4 MiB tiles of 512 rows); the last
             tile may be shorter.
-        column_sums: False skips the column sums (one pass over the codes less).
+        column_sums: False skips the column sums (one pass over the codes less); the field is
+            None.
+        expected_code: False skips ``p @ C`` (one product per tile less on the torch
+            backend); the field is None.
         value_grad: False makes ``expected_code`` ``p @ sg(C)``: its gradient reaches ``C``
             through ``p`` only (the flash-attention picture: ``C`` as keys, not as values),
             as IBQ's straight-through estimator needs.
@@ -190,16 +209,18 @@ def soft_assign(
         c32 = torch.where(torch.isfinite(c32), c32, 0.0)
         w = keep.to(work)
         out = _SoftAssign.apply(z32.contiguous(), c32.contiguous(), w, 1.0 / temperature,
-                                similarity, float(eps), chunk, column_sums, bool(value_grad),
-                                backend)  # fmt: skip
-    lse, idx, e, q = out[:4]
+                                similarity, float(eps), chunk, column_sums, expected_code,
+                                bool(value_grad), backend)  # fmt: skip
+    lse, idx, e = out[:3]
+    q = out[3] if expected_code else None
     nan = torch.full((), math.nan, dtype=work, device=z.device)
     bad = keep & ~row_ok
     lse = torch.where(keep, torch.where(bad, nan, lse), 0.0)
     e = torch.where(keep, torch.where(bad, nan, e), 0.0)
-    q = torch.where(keep[:, None], torch.where(bad[:, None], nan, q), 0.0)
+    if q is not None:
+        q = torch.where(keep[:, None], torch.where(bad[:, None], nan, q), 0.0)
     idx = torch.where(keep & row_ok, idx, 0)
     col = None
     if column_sums:
-        col = torch.where(bad.any(), nan, out[4])
+        col = torch.where(bad.any(), nan, out[-1])
     return SoftAssignment(lse, idx, e, q, col)
