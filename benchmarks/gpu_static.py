@@ -56,7 +56,7 @@ class Binary:
     """One distinct compiled kernel: what it is for, and how to rebuild it."""
 
     name: str  # human-readable, unique per arch
-    kernel: str  # "search" | "scatter_atomic" | "scatter_segment"
+    kernel: str  # "search" | "scatter_atomic" | "scatter_segment" | one of SOFT_KERNELS
     arch: int
     default: bool  # launched by default (gated) rather than an autotune/precision alternative
     z_dtype: str = "bfloat16"
@@ -66,6 +66,7 @@ class Binary:
     k: int = K_BIG
     fp32_precision: str | None = None
     config: tuple | None = None  # SearchConfig fields, None: the launcher's choice
+    sim: str = "dot"  # the soft-assignment kernels' similarity
     meta: dict = field(default_factory=dict)  # filled after compiling (plan, constexprs)
 
 
@@ -107,6 +108,23 @@ def scatter_binaries(arch: int) -> list[Binary]:
         for d in (64, 100):
             for kern in ("scatter_atomic", "scatter_segment"):
                 out.append(Binary(f"{kern} {dt} D{d}", kern, arch, True, z_dtype=dt, d=d))
+    return out
+
+
+# The soft-assignment kernels (kernels/soft_assign.py) as the launcher runs them: the forward,
+# the column sums, and the backward's row and column kernels.
+SOFT_KERNELS = ("soft_fwd", "soft_col", "soft_row_bwd", "soft_col_bwd")  # "soft_" + launcher's
+
+
+def soft_binaries(arch: int) -> list[Binary]:
+    """Every soft-assignment kernel for each similarity (fp32 operands): D = 64 and 32 gated,
+    D = 256 reported (its tiles still spill: the launcher's open problem above D = 64)."""
+    out = []
+    for kern in SOFT_KERNELS:
+        for sim in ("dot", "neg_l2", "neg_dist"):
+            for d in (64, 32, 256):
+                out.append(Binary(f"{kern} {sim} D{d}", kern, arch, d <= 64, z_dtype="float32",
+                                  c_dtype="float32", d=d, sim=sim))  # fmt: skip
     return out
 
 
@@ -175,6 +193,42 @@ def _scatter_launch(b: Binary):
     return fn, args, dict(kwargs, num_warps=4, num_stages=1), None
 
 
+def _soft_launch(b: Binary):
+    """(kernel, args, kwargs, None) of one soft-assignment kernel, as its launcher binds it."""
+    from fastvq import _soft_assign_triton as sa
+    from fastvq.kernels import soft_assign as ks
+
+    kernel = b.kernel.removeprefix("soft_")
+    cfg = (sa.SoftAssignConfig(*b.config) if b.config
+           else sa.pick_config(kernel, b.n, b.k, b.d, arch=b.arch))  # fmt: skip
+    b.meta["config"] = tuple(cfg)
+    meta = torch.device("meta")
+    f32 = dict(dtype=torch.float32, device=meta)
+    rows, codes = torch.empty(b.n, b.d, **f32), torch.empty(b.k, b.d, **f32)
+    row_vec, code_vec = torch.empty(b.n, **f32), torch.empty(b.k, **f32)
+    values = {
+        "z_ptr": rows, "c_ptr": codes, "csq_ptr": code_vec, "w_ptr": row_vec, "lse_ptr": row_vec,
+        "idx_ptr": torch.empty(b.n, dtype=torch.int64, device=meta), "e_ptr": row_vec,
+        "q_ptr": rows, "col_ptr": code_vec, "a_ptr": row_vec, "a0_ptr": row_vec,
+        "ge_ptr": row_vec, "gq_ptr": rows, "gcol_ptr": code_vec, "dc_ptr": codes, "dz_ptr": rows,
+        "N": b.n, "K": b.k, "D": b.d, "INV_TAU": 1.0, "EPS": 1e-4,
+    }  # fmt: skip
+    flags = dict(
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        SIM=sa.SIM_IDS[b.sim], PRECISION=sa.fp32_precision(b.arch),
+    )  # fmt: skip
+    fn = {"soft_fwd": ks.soft_assign_fwd_kernel, "soft_row_bwd": ks.soft_assign_bwd_row_kernel}.get(
+        b.kernel, ks.soft_assign_col_kernel
+    )
+    if b.kernel in ("soft_col", "soft_col_bwd"):
+        bwd = b.kernel == "soft_col_bwd"
+        flags.update(BWD=bwd, HAS_GCOL=bwd, VALUE_GRAD=bwd)
+    elif b.kernel == "soft_row_bwd":
+        flags.update(HAS_GCOL=True, NEED_DZ=True)
+    args = tuple(values[n] for n in fn.arg_names if n not in flags)
+    return fn, args, dict(flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages), None
+
+
 def _tool(name: str) -> str:
     import triton
 
@@ -185,7 +239,8 @@ def _specialised(b: Binary):
     """(kernel, target, plan, kwargs, (options, signature, constexprs, attrs)) of one binary."""
     from triton.backends.compiler import GPUTarget
 
-    launch = _search_launch if b.kernel == "search" else _scatter_launch
+    launch = (_search_launch if b.kernel == "search"
+              else _soft_launch if b.kernel in SOFT_KERNELS else _scatter_launch)  # fmt: skip
     fn, args, kwargs, plan = launch(b)
     target = GPUTarget("cuda", b.arch, 64 if b.arch >= 90 else 32)
     return fn, target, plan, kwargs, _specialise(fn, target, args, kwargs)
@@ -200,6 +255,8 @@ def compile_one(b: Binary) -> dict:
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=target, options=options.__dict__)
     rec = asdict(b)
+    if plan is None and b.kernel in SOFT_KERNELS:
+        rec["meta"] = dict(rec["meta"], input_precision=kwargs["PRECISION"])
     if plan is not None:
         rec["meta"] = dict(
             plan._asdict(), config=tuple(plan.config), aliases=b.meta.get("aliases", [])
@@ -393,8 +450,8 @@ def gate_failures(rec: dict) -> list[str]:
         why.append(f"spills: {rec['spill_stores']} STL, {rec['spill_loads']} LDL, "
                    f"stack {rec['stack']} B")  # fmt: skip
     ieee = rec["kernel"] == "search" and rec["meta"].get("input_precision") == "ieee"
-    if rec["kernel"] == "search" and not ieee and not rec["mma"]:
-        why.append("no tensor-core MMA in a search binary")
+    if rec["kernel"] in ("search", *SOFT_KERNELS) and not ieee and not rec["mma"]:
+        why.append(f"no tensor-core MMA in a {rec['kernel']} binary")
     if not rec["smem_ok"]:
         why.append(f"shared memory {rec['shared']} B above the per-block limit")
     if rec["warps_per_sm"] < MIN_RESIDENT_WARPS:
@@ -433,7 +490,7 @@ def dedupe(binaries: list[Binary]) -> list[Binary]:
 def select(arch_list, scope: str, only: str | None) -> list[Binary]:
     bins = []
     for arch in arch_list:
-        bins += search_binaries(arch, scope) + scatter_binaries(arch)
+        bins += search_binaries(arch, scope) + scatter_binaries(arch) + soft_binaries(arch)
     if scope == "defaults":
         bins = [b for b in bins if b.default]
     if only:

@@ -7,6 +7,7 @@
 from .codebook_losses import ce_commitment_loss, diversity_loss, orthogonal_loss
 from .fsq import FSQ
 from .functional import VQOutput, vector_quantize
+from .ibq import IBQ
 from .layer import CodebookStats, QuantizeOutput, UsageMeter, VectorQuantizer, codebook_usage
 from .lfq import LFQ
 from .ops import code_counts, scatter_rows, search, triton_available
@@ -14,6 +15,7 @@ from .residual import GroupedResidualVQ, ResidualVQ
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .sampling import sample_codes, topk_codes
+from .soft_assignment import SoftAssignment, soft_assign
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ __all__ = [
     "GroupedResidualFSQ",
     "GroupedResidualLFQ",
     "GroupedResidualVQ",
+    "IBQ",
     "LFQ",
     "QuantizeOutput",
     "ResidualFSQ",
@@ -38,6 +41,8 @@ __all__ = [
     "triton_available",
     "vector_quantize",
     "sample_codes",
+    "SoftAssignment",
+    "soft_assign",
     "topk_codes",
     "ce_commitment_loss",
     "diversity_loss",

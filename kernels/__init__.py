@@ -1,12 +1,25 @@
 """Triton kernels of fastvq, installed as ``fastvq.kernels`` (see pyproject's package-dir).
 
 Kernels only (``@triton.jit`` functions): this package imports Triton and nothing from ``fastvq``,
-so it sits at the bottom of the import graph. Their launchers are ``fastvq/_search_triton.py`` and
-``fastvq/_scatter_triton.py``; ``fastvq`` imports them lazily, so ``import fastvq`` works where
-Triton is absent (macOS, Windows) and falls back to the torch backend.
+so it sits at the bottom of the import graph. Their launchers are ``fastvq/_search_triton.py``,
+``fastvq/_scatter_triton.py`` and ``fastvq/_soft_assign_triton.py``; ``fastvq`` imports them
+lazily, so ``import fastvq`` works where Triton is absent (macOS, Windows) and falls back to the
+torch backend.
 """
 
+from .soft_assign import (
+    soft_assign_bwd_row_kernel,
+    soft_assign_col_kernel,
+    soft_assign_fwd_kernel,
+)
 from .vq_scatter import scatter_rows_atomic_kernel, scatter_rows_segment_kernel
 from .vq_search import vq_search_fwd_kernel
 
-__all__ = ["scatter_rows_atomic_kernel", "scatter_rows_segment_kernel", "vq_search_fwd_kernel"]
+__all__ = [
+    "scatter_rows_atomic_kernel",
+    "scatter_rows_segment_kernel",
+    "soft_assign_bwd_row_kernel",
+    "soft_assign_col_kernel",
+    "soft_assign_fwd_kernel",
+    "vq_search_fwd_kernel",
+]

@@ -1,0 +1,162 @@
+"""The pure-torch soft assignment (CPU path, the kernels' twin), tiled over rows and codes.
+
+Same contract as ``fastvq/_soft_assign_triton.py``; ``fastvq/soft_assignment.py`` holds the autograd
+Function that calls either. With ``x = sim(z, c) / tau`` (see :func:`tile_logits`) and
+``p = softmax_k(x)`` per row, the forward gives per row ``lse``, ``argmax``, ``e = sum_k p x`` and
+``q = p @ C``, and per code ``col = sum_n w_n p``. The backward takes the upstream gradients and
+recomputes ``p`` tile by tile from the saved ``lse``::
+
+    dL/dx_nk = p'_nk (a_n + g_e_n x_nk + g_q_n . c_k + g_col_k)        p' = w p
+    a_n      = g_lse_n + g_e_n (1 - e_n) - g_q_n . q_n - sum_j p'_nj g_col_j
+
+then chains ``dL/dx`` through the similarity. No tensor larger than a (rows x codes) tile exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIMILARITIES = ("dot", "neg_l2", "neg_dist")
+# fp32 values in one (rows x codes) tile: 4 MiB; a pass holds a few such tiles at once.
+TILE_ELEMS = 1 << 20
+ROWS_PER_TILE = 512
+
+
+def default_chunk(k: int) -> int:
+    """Codes per tile when none is asked for: :data:`TILE_ELEMS` / :data:`ROWS_PER_TILE`."""
+    return max(1, min(k, TILE_ELEMS // ROWS_PER_TILE))
+
+
+def tile_logits(zt, zsq, ct, csq, inv_tau: float, sim: str, eps: float):
+    """Logits ``x`` (rows x codes) of one tile and the pre-temperature similarity ``s``.
+
+    dot: ``s = z.c``; neg_l2: ``s = -||z - c||^2`` (as ``2 z.c - |z|^2 - |c|^2``); neg_dist:
+    ``s = -sqrt(max(||z - c||^2, eps^2))``. Returns ``(x, s, d2)``; ``d2`` (the unclamped squared
+    distance, for the clamp's zero slope) only for neg_dist.
+    """
+    dot = zt @ ct.t()
+    if sim == "dot":
+        return dot * inv_tau, dot, None
+    d2 = dot.mul_(-2.0).add_(zsq[:, None]).add_(csq[None, :])  # (|z|^2 + |c|^2) - 2 z.c
+    if sim == "neg_l2":
+        s = d2.neg_()
+        return s * inv_tau, s, None
+    s = d2.clamp(min=eps * eps).sqrt_().neg_()
+    return s * inv_tau, s, d2
+
+
+def _tiles(n: int, k: int, chunk: int):
+    for r0 in range(0, n, ROWS_PER_TILE):
+        yield (
+            r0,
+            min(n, r0 + ROWS_PER_TILE),
+            [(c0, min(k, c0 + chunk)) for c0 in range(0, k, chunk)],
+        )
+
+
+def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: int,
+                          want_col: bool, want_q: bool = True):  # fmt: skip
+    """Forward over tiles. ``z`` (N, D), ``codes`` (K, D), ``w`` (N,) row weights (1 counted,
+    0 masked), all one float dtype (fp32 or fp64). Returns ``(lse, idx, e, q, col)``: (N,),
+    int64 (N,), (N,), (N, D), (K,) (``col`` None unless ``want_col``, ``q`` unless
+    ``want_q``)."""
+    n, k = z.shape[0], codes.shape[0]
+    dt = z.dtype
+    lse = z.new_empty(n)
+    idx = torch.zeros(n, dtype=torch.int64, device=z.device)
+    e = z.new_empty(n)
+    q = z.new_empty(z.shape) if want_q else None
+    zsq, csq = z.square().sum(1), codes.square().sum(1)
+    for r0, r1, ctiles in _tiles(n, k, chunk):
+        zt, zs = z[r0:r1], zsq[r0:r1]
+        m = torch.full((r1 - r0,), float("-inf"), dtype=dt, device=z.device)
+        s = torch.zeros_like(m)
+        se = torch.zeros_like(m)
+        sq = torch.zeros_like(zt)
+        best = torch.full_like(m, float("-inf"))
+        bi = torch.zeros((r1 - r0,), dtype=torch.int64, device=z.device)
+        for c0, c1 in ctiles:
+            ct = codes[c0:c1]
+            x, _, _ = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
+            tmax, targ = x.max(dim=1)  # max returns the first maximal index: ties -> lowest
+            better = tmax > best  # strict: an earlier tile keeps exact ties
+            best = torch.where(better, tmax, best)
+            bi = torch.where(better, targ + c0, bi)
+            m_new = torch.maximum(m, tmax)
+            alpha = torch.exp(m - m_new)
+            pe = torch.exp(x - m_new[:, None])
+            s = s * alpha + pe.sum(1)
+            se = se * alpha + torch.einsum("ij,ij->i", pe, x)
+            if want_q:
+                sq = torch.addmm(sq * alpha[:, None], pe, ct)
+            m = m_new
+        lse[r0:r1] = m + s.log()
+        idx[r0:r1] = bi
+        e[r0:r1] = se / s
+        if want_q:
+            q[r0:r1] = sq / s[:, None]
+    col = None
+    if want_col:
+        col = codes.new_zeros(k)
+        for r0, r1, ctiles in _tiles(n, k, chunk):
+            zt, zs = z[r0:r1], zsq[r0:r1]
+            for c0, c1 in ctiles:
+                x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps)
+                col[c0:c1] += w[r0:r1] @ x.sub_(lse[r0:r1, None]).exp_()
+    return lse, idx, e, q, col
+
+
+def _chain(h, zt, ct, s, d2, sim: str, eps: float):
+    """From ``h = dL/ds`` (rows x codes) to the tile's ``(dz, dc)`` through the similarity."""
+    if sim == "dot":
+        return h @ ct, h.t() @ zt
+    if sim == "neg_l2":  # ds/dz = 2 (c - z), ds/dc = 2 (z - c)
+        return 2.0 * (h @ ct - zt * h.sum(1)[:, None]), 2.0 * (h.t() @ zt - ct * h.sum(0)[:, None])
+    # neg_dist: ds/dz = (z - c) / s, ds/dc = (c - z) / s; zero slope where the clamp holds
+    h = torch.where(d2 < eps * eps, 0.0, h / s)
+    return zt * h.sum(1)[:, None] - h @ ct, ct * h.sum(0)[:, None] - h.t() @ zt
+
+
+def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
+                          eps: float, chunk: int, need_z: bool, need_c: bool,
+                          value_grad: bool = True):  # fmt: skip
+    """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 - e) - g_q . q``
+    (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D) and
+    ``g_col`` (K,), each None when that output has no gradient (its work is skipped). Rows with
+    weight 0 get no gradient and give none to the codes. ``value_grad=False`` leaves out the
+    codes' direct term ``p^T g_q`` of ``q = p C`` (the gradient of ``p @ sg(C)``)."""
+    n, k = z.shape[0], codes.shape[0]
+    dz, dc = torch.zeros_like(z), torch.zeros_like(codes)
+    if not (need_z or need_c) or n == 0:
+        return dz, dc
+    zsq, csq = z.square().sum(1), codes.square().sum(1)
+    for r0, r1, ctiles in _tiles(n, k, chunk):
+        zt, zs, wt = z[r0:r1], zsq[r0:r1], w[r0:r1, None]
+        lt = lse[r0:r1, None]
+        ge = None if g_e is None else g_e[r0:r1, None]
+        gq = None if g_q is None else g_q[r0:r1]
+        a = a0[r0:r1].clone()
+        if g_col is not None:  # the column sums' row term needs a pass of its own
+            for c0, c1 in ctiles:
+                x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps)
+                a -= x.sub_(lt).exp_().mul_(wt) @ g_col[c0:c1]
+        for c0, c1 in ctiles:
+            ct = codes[c0:c1]
+            x, s, d2 = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
+            p = torch.exp(x - lt).mul_(wt)
+            if need_c and value_grad and gq is not None:
+                dc[c0:c1].addmm_(p.t(), gq)  # q = p C: the codes' own term
+            if gq is not None:
+                inner = torch.addmm(a[:, None], gq, ct.t())
+            else:
+                inner = a[:, None].expand(-1, c1 - c0).clone()
+            if ge is not None:
+                inner.addcmul_(ge, x)
+            if g_col is not None:
+                inner += g_col[c0:c1][None, :]
+            gz_t, gc_t = _chain(p.mul_(inner).mul_(inv_tau), zt, ct, s, d2, sim, eps)
+            if need_z:
+                dz[r0:r1] += gz_t
+            if need_c:
+                dc[c0:c1] += gc_t
+    return dz, dc

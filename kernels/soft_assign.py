@@ -1,0 +1,277 @@
+"""Fused soft assignment: the softmax of each row over the codebook, forward and backward.
+
+For rows ``z`` (N, D), codes ``C`` (K, D), similarity ``s`` (SIM 0: ``z.c``; 1: ``-||z - c||^2``;
+2: ``-sqrt(max(||z - c||^2, eps^2))``) and ``x = s * INV_TAU``, ``p = softmax_k(x)``:
+
+    soft_assign_fwd_kernel       one program per BLOCK_N rows, online softmax over code tiles:
+                                 lse, argmax (ties -> lowest k), e = sum_k p x, q = p @ C
+    soft_assign_col_kernel       one program per BLOCK_K codes, looping over row tiles:
+                                 BWD=False: col_k = sum_n w_n p_nk
+                                 BWD=True:  dC from G = w p (a + g_e x + g_q . c + g_col)
+    soft_assign_bwd_row_kernel   one program per BLOCK_N rows: the row constant
+                                 a = a0 - sum_k w p g_col (stored for the column kernel), then dz
+
+Flash-attention style: no N x K tensor is written; the backward recomputes ``p`` per tile from
+the saved ``lse``. All arithmetic in fp32 (the launcher passes fp32 ``z`` and ``C``, contiguous).
+Kernels only: imports nothing from ``fastvq``; the launcher is ``fastvq/_soft_assign_triton.py``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sim_tile(b_z, b_c, b_zsq, b_csq, EPS, SIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Similarity ``s`` [BN, BK] of a row tile [BN, BD] and a code tile [BK, BD], and the
+    squared distance ``d2`` (SIM 1, 2; the dot for SIM 0) for the neg_dist clamp's slope."""
+    b_dot = tl.dot(b_z, tl.trans(b_c), input_precision=PRECISION)  # [BN, BK]
+    if SIM == 0:
+        b_s = b_dot
+        b_d2 = b_dot
+    else:
+        b_d2 = (b_zsq[:, None] + b_csq[None, :]) - 2.0 * b_dot
+        if SIM == 1:
+            b_s = -b_d2
+        else:
+            b_s = -tl.sqrt_rn(tl.maximum(b_d2, EPS * EPS))
+    return b_s, b_d2
+
+
+@triton.jit
+def soft_assign_fwd_kernel(
+    # pointers
+    z_ptr,
+    c_ptr,
+    csq_ptr,
+    lse_ptr,
+    idx_ptr,
+    e_ptr,
+    q_ptr,
+    # sizes and scalars
+    N,
+    K,
+    D,
+    INV_TAU,
+    EPS,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per row: running max ``m``, rescaled sums of ``exp(x - m)``, of ``exp(x - m) x`` and of
+    ``exp(x - m) c`` over the code tiles; ``lse = m + log(sum)``, the others divided by the sum."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    o_n = tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < N - row0
+    m_d = o_d < D
+    m_nd = m_n[:, None] & m_d[None, :]
+    p_z = z_ptr + row0 * D + o_n[:, None] * D + o_d[None, :]
+    b_z = tl.load(p_z, mask=m_nd, other=0.0)  # [BN, BD]
+    b_zsq = tl.sum(b_z * b_z, axis=1)
+    b_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    b_s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b_se = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b_sq = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    b_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        m_k = o_k < K - k0
+        p_c = c_ptr + (k0 + o_k).to(tl.int64)[:, None] * D + o_d[None, :]
+        b_c = tl.load(p_c, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+        b_csq = tl.load(csq_ptr + k0 + o_k, mask=m_k, other=0.0)
+        b_sim, _ = _sim_tile(b_z, b_c, b_zsq, b_csq, EPS, SIM, PRECISION)
+        b_x = tl.where(m_k[None, :], b_sim * INV_TAU, float("-inf"))  # [BN, BK]
+        b_tmax = tl.max(b_x, axis=1)
+        # lowest in-tile index among the tile's maxima; strict > keeps an earlier tile's tie
+        b_targ = tl.min(tl.where(b_x == b_tmax[:, None], o_k[None, :], BLOCK_K), axis=1)
+        b_better = b_tmax > b_best
+        b_best = tl.where(b_better, b_tmax, b_best)
+        b_idx = tl.where(b_better, k0 + b_targ, b_idx)
+        b_mnew = tl.maximum(b_m, b_tmax)
+        b_alpha = tl.exp(b_m - b_mnew)  # 0 on the first tile (m = -inf)
+        b_pe = tl.exp(b_x - b_mnew[:, None])  # 0 for codes past K
+        b_s = b_s * b_alpha + tl.sum(b_pe, axis=1)
+        b_se = b_se * b_alpha + tl.sum(b_pe * tl.where(m_k[None, :], b_x, 0.0), axis=1)
+        b_sq = b_sq * b_alpha[:, None] + tl.dot(b_pe, b_c, input_precision=PRECISION)
+        b_m = b_mnew
+    o_row = row0 + o_n
+    tl.store(lse_ptr + o_row, b_m + tl.log(b_s), mask=m_n)
+    tl.store(idx_ptr + o_row, b_idx.to(tl.int64), mask=m_n)
+    tl.store(e_ptr + o_row, b_se / b_s, mask=m_n)
+    p_q = q_ptr + row0 * D + o_n[:, None] * D + o_d[None, :]
+    tl.store(p_q, b_sq / b_s[:, None], mask=m_nd)
+
+
+@triton.jit
+def soft_assign_col_kernel(
+    # pointers
+    z_ptr,
+    c_ptr,
+    csq_ptr,
+    w_ptr,
+    lse_ptr,
+    col_ptr,
+    a_ptr,
+    ge_ptr,
+    gq_ptr,
+    gcol_ptr,
+    dc_ptr,
+    # sizes and scalars
+    N,
+    K,
+    D,
+    INV_TAU,
+    EPS,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BWD: tl.constexpr,
+    HAS_GCOL: tl.constexpr,
+    VALUE_GRAD: tl.constexpr,
+):
+    """One program owns BLOCK_K codes and walks every row tile: no atomics, a fixed summation
+    order. BWD=False stores the column sums; BWD=True the codes' gradient (the similarity's
+    chain plus ``p^T g_q``, q's own term)."""
+    code0 = tl.program_id(0).to(tl.int64) * BLOCK_K
+    o_n = tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, BLOCK_D)
+    m_k = o_k < K - code0
+    m_d = o_d < D
+    m_kd = m_k[:, None] & m_d[None, :]
+    p_c = c_ptr + code0 * D + o_k[:, None] * D + o_d[None, :]
+    b_c = tl.load(p_c, mask=m_kd, other=0.0)  # [BK, BD]
+    b_csq = tl.load(csq_ptr + code0 + o_k, mask=m_k, other=0.0)
+    b_col = tl.zeros([BLOCK_K], dtype=tl.float32)
+    b_dc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    b_gcol = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if HAS_GCOL:
+        b_gcol = tl.load(gcol_ptr + code0 + o_k, mask=m_k, other=0.0)
+    for n0 in range(0, N, BLOCK_N):
+        m_n = o_n < N - n0
+        m_nd = m_n[:, None] & m_d[None, :]
+        o_nd = (n0 + o_n).to(tl.int64)[:, None] * D + o_d[None, :]
+        b_z = tl.load(z_ptr + o_nd, mask=m_nd, other=0.0)  # [BN, BD]
+        b_zsq = tl.sum(b_z * b_z, axis=1)
+        b_lse = tl.load(lse_ptr + n0 + o_n, mask=m_n, other=0.0)
+        b_w = tl.load(w_ptr + n0 + o_n, mask=m_n, other=0.0)
+        b_sim, b_d2 = _sim_tile(b_z, b_c, b_zsq, b_csq, EPS, SIM, PRECISION)
+        b_x = b_sim * INV_TAU
+        b_p = tl.exp(b_x - b_lse[:, None]) * b_w[:, None]
+        b_p = tl.where(m_k[None, :], b_p, 0.0)  # [BN, BK]
+        if BWD:
+            b_a = tl.load(a_ptr + n0 + o_n, mask=m_n, other=0.0)
+            b_ge = tl.load(ge_ptr + n0 + o_n, mask=m_n, other=0.0)
+            b_gq = tl.load(gq_ptr + o_nd, mask=m_nd, other=0.0)  # [BN, BD]
+            b_in = b_a[:, None] + b_ge[:, None] * b_x + b_gcol[None, :]
+            b_in += tl.dot(b_gq, tl.trans(b_c), input_precision=PRECISION)
+            b_h = b_p * b_in * INV_TAU  # dL/ds [BN, BK]
+            if SIM == 0:
+                b_dc += tl.dot(tl.trans(b_h), b_z, input_precision=PRECISION)
+            elif SIM == 1:  # ds/dc = 2 (z - c)
+                b_zh = tl.dot(tl.trans(b_h), b_z, input_precision=PRECISION)
+                b_dc += 2.0 * (b_zh - b_c * tl.sum(b_h, axis=0)[:, None])
+            else:  # ds/dc = (c - z) / s, zero slope under the floor
+                b_h = tl.where(b_d2 < EPS * EPS, 0.0, b_h / b_sim)
+                b_zh = tl.dot(tl.trans(b_h), b_z, input_precision=PRECISION)
+                b_dc += b_c * tl.sum(b_h, axis=0)[:, None] - b_zh
+            if VALUE_GRAD:  # q = p C: the codes' own term (off: the gradient of p @ sg(C))
+                b_dc += tl.dot(tl.trans(b_p), b_gq, input_precision=PRECISION)
+        else:
+            b_col += tl.sum(b_p, axis=0)
+    if BWD:
+        tl.store(dc_ptr + code0 * D + o_k[:, None] * D + o_d[None, :], b_dc, mask=m_kd)
+    else:
+        tl.store(col_ptr + code0 + o_k, b_col, mask=m_k)
+
+
+@triton.jit
+def soft_assign_bwd_row_kernel(
+    # pointers
+    z_ptr,
+    c_ptr,
+    csq_ptr,
+    w_ptr,
+    lse_ptr,
+    a0_ptr,
+    ge_ptr,
+    gq_ptr,
+    gcol_ptr,
+    a_ptr,
+    dz_ptr,
+    # sizes and scalars
+    N,
+    K,
+    D,
+    INV_TAU,
+    EPS,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_GCOL: tl.constexpr,
+    NEED_DZ: tl.constexpr,
+):
+    """Rows' gradient. With column-sum gradients (HAS_GCOL) a first pass over the codes adds
+    ``-sum_k w p g_col`` to the row constant; the constant is stored for the column kernel."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    o_n = tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < N - row0
+    m_d = o_d < D
+    m_nd = m_n[:, None] & m_d[None, :]
+    o_nd = row0 * D + o_n[:, None] * D + o_d[None, :]
+    b_z = tl.load(z_ptr + o_nd, mask=m_nd, other=0.0)  # [BN, BD]
+    b_zsq = tl.sum(b_z * b_z, axis=1)
+    b_lse = tl.load(lse_ptr + row0 + o_n, mask=m_n, other=0.0)
+    b_w = tl.load(w_ptr + row0 + o_n, mask=m_n, other=0.0)
+    b_a = tl.load(a0_ptr + row0 + o_n, mask=m_n, other=0.0)
+    if HAS_GCOL:
+        for k0 in range(0, K, BLOCK_K):
+            m_k = o_k < K - k0
+            p_c = c_ptr + (k0 + o_k).to(tl.int64)[:, None] * D + o_d[None, :]
+            b_c = tl.load(p_c, mask=m_k[:, None] & m_d[None, :], other=0.0)
+            b_csq = tl.load(csq_ptr + k0 + o_k, mask=m_k, other=0.0)
+            b_sim, _ = _sim_tile(b_z, b_c, b_zsq, b_csq, EPS, SIM, PRECISION)
+            b_p = tl.exp(b_sim * INV_TAU - b_lse[:, None]) * b_w[:, None]
+            b_gcol = tl.load(gcol_ptr + k0 + o_k, mask=m_k, other=0.0)
+            b_a -= tl.sum(tl.where(m_k[None, :], b_p * b_gcol[None, :], 0.0), axis=1)
+    tl.store(a_ptr + row0 + o_n, b_a, mask=m_n)
+    if NEED_DZ:
+        b_ge = tl.load(ge_ptr + row0 + o_n, mask=m_n, other=0.0)
+        b_gq = tl.load(gq_ptr + o_nd, mask=m_nd, other=0.0)
+        b_dz = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            m_k = o_k < K - k0
+            p_c = c_ptr + (k0 + o_k).to(tl.int64)[:, None] * D + o_d[None, :]
+            b_c = tl.load(p_c, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+            b_csq = tl.load(csq_ptr + k0 + o_k, mask=m_k, other=0.0)
+            b_sim, b_d2 = _sim_tile(b_z, b_c, b_zsq, b_csq, EPS, SIM, PRECISION)
+            b_x = b_sim * INV_TAU
+            b_p = tl.exp(b_x - b_lse[:, None]) * b_w[:, None]
+            b_p = tl.where(m_k[None, :], b_p, 0.0)
+            b_in = b_a[:, None] + b_ge[:, None] * b_x
+            b_in += tl.dot(b_gq, tl.trans(b_c), input_precision=PRECISION)
+            if HAS_GCOL:
+                b_in += tl.load(gcol_ptr + k0 + o_k, mask=m_k, other=0.0)[None, :]
+            b_h = b_p * b_in * INV_TAU  # dL/ds [BN, BK]
+            if SIM == 0:
+                b_dz += tl.dot(b_h, b_c, input_precision=PRECISION)
+            elif SIM == 1:  # ds/dz = 2 (c - z)
+                b_hc = tl.dot(b_h, b_c, input_precision=PRECISION)
+                b_dz += 2.0 * (b_hc - b_z * tl.sum(b_h, axis=1)[:, None])
+            else:  # ds/dz = (z - c) / s, zero slope under the floor
+                b_h = tl.where(b_d2 < EPS * EPS, 0.0, b_h / b_sim)
+                b_hc = tl.dot(b_h, b_c, input_precision=PRECISION)
+                b_dz += b_z * tl.sum(b_h, axis=1)[:, None] - b_hc
+        tl.store(dz_ptr + o_nd, b_dz, mask=m_nd)
