@@ -26,13 +26,14 @@ OUT = ROOT / "docs" / "reference.md"
 # A module's __all__ where it is the public list; the configs hold the layers' options.
 SECTIONS = (
     ("The op", "fastvq", ["vector_quantize", "search", "scatter_rows", "code_counts",
-                          "triton_available", "VQOutput"]),
+                          "triton_available", "VQOutput", "soft_assign", "SoftAssignment"]),
     ("Layers", "fastvq", ["VectorQuantizer", "QuantizeOutput", "CodebookStats", "ResidualVQ",
                           "GroupedResidualVQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ",
-                          "LFQ"]),
+                          "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "IBQ"]),
     ("Layer options", "fastvq.layer_config", ["VQConfig"]),
     ("Layer options", "fastvq.fsq", ["FSQConfig"]),
     ("Layer options", "fastvq.lfq", ["LFQConfig"]),
+    ("Layer options", "fastvq.ibq", ["IBQConfig"]),
     ("Sharded codebook", "fastvq.sharded", ["ShardedVectorQuantizer", "ddp_ignore_shards"]),
     ("Usage, sampling and auxiliary losses", "fastvq", [
         "UsageMeter", "codebook_usage", "sample_codes", "topk_codes", "ce_commitment_loss",

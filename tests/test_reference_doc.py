@@ -38,6 +38,15 @@ def test_reference_lists_every_layer_option():
         assert "`: " in lines[0], f"VQConfig.{field.name} has no description in its docstring"
 
 
+def test_reference_covers_every_public_name():
+    """A name added to ``fastvq.__all__`` gets a section, so the reference cannot fall behind."""
+    import fastvq
+
+    text = (ROOT / "docs" / "reference.md").read_text()
+    missing = [n for n in fastvq.__all__ if f"### `fastvq.{n}`" not in text]
+    assert not missing, f"add {missing} to SECTIONS in scripts/gen_reference.py"
+
+
 def test_check_mode_reports_stale(tmp_path, monkeypatch):
     gen = _generator()
     monkeypatch.setattr(gen, "OUT", tmp_path / "reference.md")
