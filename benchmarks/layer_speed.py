@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 from ._stamp import add_protocol_args, git_commit
+from ._timed_worker import timed_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,33 +48,11 @@ SHAPES = [(16384, 8192, 64), (256, 1024, 64)]
 SMOKE_SHAPES = [(256, 128, 16)]
 STEPS = ("ema", "grad")
 
-WORKER = r"""
-import ctypes, json, sys, time
-try:  # fixed mmap threshold: RSS falls after a call, so the high-water mark is the step's
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-except OSError:
-    pass
-n, k, d, threads = (int(v) for v in sys.argv[1:5])
-step, calls, min_time = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
-import torch
-torch.set_num_threads(threads)
-import fastvq
-
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    reset = True
-except OSError:
-    reset = False
+WORKER = timed_worker(r"""
+reset = reset_peak_rss()
 rss0 = status_kib("VmRSS")
 torch.manual_seed(0)
-layer = fastvq.VectorQuantizer(d, k, ema=step == "ema", kmeans_init=False, backend="torch")
+layer = fastvq.VectorQuantizer(d, k, ema=what == "ema", kmeans_init=False, backend="torch")
 layer.train()
 x = torch.randn(n, d, requires_grad=True)
 params = list(layer.parameters())
@@ -84,18 +63,7 @@ def fn():
     x.grad = None
     for p in params:
         p.grad = None
-
-fn()
-best, done, start = float("inf"), 0, time.perf_counter()
-while done < calls or time.perf_counter() - start < min_time:
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-    done += 1
-peak = (status_kib("VmHWM") - rss0) * 1024
-print(json.dumps({"seconds": best, "calls": done, "peak_bytes": peak, "hwm_reset": reset,
-                  "fastvq": fastvq.__file__}))
-"""
+""")
 
 
 def _run(checkout: Path, shape, step: str, threads: int, calls: int, min_time: float) -> dict:

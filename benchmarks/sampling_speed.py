@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 from ._stamp import add_protocol_args, git_commit
+from ._timed_worker import timed_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,24 +47,7 @@ SMOKE_SHAPES = [(64, 300, 8)]
 SIDES = ("fastvq", "dense")
 ALL_SIDES = (*SIDES, "layer", "layer-sampled")
 
-WORKER = r"""
-import ctypes, json, sys, time
-try:  # fixed mmap threshold: RSS falls after a call, so the high-water mark is the call's
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-except OSError:
-    pass
-n, k, d, threads = (int(v) for v in sys.argv[1:5])
-side, calls, min_time = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
-import torch
-torch.set_num_threads(threads)
-import fastvq
-
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
+WORKER = timed_worker(r"""
 torch.manual_seed(0)
 z = torch.randn(n, d)
 codes = torch.randn(k, d) * 0.5
@@ -91,25 +75,10 @@ def layer_step(sampled):
 
 fns = {"fastvq": lambda: tiled, "dense": lambda: dense,
        "layer": lambda: layer_step(False), "layer-sampled": lambda: layer_step(True)}
-fn = fns[side]()
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    reset = True
-except OSError:
-    reset = False
+fn = fns[what]()
+reset = reset_peak_rss()
 rss0 = status_kib("VmRSS")
-fn()
-best, done, start = float("inf"), 0, time.perf_counter()
-while done < calls or time.perf_counter() - start < min_time:
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-    done += 1
-peak = (status_kib("VmHWM") - rss0) * 1024
-print(json.dumps({"seconds": best, "calls": done, "peak_bytes": peak, "hwm_reset": reset,
-                  "fastvq": fastvq.__file__}))
-"""
+""")
 
 
 def _run(side: str, shape, threads: int, calls: int, min_time: float) -> dict:
