@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from memory_helpers import step_peak_rss_mib
 
 import fastvq
 from fastvq import LFQ
@@ -238,23 +239,12 @@ def test_bad_input_and_indices():
 def test_memory_large_codebook_stays_flat():
     """K = 2^14, N = 2048, entropy loss on, forward + backward: peak RSS growth under half of
     one N x K fp32 matrix (128 MiB). The 2^18 measurement: docs/lfq.md."""
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, fastvq\n"
-        "from fastvq._procmem import proc_status_kib, reset_peak_rss\n"
+    setup = (
         "torch.manual_seed(0)\n"
         "q = fastvq.LFQ(codebook_size=2**14)\n"
         "q(torch.randn(8, 14, requires_grad=True)).loss.backward()  # warm up first-call allocs\n"
         "x = torch.randn(2048, 14, requires_grad=True)\n"
-        "reset_peak_rss(required=True)\n"
-        "base = proc_status_kib('VmRSS')\n"
-        "out = q(x)\n"
-        "(out.quantized.square().mean() + out.loss).backward()\n"
-        "print((proc_status_kib('VmHWM') - base) / 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    growth_mib = float(out.stdout.split()[-1])
+    step = "out = q(x)\n(out.quantized.square().mean() + out.loss).backward()\n"
+    growth_mib = step_peak_rss_mib(setup, step)
     assert growth_mib < 64, f"peak RSS growth {growth_mib:.0f} MiB"

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from memory_helpers import step_peak_rss_mib
 
 import fastvq.compat.vqp as fastvq_vqp
 
@@ -111,25 +112,15 @@ def test_lfq_unsupported_arguments_raise():
 def test_lfq_front_end_stays_flat_at_2_18_codes():
     """2^18 codes: vqp would build N x 2^18 fp32 matrices (32 MiB a row of 32 tokens); the front
     end's clamped entropies run in chunks. A small batch keeps it fast."""
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, fastvq.compat.vqp as v\n"
-        "from fastvq._procmem import proc_status_kib, reset_peak_rss\n"
+    setup = (
+        "import fastvq.compat.vqp as v\n"
         "q = v.LFQ(codebook_size=2**18)\n"
         "x = torch.randn(1, 8, 18, requires_grad=True)\n"
         "q(x).entropy_aux_loss.backward()  # warm up: first-call allocations are not the loss's\n"
         "x = torch.randn(1, 256, 18, requires_grad=True)\n"
-        "reset_peak_rss(required=True)\n"
-        "base = proc_status_kib('VmRSS')\n"
-        "out = q(x)\n"
-        "(out.quantized.square().mean() + out.entropy_aux_loss).backward()\n"
-        "print((proc_status_kib('VmHWM') - base) / 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    growth_mib = float(out.stdout.split()[-1])
+    step = "out = q(x)\n(out.quantized.square().mean() + out.entropy_aux_loss).backward()\n"
+    growth_mib = step_peak_rss_mib(setup, step)
     assert growth_mib < 64, f"peak RSS growth {growth_mib:.0f} MiB (one N x K: 256 MiB)"
 
 

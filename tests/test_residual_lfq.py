@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from memory_helpers import step_peak_rss_mib
 from torch.utils.checkpoint import checkpoint
 
 from fastvq import GroupedResidualLFQ, ResidualLFQ
@@ -226,26 +227,15 @@ def test_memory_large_codebook_stays_flat():
     """K = 2^14 per depth, 3 depths, N = 1024, the entropy losses on, forward + backward: peak
     RSS growth under one N x K fp32 matrix of one depth (64 MiB); each depth's entropies run in
     chunks of codes, and the stack adds only (N, d) tensors per depth."""
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, fastvq\n"
-        "from fastvq._procmem import proc_status_kib, reset_peak_rss\n"
+    setup = (
         "torch.set_num_threads(1)\n"
         "torch.manual_seed(0)\n"
         "q = fastvq.ResidualLFQ(2**14, 3, dim=32)\n"
         "q(torch.randn(8, 32, requires_grad=True)).loss.backward()  # warm up first-call allocs\n"
         "x = torch.randn(1024, 32, requires_grad=True)\n"
-        "reset_peak_rss(required=True)\n"
-        "base = proc_status_kib('VmRSS')\n"
-        "out = q(x)\n"
-        "(out.quantized.square().mean() + out.loss).backward()\n"
-        "print((proc_status_kib('VmHWM') - base) / 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    growth_mib = float(out.stdout.split()[-1])
+    step = "out = q(x)\n(out.quantized.square().mean() + out.loss).backward()\n"
+    growth_mib = step_peak_rss_mib(setup, step)
     assert growth_mib < 32, f"peak RSS growth {growth_mib:.0f} MiB (one N x K of a depth: 64)"
 
 
