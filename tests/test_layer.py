@@ -6,6 +6,7 @@ Every mode runs on both backends (Triton under the interpreter on CPU); shapes s
 
 import pytest
 import torch
+from memory_helpers import step_peak_rss_mib
 from torch import nn
 
 import fastvq
@@ -379,22 +380,18 @@ def test_bad_input_errors():
 
 
 def test_memory_large_codebook_stays_lean():
-    """N=16384, K=65536, D=64 training forward+backward: far below one N x K fp32 (4 GiB)."""
-    import subprocess
-    import sys
+    """N=16384, K=65536, D=64 training forward+backward: far below one N x K fp32 (4 GiB).
 
-    code = (
-        "import resource, torch, fastvq\n"
+    The step's own peak RSS growth (about 220-250 MiB measured), not the process's absolute
+    peak, which also counts the interpreter and torch's mapped libraries: on one commit it read
+    0.61 GiB alone and 1.68 GiB inside the full suite, for reasons outside the step."""
+    setup = (
         "vq = fastvq.VectorQuantizer(64, 65536, kmeans_init=False, backend='torch')\n"
         "x = torch.randn(16384, 64, requires_grad=True)\n"
-        "q, i, l = vq(x)\n"
-        "(q.square().mean() + l).backward()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    peak_gib = int(out.stdout.split()[-1]) / 2**20  # ru_maxrss is KiB on Linux
-    assert peak_gib < 1.5, f"peak RSS {peak_gib:.2f} GiB"
+    step = "q, i, l = vq(x)\n(q.square().mean() + l).backward()\n"
+    growth_mib = step_peak_rss_mib(setup, step)
+    assert growth_mib < 768, f"peak RSS growth {growth_mib:.0f} MiB (one N x K fp32: 4096)"
 
 
 # --- codebooks trained elsewhere -----------------------------------------------------------------
