@@ -58,6 +58,11 @@ CONFIGS = {
         "",
     ),  # fmt: skip
     "vq-65536": ("vq", {"codebook_size": 65536}, ""),
+    # issue 27 item 5 (quantizers-ibq-2026-12-07.json): IBQ with SEED-Voken's weights, and
+    # SimVQ, against the vq rows above
+    "ibq-16384": ("ibq", {"quantizer": "ibq", "codebook_size": 2**14}, ""),
+    "simvq-16384": ("simvq", {"quantizer": "simvq", "codebook_size": 2**14}, ""),
+    "ibq-65536": ("ibq", {"quantizer": "ibq", "codebook_size": 2**16}, ""),
 }
 QUICK_MODEL = {"hidden": 8, "res_hidden": 4, "n_res": 1}
 
@@ -217,7 +222,8 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    colours = {"vq": "tab:blue", "fsq": "tab:orange", "lfq": "tab:green", "bsq": "tab:red"}
+    colours = {"vq": "tab:blue", "fsq": "tab:orange", "lfq": "tab:green", "bsq": "tab:red",
+               "ibq": "tab:purple", "simvq": "tab:brown"}  # fmt: skip
     for family, colour in colours.items():
         runs = [r for r in doc["runs"] if r["family"] == family]
         if not runs:
