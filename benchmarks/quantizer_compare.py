@@ -190,7 +190,7 @@ def table(doc: dict) -> str:
     s = doc["settings"]
     lines = [
         f"Command: `{doc['command']}`; {doc['machine']}; {doc['date']}; commit "
-        f"{', '.join(sorted({r.get('commit') or doc['commit'] for r in doc['runs']}))}; "
+        f"{', '.join(sorted({r.get('commit') or doc['commit'] or '?' for r in doc['runs']}))}; "
         f"{s['steps']} steps of batch {s['batch_size']} (Adam, lr {s['lr']}), {s['threads']} "
         f"thread, evaluated on all {doc['runs'][0]['test_images']} test images.",
         "",
