@@ -58,6 +58,11 @@ CONFIGS = {
         "",
     ),  # fmt: skip
     "vq-65536": ("vq", {"codebook_size": 65536}, ""),
+    # issue 27 item 5 (quantizers-ibq-2026-12-07.json): IBQ with SEED-Voken's weights, and
+    # SimVQ, against the vq rows above
+    "ibq-16384": ("ibq", {"quantizer": "ibq", "codebook_size": 2**14}, ""),
+    "simvq-16384": ("simvq", {"quantizer": "simvq", "codebook_size": 2**14}, ""),
+    "ibq-65536": ("ibq", {"quantizer": "ibq", "codebook_size": 2**16}, ""),
 }
 QUICK_MODEL = {"hidden": 8, "res_hidden": 4, "n_res": 1}
 
@@ -185,7 +190,7 @@ def table(doc: dict) -> str:
     s = doc["settings"]
     lines = [
         f"Command: `{doc['command']}`; {doc['machine']}; {doc['date']}; commit "
-        f"{', '.join(sorted({r.get('commit') or doc['commit'] for r in doc['runs']}))}; "
+        f"{', '.join(sorted({r.get('commit') or doc['commit'] or '?' for r in doc['runs']}))}; "
         f"{s['steps']} steps of batch {s['batch_size']} (Adam, lr {s['lr']}), {s['threads']} "
         f"thread, evaluated on all {doc['runs'][0]['test_images']} test images.",
         "",
@@ -209,49 +214,62 @@ def table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(doc: dict, path: Path) -> None:
-    """Test MSE against codebook size, one marker per run, one colour per family."""
+MARKS = "o^sD"  # one marker per results file in a plot (each its own steps and batch)
+
+
+def plot(docs: list[dict], path: Path) -> None:
+    """Test MSE, usage over the test set and perplexity against codebook size: one point per
+    run, one colour per family, one marker shape per results file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    colours = {"vq": "tab:blue", "fsq": "tab:orange", "lfq": "tab:green", "bsq": "tab:red"}
-    for family, colour in colours.items():
-        runs = [r for r in doc["runs"] if r["family"] == family]
-        if not runs:
-            continue
-        k = [r["codebook_size"] for r in runs]
-        axes[0].scatter(k, [r["test_mse"] for r in runs], c=colour, label=family, s=18)
-        axes[1].scatter(k, [r["usage_fraction"] for r in runs], c=colour, label=family, s=18)
-    for ax, ylabel in zip(axes, ("test MSE", "codes used / K"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    colours = {"vq": "tab:blue", "fsq": "tab:orange", "lfq": "tab:green", "bsq": "tab:red",
+               "ibq": "tab:purple", "simvq": "tab:brown"}  # fmt: skip
+    keys = ("test_mse", "usage_fraction", "perplexity")
+    for i, doc in enumerate(docs):
+        s = doc["settings"]
+        for family, colour in colours.items():
+            runs = [r for r in doc["runs"] if r["family"] == family]
+            if not runs:
+                continue
+            label = family + (f", {s['steps']} x {s['batch_size']}" if len(docs) > 1 else "")
+            k = [r["codebook_size"] for r in runs]
+            for ax, key in zip(axes, keys, strict=True):
+                ax.scatter(k, [r[key] for r in runs], c=colour, marker=MARKS[i % len(MARKS)],
+                           label=label, s=18)  # fmt: skip
+    for ax, ylabel in zip(axes, ("test MSE", "codes used / K", "perplexity"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("codebook size K")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
-    axes[0].legend()
-    s = doc["settings"]
-    fig.suptitle(f"Fashion-MNIST VQ-VAE, {s['steps']} steps x batch {s['batch_size']}, "
-                 f"{doc['date']}, {doc['machine']}", fontsize=9)  # fmt: skip
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    steps = ", ".join(f"{d['settings']['steps']} steps x batch {d['settings']['batch_size']}"
+                      for d in docs)  # fmt: skip
+    fig.suptitle(f"Fashion-MNIST VQ-VAE, {steps}, {docs[0]['date']}, {docs[0]['machine']}",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-START, END = "<!-- quantizer-table:start -->", "<!-- quantizer-table:end -->"
-
-
-def write_doc(doc: dict, doc_path: Path) -> None:
-    """Put :func:`table` between the markers of ``doc_path`` and the plot beside it."""
+def write_doc(docs: list[dict], doc_path: Path, marker: str = "quantizer-table",
+              plot_path: Path | None = None) -> None:  # fmt: skip
+    """Put the :func:`table` of each of ``docs`` between the ``<!-- marker:start/end -->``
+    comments of ``doc_path``, and the plot at ``plot_path`` (default: the doc's name, .png)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     text = doc_path.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
     if not rest:
-        raise SystemExit(f"{doc_path}: no {START} ... {END} markers")
-    doc_path.write_text(f"{head}{START}\n{table(doc)}{END}{tail}")
-    plot(doc, doc_path.with_suffix(".png"))
+        raise SystemExit(f"{doc_path}: no {start} ... {end} markers")
+    tables = "\n".join(table(d) for d in docs)
+    doc_path.write_text(f"{head}{start}\n{tables}{end}{tail}")
+    plot(docs, plot_path or doc_path.with_suffix(".png"))
 
 
 def main(argv=None) -> int:
@@ -264,8 +282,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: system)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny: synthetic data, a narrow model, 2 steps, 1 seed")  # fmt: skip
-    ap.add_argument("--table", default=None, help="print the table of this results JSON")
+    ap.add_argument("--table", nargs="+", default=None,
+                    help="print the table of these results JSONs")  # fmt: skip
     ap.add_argument("--doc", default=None, help="with --table: write it (and the plot) here")
+    ap.add_argument("--marker", default="quantizer-table",
+                    help="with --doc: the table's place, <!-- MARKER:start/end -->")  # fmt: skip
+    ap.add_argument("--plot", default=None, help="with --doc: the plot's path (default: DOC.png)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -274,10 +296,10 @@ def main(argv=None) -> int:
                                 args.data_dir, args.quick)))  # fmt: skip
         return 0
     if args.table:
-        doc = json.loads(Path(args.table).read_text())
+        docs = [json.loads(Path(t).read_text()) for t in args.table]
         if args.doc:
-            write_doc(doc, Path(args.doc))
-        print(table(doc), end="")
+            write_doc(docs, Path(args.doc), args.marker, args.plot and Path(args.plot))
+        print("\n".join(table(d) for d in docs), end="")
         return 0
     if args.out is None:
         ap.error("--out is required (or --table)")

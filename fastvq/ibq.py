@@ -24,7 +24,7 @@ from torch import nn
 
 from ._checks import is_int, is_real
 from .codebook import Codebook
-from .layer_config import check_input, check_mask
+from .layer_config import check_indices, check_input, check_mask
 from .outputs import quantize_output
 from .soft_assignment import soft_assign
 
@@ -210,7 +210,11 @@ class IBQ(nn.Module):
         bd = IBQLossBreakdown(*(t.detach() for t in parts)) if return_loss_breakdown else None
         return quantize_output(quantized, idx.reshape(lead), loss, None, bd)
 
-    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """The codes ``(..., dim)`` (fp32) of int64 ``indices``, as the eval forward outputs
-        them (before the cast to x's dtype)."""
-        return self.codes().to(torch.float32)[indices]
+    def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """The codes (fp32) of int ``indices`` ``(...)``, as the eval forward outputs them
+        (before the cast to x's dtype): ``(..., dim)``, or ``(B, dim, ...)`` with
+        ``channel_first``, as every fastvq layer (a model decodes any family's index maps the
+        same way). ``check``: ValueError on indices outside ``[0, codebook_size)`` (a host sync)."""
+        check_indices(indices, 1, self.config.codebook_size, check)
+        q = self.codes().to(torch.float32)[indices.to(torch.int64)]
+        return q.movedim(-1, 1) if self.config.channel_first else q

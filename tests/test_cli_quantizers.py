@@ -1,4 +1,5 @@
-"""`fastvq train vqvae --quantizer {vq,fsq,lfq,bsq}` (issue 29 item 5, issue 25 item 6): each
+"""`fastvq train vqvae --quantizer {vq,fsq,lfq,bsq,ibq,simvq}` (issue 29 item 5, issue 25 item 6,
+issue 27 item 5): each
 family trains, records its choice in run.json, resumes bit-identically without repeating it,
 decodes its indices, carries a PixelCNN prior over its codes, and a bad combination of options
 is a one-line error naming the argument."""
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 
 from fastvq.app.checkpoint import load_run
 from fastvq.app.data import write_synthetic_dataset
-from fastvq.app.parser import LFQ_DEFAULTS
+from fastvq.app.parser import IBQ_DEFAULTS, LFQ_DEFAULTS, QUANTIZER_OPTIONS
+from fastvq.ibq import IBQConfig
 from fastvq.lfq import LFQConfig
 from fastvq.models import VQVAE, VQVAEConfig
 
@@ -24,7 +26,10 @@ FAMILIES = {
     "fsq": (["--levels", "5,3,3"], 45),
     "lfq": (["--codebook-size", "64"], 64),
     "bsq": (["--codebook-size", "32", "--entropy-weight", "0.2"], 32),
+    "ibq": (["--codebook-size", "32", "--codebook-weight", "0.5"], 32),
+    "simvq": (["--codebook-size", "16", "--beta", "0.5"], 16),
 }
+LAYER_CLASS = {"vq": "VectorQuantizer", "fsq": "FSQ", "ibq": "IBQ", "simvq": "VectorQuantizer"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,14 @@ def test_each_family_trains_records_and_resumes_bit_identically(quantizer, data_
         assert meta["args"]["entropy_weight"] == 0.2 and meta["args"]["ema"] is None
         assert meta["args"]["beta"] == 0.25
     model, _ = load_run(run)
-    assert type(model.vq).__name__ == {"vq": "VectorQuantizer", "fsq": "FSQ"}.get(quantizer, "LFQ")
+    if quantizer == "ibq":
+        assert meta["args"]["codebook_weight"] == 0.5 and meta["args"]["beta"] is None
+        assert meta["args"]["entropy_weight"] == IBQ_DEFAULTS["entropy_weight"]
+        assert model.vq.config.codebook_weight == 0.5
+    if quantizer == "simvq":
+        assert meta["args"]["beta"] == 0.5 and meta["args"]["ema"] is None
+        assert model.vq.simvq and model.vq.beta == 0.5
+    assert type(model.vq).__name__ == LAYER_CLASS.get(quantizer, "LFQ")
     assert 1 <= meta["metrics"]["codes_used"] <= size
 
 
@@ -76,7 +88,8 @@ def test_each_family_trains_records_and_resumes_bit_identically(quantizer, data_
 def test_decode_indices_equals_the_eval_forward(quantizer):
     """The model decodes any family's index maps (``codes_from_indices``) as its forward does."""
     extra = {"vq": {"codebook_size": 16}, "fsq": {"vq_kwargs": {"levels": [5, 3, 3]}},
-             "lfq": {"codebook_size": 64}, "bsq": {"codebook_size": 32}}[quantizer]  # fmt: skip
+             "lfq": {"codebook_size": 64}, "bsq": {"codebook_size": 32},
+             "ibq": {"codebook_size": 32}, "simvq": {"codebook_size": 16}}[quantizer]  # fmt: skip
     torch.manual_seed(0)
     cfg = VQVAEConfig(hidden=8, res_hidden=4, n_res=1, dim=4, quantizer=quantizer, **extra)
     model = VQVAE(cfg).eval()
@@ -115,6 +128,14 @@ BAD = [
     (["--quantizer", "lfq", "--dead-code-steps", "3"], ["--dead-code-steps"]),
     (["--quantizer", "fsq", "--levels", "5,x"], ["--levels", "8,5,5,5"]),
     (["--quantizer", "rvq"], ["--quantizer", "invalid choice"]),
+    (["--quantizer", "ibq", "--beta", "0.5"], ["--beta", "--quantizer ibq"]),
+    (["--quantizer", "ibq", "--no-ema"], ["--ema", "--quantizer ibq"]),
+    (["--quantizer", "ibq", "--levels", "5,3"], ["--levels", "--quantizer ibq"]),
+    (["--quantizer", "lfq", "--codebook-weight", "1"], ["--codebook-weight", "--quantizer lfq"]),
+    (["--codebook-weight", "1"], ["--codebook-weight", "--quantizer vq"]),
+    (["--quantizer", "ibq", "--commitment-weight", "-1"], ["--commitment-weight", ">= 0"]),
+    (["--quantizer", "simvq", "--entropy-weight", "1"], ["--entropy-weight", "simvq"]),
+    (["--quantizer", "simvq", "--cosine"], ["--cosine", "--quantizer simvq"]),
 ]
 
 
@@ -161,3 +182,5 @@ def test_help_defaults_are_the_layers():
 
     lfq = {f.name: f.default for f in dataclasses.fields(LFQConfig)}
     assert LFQ_DEFAULTS == {"entropy_weight": lfq["entropy_loss_weight"]}
+    ibq = {f.name: f.default for f in dataclasses.fields(IBQConfig)}
+    assert IBQ_DEFAULTS == {opt: ibq[arg] for opt, arg in QUANTIZER_OPTIONS["ibq"].items()}

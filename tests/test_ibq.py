@@ -107,7 +107,9 @@ def test_breakdown_eval_channel_first_and_dtype():
              * (bd.sample_entropy - bd.codebook_entropy))  # fmt: skip
     torch.testing.assert_close(out.loss, total)
     assert out.quantized.shape == x.shape and out.indices.shape == (2, 3, 3)
-    torch.testing.assert_close(out.quantized.movedim(1, -1), q.codes_from_indices(out.indices))
+    torch.testing.assert_close(out.quantized, q.codes_from_indices(out.indices))  # channel-first
+    with pytest.raises(ValueError, match="indices"):
+        q.codes_from_indices(torch.tensor([32]))
     q.eval()
     ev = q(x.bfloat16())
     assert ev.loss.item() == 0 and ev.quantized.dtype == torch.bfloat16

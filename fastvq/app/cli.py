@@ -33,11 +33,12 @@ from .data import DataNotFoundError, IDXError, find_dataset, load_dataset
 from .figures import save_panels
 from .loop import TrainingInterrupted
 from .parser import (
-    FSQ_DEFAULT_LEVELS,
+    FAMILY_OPTIONS,
     KIND_OPTIONS,
-    LFQ_DEFAULTS,
     MODEL_OPTIONS,
+    NO_BETA,
     PLACE_DEFAULTS,
+    QUANTIZER_DEFAULTS,
     QUANTIZER_OPTIONS,
     RUN_DEFAULTS,
     VQ_DEFAULTS,
@@ -96,18 +97,17 @@ def _config_value(dest: str, cfg: dict):
     quantizer = cfg.get("quantizer", "vq")  # runs saved before the choice are vq runs
     if dest == "quantizer":
         return quantizer
-    if dest == "beta":  # vq's, lfq's and bsq's commitment weight; fsq has none
-        return None if quantizer == "fsq" else cfg.get(dest)
+    if dest == "beta":  # the commitment weight of the families but fsq's and ibq's
+        return None if quantizer in NO_BETA else cfg.get(dest)
     if dest in VQ_OPTIONS:  # vq's options: a run of another family has none
         if quantizer != "vq":
             return None
         return cfg.get("vq_kwargs", {}).get(dest, VQ_DEFAULTS[dest])
-    if dest in ("levels", "entropy_weight"):
+    if dest in FAMILY_OPTIONS:
         arg = QUANTIZER_OPTIONS.get(quantizer, {}).get(dest)
         if arg is None:
             return None
-        default = FSQ_DEFAULT_LEVELS if dest == "levels" else LFQ_DEFAULTS[dest]
-        return cfg.get("vq_kwargs", {}).get(arg, default)
+        return cfg.get("vq_kwargs", {}).get(arg, QUANTIZER_DEFAULTS[quantizer][dest])
     return cfg.get(dest)
 
 
@@ -159,7 +159,8 @@ def _prepare_train(args) -> None:
 
 def _check_quantizer(args) -> None:
     """``train vqvae``: each option belongs to the chosen family (vq's VQ options, fsq's
-    --levels, lfq's and bsq's --entropy-weight; --beta, the commitment weight, to all but fsq),
+    --levels, lfq's, bsq's and ibq's --entropy-weight, ibq's other weights; --beta, the
+    commitment weight, to all but fsq and ibq),
     and the family's layer accepts the values (fsq: no --codebook-size, it is the product of
     the levels; lfq/bsq: a power of 2). The layer is built once here, before any work, so that
     its own check names the problem."""
@@ -167,9 +168,9 @@ def _check_quantizer(args) -> None:
 
     quantizer = args.quantizer or "vq"
     own = QUANTIZER_OPTIONS.get(quantizer, {})
-    for dest in ("beta", *VQ_OPTIONS, "levels", "entropy_weight"):
+    for dest in ("beta", *VQ_OPTIONS, *FAMILY_OPTIONS):
         mine = dest in own or (quantizer == "vq" and dest in VQ_OPTIONS)
-        mine = mine or (dest == "beta" and quantizer != "fsq")
+        mine = mine or (dest == "beta" and quantizer not in NO_BETA)
         if getattr(args, dest) is not None and not mine:
             raise UsageError(f"argument {_flag(dest)}: not an option of --quantizer {quantizer}")
     if quantizer == "fsq" and args.codebook_size is not None:

@@ -244,9 +244,35 @@ QUANTIZER_OPTIONS = {
     "fsq": {"levels": "levels"},
     "lfq": {"entropy_weight": "entropy_loss_weight"},
     "bsq": {"entropy_weight": "entropy_loss_weight"},
+    "ibq": {
+        "entropy_weight": "entropy_loss_weight",
+        "commitment_weight": "commitment_weight",
+        "codebook_weight": "codebook_weight",
+        "double_quant_weight": "double_quant_weight",
+    },
+    "simvq": {},
 }
 FSQ_DEFAULT_LEVELS = [8, 5, 5, 5]  # the paper's 1000-code set
 LFQ_DEFAULTS = {"entropy_weight": 0.1}  # fastvq.LFQ's entropy_loss_weight
+# fastvq.IBQ's (SEED-Voken's) weights; tests/test_cli_quantizers.py checks them against IBQConfig
+IBQ_DEFAULTS = {
+    "entropy_weight": 0.05,
+    "commitment_weight": 1.0,
+    "codebook_weight": 0.25,
+    "double_quant_weight": 1.0,
+}
+# each family's defaults of its options in QUANTIZER_OPTIONS (fsq's levels: FSQ_DEFAULT_LEVELS)
+QUANTIZER_DEFAULTS = {
+    "fsq": {"levels": FSQ_DEFAULT_LEVELS},
+    "lfq": LFQ_DEFAULTS,
+    "bsq": LFQ_DEFAULTS,
+    "ibq": IBQ_DEFAULTS,
+    "simvq": {},
+}
+# the options of the families but vq, in the order the CLI checks them
+FAMILY_OPTIONS = tuple(dict.fromkeys(o for opts in QUANTIZER_OPTIONS.values() for o in opts))
+# the families with no use for --beta (fsq has no loss; ibq's weights are its own options)
+NO_BETA = ("fsq", "ibq")
 
 # The model options each `train KIND` takes; any other one given is an error.
 KIND_OPTIONS = {
@@ -259,8 +285,7 @@ KIND_OPTIONS = {
         "beta",
         *VQ_OPTIONS,
         "quantizer",
-        "levels",
-        "entropy_weight",
+        *FAMILY_OPTIONS,
     ),  # fmt: skip
     "pixelcnn": ("vqvae", "channels", "layers", "conditional"),
 }
@@ -395,7 +420,8 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
         "--quantizer",
         choices=QUANTIZERS,
         default=None,
-        help="vq: VectorQuantizer; fsq: FSQ; lfq: LFQ; bsq: LFQ(spherical=True) (default: vq)",
+        help="vq: VectorQuantizer; fsq: FSQ; lfq: LFQ; bsq: LFQ(spherical=True); ibq: IBQ; "
+        "simvq: VectorQuantizer(simvq=True) (default: vq)",
     )
     g.add_argument(
         "--levels",
@@ -407,8 +433,20 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
         "--entropy-weight",
         type=REAL,
         default=None,
-        help=f"lfq/bsq: entropy loss weight (default: {LFQ_DEFAULTS['entropy_weight']})",
+        help=f"lfq/bsq/ibq: entropy loss weight (default: lfq/bsq "
+        f"{LFQ_DEFAULTS['entropy_weight']}, ibq {IBQ_DEFAULTS['entropy_weight']})",
     )
+    for dest, what in (
+        ("commitment_weight", "commitment, mean((sg(C[i]) - z)^2)"),
+        ("codebook_weight", "codebook term, mean((C[i] - sg(z))^2), SEED-Voken's beta"),
+        ("double_quant_weight", "double quantization term, mean((q - z)^2) through p"),
+    ):
+        g.add_argument(
+            "--" + dest.replace("_", "-"),
+            type=NON_NEGATIVE_FLOAT,
+            default=None,
+            help=f"ibq: weight of the {what} (default: {IBQ_DEFAULTS[dest]})",
+        )
 
 
 TRAIN_NOTE = (

@@ -2,7 +2,8 @@
 
 The quantizer is ``cfg.quantizer``: ``"vq"`` (fastvq.VectorQuantizer, the default and every run
 saved before the choice existed), ``"fsq"`` (fastvq.FSQ, ``vq_kwargs["levels"]``), ``"lfq"``
-(fastvq.LFQ) or ``"bsq"`` (fastvq.LFQ with ``spherical=True``). Any layer of the family works:
+(fastvq.LFQ), ``"bsq"`` (fastvq.LFQ with ``spherical=True``), ``"ibq"`` (fastvq.IBQ) or
+``"simvq"`` (fastvq.VectorQuantizer with ``simvq=True``). Any layer of the family works:
 it returns ``(quantized, indices, loss)`` and decodes indices with ``codes_from_indices``.
 
 Encoder: two 4x4 stride-2 convs, a 3x3 conv, residual blocks (ReLU, 3x3 conv, ReLU, 1x1 conv),
@@ -10,7 +11,8 @@ a 1x1 conv to the quantizer's dim. Decoder: a 3x3 conv, residual blocks, two 4x4
 transposed convs. A 28x28 image becomes a 7x7 map of code indices.
 
 Loss = ||x - x_hat||^2 / Var(x) + the layer's loss (VQ: codebook + beta * commitment; FSQ: zero;
-LFQ/BSQ: the entropy terms + beta * commitment).
+LFQ/BSQ: the entropy terms + beta * commitment; IBQ: its own four weighted terms, beta unused;
+SimVQ: as VQ).
 """
 
 from __future__ import annotations
@@ -62,13 +64,14 @@ class VQVAEConfig:
             self.codebook_size = 256
 
 
-QUANTIZERS = ("vq", "fsq", "lfq", "bsq")
+QUANTIZERS = ("vq", "fsq", "lfq", "bsq", "ibq", "simvq")
 
 
 def make_quantizer(cfg: VQVAEConfig) -> nn.Module:
     """The quantizer layer of ``cfg``: channel-first, it takes the encoder's ``(B, dim, h, w)``
     and returns ``(quantized (B, dim, h, w), indices (B, h, w) int64, loss)``."""
     from fastvq.fsq import FSQ
+    from fastvq.ibq import IBQ
     from fastvq.layer import VectorQuantizer
     from fastvq.lfq import LFQ
 
@@ -76,6 +79,10 @@ def make_quantizer(cfg: VQVAEConfig) -> nn.Module:
     kw = dict(cfg.vq_kwargs, channel_first=True)
     if cfg.quantizer == "vq":
         return VectorQuantizer(cfg.dim, k, beta=cfg.beta, **kw)
+    if cfg.quantizer == "simvq":
+        return VectorQuantizer(cfg.dim, k, beta=cfg.beta, simvq=True, **kw)
+    if cfg.quantizer == "ibq":  # SEED-Voken's weights are IBQ's own (vq_kwargs), not beta
+        return IBQ(cfg.dim, k, **kw)
     if cfg.quantizer == "fsq":
         return FSQ(kw.pop("levels"), dim=cfg.dim, **kw)
     kw.setdefault("commitment_loss_weight", cfg.beta)
