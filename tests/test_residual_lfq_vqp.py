@@ -60,9 +60,10 @@ def test_residual_lfq_agrees_over_training_steps(kwargs):
         assert lo.shape == lr.shape == (kwargs["num_quantizers"],)
         torch.testing.assert_close(qo, qr, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(lo, lr, rtol=1e-4, atol=1e-5)
-        # the chunked clamped entropy rounds apart from vqp's N x 2^d one by ~1e-6 at step 0;
-        # vqp's stack fixes inv_temperature at 100, so the steps amplify it (~10x a step)
-        torch.testing.assert_close(go, gr, rtol=1e-3, atol=1e-6 * 10**step)
+        # the chunked clamped entropy rounds apart from vqp's N x 2^d one at step 0 (input
+        # gradients off an fp64 run of vqp by 1.6e-6 for vqp, 2.5e-6 for the front end, "clamped"
+        # case); vqp's stack fixes inv_temperature at 100, so the steps amplify it (~10x a step)
+        torch.testing.assert_close(go, gr, rtol=1e-3, atol=5e-6 * 10**step)
     for (n, pr), po in zip(ref.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(po, pr, rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
     ref.eval(), ours.eval()
