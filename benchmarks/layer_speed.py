@@ -30,16 +30,22 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from ._stamp import add_protocol_args, git_commit
+from ._stamp import (
+    add_protocol_args,
+    alternated_rounds,
+    git_commit,
+    median_peaks,
+    parse_shapes,
+    result_header,
+    write_result,
+)  # fmt: skip
 from ._timed_worker import timed_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,28 +96,19 @@ def measure(sides: dict, shapes, steps, rounds, threads, calls, min_time) -> lis
     names = tuple(sides)
     for step in steps:
         for shape in shapes:
-            per_round = []
-            for r in range(rounds):
-                order = names if r % 2 == 0 else names[::-1]
-                got = {s: _run(sides[s], shape, step, threads, calls, min_time) for s in order}
-                per_round.append(
-                    {s: got[s]["seconds"] for s in names}
-                    | {"peak_bytes": {s: got[s]["peak_bytes"] for s in names}}
-                    | {"calls": {s: got[s]["calls"] for s in names}}
-                    | {"loads": [got[s]["load"] for s in order], "first": order[0]}
-                )
-                print(f"{step} {shape} round {r}: " + ", ".join(
-                    f"{s} {got[s]['seconds'] * 1e3:.1f} ms {got[s]['peak_bytes'] / 2**20:.0f} MiB"
-                    for s in names) + f" (load {got[order[0]]['load']:.2f})",
-                    file=sys.stderr, flush=True)  # fmt: skip
+            per_round = alternated_rounds(
+                names, rounds,
+                lambda s, shape=shape, step=step: _run(
+                    sides[s], shape, step, threads, calls, min_time
+                ),
+                f"{step} {shape}", unit=("ms", 1e3),
+            )  # fmt: skip
             ratios = [p["old"] / p["new"] for p in per_round]
             rows.append({
                 "step": step, "n": shape[0], "k": shape[1], "d": shape[2], "rounds": per_round,
                 "ratios_old_over_new": ratios,
                 "median_ratio_old_over_new": statistics.median(ratios),
-                "median_peak_bytes": {
-                    s: statistics.median(p["peak_bytes"][s] for p in per_round) for s in names
-                },
+                "median_peak_bytes": median_peaks(per_round, names),
             })  # fmt: skip
     return rows
 
@@ -154,23 +151,14 @@ def main(argv=None) -> int:
     steps = a.steps.split(",")
     if any(s not in STEPS for s in steps):
         ap.error(f"--steps must be among {STEPS}, got {a.steps}")
-    shapes = SMOKE_SHAPES if a.smoke else SHAPES
-    if a.shapes:
-        shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
+    shapes = parse_shapes(a.shapes, SMOKE_SHAPES if a.smoke else SHAPES)
     rounds, calls, min_time = (1, 1, 0.0) if a.smoke else (a.rounds, a.calls, a.min_time)
     sides = {"new": a.new.resolve(), "old": a.ref.resolve()}
     for side, path in sides.items():
         if not (path / "fastvq" / "__init__.py").is_file():
             ap.error(f"{side} checkout {path} has no fastvq/__init__.py")
-    import torch
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    doc = {
-        "command": "python -m benchmarks.layer_speed " + " ".join(argv or sys.argv[1:]),
-        "machine": f"{platform.node()} ({os.cpu_count()} cores, "
-        f"{platform.processor() or platform.machine()})",
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-        "threads": a.threads, "calls": calls, "min_time": min_time,
+    now, doc = result_header("layer_speed", argv, a.threads, calls, min_time)
+    doc |= {
         "new": str(sides["new"]), "old": str(sides["old"]),
         "new_commit": git_commit(sides["new"]) or "unknown",
         "old_commit": git_commit(sides["old"]) or "unknown",
@@ -183,9 +171,7 @@ def main(argv=None) -> int:
             f"cpu-layer-step-{stamp}-{doc['new_commit']}-vs-{doc['old_commit']}"
             f"-threads{a.threads}.json"
         )
-        out.write_text(json.dumps(doc, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(doc))
-        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+        write_result(doc, out, markdown(doc))
     return 0
 
 

@@ -28,16 +28,22 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from ._stamp import add_protocol_args, git_commit
+from ._stamp import (
+    add_protocol_args,
+    alternated_rounds,
+    git_commit,
+    median_peaks,
+    parse_shapes,
+    result_header,
+    write_result,
+)  # fmt: skip
 from ._timed_worker import timed_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,28 +107,18 @@ def measure(shapes, rounds, threads, calls, min_time, sides=SIDES) -> list[dict]
     """One row per shape: per-round seconds and peaks of both sides, ratios second / first."""
     rows = []
     for shape in shapes:
-        per_round = []
-        for r in range(rounds):
-            order = sides if r % 2 == 0 else sides[::-1]
-            got = {s: _run(s, shape, threads, calls, min_time) for s in order}
-            per_round.append(
-                {s: got[s]["seconds"] for s in sides}
-                | {"peak_bytes": {s: got[s]["peak_bytes"] for s in sides}}
-                | {"calls": {s: got[s]["calls"] for s in sides}}
-                | {"loads": [got[s]["load"] for s in order], "first": order[0]}
-            )
-            print(f"{shape} round {r}: " + ", ".join(
-                f"{s} {got[s]['seconds']:.3f} s {got[s]['peak_bytes'] / 2**20:.0f} MiB"
-                for s in sides) + f" (load {got[order[0]]['load']:.2f})",
-                file=sys.stderr, flush=True)  # fmt: skip
+        per_round = alternated_rounds(
+            sides,
+            rounds,
+            lambda s, shape=shape: _run(s, shape, threads, calls, min_time),
+            str(shape),
+        )
         ratios = [p[sides[1]] / p[sides[0]] for p in per_round]
         rows.append({
             "n": shape[0], "k": shape[1], "d": shape[2], "rounds": per_round, "sides": sides,
             "ratios": ratios, "ratio": f"{sides[1]} / {sides[0]}",
             "median_ratio": statistics.median(ratios),
-            "median_peak_bytes": {
-                s: statistics.median(p["peak_bytes"][s] for p in per_round) for s in sides
-            },
+            "median_peak_bytes": median_peaks(per_round, sides),
         })  # fmt: skip
     return rows
 
@@ -166,21 +162,10 @@ def main(argv=None) -> int:
     sides = tuple(a.sides.split(","))
     if len(sides) != 2 or len(set(sides)) != 2 or any(x not in ALL_SIDES for x in sides):
         ap.error(f"--sides must be two different sides of {ALL_SIDES}, got {a.sides}")
-    shapes = SMOKE_SHAPES if a.smoke else SHAPES
-    if a.shapes:
-        shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
+    shapes = parse_shapes(a.shapes, SMOKE_SHAPES if a.smoke else SHAPES)
     rounds, calls, min_time = (1, 1, 0.0) if a.smoke else (a.rounds, a.calls, a.min_time)
-    import torch
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    doc = {
-        "command": "python -m benchmarks.sampling_speed " + " ".join(argv or sys.argv[1:]),
-        "machine": f"{platform.node()} ({os.cpu_count()} cores, "
-        f"{platform.processor() or platform.machine()})",
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-        "threads": a.threads, "calls": calls, "min_time": min_time,
-        "commit": git_commit(ROOT) or "unknown", "sides": sides,
-    }  # fmt: skip
+    now, doc = result_header("sampling_speed", argv, a.threads, calls, min_time)
+    doc |= {"commit": git_commit(ROOT) or "unknown", "sides": sides}
     doc["rows"] = measure(shapes, rounds, a.threads, calls, min_time, sides)
     print(markdown(doc))
     if a.out or not a.smoke:
@@ -189,9 +174,7 @@ def main(argv=None) -> int:
         out = a.out or RESULTS / (
             f"cpu-sampling{tag}-{stamp}-{doc['commit']}-threads{a.threads}.json"
         )
-        out.write_text(json.dumps(doc, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(doc))
-        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+        write_result(doc, out, markdown(doc))
     return 0
 
 
