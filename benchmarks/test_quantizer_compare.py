@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.quantizer_compare import END, START, write_doc
+from benchmarks.quantizer_compare import write_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["vq-1024", "fsq-1000", "bsq-16384"]
@@ -30,8 +30,9 @@ def test_quantizer_compare_quick(tmp_path):
     for name in CONFIGS:
         assert f"| {name} |" in run.stdout
     page = tmp_path / "page.md"
-    page.write_text(f"# title\n\n{START}\nold\n{END}\n\nafter\n")
-    write_doc(doc, page)
+    start, end = "<!-- quantizer-table:start -->", "<!-- quantizer-table:end -->"
+    page.write_text(f"# title\n\n{start}\nold\n{end}\n\nafter\n")
+    write_doc([doc], page)
     text = page.read_text()
     assert "old" not in text and "| fsq-1000 | 1000 |" in text and text.endswith("after\n")
     assert page.with_suffix(".png").stat().st_size > 0
