@@ -93,6 +93,11 @@ def search_binaries(arch: int, scope: str) -> list[Binary]:
                     Binary(f"{tag}{ptag} D{d} splitK", "search", default=True, n=N_SMALL,
                            k=K_SMALL, **base)
                 )  # fmt: skip
+                if arch == 90 and not fp32 and zt == ct and d in (64, 256):
+                    # the opt-in sm_90 Gluon kernel (kernels/vq_search_sm90.py), gated too
+                    for tail, nk in (("", {}), (" splitK", dict(n=N_SMALL, k=K_SMALL))):
+                        out.append(Binary(f"gluon {tag} D{d}{tail}", "search_gluon",
+                                          default=False, **base, **nk))  # fmt: skip
                 if scope == "all" and d in (64, 256) and prec in (None, "tf32x3", "tf32"):
                     for c in AUTOTUNE_CONFIGS:
                         out.append(
@@ -145,10 +150,13 @@ def _search_launch(b: Binary):
 
     zt, ct = _dt(b.z_dtype), _dt(b.c_dtype)
     cfg = vs.SearchConfig(*b.config) if b.config else None
+    gluon = b.kernel == "search_gluon"
     plan = vs.plan_search(
         b.n, b.k, b.d, zt, ct, arch=b.arch, num_sms=ARCHS[b.arch]["sms"],
-        fp32_precision=b.fp32_precision, config=cfg,
+        fp32_precision=b.fp32_precision, config=cfg, kernel="gluon" if gluon else "triton",
     )  # fmt: skip
+    if gluon and not plan.gluon:
+        raise ValueError(f"{b.name}: the Gluon kernel does not apply to this case")
     meta = torch.device("meta")
     z = torch.empty(b.n, b.d, dtype=zt, device=meta)
     c = torch.empty(b.k, b.d, dtype=ct, device=meta)
@@ -166,6 +174,11 @@ def _search_launch(b: Binary):
     )  # fmt: skip
     kwargs = dict(plan.constexprs(), num_warps=plan.config.num_warps,
                   num_stages=plan.config.num_stages)  # fmt: skip
+    if gluon:
+        from fastvq.kernels.vq_search_sm90 import vq_search_fwd_sm90_kernel
+
+        # the launcher's argument list less the fp32-only runner-up pointer
+        return vq_search_fwd_sm90_kernel, args[:9] + args[10:], kwargs, plan
     return vs.vq_search_fwd_kernel, args, kwargs, plan
 
 
@@ -239,7 +252,7 @@ def _specialised(b: Binary):
     """(kernel, target, plan, kwargs, (options, signature, constexprs, attrs)) of one binary."""
     from triton.backends.compiler import GPUTarget
 
-    launch = (_search_launch if b.kernel == "search"
+    launch = (_search_launch if b.kernel in ("search", "search_gluon")
               else _soft_launch if b.kernel in SOFT_KERNELS else _scatter_launch)  # fmt: skip
     fn, args, kwargs, plan = launch(b)
     target = GPUTarget("cuda", b.arch, 64 if b.arch >= 90 else 32)
@@ -252,7 +265,10 @@ def compile_one(b: Binary) -> dict:
     from triton.compiler import ASTSource
 
     fn, target, plan, kwargs, (options, signature, constexprs, attrs) = _specialised(b)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=target, options=options.__dict__)
     rec = asdict(b)
     if plan is None and b.kernel in SOFT_KERNELS:
@@ -281,13 +297,24 @@ def compile_one(b: Binary) -> dict:
     rec.update(analyse_sass(sass))
     rec.update(occupancy(b.arch, regs, rec["shared"], kwargs["num_warps"]))
     rec["overlap"] = analyse_ttgir(kernel.asm["ttgir"])
+    rec["overlap"]["ptxas_serialised"] = wgmma_serialised(sass)
+    rec["overlap"]["overlap"] &= not rec["overlap"]["ptxas_serialised"]
     rec["loop_per_element"] = None
     if plan is not None:
-        rec["loop_per_element"] = loop_per_element(rec.get("loop"), plan.config)
+        # the Gluon kernel's loop takes two code tiles per trip
+        tiles = 2 if plan.gluon else 1
+        rec["loop_per_element"] = loop_per_element(rec.get("loop"), plan.config, tiles)
     return rec
 
 
-def loop_per_element(loop: dict | None, cfg) -> float | None:
+def wgmma_serialised(sass: str) -> bool:
+    """Whether ptxas serialised the wgmma chains (its advisory C7514): then every HGMMA waits for
+    its own group (``gsb0``), none runs ahead of the next, and no dot overlaps anything."""
+    mma = re.findall(r"HGMMA[^;]*;", sass)
+    return len(mma) > 1 and all("gsb0" in m for m in mma)
+
+
+def loop_per_element(loop: dict | None, cfg, tiles_per_trip: int = 1) -> float | None:
     """Non-MMA SASS instructions of the code-tile loop per accumulator element per thread.
 
     Static: every instruction of the loop (and of a D loop nested in it) counted once, whatever
@@ -299,7 +326,7 @@ def loop_per_element(loop: dict | None, cfg) -> float | None:
         return None
     parts = [loop["outer"]] + ([loop["inner"]] if loop.get("inner") else [])
     non_mma = sum(v for part in parts for c, v in part.items() if c != "tensor")
-    per_thread = cfg.block_n * cfg.block_k / (32 * cfg.num_warps)
+    per_thread = tiles_per_trip * cfg.block_n * cfg.block_k / (32 * cfg.num_warps)
     return round(non_mma / per_thread, 2)
 
 
@@ -327,12 +354,13 @@ def analyse_ttgir(ttgir: str) -> dict:
 # The issue's targets for the sm_90 bf16 defaults (reported, not gated): epilogue instructions
 # per accumulator element and the next tile's MMA in flight during the epilogue.
 TARGET_PER_ELEMENT = 5.0
-TARGET_BINARIES = ("bf16 D64", "bf16 D256")
+# the Triton defaults, and the opt-in Gluon kernel at the same shapes
+TARGET_BINARIES = ("bf16 D64", "bf16 D256", "gluon bf16 D64", "gluon bf16 D256")
 
 
 def target_status(rec: dict) -> dict | None:
-    """For the sm_90 bf16 D = 64 / 256 defaults: are the lean-epilogue and overlap targets met?"""
-    if rec["arch"] != 90 or not rec["default"] or rec["name"] not in TARGET_BINARIES:
+    """For the sm_90 bf16 D = 64 / 256 searches: are the lean-epilogue and overlap targets met?"""
+    if rec["arch"] != 90 or rec["name"] not in TARGET_BINARIES:
         return None
     per = rec.get("loop_per_element")
     return {
@@ -492,7 +520,7 @@ def select(arch_list, scope: str, only: str | None) -> list[Binary]:
     for arch in arch_list:
         bins += search_binaries(arch, scope) + scatter_binaries(arch) + soft_binaries(arch)
     if scope == "defaults":
-        bins = [b for b in bins if b.default]
+        bins = [b for b in bins if b.default or b.kernel == "search_gluon"]
     if only:
         bins = [b for b in bins if only in b.name]
     # defaults first: a default that compiles like an autotune candidate keeps its own record

@@ -157,14 +157,43 @@ class SearchPlan(NamedTuple):
     input_precision: str
     store_zq: bool
     track_second: bool
+    gluon: bool = False  # the sm_90 Gluon kernel (kernels/vq_search_sm90.py) instead
 
     def constexprs(self) -> dict:
+        if self.gluon:
+            return dict(
+                BLOCK_N=self.config.block_n, BLOCK_K=self.config.block_k,
+                BLOCK_D=self.config.block_d, STORE_ZQ=self.store_zq, SPLIT_K=self.splits > 1,
+            )  # fmt: skip
         return dict(
             BLOCK_N=self.config.block_n, BLOCK_K=self.config.block_k,
             BLOCK_D=self.config.block_d, ONE_D=self.one_d, CAST_FP32=self.cast_fp32,
             INPUT_PRECISION=self.input_precision, STORE_ZQ=self.store_zq,
             SPLIT_K=self.splits > 1, TRACK_SECOND=self.track_second,
         )  # fmt: skip
+
+
+# Which search kernel a CUDA launch uses: "triton" (kernels/vq_search.py, everywhere) or "gluon"
+# (kernels/vq_search_sm90.py: sm_90, 16-bit operands of one dtype, D <= 256; the next tile's MMA
+# overlaps this tile's epilogue). The Gluon kernel compiles and passes the static gate but has
+# not run on a GPU yet, so it is opt-in until the CUDA tests and benchmarks/gpu_check.sh pass.
+SEARCH_KERNELS = ("triton", "gluon")
+
+
+def search_kernel() -> str:
+    """``FASTVQ_SEARCH_KERNEL`` if set, else "triton"."""
+    name = os.environ.get("FASTVQ_SEARCH_KERNEL", "triton")
+    if name not in SEARCH_KERNELS:
+        raise ValueError(f"FASTVQ_SEARCH_KERNEL must be one of {SEARCH_KERNELS}, got {name!r}")
+    return name
+
+
+def gluon_applies(arch: int | None, z_dtype: torch.dtype, c_dtype: torch.dtype, d: int) -> bool:
+    """Whether the sm_90 Gluon kernel can run this search (whatever is asked for)."""
+    return (
+        arch == 90 and z_dtype == c_dtype and z_dtype in (torch.bfloat16, torch.float16)
+        and d <= 256
+    )  # fmt: skip
 
 
 def default_fp32_precision() -> str:
@@ -184,11 +213,14 @@ def plan_search(
     fp32_precision: str | None = None,
     config: SearchConfig | None = None,
     splits: int | None = None,
+    kernel: str | None = None,
 ) -> SearchPlan:
     """Decide the launch of one search: config, K splits and the kernel's constexpr flags.
 
     ``arch`` None means "whatever runs here" (the interpreter under ``TRITON_INTERPRET``);
     the static gate passes 80 or 90 to get exactly what the launcher would run on that GPU.
+    ``kernel``: "triton" or "gluon" (default :func:`search_kernel`); "gluon" falls back to the
+    Triton kernel where it does not apply (see :func:`gluon_applies`).
     """
     interp = arch is None and interpreting()
     search_dtype = torch.promote_types(z_dtype, c_dtype)
@@ -202,20 +234,27 @@ def plan_search(
         precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
     else:
         precision = "tf32" if track else fp32_precision
-    cfg = config or pick_config(n, k, d, search_dtype, arch=arch, precision=precision)
+    gluon = (kernel or search_kernel()) == "gluon" and gluon_applies(arch, z_dtype, c_dtype, d)
+    if gluon:
+        # one warp per 16 rows (wgmma m64 per warpgroup); 64-code tiles taken in pairs
+        warps = 4 if n <= 4096 else 8
+        cfg = config or SearchConfig(16 * warps, 64, max(16, triton.next_power_of_2(d)), warps, 1)
+    else:
+        cfg = config or pick_config(n, k, d, search_dtype, arch=arch, precision=precision)
+    # each split covers whole BLOCK_K tiles (whole pairs of them for the Gluon kernel)
+    tile_k = cfg.block_k * (2 if gluon else 1)
     row_blocks = triton.cdiv(n, cfg.block_n)
     if splits is None:
         splits = 1
         if row_blocks < num_sms and k >= 32 * cfg.block_k:
             splits = min(triton.cdiv(2 * num_sms, row_blocks), k // (16 * cfg.block_k))
-    splits = max(1, min(splits, triton.cdiv(k, cfg.block_k)))
-    # each split covers whole BLOCK_K tiles
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
+    splits = max(1, min(splits, triton.cdiv(k, tile_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), tile_k) * tile_k
     splits = triton.cdiv(k, k_per_split)
     return SearchPlan(
         config=cfg, splits=splits, k_per_split=k_per_split, one_d=d <= cfg.block_d,
         cast_fp32=interp or search_dtype == torch.float32 or not same_dtype,
-        input_precision=precision, store_zq=same_dtype, track_second=track,
+        input_precision=precision, store_zq=same_dtype, track_second=track, gluon=gluon,
     )  # fmt: skip
 
 
@@ -302,10 +341,22 @@ def vq_search_triton(
     )  # fmt: skip
     flags = plan.constexprs()
     use_autotune = (
-        config is None and gpu_arch(dev) is not None and not split
+        config is None and gpu_arch(dev) is not None and not split and not plan.gluon
         and os.environ.get("FASTVQ_AUTOTUNE") == "1"
     )  # fmt: skip
-    if use_autotune:
+    if plan.gluon:
+        from fastvq.kernels.vq_search_sm90 import vq_search_fwd_sm90_kernel
+
+        # It reads the norms of whole pairs of code tiles unmasked: +inf pads them (a score of
+        # -inf never wins), so its hot loop holds no bounds select.
+        pad = -k % (2 * plan.config.block_k)
+        args = args[:4] + (torch.nn.functional.pad(cnorm, (0, pad), value=float("inf")),) + (
+            args[5:9] + args[10:])  # fmt: skip
+        cfg = plan.config
+        vq_search_fwd_sm90_kernel[(triton.cdiv(n, cfg.block_n), plan.splits)](
+            *args, **flags, num_warps=cfg.num_warps
+        )
+    elif use_autotune:
         # The kernel only writes its outputs, so the autotuner's repeated launches are harmless.
         for name in ("BLOCK_N", "BLOCK_K", "BLOCK_D", "ONE_D"):
             flags.pop(name)
