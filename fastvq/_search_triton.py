@@ -354,7 +354,7 @@ def vq_search_triton(
             args[5:9] + args[10:])  # fmt: skip
         cfg = plan.config
         vq_search_fwd_sm90_kernel[(triton.cdiv(n, cfg.block_n), plan.splits)](
-            *args, **flags, num_warps=cfg.num_warps
+            *args, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages
         )
     elif use_autotune:
         # The kernel only writes its outputs, so the autotuner's repeated launches are harmless.

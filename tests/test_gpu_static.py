@@ -155,3 +155,53 @@ def test_gate_reports_the_sm90_targets(tmp_path):
     recs = json.loads(out.read_text())["binaries"]
     assert recs and all(r["loop_per_element"] > 0 and "overlap" in r["overlap"] for r in recs)
     assert "non-MMA / acc. element" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize(
+    "zt, d, n, k",
+    [(torch.bfloat16, 64, 65536, 16384), (torch.float16, 256, 1024, 65536),
+     (torch.bfloat16, 40, 333, 1000)],
+    ids=["bf16-D64", "fp16-D256-splitK", "bf16-D40-odd"],
+)  # fmt: skip
+def test_gluon_launch_is_the_gated_one(monkeypatch, zt, d, n, k):
+    """FASTVQ_SEARCH_KERNEL=gluon on sm_90: the launch the gate compiles, whole pairs of code
+    tiles per split, and norms padded with +inf past the last pair (the kernel reads them
+    unmasked)."""
+    from benchmarks.gpu_static import ARCHS, Binary, _search_launch
+    from fastvq.kernels import vq_search_sm90
+
+    launched = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.update(kwargs, grid=grid, norms=args[4])
+                args[5].zero_()
+
+            return launch
+
+    monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "gluon")
+    monkeypatch.setattr(vq_search_sm90, "vq_search_fwd_sm90_kernel", Recorder())
+    monkeypatch.setattr(vs, "gpu_arch", lambda device: 90)
+    monkeypatch.setattr(vs, "_num_sms", lambda device: ARCHS[90]["sms"])
+    vs.vq_search_triton(torch.zeros(n, d, dtype=zt), torch.ones(k, d, dtype=zt))
+    name = str(zt).removeprefix("torch.")
+    b = Binary("x", "search_gluon", 90, False, z_dtype=name, c_dtype=name, d=d, n=n, k=k)
+    fn, args, gated, plan = _search_launch(b)
+    assert plan.gluon and plan.k_per_split % (2 * plan.config.block_k) == 0
+    assert launched.pop("grid")[1] == plan.splits
+    norms = launched.pop("norms")
+    assert norms.numel() % (2 * plan.config.block_k) == 0 and norms.numel() >= k
+    assert torch.isinf(norms[k:]).all() and torch.isfinite(norms[:k]).all()
+    assert launched == gated
+
+
+def test_search_kernel_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match="FASTVQ_SEARCH_KERNEL"):
+        vs.search_kernel()
+    # where the Gluon kernel does not apply (fp32, sm_80, D > 256) the Triton kernel runs
+    for args in ((torch.float32, 90, 64), (torch.bfloat16, 80, 64), (torch.bfloat16, 90, 512)):
+        dt, arch, d = args
+        assert not vs.plan_search(100, 1000, d, dt, dt, arch=arch, num_sms=132,
+                                  kernel="gluon").gluon  # fmt: skip
