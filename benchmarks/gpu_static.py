@@ -177,8 +177,9 @@ def _search_launch(b: Binary):
     if gluon:
         from fastvq.kernels.vq_search_sm90 import vq_search_fwd_sm90_kernel
 
-        # the launcher's argument list less the fp32-only runner-up pointer
-        return vq_search_fwd_sm90_kernel, args[:9] + args[10:], kwargs, plan
+        gargs, flags = vs.gluon_launch(plan, z, c, zs, cs, f32, i64, z, f32, f32)
+        kwargs = dict(flags, num_warps=plan.config.num_warps, num_stages=plan.config.num_stages)
+        return vq_search_fwd_sm90_kernel, gargs, kwargs, plan
     return vs.vq_search_fwd_kernel, args, kwargs, plan
 
 
@@ -390,9 +391,9 @@ _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 def analyse_sass(sass: str) -> dict:
     """Spills, the MMA instruction and the instruction mix of the code-tile loop.
 
-    The code-tile loop is the longest span closed by a backward branch that holds a tensor-core
-    instruction (or the longest loop when there is none: ieee fp32, scatter kernels); a loop
-    nested in it (the D blocks when D > BLOCK_D) is counted separately, once per iteration.
+    The code-tile loop is the longest span closed by a backward branch, holding no EXIT, that holds
+    a tensor-core instruction (or the longest loop when there is none: ieee fp32, scatter
+    kernels); a loop nested in it (the D blocks when D > BLOCK_D) is counted separately, once per iteration.
     """
     instrs, labels = [], {}
     pending = []
@@ -410,11 +411,19 @@ def analyse_sass(sass: str) -> dict:
         pending = []
         instrs.append((addr, m.group(3), m.group(3) + m.group(4), m.group(5)))
     loops = []
+    exits = [addr for addr, op, _, _ in instrs if op == "EXIT"]
     for addr, op, _full, operands in instrs:
         if op == "BRA":
             t = re.search(r"(\.L_x_\d+)", operands)
-            if t and t.group(1) in labels and labels[t.group(1)] < addr:
-                loops.append((labels[t.group(1)], addr))
+            # An EXIT inside the span: a jump back from out-of-line code (an mbarrier wait's
+            # retry path placed after the kernel's end), not a loop.
+            if (
+                t
+                and t.group(1) in labels
+                and labels[t.group(1)] < addr
+                and not any(labels[t.group(1)] <= e <= addr for e in exits)
+            ):
+                loops.append((labels[t.group(1)], addr))  # fmt: skip
     rec = {
         "spill_stores": sum(op == "STL" for _, op, _, _ in instrs),
         "spill_loads": sum(op == "LDL" for _, op, _, _ in instrs),

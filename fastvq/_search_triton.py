@@ -160,11 +160,6 @@ class SearchPlan(NamedTuple):
     gluon: bool = False  # the sm_90 Gluon kernel (kernels/vq_search_sm90.py) instead
 
     def constexprs(self) -> dict:
-        if self.gluon:
-            return dict(
-                BLOCK_N=self.config.block_n, BLOCK_K=self.config.block_k,
-                BLOCK_D=self.config.block_d, STORE_ZQ=self.store_zq, SPLIT_K=self.splits > 1,
-            )  # fmt: skip
         return dict(
             BLOCK_N=self.config.block_n, BLOCK_K=self.config.block_k,
             BLOCK_D=self.config.block_d, ONE_D=self.one_d, CAST_FP32=self.cast_fp32,
@@ -189,11 +184,63 @@ def search_kernel() -> str:
 
 
 def gluon_applies(arch: int | None, z_dtype: torch.dtype, c_dtype: torch.dtype, d: int) -> bool:
-    """Whether the sm_90 Gluon kernel can run this search (whatever is asked for)."""
+    """Whether the sm_90 Gluon kernel can run this search (whatever is asked for): 16-bit
+    operands of one dtype, and rows TMA can copy (D <= 256, 16-byte aligned: D % 8 == 0)."""
     return (
         arch == 90 and z_dtype == c_dtype and z_dtype in (torch.bfloat16, torch.float16)
-        and d <= 256
+        and d <= 256 and d % 8 == 0
     )  # fmt: skip
+
+
+def norm_pieces(cnorm: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, 16) bf16: -cnorm / 2 as three bf16 pieces in columns 0-2 whose fp32 sum is exact.
+
+    Each piece takes the next 8 significant bits of the fp32 value (the remainders are exact fp32
+    differences), so <(1, 1, 1), pieces> accumulated in fp32 is -cnorm / 2 up to the summation's
+    own rounding. Rows past ``cnorm``'s length get -inf: those codes never win.
+    """
+    k = cnorm.shape[0]
+    out = torch.zeros(rows, 16, dtype=torch.bfloat16, device=cnorm.device)
+    rest = cnorm * -0.5
+    for j in range(3):
+        out[:k, j] = rest.bfloat16()
+        rest = rest - out[:k, j].float()
+    out[k:, 0] = float("-inf")
+    return out
+
+
+def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, part_d):
+    """(args, constexprs) of kernels/vq_search_sm90.py: TMA descriptors of the searched rows
+    and codes (and of the norm pieces), the norms padded past the last pair of code tiles."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    cfg = plan.config
+    n, d = rows_s.shape
+    k = codes_s.shape[0]
+    kp = triton.cdiv(k, 2 * cfg.block_k) * 2 * cfg.block_k
+    gdt = gl.bfloat16 if codes_s.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t, block):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            t = t.clone(memory_format=torch.contiguous_format)  # TMA: aligned, unit stride
+        return TensorDescriptor.from_tensor(
+            t, block, gl.NVMMASharedLayout.get_default_for(block, gdt)
+        )
+
+    fold = codes_s.dtype == torch.bfloat16  # fp16's range cannot hold the pieces
+    pieces = norm_pieces(cnorm[:k], kp) if fold else torch.zeros(16, 16, dtype=codes_s.dtype,
+                                                                device=codes_s.device)  # fmt: skip
+    norms = torch.nn.functional.pad(cnorm[:k], (0, kp - k), value=float("inf"))
+    args = (
+        desc(rows_s, [cfg.block_n, cfg.block_d]), desc(codes_s, [cfg.block_k, cfg.block_d]),
+        desc(pieces, [cfg.block_k, 16]), z2d, codebook, norms, part_i, z_q, err, part_d,
+        n, k, d, plan.k_per_split,
+        z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
+        z_q.stride(0), z_q.stride(1),
+    )  # fmt: skip
+    flags = dict(FOLD_NORMS=fold, STORE_ZQ=plan.store_zq, SPLIT_K=plan.splits > 1)
+    return args, flags
 
 
 def default_fp32_precision() -> str:
@@ -347,11 +394,8 @@ def vq_search_triton(
     if plan.gluon:
         from fastvq.kernels.vq_search_sm90 import vq_search_fwd_sm90_kernel
 
-        # It reads the norms of whole pairs of code tiles unmasked: +inf pads them (a score of
-        # -inf never wins), so its hot loop holds no bounds select.
-        pad = -k % (2 * plan.config.block_k)
-        args = args[:4] + (torch.nn.functional.pad(cnorm, (0, pad), value=float("inf")),) + (
-            args[5:9] + args[10:])  # fmt: skip
+        args, flags = gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err,
+                                   part_d)  # fmt: skip
         cfg = plan.config
         vq_search_fwd_sm90_kernel[(triton.cdiv(n, cfg.block_n), plan.splits)](
             *args, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages
