@@ -393,7 +393,8 @@ def analyse_sass(sass: str) -> dict:
 
     The code-tile loop is the longest span closed by a backward branch, holding no EXIT, that holds
     a tensor-core instruction (or the longest loop when there is none: ieee fp32, scatter
-    kernels); a loop nested in it (the D blocks when D > BLOCK_D) is counted separately, once per iteration.
+    kernels); a loop nested in it (the D blocks when D > BLOCK_D) is counted separately, once
+    per iteration.
     """
     instrs, labels = [], {}
     pending = []
