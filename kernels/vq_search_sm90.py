@@ -64,19 +64,27 @@ def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, FOLD_NORMS: 
 
 
 @gluon.jit
-def _issue(z_smem, c_smem, one_smem, n_smem, stage, b_free, FOLD_NORMS: gl.constexpr):
+def _issue(z_smem, c_smem, b_one, n_smem, stage, b_free, FOLD_NORMS: gl.constexpr):
     """Start MMA(stage) into the registers of ``b_free`` (use_acc=False ignores their values)."""
     tok = warpgroup_mma(z_smem, c_smem.index(stage).permute((1, 0)), b_free, use_acc=False,
                         is_async=True)  # fmt: skip
     if FOLD_NORMS:
         # an async MMA may take another's pending result as its accumulator, with no wait
-        tok = warpgroup_mma(one_smem, n_smem.index(stage).permute((1, 0)), tok, is_async=True)
+        tok = warpgroup_mma(b_one, n_smem.index(stage).permute((1, 0)), tok, is_async=True)
     return tok
 
 
 @gluon.jit
-def _keep_best(b_acc, b_top, b_tile, cnorm_ptr, k0, o_kc, FOLD_NORMS: gl.constexpr):
-    """Fold one tile's scores into the running per-element (best score, its tile's first code)."""
+def _keep_best(
+    b_acc, b_top, b_tile, cnorm_ptr, k0, o_kc, BLOCK_K: gl.constexpr, FOLD_NORMS: gl.constexpr
+):
+    """Fold one tile's scores into the running per-element (best score, its tile's number).
+
+    The tile number is held as an fp32 (exact below 2^24 tiles): selected with the same mask
+    and type as the score, LLVM keeps one vector grouping for both; an int32 tile number made it
+    shuffle the <32 x i1> mask between groupings, which NVPTX packs into integers (about two
+    instructions per element more).
+    """
     if FOLD_NORMS:
         b_score = b_acc
     else:
@@ -84,7 +92,7 @@ def _keep_best(b_acc, b_top, b_tile, cnorm_ptr, k0, o_kc, FOLD_NORMS: gl.constex
         b_score = b_acc - 0.5 * b_cn[None, :]
     # strict >: the earlier tile keeps an exact tie; NaN never wins
     b_up = b_score > b_top
-    return gl.where(b_up, b_score, b_top), gl.where(b_up, k0, b_tile)
+    return gl.where(b_up, b_score, b_top), gl.where(b_up, (k0 // BLOCK_K).to(gl.float32), b_tile)
 
 
 @gluon.jit
@@ -138,7 +146,6 @@ def vq_search_fwd_sm90_kernel(
     z_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], z_desc.layout)
     c_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_K, BLOCK_D], c_desc.layout)
     n_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_K, NORM_K], n_desc.layout)
-    one_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, NORM_K], n_desc.layout)
     bar = mbarrier.allocate_mbarrier(batch=2)
     mbarrier.init(bar.index(0), count=1)
     mbarrier.init(bar.index(1), count=1)
@@ -156,18 +163,15 @@ def vq_search_fwd_sm90_kernel(
     mbarrier.expect(bar.index(0), z_desc.block_type.nbytes)
     tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem)
     _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, FOLD_NORMS)
-    if FOLD_NORMS:
-        # ones where the pieces sit: <1, pieces> = -||C_k||^2 / 2
-        one_l: gl.constexpr = gl.BlockedLayout([1, NORM_K], [32, 1], [NUM_WARPS, 1], [1, 0])
-        o_j = gl.arange(0, NORM_K, layout=gl.SliceLayout(0, one_l))
-        b_one = gl.zeros([BLOCK_N, NORM_K], dtype, one_l) + (o_j < 3).to(dtype)[None, :]
-        one_smem.store(b_one)
-        fence_async_shared()
-        gl.barrier()
+    # ones where the pieces sit, <1, pieces> = -||C_k||^2 / 2: the A operand of the norm step,
+    # from registers (a shared-memory copy written here made every trip take one more barrier)
+    one_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    o_j = gl.arange(0, NORM_K, layout=gl.SliceLayout(0, one_l))
+    b_one = gl.zeros([BLOCK_N, NORM_K], dtype, one_l) + (o_j < 3).to(dtype)[None, :]
     b_acc_a = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
     b_acc_b = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
     b_top = gl.full([BLOCK_N, BLOCK_K], float("-inf"), gl.float32, acc_l)
-    b_tile = gl.zeros([BLOCK_N, BLOCK_K], gl.int32, acc_l) + k_lo
+    b_tile = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l) + (k_lo // BLOCK_K).to(gl.float32)
     for pair in range(0, n_pairs):
         slot = pair % 2
         mbarrier.wait(bar.index(slot), (pair // 2) & 1)
@@ -177,20 +181,23 @@ def vq_search_fwd_sm90_kernel(
         k0 = k_lo + 2 * pair * BLOCK_K
         _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 1 - slot, k0 + 2 * BLOCK_K,
                    pair + 1 < n_pairs, FOLD_NORMS)  # fmt: skip
-        tok_a = _issue(z_smem, c_smem, one_smem, n_smem, 2 * slot, b_acc_a, FOLD_NORMS)
-        tok_b = _issue(z_smem, c_smem, one_smem, n_smem, 2 * slot + 1, b_acc_b, FOLD_NORMS)
-        b_acc_a = warpgroup_mma_wait(num_outstanding=1, deps=[tok_a])
-        b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, cnorm_ptr, k0, o_kc, FOLD_NORMS)
-        b_acc_b = warpgroup_mma_wait(num_outstanding=0, deps=[tok_b])
+        tok_a = _issue(z_smem, c_smem, b_one, n_smem, 2 * slot, b_acc_a, FOLD_NORMS)
+        tok_b = _issue(z_smem, c_smem, b_one, n_smem, 2 * slot + 1, b_acc_b, FOLD_NORMS)
+        # tile b's MMAs (its norm step is a second commit group) stay in flight
+        b_acc_a = warpgroup_mma_wait(num_outstanding=1 + FOLD_NORMS, deps=[tok_a])
+        b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, cnorm_ptr, k0, o_kc, BLOCK_K, FOLD_NORMS)
+        # b_top and b_tile ride along so that tile a's epilogue stays before this wait (else
+        # LLVM sinks it past, and MMA(b) no longer overlaps anything)
+        b_acc_b, b_top, b_tile = warpgroup_mma_wait(num_outstanding=0, deps=[tok_b, b_top, b_tile])
         b_top, b_tile = _keep_best(b_acc_b, b_top, b_tile, cnorm_ptr, k0 + BLOCK_K, o_kc,
-                                   FOLD_NORMS)  # fmt: skip
+                                   BLOCK_K, FOLD_NORMS)  # fmt: skip
     mbarrier.invalidate(bar.index(0))
     mbarrier.invalidate(bar.index(1))
 
     # One row reduction: the largest score, ties -> the lowest code. A row whose scores are all
     # -inf or NaN (a NaN row) keeps k_lo: every element ties at -inf with tile k_lo.
     b_max = gl.max(b_top, axis=1)  # [BN]
-    b_code = gl.where(b_top == b_max[:, None], b_tile + o_kc[None, :], k_hi)
+    b_code = gl.where(b_top == b_max[:, None], b_tile.to(gl.int32) * BLOCK_K + o_kc[None, :], k_hi)
     b_idx = gl.min(b_code, axis=1)
     # +inf only comes from a row holding Inf: like a NaN row it gets k_lo (the torch backend's
     # policy), and its partial distance is +inf so the split merge stays comparable.
