@@ -233,8 +233,9 @@ def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, 
                                                                 device=codes_s.device)  # fmt: skip
     norms = torch.nn.functional.pad(cnorm[:k], (0, kp - k), value=float("inf"))
     args = (
-        desc(rows_s, [cfg.block_n, cfg.block_d]), desc(codes_s, [cfg.block_k, cfg.block_d]),
-        desc(pieces, [cfg.block_k, 16]), z2d, codebook, norms, part_i, z_q, err, part_d,
+        # code and norm boxes hold a pair of tiles
+        desc(rows_s, [cfg.block_n, cfg.block_d]), desc(codes_s, [2 * cfg.block_k, cfg.block_d]),
+        desc(pieces, [2 * cfg.block_k, 16]), z2d, codebook, norms, part_i, z_q, err, part_d,
         n, k, d, plan.k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
         z_q.stride(0), z_q.stride(1),

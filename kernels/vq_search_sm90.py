@@ -50,27 +50,34 @@ NORM_K = gl.constexpr(16)
 
 @gluon.jit
 def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, FOLD_NORMS: gl.constexpr):
-    """TMA the code tiles at k0 and k0 + BLOCK_K (and their norm pieces) into ``slot``."""
-    BLOCK_K: gl.constexpr = c_desc.block_type.shape[0]
-    NBYTES: gl.constexpr = 2 * c_desc.block_type.nbytes + FOLD_NORMS * 2 * n_desc.block_type.nbytes
+    """TMA the pair of code tiles at k0 (one box of 2 * BLOCK_K rows) and their norm pieces."""
+    NBYTES: gl.constexpr = c_desc.block_type.nbytes + FOLD_NORMS * n_desc.block_type.nbytes
     mbarrier.expect(bar.index(slot), NBYTES, pred=pred)
-    tma.async_load(c_desc, [k0, 0], bar.index(slot), c_smem.index(2 * slot), pred=pred)
-    tma.async_load(c_desc, [k0 + BLOCK_K, 0], bar.index(slot), c_smem.index(2 * slot + 1),
-                   pred=pred)  # fmt: skip
+    tma.async_load(c_desc, [k0, 0], bar.index(slot), c_smem.index(slot), pred=pred)
     if FOLD_NORMS:
-        tma.async_load(n_desc, [k0, 0], bar.index(slot), n_smem.index(2 * slot), pred=pred)
-        tma.async_load(n_desc, [k0 + BLOCK_K, 0], bar.index(slot), n_smem.index(2 * slot + 1),
-                       pred=pred)  # fmt: skip
+        tma.async_load(n_desc, [k0, 0], bar.index(slot), n_smem.index(slot), pred=pred)
 
 
 @gluon.jit
-def _issue(z_smem, c_smem, b_one, n_smem, stage, b_free, FOLD_NORMS: gl.constexpr):
-    """Start MMA(stage) into the registers of ``b_free`` (use_acc=False ignores their values)."""
-    tok = warpgroup_mma(z_smem, c_smem.index(stage).permute((1, 0)), b_free, use_acc=False,
-                        is_async=True)  # fmt: skip
+def _issue(
+    z_smem,
+    c_smem,
+    b_one,
+    n_smem,
+    slot,
+    half,
+    b_free,
+    BLOCK_K: gl.constexpr,
+    FOLD_NORMS: gl.constexpr,
+):
+    """Start the MMA of tile ``half`` (0, 1) of the pair in ``slot`` into the registers of
+    ``b_free`` (use_acc=False ignores their values)."""
+    codes = c_smem.index(slot).slice(half * BLOCK_K, BLOCK_K)
+    tok = warpgroup_mma(z_smem, codes.permute((1, 0)), b_free, use_acc=False, is_async=True)
     if FOLD_NORMS:
         # an async MMA may take another's pending result as its accumulator, with no wait
-        tok = warpgroup_mma(b_one, n_smem.index(stage).permute((1, 0)), tok, is_async=True)
+        pieces = n_smem.index(slot).slice(half * BLOCK_K, BLOCK_K)
+        tok = warpgroup_mma(b_one, pieces.permute((1, 0)), tok, is_async=True)
     return tok
 
 
@@ -131,7 +138,7 @@ def vq_search_fwd_sm90_kernel(
     """
     BLOCK_N: gl.constexpr = z_desc.block_type.shape[0]
     BLOCK_D: gl.constexpr = z_desc.block_type.shape[1]
-    BLOCK_K: gl.constexpr = c_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = c_desc.block_type.shape[0] // 2  # a TMA box holds a pair
     NUM_WARPS: gl.constexpr = gl.num_warps()
     dtype: gl.constexpr = c_desc.dtype
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(
@@ -144,8 +151,8 @@ def vq_search_fwd_sm90_kernel(
     ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1], [1, 0])
 
     z_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], z_desc.layout)
-    c_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_K, BLOCK_D], c_desc.layout)
-    n_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_K, NORM_K], n_desc.layout)
+    c_smem = gl.allocate_shared_memory(dtype, [2, 2 * BLOCK_K, BLOCK_D], c_desc.layout)
+    n_smem = gl.allocate_shared_memory(dtype, [2, 2 * BLOCK_K, NORM_K], n_desc.layout)
     bar = mbarrier.allocate_mbarrier(batch=2)
     mbarrier.init(bar.index(0), count=1)
     mbarrier.init(bar.index(1), count=1)
@@ -181,8 +188,8 @@ def vq_search_fwd_sm90_kernel(
         k0 = k_lo + 2 * pair * BLOCK_K
         _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 1 - slot, k0 + 2 * BLOCK_K,
                    pair + 1 < n_pairs, FOLD_NORMS)  # fmt: skip
-        tok_a = _issue(z_smem, c_smem, b_one, n_smem, 2 * slot, b_acc_a, FOLD_NORMS)
-        tok_b = _issue(z_smem, c_smem, b_one, n_smem, 2 * slot + 1, b_acc_b, FOLD_NORMS)
+        tok_a = _issue(z_smem, c_smem, b_one, n_smem, slot, 0, b_acc_a, BLOCK_K, FOLD_NORMS)
+        tok_b = _issue(z_smem, c_smem, b_one, n_smem, slot, 1, b_acc_b, BLOCK_K, FOLD_NORMS)
         # tile b's MMAs (its norm step is a second commit group) stay in flight
         b_acc_a = warpgroup_mma_wait(num_outstanding=1 + FOLD_NORMS, deps=[tok_a])
         b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, cnorm_ptr, k0, o_kc, BLOCK_K, FOLD_NORMS)
