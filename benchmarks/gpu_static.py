@@ -302,8 +302,9 @@ def compile_one(b: Binary) -> dict:
     rec["overlap"]["overlap"] &= not rec["overlap"]["ptxas_serialised"]
     rec["loop_per_element"] = None
     if plan is not None:
-        # the Gluon kernel's loop takes two code tiles per trip
-        tiles = 2 if plan.gluon else 1
+        tiles = 1
+        if plan.gluon:
+            from fastvq.kernels.vq_search_sm90 import TILES_PER_TRIP as tiles
         rec["loop_per_element"] = loop_per_element(rec.get("loop"), plan.config, tiles)
     return rec
 

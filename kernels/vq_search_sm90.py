@@ -46,6 +46,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 # Width of the extra K step that carries the norm pieces (the bf16 MMA's K granularity).
 NORM_K = gl.constexpr(16)
+# Code tiles per trip of the main loop (two pairs, one per stage): the static report divides the
+# loop's instruction count by it.
+TILES_PER_TRIP = 4
 
 
 @gluon.jit
@@ -100,6 +103,50 @@ def _keep_best(
     # strict >: the earlier tile keeps an exact tie; NaN never wins
     b_up = b_score > b_top
     return gl.where(b_up, b_score, b_top), gl.where(b_up, (k0 // BLOCK_K).to(gl.float32), b_tile)
+
+
+@gluon.jit
+def _pair_step(
+    z_smem,
+    c_smem,
+    n_smem,
+    c_desc,
+    n_desc,
+    bar,
+    b_one,
+    b_acc_a,
+    b_acc_b,
+    b_top,
+    b_tile,
+    cnorm_ptr,
+    o_kc,
+    k_lo,
+    pair,
+    n_pairs,
+    SLOT: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    FOLD_NORMS: gl.constexpr,
+):
+    """One pair of code tiles (in stage SLOT): prefetch the next pair into the other stage, both
+    MMAs, and the two epilogues, the first while the second MMA runs."""
+    mbarrier.wait(bar.index(SLOT), (pair // 2) & 1)
+    # Every warpgroup has retired the previous pair's MMAs (each waited for all its MMAs before
+    # this point): the other stage takes the next pair.
+    gl.barrier()
+    k0 = k_lo + 2 * pair * BLOCK_K
+    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 1 - SLOT, k0 + 2 * BLOCK_K,
+               pair + 1 < n_pairs, FOLD_NORMS)  # fmt: skip
+    tok_a = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 0, b_acc_a, BLOCK_K, FOLD_NORMS)
+    tok_b = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 1, b_acc_b, BLOCK_K, FOLD_NORMS)
+    # tile b's MMAs (its norm step is a second commit group) stay in flight
+    b_acc_a = warpgroup_mma_wait(num_outstanding=1 + FOLD_NORMS, deps=[tok_a])
+    b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, cnorm_ptr, k0, o_kc, BLOCK_K, FOLD_NORMS)
+    # b_top and b_tile ride along so that tile a's epilogue stays before this wait (else LLVM
+    # sinks it past, and MMA(b) no longer overlaps anything)
+    b_acc_b, b_top, b_tile = warpgroup_mma_wait(num_outstanding=0, deps=[tok_b, b_top, b_tile])
+    b_top, b_tile = _keep_best(b_acc_b, b_top, b_tile, cnorm_ptr, k0 + BLOCK_K, o_kc, BLOCK_K,
+                               FOLD_NORMS)  # fmt: skip
+    return b_acc_a, b_acc_b, b_top, b_tile
 
 
 @gluon.jit
@@ -179,25 +226,74 @@ def vq_search_fwd_sm90_kernel(
     b_acc_b = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
     b_top = gl.full([BLOCK_N, BLOCK_K], float("-inf"), gl.float32, acc_l)
     b_tile = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l) + (k_lo // BLOCK_K).to(gl.float32)
-    for pair in range(0, n_pairs):
-        slot = pair % 2
-        mbarrier.wait(bar.index(slot), (pair // 2) & 1)
-        # Every warpgroup has retired the previous pair's MMAs (each waited for all its MMAs
-        # before this point): their stages take the next pair.
-        gl.barrier()
-        k0 = k_lo + 2 * pair * BLOCK_K
-        _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 1 - slot, k0 + 2 * BLOCK_K,
-                   pair + 1 < n_pairs, FOLD_NORMS)  # fmt: skip
-        tok_a = _issue(z_smem, c_smem, b_one, n_smem, slot, 0, b_acc_a, BLOCK_K, FOLD_NORMS)
-        tok_b = _issue(z_smem, c_smem, b_one, n_smem, slot, 1, b_acc_b, BLOCK_K, FOLD_NORMS)
-        # tile b's MMAs (its norm step is a second commit group) stay in flight
-        b_acc_a = warpgroup_mma_wait(num_outstanding=1 + FOLD_NORMS, deps=[tok_a])
-        b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, cnorm_ptr, k0, o_kc, BLOCK_K, FOLD_NORMS)
-        # b_top and b_tile ride along so that tile a's epilogue stays before this wait (else
-        # LLVM sinks it past, and MMA(b) no longer overlaps anything)
-        b_acc_b, b_top, b_tile = warpgroup_mma_wait(num_outstanding=0, deps=[tok_b, b_top, b_tile])
-        b_top, b_tile = _keep_best(b_acc_b, b_top, b_tile, cnorm_ptr, k0 + BLOCK_K, o_kc,
-                                   BLOCK_K, FOLD_NORMS)  # fmt: skip
+    # Unrolled by the two slots: with the slot a constant, the stages' MMA descriptors are fixed
+    # offsets (a run-time slot made ptxas rebuild them each trip; at D = 256 they overflowed the
+    # uniform registers).
+    for pair in range(0, n_pairs - 1, 2):
+        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
+            z_smem,
+            c_smem,
+            n_smem,
+            c_desc,
+            n_desc,
+            bar,
+            b_one,
+            b_acc_a,
+            b_acc_b,
+            b_top,
+            b_tile,
+            cnorm_ptr,
+            o_kc,
+            k_lo,
+            pair,
+            n_pairs,
+            0,
+            BLOCK_K,
+            FOLD_NORMS,
+        )
+        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
+            z_smem,
+            c_smem,
+            n_smem,
+            c_desc,
+            n_desc,
+            bar,
+            b_one,
+            b_acc_a,
+            b_acc_b,
+            b_top,
+            b_tile,
+            cnorm_ptr,
+            o_kc,
+            k_lo,
+            pair + 1,
+            n_pairs,
+            1,
+            BLOCK_K,
+            FOLD_NORMS,
+        )
+    if n_pairs % 2 == 1:
+        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
+            z_smem,
+            c_smem,
+            n_smem,
+            c_desc,
+            n_desc,
+            bar,
+            b_one,
+            b_acc_a,
+            b_acc_b,
+            b_top,
+            b_tile,
+            cnorm_ptr,
+            o_kc,
+            k_lo,
+            n_pairs - 1,
+            n_pairs,
+            0,
+            BLOCK_K,
+            FOLD_NORMS,
+        )
     mbarrier.invalidate(bar.index(0))
     mbarrier.invalidate(bar.index(1))
 

@@ -175,8 +175,8 @@ def test_gluon_launch_is_the_gated_one(monkeypatch, zt, d, n, k):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.update(kwargs, grid=grid, norms=args[4])
-                args[5].zero_()
+                launched.update(kwargs, grid=grid, norms=args[5])
+                args[6].zero_()  # the (partial) indices
 
             return launch
 
