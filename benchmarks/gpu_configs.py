@@ -31,6 +31,9 @@ ALTERNATIVES = {  # (fp32 search?, D) -> configs (BN, BK, BD, warps, stages)
 }
 
 
+# The name under which the Gluon kernel (kernels/vq_search_sm90.py) is timed where it applies.
+GLUON = "gluon sm_90"
+
 # FASTVQ_GPU_CONFIGS_QUICK=1: (case, D) -> the default the first GPU run (2026-11-26) measured
 QUICK_CASES = {
     ("bf16", 256): (128, 64, 64, 8, 3),
@@ -116,27 +119,54 @@ def main() -> int:
             [*ALTERNATIVES[(search_t == torch.float32, d)], *extra] if prec != "ieee" else ()
         ):
             alts["BN{} BK{} BD{} w{} s{}".format(*cfg)] = vs.SearchConfig(*cfg)
+        if vs.gluon_applies(vs.gpu_arch(dev), zt, ct, d):
+            # the opt-in sm_90 kernel, right after the default (a stage cut short keeps it)
+            alts = {
+                "default": None,
+                GLUON: GLUON,
+                **{a: v for a, v in alts.items() if a != "default"},
+            }
         row = {"case": label, "n": n, "k": k, "d": d, "default_config": list(default),
                "z_dtype": str(zt), "configs": {}}  # fmt: skip
+        default_idx = None
         for alt, cfg in alts.items():
             if cfg is not None and cfg == default and alt != "default":
                 continue
             try:
 
                 def fn(cfg=cfg, z=z, c=c, prec=prec):
+                    if cfg == GLUON:
+                        os.environ["FASTVQ_SEARCH_KERNEL"] = "gluon"
+                        try:
+                            return vs.vq_search_triton(z, c)
+                        finally:
+                            del os.environ["FASTVQ_SEARCH_KERNEL"]
                     return vs.vq_search_triton(z, c, fp32_precision=prec, config=cfg)
 
                 idx = fn()[0]
                 ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-                row["configs"][alt] = {"config": list(cfg or default), "ms": ms,
+                used = default if cfg in (None, GLUON) else cfg
+                if cfg == GLUON:
+                    used = vs.plan_search(
+                        n, k, d, zt, ct, arch=90, num_sms=1, kernel="gluon"
+                    ).config
+                row["configs"][alt] = {"config": list(used), "ms": ms,
                                        "tflops": 2 * n * k * d / ms / 1e9}  # fmt: skip
+                if alt == "default":
+                    default_idx = idx
+                elif cfg == GLUON and default_idx is not None:
+                    # fp32 accumulations in another order: only near-ties may differ
+                    row["configs"][alt]["rows_differing_from_default"] = int(
+                        (idx != default_idx).sum()
+                    )
                 if alt == "default" and search_t == torch.float32:
                     key = (d, k, zt)
                     if prec == "ieee":
                         ref_idx[key] = idx
                     row["indices"] = idx
             except Exception as exc:  # recorded: a config that fails to compile is a result
-                row["configs"][alt] = {"config": list(cfg or default), "error": repr(exc)[:300]}
+                used = default if cfg in (None, GLUON) else cfg
+                row["configs"][alt] = {"config": list(used), "error": repr(exc)[:300]}
         mm_out = torch.empty(n, k, device=dev, dtype=ct)
         cz = z.to(ct)
         ms = triton.testing.do_bench(
