@@ -489,7 +489,7 @@ def gate_failures(rec: dict) -> list[str]:
         why.append(f"spills: {rec['spill_stores']} STL, {rec['spill_loads']} LDL, "
                    f"stack {rec['stack']} B")  # fmt: skip
     ieee = rec["kernel"] == "search" and rec["meta"].get("input_precision") == "ieee"
-    if rec["kernel"] in ("search", *SOFT_KERNELS) and not ieee and not rec["mma"]:
+    if rec["kernel"] in ("search", "search_gluon", *SOFT_KERNELS) and not ieee and not rec["mma"]:
         why.append(f"no tensor-core MMA in a {rec['kernel']} binary")
     if not rec["smem_ok"]:
         why.append(f"shared memory {rec['shared']} B above the per-block limit")

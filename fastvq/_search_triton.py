@@ -196,8 +196,10 @@ def norm_pieces(cnorm: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows, 16) bf16: -cnorm / 2 as three bf16 pieces in columns 0-2 whose fp32 sum is exact.
 
     Each piece takes the next 8 significant bits of the fp32 value (the remainders are exact fp32
-    differences), so <(1, 1, 1), pieces> accumulated in fp32 is -cnorm / 2 up to the summation's
-    own rounding. Rows past ``cnorm``'s length get -inf: those codes never win.
+    differences), so the pieces sum to -cnorm / 2 exactly while the last stays a normal bf16
+    (norms above about 2^-100; the launcher's power-of-two scaling keeps them there), and
+    <(1, 1, 1), pieces> accumulated in fp32 is -cnorm / 2 up to the summation's own rounding.
+    Rows past ``cnorm``'s length get -inf: those codes never win.
     """
     k = cnorm.shape[0]
     out = torch.zeros(rows, 16, dtype=torch.bfloat16, device=cnorm.device)
@@ -210,38 +212,34 @@ def norm_pieces(cnorm: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, part_d):
-    """(args, constexprs) of kernels/vq_search_sm90.py: TMA descriptors of the searched rows
-    and codes (and of the norm pieces), the norms padded past the last pair of code tiles."""
+    """(args, constexprs) of kernels/vq_search_sm90.py: TMA descriptors of the searched rows and
+    codes, and of their norms as bf16 pieces padded with -inf to whole pairs of code tiles."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     cfg = plan.config
     n, d = rows_s.shape
     k = codes_s.shape[0]
-    kp = triton.cdiv(k, 2 * cfg.block_k) * 2 * cfg.block_k
-    gdt = gl.bfloat16 if codes_s.dtype == torch.bfloat16 else gl.float16
+    pair = 2 * cfg.block_k
 
-    def desc(t, block):
+    def desc(t, block, dt):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
             t = t.clone(memory_format=torch.contiguous_format)  # TMA: aligned, unit stride
         return TensorDescriptor.from_tensor(
-            t, block, gl.NVMMASharedLayout.get_default_for(block, gdt)
+            t, block, gl.NVMMASharedLayout.get_default_for(block, dt)
         )
 
-    fold = codes_s.dtype == torch.bfloat16  # fp16's range cannot hold the pieces
-    pieces = norm_pieces(cnorm[:k], kp) if fold else torch.zeros(16, 16, dtype=codes_s.dtype,
-                                                                device=codes_s.device)  # fmt: skip
-    norms = torch.nn.functional.pad(cnorm[:k], (0, kp - k), value=float("inf"))
+    gdt = gl.bfloat16 if codes_s.dtype == torch.bfloat16 else gl.float16
+    # the norm step is a bf16 MMA for fp16 searches too: bf16 has fp32's range
+    pieces = norm_pieces(cnorm[:k], triton.cdiv(k, pair) * pair)
     args = (
-        # code and norm boxes hold a pair of tiles
-        desc(rows_s, [cfg.block_n, cfg.block_d]), desc(codes_s, [2 * cfg.block_k, cfg.block_d]),
-        desc(pieces, [2 * cfg.block_k, 16]), z2d, codebook, norms, part_i, z_q, err, part_d,
+        desc(rows_s, [cfg.block_n, cfg.block_d], gdt), desc(codes_s, [pair, cfg.block_d], gdt),
+        desc(pieces, [pair, 16], gl.bfloat16), z2d, codebook, part_i, z_q, err, part_d,
         n, k, d, plan.k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
         z_q.stride(0), z_q.stride(1),
     )  # fmt: skip
-    flags = dict(FOLD_NORMS=fold, STORE_ZQ=plan.store_zq, SPLIT_K=plan.splits > 1)
-    return args, flags
+    return args, dict(STORE_ZQ=plan.store_zq, SPLIT_K=plan.splits > 1)
 
 
 def default_fp32_precision() -> str:

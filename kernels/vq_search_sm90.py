@@ -3,30 +3,29 @@
 Same contract as ``vq_search_fwd_kernel`` (kernels/vq_search.py, the portable Triton kernel and this
 one's interpretable twin) for 16-bit operands of one dtype, D <= 256, D a multiple of 8:
 
-    score[n, k] = <z_n, C_k> - ||C_k||^2 / 2 = -dist[n, k] / 2 + const_n     (fp32 accumulation)
+    score[n, k] = <z_n, C_k> - ||C_k||^2 / 2 = (||z_n||^2 - dist[n, k]) / 2   (fp32 accumulation)
     idx[n]      = argmax_k score[n, k]                    (ties -> lowest k; NaN never wins)
 
 Why Gluon: Triton's wgmma pipeliner keeps a dot asynchronous only when its result feeds another
 dot, so a per-tile epilogue always waits for its own tile (``warp_group_dot_wait {pendings = 0}``).
 Here code tiles go in pairs (a, b):
 
-    issue MMA(a), MMA(b) (async)  ->  wait until 1 is in flight  ->  epilogue of a (MMA(b) runs)
-                                  ->  wait for MMA(b)            ->  epilogue of b
+    issue MMA(a), MMA(b) (async)  ->  wait until b's are the only ones in flight
+                                  ->  epilogue of a (MMA(b) runs)  ->  wait  ->  epilogue of b
 
 so the tensor cores work on tile b while the CUDA cores run tile a's epilogue. No MMA stays in
 flight across the loop's back edge: there, a loop-carried copy of an in-flight accumulator makes
 ptxas serialise every wgmma of the kernel (its advisory C7514), which a first version with one MMA
 always in flight hit.
 
-The epilogue keeps a running (score, tile) pair per accumulator element: one compare and two
-selects per element and tile, with no cross-lane reduction until after the loop. FOLD_NORMS (bf16)
-takes the norm term into the MMA: the launcher writes -||C_k||^2 / 2 as three bf16 pieces whose sum
-is exact (``norm_pieces``) and the kernel multiplies them by a constant block of ones, a 16-wide
-extra K step of the MMA chain; without it (fp16, whose range cannot hold the pieces) one fma per
-element adds the fp32 norms. Code tiles arrive by TMA, a pair per mbarrier, into the other two of
-four shared-memory stages while this pair is worked on; rows past K come back as zeros and their
-norm pieces (or norms) are padded with -inf (+inf) by the launcher, so no select guards bounds in
-the loop. Every program walks the codebook in the same order, so resident programs share code tiles
+The norm term rides in the MMA: the launcher writes -||C_k||^2 / 2 as three bf16 pieces whose fp32
+sum is exact (``norm_pieces`` in the launcher), and a 16-wide extra K step multiplies them by ones
+held in registers, so the accumulator is the score. The epilogue keeps a running (score, tile)
+pair per accumulator element: one compare and two selects per element and tile, and no
+cross-lane reduction until after the loop. Code tiles arrive by TMA, one box per pair and one
+mbarrier per stage, into the other of two stages while this pair is worked on; rows past K come
+back as zeros and their norm pieces are padded with -inf, so no select guards bounds in the loop.
+Every program walks the codebook in the same order, so resident programs share code tiles
 through L2.
 
 This file imports nothing from ``fastvq``; the launcher is ``fastvq/_search_triton.py``. Gluon does
@@ -44,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-# Width of the extra K step that carries the norm pieces (the bf16 MMA's K granularity).
+# Width of the extra K step that carries the norm pieces (the 16-bit MMA's K granularity).
 NORM_K = gl.constexpr(16)
 # Code tiles per trip of the main loop (two pairs, one per stage): the static report divides the
 # loop's instruction count by it.
@@ -52,42 +51,27 @@ TILES_PER_TRIP = 4
 
 
 @gluon.jit
-def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, FOLD_NORMS: gl.constexpr):
+def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred):
     """TMA the pair of code tiles at k0 (one box of 2 * BLOCK_K rows) and their norm pieces."""
-    NBYTES: gl.constexpr = c_desc.block_type.nbytes + FOLD_NORMS * n_desc.block_type.nbytes
+    NBYTES: gl.constexpr = c_desc.block_type.nbytes + n_desc.block_type.nbytes
     mbarrier.expect(bar.index(slot), NBYTES, pred=pred)
     tma.async_load(c_desc, [k0, 0], bar.index(slot), c_smem.index(slot), pred=pred)
-    if FOLD_NORMS:
-        tma.async_load(n_desc, [k0, 0], bar.index(slot), n_smem.index(slot), pred=pred)
+    tma.async_load(n_desc, [k0, 0], bar.index(slot), n_smem.index(slot), pred=pred)
 
 
 @gluon.jit
-def _issue(
-    z_smem,
-    c_smem,
-    b_one,
-    n_smem,
-    slot,
-    half,
-    b_free,
-    BLOCK_K: gl.constexpr,
-    FOLD_NORMS: gl.constexpr,
-):
-    """Start the MMA of tile ``half`` (0, 1) of the pair in ``slot`` into the registers of
-    ``b_free`` (use_acc=False ignores their values)."""
+def _issue(z_smem, c_smem, b_one, n_smem, slot, half, b_free, BLOCK_K: gl.constexpr):
+    """Start the MMAs of tile ``half`` (0, 1) of the pair in ``slot``: the codes, then the norm
+    step, into the registers of ``b_free`` (use_acc=False ignores their values)."""
     codes = c_smem.index(slot).slice(half * BLOCK_K, BLOCK_K)
     tok = warpgroup_mma(z_smem, codes.permute((1, 0)), b_free, use_acc=False, is_async=True)
-    if FOLD_NORMS:
-        # an async MMA may take another's pending result as its accumulator, with no wait
-        pieces = n_smem.index(slot).slice(half * BLOCK_K, BLOCK_K)
-        tok = warpgroup_mma(b_one, pieces.permute((1, 0)), tok, is_async=True)
-    return tok
+    # an async MMA may take another's pending result as its accumulator, with no wait
+    pieces = n_smem.index(slot).slice(half * BLOCK_K, BLOCK_K)
+    return warpgroup_mma(b_one, pieces.permute((1, 0)), tok, is_async=True)
 
 
 @gluon.jit
-def _keep_best(
-    b_acc, b_top, b_tile, cnorm_ptr, k0, o_kc, BLOCK_K: gl.constexpr, FOLD_NORMS: gl.constexpr
-):
+def _keep_best(b_score, b_top, b_tile, k0, BLOCK_K: gl.constexpr):
     """Fold one tile's scores into the running per-element (best score, its tile's number).
 
     The tile number is held as an fp32 (exact below 2^24 tiles): selected with the same mask
@@ -95,11 +79,6 @@ def _keep_best(
     shuffle the <32 x i1> mask between groupings, which NVPTX packs into integers (about two
     instructions per element more).
     """
-    if FOLD_NORMS:
-        b_score = b_acc
-    else:
-        b_cn = gl.load(cnorm_ptr + k0 + o_kc)  # padded past the last pair: no mask
-        b_score = b_acc - 0.5 * b_cn[None, :]
     # strict >: the earlier tile keeps an exact tie; NaN never wins
     b_up = b_score > b_top
     return gl.where(b_up, b_score, b_top), gl.where(b_up, (k0 // BLOCK_K).to(gl.float32), b_tile)
@@ -118,34 +97,29 @@ def _pair_step(
     b_acc_b,
     b_top,
     b_tile,
-    cnorm_ptr,
-    o_kc,
     k_lo,
     pair,
     n_pairs,
     SLOT: gl.constexpr,
     BLOCK_K: gl.constexpr,
-    FOLD_NORMS: gl.constexpr,
 ):
     """One pair of code tiles (in stage SLOT): prefetch the next pair into the other stage, both
-    MMAs, and the two epilogues, the first while the second MMA runs."""
+    tiles' MMAs, and the two epilogues, the first while the second tile's MMAs run."""
     mbarrier.wait(bar.index(SLOT), (pair // 2) & 1)
     # Every warpgroup has retired the previous pair's MMAs (each waited for all its MMAs before
     # this point): the other stage takes the next pair.
     gl.barrier()
     k0 = k_lo + 2 * pair * BLOCK_K
-    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 1 - SLOT, k0 + 2 * BLOCK_K,
-               pair + 1 < n_pairs, FOLD_NORMS)  # fmt: skip
-    tok_a = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 0, b_acc_a, BLOCK_K, FOLD_NORMS)
-    tok_b = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 1, b_acc_b, BLOCK_K, FOLD_NORMS)
-    # tile b's MMAs (its norm step is a second commit group) stay in flight
-    b_acc_a = warpgroup_mma_wait(num_outstanding=1 + FOLD_NORMS, deps=[tok_a])
-    b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, cnorm_ptr, k0, o_kc, BLOCK_K, FOLD_NORMS)
+    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 1 - SLOT, k0 + 2 * BLOCK_K, pair + 1 < n_pairs)
+    tok_a = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 0, b_acc_a, BLOCK_K)
+    tok_b = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 1, b_acc_b, BLOCK_K)
+    # tile b's two commit groups (codes, norm step) stay in flight
+    b_acc_a = warpgroup_mma_wait(num_outstanding=2, deps=[tok_a])
+    b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, k0, BLOCK_K)
     # b_top and b_tile ride along so that tile a's epilogue stays before this wait (else LLVM
     # sinks it past, and MMA(b) no longer overlaps anything)
     b_acc_b, b_top, b_tile = warpgroup_mma_wait(num_outstanding=0, deps=[tok_b, b_top, b_tile])
-    b_top, b_tile = _keep_best(b_acc_b, b_top, b_tile, cnorm_ptr, k0 + BLOCK_K, o_kc, BLOCK_K,
-                               FOLD_NORMS)  # fmt: skip
+    b_top, b_tile = _keep_best(b_acc_b, b_top, b_tile, k0 + BLOCK_K, BLOCK_K)
     return b_acc_a, b_acc_b, b_top, b_tile
 
 
@@ -156,7 +130,6 @@ def vq_search_fwd_sm90_kernel(
     n_desc,
     z_ptr,
     c_ptr,
-    cnorm_ptr,
     idx_ptr,
     zq_ptr,
     err_ptr,
@@ -171,17 +144,17 @@ def vq_search_fwd_sm90_kernel(
     stride_cd,
     stride_qn,
     stride_qd,
-    FOLD_NORMS: gl.constexpr,
     STORE_ZQ: gl.constexpr,
     SPLIT_K: gl.constexpr,
 ):
     """One program: BLOCK_N rows x codes [split * K_PER_SPLIT, ...).
 
     ``z_desc`` / ``c_desc``: TMA descriptors of the searched (scaled) rows (N, D) and codes
-    (K, D), blocks (BLOCK_N, BLOCK_D) and (BLOCK_K, BLOCK_D); ``n_desc``: the norm pieces
-    (K padded, 16), block (BLOCK_K, 16), read when FOLD_NORMS, else ``cnorm_ptr`` (fp32 norms,
-    padded). ``z_ptr`` / ``c_ptr``: the unscaled inputs the gather reads. Outputs as the Triton
-    kernel's. Needs BLOCK_N = 16 * num_warps and K_PER_SPLIT a multiple of 2 * BLOCK_K.
+    (K, D), blocks (BLOCK_N, BLOCK_D) and (2 * BLOCK_K, BLOCK_D); ``n_desc``: the bf16 norm
+    pieces (K padded to whole pairs, 16), block (2 * BLOCK_K, 16). ``z_ptr`` / ``c_ptr``: the
+    unscaled inputs the gather reads. Outputs as the Triton kernel's (the partial distances of a
+    split are ``-2 * score``). Needs BLOCK_N = 16 * num_warps and K_PER_SPLIT a multiple of
+    2 * BLOCK_K.
     """
     BLOCK_N: gl.constexpr = z_desc.block_type.shape[0]
     BLOCK_D: gl.constexpr = z_desc.block_type.shape[1]
@@ -199,7 +172,7 @@ def vq_search_fwd_sm90_kernel(
 
     z_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], z_desc.layout)
     c_smem = gl.allocate_shared_memory(dtype, [2, 2 * BLOCK_K, BLOCK_D], c_desc.layout)
-    n_smem = gl.allocate_shared_memory(dtype, [2, 2 * BLOCK_K, NORM_K], n_desc.layout)
+    n_smem = gl.allocate_shared_memory(n_desc.dtype, [2, 2 * BLOCK_K, NORM_K], n_desc.layout)
     bar = mbarrier.allocate_mbarrier(batch=2)
     mbarrier.init(bar.index(0), count=1)
     mbarrier.init(bar.index(1), count=1)
@@ -216,12 +189,12 @@ def vq_search_fwd_sm90_kernel(
     # Prologue: the row tile and the first pair, on barrier 0.
     mbarrier.expect(bar.index(0), z_desc.block_type.nbytes)
     tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem)
-    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, FOLD_NORMS)
+    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True)
     # ones where the pieces sit, <1, pieces> = -||C_k||^2 / 2: the A operand of the norm step,
     # from registers (a shared-memory copy written here made every trip take one more barrier)
     one_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
     o_j = gl.arange(0, NORM_K, layout=gl.SliceLayout(0, one_l))
-    b_one = gl.zeros([BLOCK_N, NORM_K], dtype, one_l) + (o_j < 3).to(dtype)[None, :]
+    b_one = gl.zeros([BLOCK_N, NORM_K], n_desc.dtype, one_l) + (o_j < 3).to(n_desc.dtype)[None, :]
     b_acc_a = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
     b_acc_b = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
     b_top = gl.full([BLOCK_N, BLOCK_K], float("-inf"), gl.float32, acc_l)
@@ -242,14 +215,11 @@ def vq_search_fwd_sm90_kernel(
             b_acc_b,
             b_top,
             b_tile,
-            cnorm_ptr,
-            o_kc,
             k_lo,
             pair,
             n_pairs,
             0,
             BLOCK_K,
-            FOLD_NORMS,
         )
         b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
             z_smem,
@@ -263,14 +233,11 @@ def vq_search_fwd_sm90_kernel(
             b_acc_b,
             b_top,
             b_tile,
-            cnorm_ptr,
-            o_kc,
             k_lo,
             pair + 1,
             n_pairs,
             1,
             BLOCK_K,
-            FOLD_NORMS,
         )
     if n_pairs % 2 == 1:
         b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
@@ -285,14 +252,11 @@ def vq_search_fwd_sm90_kernel(
             b_acc_b,
             b_top,
             b_tile,
-            cnorm_ptr,
-            o_kc,
             k_lo,
             n_pairs - 1,
             n_pairs,
             0,
             BLOCK_K,
-            FOLD_NORMS,
         )
     mbarrier.invalidate(bar.index(0))
     mbarrier.invalidate(bar.index(1))

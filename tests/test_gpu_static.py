@@ -165,8 +165,8 @@ def test_gate_reports_the_sm90_targets(tmp_path):
 )  # fmt: skip
 def test_gluon_launch_is_the_gated_one(monkeypatch, zt, d, n, k):
     """FASTVQ_SEARCH_KERNEL=gluon on sm_90: the launch the gate compiles, whole pairs of code
-    tiles per split, and norms padded with +inf past the last pair (the kernel reads them
-    unmasked)."""
+    tiles per split, and the norm pieces padded with -inf past the last pair (the kernel reads
+    them unmasked)."""
     from benchmarks.gpu_static import ARCHS, Binary, _search_launch
     from fastvq.kernels import vq_search_sm90
 
@@ -175,8 +175,8 @@ def test_gluon_launch_is_the_gated_one(monkeypatch, zt, d, n, k):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.update(kwargs, grid=grid, norms=args[5])
-                args[6].zero_()  # the (partial) indices
+                launched.update(kwargs, grid=grid, pieces=args[2].base)
+                args[5].zero_()  # the (partial) indices
 
             return launch
 
@@ -190,9 +190,10 @@ def test_gluon_launch_is_the_gated_one(monkeypatch, zt, d, n, k):
     fn, args, gated, plan = _search_launch(b)
     assert plan.gluon and plan.k_per_split % (2 * plan.config.block_k) == 0
     assert launched.pop("grid")[1] == plan.splits
-    norms = launched.pop("norms")
-    assert norms.numel() % (2 * plan.config.block_k) == 0 and norms.numel() >= k
-    assert torch.isinf(norms[k:]).all() and torch.isfinite(norms[:k]).all()
+    pieces = launched.pop("pieces")  # -||c||^2 / 2 in three bf16 parts, -inf past K
+    assert pieces.shape[0] % (2 * plan.config.block_k) == 0 and pieces.shape[0] >= k
+    assert (pieces[k:, 0] == float("-inf")).all() and torch.isfinite(pieces[:k]).all()
+    assert (pieces[:k, 3:] == 0).all()
     assert launched == gated
 
 
@@ -205,3 +206,19 @@ def test_search_kernel_choice_is_checked(monkeypatch):
         dt, arch, d = args
         assert not vs.plan_search(100, 1000, d, dt, dt, arch=arch, num_sms=132,
                                   kernel="gluon").gluon  # fmt: skip
+
+
+def test_norm_pieces_sum_exactly_to_minus_half_the_norms():
+    """Three bf16 pieces (the sign and 8 significant bits each) hold an fp32 value exactly while
+    the last piece stays a normal number (values above about 2^-100; the launcher's power-of-two
+    scaling keeps norms there); below, the error is below bf16's subnormal step."""
+    g = torch.Generator().manual_seed(0)
+    cn = torch.exp(torch.empty(5000).uniform_(-69, 88, generator=g)).float()
+    cn[:3] = torch.tensor([0.0, 1.0, 3.4e38 / 2])
+    pieces = vs.norm_pieces(cn, 5120)
+    assert pieces.dtype == torch.bfloat16 and pieces.shape == (5120, 16)
+    assert torch.equal(pieces[:5000, :3].double().sum(1), (cn.double() * -0.5))
+    assert (pieces[5000:, 0] == float("-inf")).all() and (pieces[:, 3:] == 0).all()
+    tiny = torch.tensor([1e-33, 3e-36, 1e-38])
+    err = vs.norm_pieces(tiny, 3)[:, :3].double().sum(1) - tiny.double() * -0.5
+    assert err.abs().max() < 1e-40
