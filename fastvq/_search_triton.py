@@ -282,9 +282,10 @@ def plan_search(
         precision = "tf32" if track else fp32_precision
     gluon = (kernel or search_kernel()) == "gluon" and gluon_applies(arch, z_dtype, c_dtype, d)
     if gluon:
-        # one warp per 16 rows (wgmma m64 per warpgroup); 64-code tiles taken in pairs
-        warps = 4 if n <= 4096 else 8
-        cfg = config or SearchConfig(16 * warps, 64, max(16, triton.next_power_of_2(d)), warps, 1)
+        # one warp per 16 rows (wgmma m64 per warpgroup), 64-code tiles taken in pairs; always two
+        # warpgroups: at D = 256 one block fills the shared memory, and one warpgroup alone would
+        # leave 4 warps on the SM (split-K gives small batches their parallelism)
+        cfg = config or SearchConfig(128, 64, max(16, triton.next_power_of_2(d)), 8, 1)
     else:
         cfg = config or pick_config(n, k, d, search_dtype, arch=arch, precision=precision)
     # each split covers whole BLOCK_K tiles (whole pairs of them for the Gluon kernel)
