@@ -51,9 +51,13 @@ TILES_PER_TRIP = 4
 
 
 @gluon.jit
-def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred):
-    """TMA the pair of code tiles at k0 (one box of 2 * BLOCK_K rows) and their norm pieces."""
-    NBYTES: gl.constexpr = c_desc.block_type.nbytes + n_desc.block_type.nbytes
+def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, EXTRA: gl.constexpr = 0):
+    """TMA the pair of code tiles at k0 (one box of 2 * BLOCK_K rows) and their norm pieces.
+
+    The one expect-tx of the barrier's phase (an arrive: a second would complete the phase
+    early) counts these bytes and EXTRA more, loaded by the caller on the same barrier.
+    """
+    NBYTES: gl.constexpr = c_desc.block_type.nbytes + n_desc.block_type.nbytes + EXTRA
     mbarrier.expect(bar.index(slot), NBYTES, pred=pred)
     tma.async_load(c_desc, [k0, 0], bar.index(slot), c_smem.index(slot), pred=pred)
     tma.async_load(n_desc, [k0, 0], bar.index(slot), n_smem.index(slot), pred=pred)
@@ -187,9 +191,8 @@ def vq_search_fwd_sm90_kernel(
     o_kc = gl.arange(0, BLOCK_K, layout=col_l)
 
     # Prologue: the row tile and the first pair, on barrier 0.
-    mbarrier.expect(bar.index(0), z_desc.block_type.nbytes)
+    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, z_desc.block_type.nbytes)
     tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem)
-    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True)
     # ones where the pieces sit, <1, pieces> = -||C_k||^2 / 2: the A operand of the norm step,
     # from registers (a shared-memory copy written here made every trip take one more barrier)
     one_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
