@@ -192,6 +192,15 @@ def gluon_applies(arch: int | None, z_dtype: torch.dtype, c_dtype: torch.dtype, 
     )  # fmt: skip
 
 
+def gluon_config_ok(cfg: SearchConfig, d: int) -> bool:
+    """Whether the Gluon kernel can run ``cfg``: the row tile covers D (one TMA box), one warp
+    per 16 rows in whole warpgroups, and a pair of code tiles fits one TMA box (<= 256 rows)."""
+    return (
+        cfg.block_d >= d and cfg.block_n == 16 * cfg.num_warps and cfg.num_warps % 4 == 0
+        and cfg.block_k in (16, 32, 64, 128)
+    )  # fmt: skip
+
+
 def norm_pieces(cnorm: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows, 16) bf16: -cnorm / 2 as three bf16 pieces in columns 0-2 whose fp32 sum is exact.
 
@@ -223,8 +232,14 @@ def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, 
     pair = 2 * cfg.block_k
 
     def desc(t, block, dt):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            t = t.clone(memory_format=torch.contiguous_format)  # TMA: aligned, unit stride
+        # TMA: aligned, unit stride, 16-byte row pitch, rows that do not overlap (expand())
+        if (
+            t.stride(-1) != 1
+            or t.data_ptr() % 16
+            or (t.stride(0) * t.element_size()) % 16
+            or t.stride(0) < t.shape[1]
+        ):
+            t = t.clone(memory_format=torch.contiguous_format)  # fmt: skip
         return TensorDescriptor.from_tensor(
             t, block, gl.NVMMASharedLayout.get_default_for(block, dt)
         )
@@ -281,6 +296,8 @@ def plan_search(
     else:
         precision = "tf32" if track else fp32_precision
     gluon = (kernel or search_kernel()) == "gluon" and gluon_applies(arch, z_dtype, c_dtype, d)
+    if gluon and config is not None and not gluon_config_ok(config, d):
+        gluon = False  # a Triton tile config was asked for: the Triton kernel runs it
     if gluon:
         # one warp per 16 rows (wgmma m64 per warpgroup), 64-code tiles taken in pairs; always two
         # warpgroups: at D = 256 one block fills the shared memory, and one warpgroup alone would

@@ -164,6 +164,7 @@ def vq_search_fwd_sm90_kernel(
     BLOCK_D: gl.constexpr = z_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = c_desc.block_type.shape[0] // 2  # a TMA box holds a pair
     NUM_WARPS: gl.constexpr = gl.num_warps()
+    gl.static_assert(BLOCK_N == 16 * NUM_WARPS, "one warp per 16 rows (wgmma m64 per warpgroup)")
     dtype: gl.constexpr = c_desc.dtype
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_K, 16]

@@ -202,10 +202,18 @@ def test_search_kernel_choice_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="FASTVQ_SEARCH_KERNEL"):
         vs.search_kernel()
     # where the Gluon kernel does not apply (fp32, sm_80, D > 256) the Triton kernel runs
-    for args in ((torch.float32, 90, 64), (torch.bfloat16, 80, 64), (torch.bfloat16, 90, 512)):
+    for args in ((torch.float32, 90, 64), (torch.bfloat16, 80, 64), (torch.bfloat16, 90, 512),
+                 (torch.bfloat16, 90, 100)):  # fmt: skip
         dt, arch, d = args
         assert not vs.plan_search(100, 1000, d, dt, dt, arch=arch, num_sms=132,
                                   kernel="gluon").gluon  # fmt: skip
+    # a Triton tile config the Gluon kernel cannot run (the row tile short of D) goes to Triton
+    cfg = vs.SearchConfig(128, 64, 64, 8, 3)
+    bf = torch.bfloat16
+    assert not vs.plan_search(100, 1000, 256, bf, bf, arch=90, num_sms=132, kernel="gluon",
+                              config=cfg).gluon  # fmt: skip
+    assert vs.plan_search(100, 1000, 64, bf, bf, arch=90, num_sms=132, kernel="gluon",
+                          config=vs.SearchConfig(128, 64, 64, 8, 1)).gluon  # fmt: skip
 
 
 def test_norm_pieces_sum_exactly_to_minus_half_the_norms():
