@@ -409,7 +409,13 @@ def vq_search_triton(
         and os.environ.get("FASTVQ_AUTOTUNE") == "1"
     )  # fmt: skip
     if plan.gluon:
-        from fastvq.kernels.vq_search_sm90 import vq_search_fwd_sm90_kernel
+        try:
+            from fastvq.kernels.vq_search_sm90 import vq_search_fwd_sm90_kernel
+        except ImportError as exc:
+            raise RuntimeError(
+                f"FASTVQ_SEARCH_KERNEL=gluon needs Triton's Gluon (triton.experimental.gluon, "
+                f"Triton 3.9 is tested); this Triton is {triton.__version__}: {exc}"
+            ) from exc
 
         args, flags = gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err,
                                    part_d)  # fmt: skip

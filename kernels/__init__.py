@@ -4,7 +4,8 @@ Kernels only (``@triton.jit`` functions): this package imports Triton and nothin
 so it sits at the bottom of the import graph. Their launchers are ``fastvq/_search_triton.py``,
 ``fastvq/_scatter_triton.py`` and ``fastvq/_soft_assign_triton.py``; ``fastvq`` imports them
 lazily, so ``import fastvq`` works where Triton is absent (macOS, Windows) and falls back to the
-torch backend.
+torch backend. The Gluon search for sm_90 (``vq_search_sm90``, opt-in) is not imported here: only
+its launch imports it, and with it ``triton.experimental.gluon``.
 """
 
 from .soft_assign import (
