@@ -370,3 +370,23 @@ def test_forced_d_loop_with_ragged_chunks(monkeypatch, sim):
     sum((o * u).sum() for o, u in zip(refs, ups, strict=True)).backward()
     torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c1.grad.double(), c2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_forced_d_loop_codes_only_without_value_grad(monkeypatch):
+    """The D loop's other flags: only C requires grad (no dz pass) and ``value_grad=False``,
+    against the torch backend."""
+    from fastvq import _soft_assign_triton as launcher
+
+    z, c = _inputs(21, 37, 40, torch.float32, seed=14)
+    g = torch.randn(21, 37, generator=torch.Generator().manual_seed(15))
+    grads = []
+    for backend in ("triton", "torch"):
+        c1 = c.clone().requires_grad_()
+        with monkeypatch.context() as m:
+            m.setattr(launcher, "pick_config",
+                      lambda *a, **kw: launcher.SoftAssignConfig(16, 16, 32, 4, 1, 16))  # fmt: skip
+            out = soft_assign(z, c1, similarity="neg_l2", temperature=50.0, value_grad=False,
+                              backend=backend)  # fmt: skip
+            ((out.expected_code * g).sum() + out.column_sums.square().sum()).backward()
+        grads.append(c1.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
