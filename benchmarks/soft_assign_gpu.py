@@ -114,10 +114,22 @@ def _literal_fits(n, k, dev) -> bool:
     return need < free
 
 
+def _configs(n, k, d, dev) -> dict:
+    """The launcher's tiles per kernel (BLOCK_N, BLOCK_K, BLOCK_D, warps, stages, D_CHUNK)."""
+    from fastvq import _soft_assign_triton as sa
+
+    arch = None
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        arch = 10 * major + minor
+    return {kern: list(sa.pick_config(kern, n, k, d, arch=arch)) for kern in sa.KERNELS}
+
+
 def run_case(n, k, d, dev, reps, literal: bool) -> dict:
     z, c, ups = _inputs(n, k, d, dev)
     rec = {"N": n, "K": k, "D": d, "similarity": "dot", "dtype": "float32",
-           "nxk_fp32_mib": round(n * k * 4 / 2**20, 1)}  # fmt: skip
+           "nxk_fp32_mib": round(n * k * 4 / 2**20, 1),
+           "configs": _configs(n, k, d, dev)}  # fmt: skip
     t, times, growth, fused = _measure(_fused, z, c, ups, reps)
     rec["fused"] = {"median_s": t, "times_s": times, "peak_growth_mib": _mib(growth)}
     if literal and _literal_fits(n, k, dev):
