@@ -51,7 +51,7 @@ def _dots_over_d(z_ptr, g_ptr, c_ptr, o_row, m_n, o_code, m_k, D, BLOCK_N: tl.co
                  BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, WITH_G: tl.constexpr,
                  PRECISION: tl.constexpr):  # fmt: skip
     """``z.c`` [BN, BK] (and ``g.c`` with WITH_G; g has z's layout) summed over D in CHUNK-wide
-    pieces: only one [BN, BD] and one [BK, BD] chunk live at a time. ``o_row``/``o_code`` are
+    pieces: only one [BN, CHUNK] and one [BK, CHUNK] piece live at a time. ``o_row``/``o_code`` are
     int64 row and code indices, ``m_n``/``m_k`` their bounds."""
     o_d = tl.arange(0, CHUNK)
     b_zc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
