@@ -179,6 +179,8 @@ def main(argv=None) -> int:
         "what": "forward + backward of every output to z and C; median of reps after a warm-up",
         "cases": [],
     }  # fmt: skip
+    if a.dry_run:
+        doc["note"] = "dry run: code path only; interpreted kernels' times mean nothing"
     plan = [(case, True) for case in cases[:2]] + [(big, False)]
     plan += [(case, True) for case in cases[2:]]
     for (n, k, d), literal in plan:
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
         lit_s = (f"literal {lit['median_s'] * 1e3:.2f} ms, {lit['peak_growth_mib']} MiB; "
                  f"speed-up {rec['speedup']:.2f}x" if isinstance(lit, dict)
                  else lit or "literal not run")  # fmt: skip
-        print(f"N={n} K={k} D={d}: fused {rec['fused']['median_s'] * 1e3:.2f} ms, "
+        tag = "[dry run, times mean nothing] " if a.dry_run else ""
+        print(f"{tag}N={n} K={k} D={d}: fused {rec['fused']['median_s'] * 1e3:.2f} ms, "
               f"{rec['fused']['peak_growth_mib']} MiB; {lit_s}", flush=True)  # fmt: skip
         if dev.type == "cuda":
             torch.cuda.empty_cache()
