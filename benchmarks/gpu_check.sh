@@ -14,13 +14,17 @@
 # -> default configs vs alternatives vs cuBLAS, beside the static model's prediction
 # (benchmarks/gpu_configs.py) -> pruned grid (N=65536, D=256, K=16384/65536/262144; bf16 and fp32;
 # forward and forward+backward; cuBLAS matmul yardstick; fastvq-torch, naive and
-# vector-quantize-pytorch at one K each) -> markdown/PNG report of whatever JSON exists.
+# vector-quantize-pytorch at one K each) -> fused soft assignment vs the literal N x K softmax,
+# forward + backward, and the fused op alone at K = 2^18 (benchmarks/soft_assign_gpu.py) ->
+# markdown/PNG report of whatever JSON exists.
 set -u
 cd "$(dirname "$0")/.."
 
 # Stage limits in seconds (sum <= 300; the setup and the TTGIR copy take a few seconds more).
-B_PREFLIGHT=15 B_CUDA_TESTS=50 B_CONFIGS=125 B_BF16=30 B_FP32=25 B_PEERS=30 B_REPORT=15
-BUDGET=$((B_PREFLIGHT + B_CUDA_TESTS + B_CONFIGS + B_BF16 + B_FP32 + B_PEERS + B_REPORT))
+# B_SOFT's 30 s came out of B_CONFIGS (125 -> 95): gpu_configs.py writes its JSON after every
+# case, so a cut there loses only its last cases, while the soft-assignment timings had none.
+B_PREFLIGHT=15 B_CUDA_TESTS=50 B_CONFIGS=95 B_BF16=30 B_FP32=25 B_PEERS=30 B_SOFT=30 B_REPORT=15
+BUDGET=$((B_PREFLIGHT + B_CUDA_TESTS + B_CONFIGS + B_BF16 + B_FP32 + B_PEERS + B_SOFT + B_REPORT))
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -131,6 +135,14 @@ bench() {  # bench NAME SECONDS PROVIDERS DTYPES
 bench bench-bf16 $B_BF16 fastvq-triton,matmul bf16
 bench bench-fp32 $B_FP32 fastvq-triton,matmul fp32
 bench bench-peers $B_PEERS fastvq-torch,naive,vqp-train bf16,fp32
+
+# ---- fused soft assignment vs the literal N x K softmax (forward + backward), K = 2^18 --------
+# The dry run interprets the kernels on CPU at tiny sizes (this is the only stage that does).
+if [ $DRY = 1 ]; then
+    TRITON_INTERPRET=1 stage soft-assign $B_SOFT "$PY" -m benchmarks.soft_assign_gpu --dry-run
+else
+    stage soft-assign $B_SOFT "$PY" -m benchmarks.soft_assign_gpu
+fi
 
 # ---- report ------------------------------------------------------------------------------------
 JSONS=""

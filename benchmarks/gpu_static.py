@@ -121,14 +121,19 @@ def scatter_binaries(arch: int) -> list[Binary]:
 SOFT_KERNELS = ("soft_fwd", "soft_col", "soft_row_bwd", "soft_col_bwd")  # "soft_" + launcher's
 
 
+# Every D class of the launcher (kernels/soft_assign.py): held in one tile (32, 64), the D loop
+# unaligned (33, 100: one binary for every D % 16 != 0) and aligned (256).
+SOFT_DS = (32, 33, 64, 100, 256)
+
+
 def soft_binaries(arch: int) -> list[Binary]:
-    """Every soft-assignment kernel for each similarity (fp32 operands): D = 64 and 32 gated,
-    D = 256 reported (its tiles still spill: the launcher's open problem above D = 64)."""
+    """Every soft-assignment kernel for each similarity (fp32 operands) at each of
+    :data:`SOFT_DS`, all gated."""
     out = []
     for kern in SOFT_KERNELS:
         for sim in ("dot", "neg_l2", "neg_dist"):
-            for d in (64, 32, 256):
-                out.append(Binary(f"{kern} {sim} D{d}", kern, arch, d <= 64, z_dtype="float32",
+            for d in SOFT_DS:
+                out.append(Binary(f"{kern} {sim} D{d}", kern, arch, True, z_dtype="float32",
                                   c_dtype="float32", d=d, sim=sim))  # fmt: skip
     return out
 
@@ -216,21 +221,19 @@ def _soft_launch(b: Binary):
     cfg = (sa.SoftAssignConfig(*b.config) if b.config
            else sa.pick_config(kernel, b.n, b.k, b.d, arch=b.arch))  # fmt: skip
     b.meta["config"] = tuple(cfg)
+    _, flags = sa.launch_meta(kernel, b.n, b.k, b.d, b.sim, arch=b.arch, config=cfg)
     meta = torch.device("meta")
     f32 = dict(dtype=torch.float32, device=meta)
     rows, codes = torch.empty(b.n, b.d, **f32), torch.empty(b.k, b.d, **f32)
     row_vec, code_vec = torch.empty(b.n, **f32), torch.empty(b.k, **f32)
     values = {
-        "z_ptr": rows, "c_ptr": codes, "csq_ptr": code_vec, "w_ptr": row_vec, "lse_ptr": row_vec,
+        "z_ptr": rows, "c_ptr": codes, "zsq_ptr": row_vec, "csq_ptr": code_vec,
+        "w_ptr": row_vec, "lse_ptr": row_vec,
         "idx_ptr": torch.empty(b.n, dtype=torch.int64, device=meta), "e_ptr": row_vec,
         "q_ptr": rows, "col_ptr": code_vec, "a_ptr": row_vec, "a0_ptr": row_vec,
         "ge_ptr": row_vec, "gq_ptr": rows, "gcol_ptr": code_vec, "dc_ptr": codes, "dz_ptr": rows,
         "N": b.n, "K": b.k, "D": b.d, "INV_TAU": 1.0, "EPS": 1e-4,
     }  # fmt: skip
-    flags = dict(
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        SIM=sa.SIM_IDS[b.sim], PRECISION=sa.fp32_precision(b.arch),
-    )  # fmt: skip
     fn = {"soft_fwd": ks.soft_assign_fwd_kernel, "soft_row_bwd": ks.soft_assign_bwd_row_kernel}.get(
         b.kernel, ks.soft_assign_col_kernel
     )
@@ -240,7 +243,7 @@ def _soft_launch(b: Binary):
     elif b.kernel == "soft_row_bwd":
         flags.update(HAS_GCOL=True, NEED_DZ=True)
     args = tuple(values[n] for n in fn.arg_names if n not in flags)
-    return fn, args, dict(flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages), None
+    return fn, args, flags, None
 
 
 def _tool(name: str) -> str:

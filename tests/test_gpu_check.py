@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh: its stage budget fits 5 minutes, and its CPU dry run works."""
 
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 def test_stage_limits_fit_five_minutes():
     text = SCRIPT.read_text()
     limits = dict(re.findall(r"\b(B_[A-Z0-9_]+)=(\d+)", text))
-    assert len(limits) == 7, limits
+    assert len(limits) == 8, limits
     total = sum(map(int, limits.values()))
     assert total <= 300, limits
     assert f"add to {total} s" in text  # the header states the sum
@@ -36,10 +37,16 @@ def test_dry_run(tmp_path):
     stages = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()]
     names = [s[0] for s in stages]
     assert names[:2] == ["preflight", "cuda-tests"], names
-    assert {"bench-bf16", "bench-fp32", "bench-peers"} <= set(names), names
+    assert {"bench-bf16", "bench-fp32", "bench-peers", "soft-assign"} <= set(names), names
     assert (tmp_path / "env.json").exists()
     assert "triton" in (tmp_path / "env.json").read_text()
     for s in stages:  # rc 5: no CUDA test collected on CPU
         assert s[1] in ("0", "5"), stages
     assert (tmp_path / "ttgir").is_dir()
+    soft = json.loads((tmp_path / "soft_assign_gpu.json").read_text())
+    assert [c["K"] for c in soft["cases"]] == [40, 35, 128]  # the fused op alone last
+    for c in soft["cases"]:
+        assert c["fused"]["median_s"] > 0
+        if c["K"] != 128:  # the literal N x K version beside it, and the two agree
+            assert c["max_abs_diff"]["dz"] < 1e-4 and c["argmax_agree"] == 1.0, c
     assert "budget 290s" in (tmp_path / "gpu_check.log").read_text()

@@ -230,3 +230,47 @@ def test_norm_pieces_sum_exactly_to_minus_half_the_norms():
     tiny = torch.tensor([1e-33, 3e-36, 1e-38])
     err = vs.norm_pieces(tiny, 3)[:, :3].double().sum(1) - tiny.double() * -0.5
     assert err.abs().max() < 1e-40
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("d", [32, 33, 64, 100, 256])
+def test_gated_soft_binaries_are_the_ones_the_launcher_uses(monkeypatch, arch, d):
+    """Each soft-assignment launch on that GPU (forward with column sums, backward with every
+    upstream gradient) passes the keywords the gate compiles, D loop or held tile alike."""
+    from benchmarks.gpu_static import SOFT_DS, Binary, _soft_launch
+    from fastvq import _soft_assign_triton as sa
+
+    assert d in SOFT_DS
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name  # the column kernel is two binaries, told apart by BWD
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                name = self.name or ("soft_col_bwd" if kwargs["BWD"] else "soft_col")
+                launched.append((name, grid, kwargs))
+
+            return launch
+
+    monkeypatch.setattr(sa, "soft_assign_fwd_kernel", Recorder("soft_fwd"))
+    monkeypatch.setattr(sa, "soft_assign_col_kernel", Recorder(None))
+    monkeypatch.setattr(sa, "soft_assign_bwd_row_kernel", Recorder("soft_row_bwd"))
+    monkeypatch.setattr(sa, "_arch", lambda device: arch)
+    n, k, sim = 300, 200, "neg_dist"
+    z, c, w = torch.randn(n, d), torch.randn(k, d), torch.ones(n)
+    lse = torch.zeros(n)
+    sa.soft_assign_fwd_triton(z, c, w, 1.0, sim, 1e-4, True)
+    sa.soft_assign_bwd_triton(z, c, w, lse, lse, lse, z, torch.ones(k), 1.0, sim, 1e-4,
+                              need_z=True, need_c=True)  # fmt: skip
+    assert [name for name, _, _ in launched] == ["soft_fwd", "soft_col", "soft_row_bwd",
+                                                 "soft_col_bwd"]  # fmt: skip
+    for name, grid, kwargs in launched:
+        b = Binary("x", name, arch, True, z_dtype="float32", c_dtype="float32", d=d, n=n, k=k,
+                   sim=sim)  # fmt: skip
+        _, _, gated, _ = _soft_launch(b)
+        assert kwargs == gated, name
+        cfg = b.meta["config"]
+        chunks = 1 if name == "soft_col" else -(-d // cfg[2])
+        assert grid[1] == chunks and (cfg[5] > 0) == (d % 16 != 0 or d > 64), (name, cfg)

@@ -301,10 +301,11 @@ def test_memory_stays_flat():
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("d", [64, 32, 100])
+@pytest.mark.parametrize("d", [64, 32, 33, 100, 256])
 def test_gpu_tiles_are_exact_under_the_interpreter(monkeypatch, arch, d):
-    """The tiles a GPU launches (benchmarks/gpu_static.py gates them), run by the interpreter:
-    two row blocks and several code tiles, ragged, every output's gradient."""
+    """The tiles a GPU launches (benchmarks/gpu_static.py gates them: held D = 32, 64; the D loop
+    at 33, 100, 256), run by the interpreter: two row blocks and several code tiles, ragged,
+    every output's gradient."""
     from fastvq import _soft_assign_triton as launcher
 
     monkeypatch.setattr(launcher, "_arch", lambda device: arch)
@@ -334,3 +335,58 @@ def test_value_grad_false_is_the_gradient_of_p_times_detached_codes(backend):
     ((p @ c2.detach()) * g.double()).sum().backward()
     torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c1.grad.double(), c2.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sim", SIMS)
+def test_forced_d_loop_with_ragged_chunks(monkeypatch, sim):
+    """The D loop under the interpreter with small tiles: D = 37 in output chunks of 16 (the
+    last 5 wide) and dot chunks of 16; ragged row and code tiles, a mask, every output and its
+    gradient against fp64 autograd through the literal formula."""
+    from fastvq import _soft_assign_triton as launcher
+
+    def forced(kernel, n, k, d, *, arch=None):
+        return launcher.SoftAssignConfig(16, 16, 16, 4, 1, 16)
+
+    monkeypatch.setattr(launcher, "pick_config", forced)
+    n, d, k = 37, 37, 45
+    z, c = _inputs(n, d, k, torch.float32, seed=12)
+    g = torch.Generator().manual_seed(13)
+    mask = torch.rand(n, generator=g) > 0.2
+    w = mask.double()
+    ups = [torch.randn(*shape, generator=g).double() for shape in ((n,), (n,), (n, d), (k,))]
+    temperature = 0.8 if sim == "dot" else 2.0 * d
+    z1, c1 = z.clone().requires_grad_(), c.clone().requires_grad_()
+    out = soft_assign(z1, c1, temperature=temperature, similarity=sim, mask=mask,
+                      backend="triton")  # fmt: skip
+    outs = (out.lse, out.expected_logit, out.expected_code, out.column_sums)
+    sum((o.double() * u).sum() for o, u in zip(outs, ups, strict=True)).backward()
+
+    z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
+    x, lse, p, e, q = _literal(z2, c2, temperature, sim)
+    refs = (lse * w, e * w, q * w[:, None], (p * w[:, None]).sum(0))
+    for got, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    _check_argmax(out.index[mask], x.detach()[mask])
+    sum((o * u).sum() for o, u in zip(refs, ups, strict=True)).backward()
+    torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(c1.grad.double(), c2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_forced_d_loop_codes_only_without_value_grad(monkeypatch):
+    """The D loop's other flags: only C requires grad (no dz pass) and ``value_grad=False``,
+    against the torch backend."""
+    from fastvq import _soft_assign_triton as launcher
+
+    z, c = _inputs(21, 37, 40, torch.float32, seed=14)
+    g = torch.randn(21, 37, generator=torch.Generator().manual_seed(15))
+    grads = []
+    for backend in ("triton", "torch"):
+        c1 = c.clone().requires_grad_()
+        with monkeypatch.context() as m:
+            m.setattr(launcher, "pick_config",
+                      lambda *a, **kw: launcher.SoftAssignConfig(16, 16, 32, 4, 1, 16))  # fmt: skip
+            out = soft_assign(z, c1, similarity="neg_l2", temperature=50.0, value_grad=False,
+                              backend=backend)  # fmt: skip
+            ((out.expected_code * g).sum() + out.column_sums.square().sum()).backward()
+        grads.append(c1.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
