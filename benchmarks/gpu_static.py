@@ -643,12 +643,14 @@ def main(argv=None) -> int:
               f"Produced by `{doc['produced_by'].strip()}` on {date} (Triton {triton.__version__}, "
               f"torch {torch.__version__}), compiled ahead of time on a CPU-only machine. "
               "'(alt)' rows are autotune candidates or non-default precisions: reported, not "
-              "gated. Loop mix: SASS instructions per warp in the code-tile loop. Non-MMA / acc. "
-              "element: the loop's non-MMA instructions (each once) per accumulator element "
-              "per thread, BLOCK_N*BLOCK_K/(32*warps). Overlap: a TTGIR warp_group_dot_wait "
-              "with pendings >= 1 or warp specialisation (the next tile's MMA in flight "
-              f"during the epilogue); targets (sm_90 bf16 D64/D256 defaults): <= "
-              f"{TARGET_PER_ELEMENT:g} per element and overlap.")  # fmt: skip
+              "gated ('gluon' rows, the opt-in sm_90 Gluon search, are gated). Loop mix: SASS "
+              "instructions per warp in the code-tile loop. Non-MMA / acc. element: the loop's "
+              "non-MMA instructions (each once) per accumulator element per thread, "
+              "BLOCK_N*BLOCK_K/(32*warps) per code tile the loop covers (4 for the Gluon "
+              "search). Overlap: a TTGIR warp_group_dot_wait with pendings >= 1 or warp "
+              "specialisation (an MMA in flight during an epilogue), unless ptxas serialised "
+              f"the wgmma chains; targets (sm_90 bf16 D64/D256): <= {TARGET_PER_ELEMENT:g} per "
+              "element and overlap.")  # fmt: skip
     out.with_suffix(".md").write_text(markdown(records, header))
     print(f"wrote {out} and {out.with_suffix('.md')}; {len(bad)} default binaries fail the gate")
     return 1 if (a.gate and bad) else 0
