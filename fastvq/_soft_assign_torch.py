@@ -55,16 +55,21 @@ def _tiles(n: int, k: int, chunk: int):
 
 
 def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: int,
-                          want_col: bool, want_q: bool = True):  # fmt: skip
+                          want_col: bool, want_q: bool = True, want_e: bool = True):  # fmt: skip
     """Forward over tiles. ``z`` (N, D), ``codes`` (K, D), ``w`` (N,) row weights (1 counted,
     0 masked), all one float dtype (fp32 or fp64). Returns ``(lse, idx, e, q, col)``: (N,),
     int64 (N,), (N,), (N, D), (K,) (``col`` None unless ``want_col``, ``q`` unless
-    ``want_q``)."""
+    ``want_q``, ``e`` unless ``want_e``), and ``lse_lo`` (N,): ``lse``'s fp32 rounding error
+    ``(max + log(sum)) - lse``, which the backward's ``exp(x - lse)`` applies as the row factor
+    ``exp(-lse_lo)`` (free: it rides on the row weights), so ``p`` rounds as with the max and
+    the log-sum kept apart. At a high temperature ``|lse|`` is in the hundreds and one ulp of it
+    is a relative error of several 1e-6 in every ``p``."""
     n, k = z.shape[0], codes.shape[0]
     dt = z.dtype
     lse = z.new_empty(n)
+    lse_lo = z.new_empty(n)
     idx = torch.zeros(n, dtype=torch.int64, device=z.device)
-    e = z.new_empty(n)
+    e = z.new_empty(n) if want_e else None
     q = z.new_empty(z.shape) if want_q else None
     zsq, csq = z.square().sum(1), codes.square().sum(1)
     for r0, r1, ctiles in _tiles(n, k, chunk):
@@ -86,24 +91,30 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
             alpha = torch.exp(m - m_new)
             pe = torch.exp(x - m_new[:, None])
             s = s * alpha + pe.sum(1)
-            se = se * alpha + torch.einsum("ij,ij->i", pe, x)
+            if want_e:
+                se = se * alpha + torch.einsum("ij,ij->i", pe, x)
             if want_q:
                 sq = torch.addmm(sq * alpha[:, None], pe, ct)
             m = m_new
-        lse[r0:r1] = m + s.log()
+        lg = s.log()
+        hi = m + lg
+        lse[r0:r1] = hi
+        lse_lo[r0:r1] = (m - hi) + lg  # exact when |lg| <= |m| (Fast2Sum); tiny otherwise
         idx[r0:r1] = bi
-        e[r0:r1] = se / s
+        if want_e:
+            e[r0:r1] = se / s
         if want_q:
             q[r0:r1] = sq / s[:, None]
     col = None
     if want_col:
         col = codes.new_zeros(k)
+        wl = w * torch.exp(-lse_lo)
         for r0, r1, ctiles in _tiles(n, k, chunk):
             zt, zs = z[r0:r1], zsq[r0:r1]
             for c0, c1 in ctiles:
                 x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps)
-                col[c0:c1] += w[r0:r1] @ x.sub_(lse[r0:r1, None]).exp_()
-    return lse, idx, e, q, col
+                col[c0:c1] += wl[r0:r1] @ x.sub_(lse[r0:r1, None]).exp_()
+    return lse, idx, e, q, col, lse_lo
 
 
 def _chain(h, zt, ct, s, d2, sim: str, eps: float):
@@ -119,19 +130,21 @@ def _chain(h, zt, ct, s, d2, sim: str, eps: float):
 
 def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
                           eps: float, chunk: int, need_z: bool, need_c: bool,
-                          value_grad: bool = True):  # fmt: skip
+                          value_grad: bool = True, lse_lo=None):  # fmt: skip
     """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 - e) - g_q . q``
     (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D) and
     ``g_col`` (K,), each None when that output has no gradient (its work is skipped). Rows with
     weight 0 get no gradient and give none to the codes. ``value_grad=False`` leaves out the
-    codes' direct term ``p^T g_q`` of ``q = p C`` (the gradient of ``p @ sg(C)``)."""
+    codes' direct term ``p^T g_q`` of ``q = p C`` (the gradient of ``p @ sg(C)``). ``lse_lo``
+    (N,) is the forward's rounding error of ``lse`` (None: 0)."""
     n, k = z.shape[0], codes.shape[0]
     dz, dc = torch.zeros_like(z), torch.zeros_like(codes)
     if not (need_z or need_c) or n == 0:
         return dz, dc
     zsq, csq = z.square().sum(1), codes.square().sum(1)
+    wl = w if lse_lo is None else w * torch.exp(-lse_lo)
     for r0, r1, ctiles in _tiles(n, k, chunk):
-        zt, zs, wt = z[r0:r1], zsq[r0:r1], w[r0:r1, None]
+        zt, zs, wt = z[r0:r1], zsq[r0:r1], wl[r0:r1, None]
         lt = lse[r0:r1, None]
         ge = None if g_e is None else g_e[r0:r1, None]
         gq = None if g_q is None else g_q[r0:r1]

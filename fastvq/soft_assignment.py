@@ -37,21 +37,21 @@ class SoftAssignment(NamedTuple):
 
     lse: torch.Tensor  # (N,) log sum_k exp(x_nk)
     index: torch.Tensor  # (N,) int64 argmax_k x_nk, ties -> lowest k; no gradient
-    expected_logit: torch.Tensor  # (N,) sum_k p_nk x_nk
+    expected_logit: torch.Tensor | None  # (N,) sum_k p_nk x_nk; None if not asked
     expected_code: torch.Tensor | None  # (N, D) sum_k p_nk c_k; None if not asked
     column_sums: torch.Tensor | None  # (K,) sum over counted rows of p_nk; None if not asked
 
 
-def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q):
+def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e):
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_fwd_triton
 
-        return soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col)
-    return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q)
+        return (*soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col), None)
+    return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e)
 
 
-def _bwd(backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk, *, need_z,
-         need_c, value_grad):  # fmt: skip
+def _bwd(backend, z, codes, w, lse, lse_lo, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk, *,
+         need_z, need_c, value_grad):  # fmt: skip
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_bwd_triton
 
@@ -63,7 +63,7 @@ def _bwd(backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chun
             need_c=need_c, value_grad=value_grad,
         )  # fmt: skip
     return soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
-                                 need_z, need_c, value_grad)  # fmt: skip
+                                 need_z, need_c, value_grad, lse_lo)  # fmt: skip
 
 
 class _SoftAssign(torch.autograd.Function):
@@ -71,12 +71,13 @@ class _SoftAssign(torch.autograd.Function):
     ``z``, ``C``, the row weights and the (N,) / (N, D) outputs: nothing of size N x K."""
 
     @staticmethod
-    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, value_grad,
-                backend):  # fmt: skip
-        lse, idx, e, q, col = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col,
-                                   want_q)  # fmt: skip
+    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e,
+                value_grad, backend):  # fmt: skip
+        lse, idx, e, q, col, lse_lo = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col,
+                                   want_q, want_e)  # fmt: skip
         q = q if want_q else None
-        ctx.save_for_backward(z, codes, w, lse, e, q)
+        e = e if want_e else None
+        ctx.save_for_backward(z, codes, w, lse, lse_lo, e, q)
         ctx.args = (inv_tau, sim, eps, chunk, value_grad, backend)
         ctx.mark_non_differentiable(idx)
         # unused outputs' gradients arrive as None, and their passes are skipped
@@ -85,10 +86,11 @@ class _SoftAssign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        z, codes, w, lse, e, q = ctx.saved_tensors
+        z, codes, w, lse, lse_lo, e, q = ctx.saved_tensors
         inv_tau, sim, eps, chunk, value_grad, backend = ctx.args
-        g_lse, _, g_e = grads[:3]
-        rest = list(grads[3:])
+        g_lse = grads[0]
+        rest = list(grads[2:])
+        g_e = rest.pop(0) if e is not None else None
         g_q = rest.pop(0) if q is not None else None
         g_col = rest.pop(0) if rest else None
         keep = w > 0  # masked rows: no gradient, whatever their upstream
@@ -101,10 +103,10 @@ class _SoftAssign(torch.autograd.Function):
             a0 = a0 - (g_q * q).sum(1)
         a0 = torch.where(keep, a0, 0.0)
         dz, dc = _bwd(
-            backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
+            backend, z, codes, w, lse, lse_lo, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
             need_z=ctx.needs_input_grad[0], need_c=ctx.needs_input_grad[1], value_grad=value_grad,
         )  # fmt: skip
-        return dz, dc, None, None, None, None, None, None, None, None, None
+        return dz, dc, None, None, None, None, None, None, None, None, None, None
 
 
 def _check(z, codes, temperature, similarity, mask, eps, chunk):
@@ -152,6 +154,7 @@ def soft_assign(
     chunk: int | None = None,
     column_sums: bool = True,
     expected_code: bool = True,
+    expected_logit: bool = True,
     value_grad: bool = True,
 ) -> SoftAssignment:
     """Softmax of each row over the whole codebook, reduced on the fly: no N x K tensor.
@@ -175,15 +178,17 @@ def soft_assign(
             None.
         expected_code: False skips ``p @ C`` (one product per tile less on the torch
             backend); the field is None.
+        expected_logit: False skips ``E_p[x]`` (one product per tile less on the torch
+            backend); the field is None.
         value_grad: False makes ``expected_code`` ``p @ sg(C)``: its gradient reaches ``C``
             through ``p`` only (the flash-attention picture: ``C`` as keys, not as values),
             as IBQ's straight-through estimator needs.
 
     Returns:
-        :class:`SoftAssignment` ``(lse (N,), index int64 (N,), expected_logit (N,),
-        expected_code (N, D), column_sums (K,) or None)``, computed in fp32 from the inputs as
-        given (fp64 for fp64 inputs). Every output but ``index`` is differentiable to ``z`` and
-        ``C``, with the exact gradient of the literal formula.
+        :class:`SoftAssignment` ``(lse (N,), index int64 (N,), expected_logit (N,) or None,
+        expected_code (N, D) or None, column_sums (K,) or None)``, computed in fp32 from the
+        inputs as given (fp64 for fp64 inputs). Every output but ``index`` is differentiable to
+        ``z`` and ``C``, with the exact gradient of the literal formula.
 
     Non-finite input: a counted row holding a NaN or Inf (or every row, if a code holds one)
     outputs NaN in ``lse``, ``expected_logit`` and ``expected_code``, index 0, makes every
@@ -210,17 +215,20 @@ def soft_assign(
         w = keep.to(work)
         out = _SoftAssign.apply(z32.contiguous(), c32.contiguous(), w, 1.0 / temperature,
                                 similarity, float(eps), chunk, column_sums, expected_code,
-                                bool(value_grad), backend)  # fmt: skip
-    lse, idx, e = out[:3]
-    q = out[3] if expected_code else None
+                                expected_logit, bool(value_grad), backend)  # fmt: skip
+    lse, idx = out[:2]
+    rest = list(out[2:])
+    e = rest.pop(0) if expected_logit else None
+    q = rest.pop(0) if expected_code else None
     nan = torch.full((), math.nan, dtype=work, device=z.device)
     bad = keep & ~row_ok
     lse = torch.where(keep, torch.where(bad, nan, lse), 0.0)
-    e = torch.where(keep, torch.where(bad, nan, e), 0.0)
+    if e is not None:
+        e = torch.where(keep, torch.where(bad, nan, e), 0.0)
     if q is not None:
         q = torch.where(keep[:, None], torch.where(bad[:, None], nan, q), 0.0)
     idx = torch.where(keep & row_ok, idx, 0)
     col = None
     if column_sums:
-        col = torch.where(bad.any(), nan, out[-1])
+        col = torch.where(bad.any(), nan, rest.pop(0))
     return SoftAssignment(lse, idx, e, q, col)
