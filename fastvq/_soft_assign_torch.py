@@ -64,16 +64,14 @@ def tile_logits(zt, zsq, ct, csq, inv_tau: float, sim: str, eps: float, keep: bo
     return (s if inv_tau == 1.0 else s * inv_tau), s, d2
 
 
-def _tiles(n: int, k: int, chunk: int):
-    for r0 in range(0, n, ROWS_PER_TILE):
-        yield (
-            r0,
-            min(n, r0 + ROWS_PER_TILE),
-            [(c0, min(k, c0 + chunk)) for c0 in range(0, k, chunk)],
-        )
+def _tiles(n: int, k: int, chunk: tuple[int, int]):
+    """``(r0, r1, [(c0, c1), ...])`` per tile of rows, ``chunk = (rows, codes)`` per tile."""
+    rows, codes = chunk
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows), [(c0, min(k, c0 + codes)) for c0 in range(0, k, codes)]
 
 
-def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: int,
+def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: tuple[int, int],
                           want_col: bool, want_q: bool = True, want_e: bool = True):  # fmt: skip
     """Forward over tiles. ``z`` (N, D), ``codes`` (K, D), ``w`` (N,) row weights (1 counted,
     0 masked), all one float dtype (fp32 or fp64). Returns ``(lse, idx, e, q, col)``: (N,),
@@ -166,7 +164,7 @@ def _upstream(p, a, x, ge, gq, g_col, ct, c0: int, c1: int, inv_tau: float):
 
 
 def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
-                          eps: float, chunk: int, need_z: bool, need_c: bool,
+                          eps: float, chunk: tuple[int, int], need_z: bool, need_c: bool,
                           value_grad: bool = True, lse_lo=None):  # fmt: skip
     """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 - e) - g_q . q``
     (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D) and

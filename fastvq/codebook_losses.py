@@ -170,25 +170,16 @@ def _tiles(chunk: int, k: int) -> tuple[int, int]:
 
 
 def _soft_assign_rows(z32, codes32, mask, inv_temperature, chunk, cosine, column_sums):
-    """:func:`fastvq.soft_assign` of vqp's logits ``inv_temperature * logits`` over blocks of
-    :func:`_tiles` rows (so a tile of the op holds at most :data:`TILE_ELEMS` logits whatever
-    ``chunk``): each row's log-sum-exp (N,) and, with ``column_sums``, the column sums of the
-    probabilities over the rows ``mask`` keeps (K,), else None."""
-    n, k = z32.shape[0], codes32.shape[0]
-    rows, ctile = _tiles(chunk, k)
-    sim = "dot" if cosine else "neg_dist"
-    lses, col = [], None
-    for r0 in range(0, max(n, 1), rows):
-        r1 = min(n, r0 + rows)
-        out = soft_assign(
-            z32[r0:r1], codes32, temperature=1.0 / inv_temperature, similarity=sim,
-            mask=mask[r0:r1], eps=VQP_DIST_EPS, chunk=ctile, column_sums=column_sums,
-            expected_code=False, expected_logit=False,
-        )  # fmt: skip
-        lses.append(out.lse)
-        if column_sums:
-            col = out.column_sums if col is None else col + out.column_sums
-    return torch.cat(lses) if len(lses) > 1 else lses[0], col
+    """:func:`fastvq.soft_assign` of vqp's logits ``inv_temperature * logits`` in tiles of
+    :func:`_tiles` (rows, codes), at most :data:`TILE_ELEMS` logits each on the torch backend:
+    each row's log-sum-exp (N,) and, with ``column_sums``, the column sums of the probabilities
+    over the rows ``mask`` keeps (K,), else None."""
+    out = soft_assign(
+        z32, codes32, temperature=1.0 / inv_temperature, similarity="dot" if cosine else "neg_dist",
+        mask=mask, eps=VQP_DIST_EPS, chunk=_tiles(chunk, codes32.shape[0]),
+        column_sums=column_sums, expected_code=False, expected_logit=False,
+    )  # fmt: skip
+    return out.lse, out.column_sums
 
 
 def _logit_at(z32: torch.Tensor, codes32: torch.Tensor, y: torch.Tensor, cosine: bool):

@@ -19,6 +19,7 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, is_int, is_real
 from ._soft_assign_torch import (
+    ROWS_PER_TILE,
     SIMILARITIES,
     default_chunk,
     soft_assign_bwd_torch,
@@ -129,8 +130,11 @@ def _check(z, codes, temperature, similarity, mask, eps, chunk):
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if not is_real(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite real > 0, got {eps!r}")
-    if chunk is not None and (not is_int(chunk) or chunk < 1):
-        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+    pair = isinstance(chunk, tuple) and len(chunk) == 2
+    if chunk is not None and not all(is_int(c) and c >= 1 for c in (chunk if pair else (chunk,))):
+        raise ValueError(
+            f"chunk must be None, an int >= 1 or a pair (rows, codes) of them, got {chunk!r}"
+        )
     if mask is not None:
         check_tensor("mask", mask)
         if mask.dtype != torch.bool:
@@ -151,7 +155,7 @@ def soft_assign(
     mask: torch.Tensor | None = None,
     eps: float = VQP_DIST_EPS,
     backend: str = "auto",
-    chunk: int | None = None,
+    chunk: int | tuple[int, int] | None = None,
     column_sums: bool = True,
     expected_code: bool = True,
     expected_logit: bool = True,
@@ -172,8 +176,8 @@ def soft_assign(
             to the column sums and get no gradient, NaN padding included.
         eps: the distance floor of ``"neg_dist"`` (its gradient is 0 below it).
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"`` (no fp64).
-        chunk: codes per tile of the torch backend (default: 4 MiB tiles of 512 rows); the last
-            tile may be shorter.
+        chunk: codes per tile of the torch backend, or a pair ``(rows, codes)`` per tile
+            (default: 4 MiB tiles of 512 rows); the last tile may be shorter.
         column_sums: False skips the column sums (one pass over the codes less); the field is
             None.
         expected_code: False skips ``p @ C`` (one product per tile less on the torch
@@ -203,7 +207,12 @@ def soft_assign(
     if backend == "triton" and z.dtype == torch.float64:
         raise TypeError("backend='triton' takes no float64 input: use backend='torch'")
     k = C.shape[0]
-    chunk = default_chunk(k) if chunk is None else min(chunk, k)
+    if chunk is None:
+        chunk = (ROWS_PER_TILE, default_chunk(k))
+    elif isinstance(chunk, tuple):
+        chunk = (int(chunk[0]), min(int(chunk[1]), k))
+    else:
+        chunk = (ROWS_PER_TILE, min(chunk, k))
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
     with torch.autocast(z.device.type, enabled=False):
         z32, c32 = z.to(work), C.to(work)
