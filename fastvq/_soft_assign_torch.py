@@ -20,6 +20,18 @@ SIMILARITIES = ("dot", "neg_l2", "neg_dist")
 # fp32 values in one (rows x codes) tile: 4 MiB; a pass holds a few such tiles at once.
 TILE_ELEMS = 1 << 20
 ROWS_PER_TILE = 512
+# exp of these is just above the smallest normal number of each work dtype
+EXP_FLOOR = {torch.float32: -87.3, torch.float64: -708.0}
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """``exp(t)`` in place for ``t <= 0``, its argument floored where fp32 (fp64) leaves its
+    normal range: a probability under the smallest normal number (1.2e-38; 2.2e-308 for fp64)
+    comes out as about that instead of a subnormal or 0 (as a flush-to-zero GPU would round it,
+    and below any tolerance). The CPU exp takes a slow path for arguments that underflow: 5 to 60
+    times slower per element, and at a high temperature (the diversity loss's 100) most of them
+    do."""
+    return t.clamp_(min=EXP_FLOOR[t.dtype]).exp_()
 
 
 def default_chunk(k: int) -> int:
@@ -27,44 +39,54 @@ def default_chunk(k: int) -> int:
     return max(1, min(k, TILE_ELEMS // ROWS_PER_TILE))
 
 
-def tile_logits(zt, zsq, ct, csq, inv_tau: float, sim: str, eps: float):
+def tile_logits(zt, zsq, ct, csq, inv_tau: float, sim: str, eps: float, keep: bool = True):
     """Logits ``x`` (rows x codes) of one tile and the pre-temperature similarity ``s``.
 
     dot: ``s = z.c``; neg_l2: ``s = -||z - c||^2`` (as ``2 z.c - |z|^2 - |c|^2``); neg_dist:
     ``s = -sqrt(max(||z - c||^2, eps^2))``. Returns ``(x, s, d2)``; ``d2`` (the unclamped squared
-    distance, for the clamp's zero slope) only for neg_dist.
+    distance, for the clamp's zero slope) only for neg_dist. ``keep=False`` (the caller needs
+    ``x`` only, and may overwrite it): one buffer, computed in place, and ``s``, ``d2`` None.
+    ``x`` is ``s`` itself at ``inv_tau = 1`` (the product would copy it unchanged).
     """
     dot = zt @ ct.t()
     if sim == "dot":
-        return dot * inv_tau, dot, None
-    d2 = dot.mul_(-2.0).add_(zsq[:, None]).add_(csq[None, :])  # (|z|^2 + |c|^2) - 2 z.c
-    if sim == "neg_l2":
-        s = d2.neg_()
-        return s * inv_tau, s, None
-    s = d2.clamp(min=eps * eps).sqrt_().neg_()
-    return s * inv_tau, s, d2
+        s, d2 = dot, None
+    else:
+        d2 = dot.mul_(-2.0).add_(zsq[:, None]).add_(csq[None, :])  # (|z|^2 + |c|^2) - 2 z.c
+        if sim == "neg_l2":
+            s, d2 = d2.neg_(), None
+        elif keep:
+            s = d2.clamp(min=eps * eps).sqrt_().neg_()
+        else:
+            s, d2 = d2.clamp_(min=eps * eps).sqrt_().neg_(), None
+    if not keep:
+        return (s if inv_tau == 1.0 else s.mul_(inv_tau)), None, None
+    return (s if inv_tau == 1.0 else s * inv_tau), s, d2
 
 
-def _tiles(n: int, k: int, chunk: int):
-    for r0 in range(0, n, ROWS_PER_TILE):
-        yield (
-            r0,
-            min(n, r0 + ROWS_PER_TILE),
-            [(c0, min(k, c0 + chunk)) for c0 in range(0, k, chunk)],
-        )
+def _tiles(n: int, k: int, chunk: tuple[int, int]):
+    """``(r0, r1, [(c0, c1), ...])`` per tile of rows, ``chunk = (rows, codes)`` per tile."""
+    rows, codes = chunk
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows), [(c0, min(k, c0 + codes)) for c0 in range(0, k, codes)]
 
 
-def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: int,
-                          want_col: bool, want_q: bool = True):  # fmt: skip
+def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: tuple[int, int],
+                          want_col: bool, want_q: bool = True, want_e: bool = True):  # fmt: skip
     """Forward over tiles. ``z`` (N, D), ``codes`` (K, D), ``w`` (N,) row weights (1 counted,
     0 masked), all one float dtype (fp32 or fp64). Returns ``(lse, idx, e, q, col)``: (N,),
     int64 (N,), (N,), (N, D), (K,) (``col`` None unless ``want_col``, ``q`` unless
-    ``want_q``)."""
+    ``want_q``, ``e`` unless ``want_e``), and ``lse_lo`` (N,): ``lse``'s fp32 rounding error
+    ``(max + log(sum)) - lse``, which the backward's ``exp(x - lse)`` applies as the row factor
+    ``exp(-lse_lo)`` (free: it rides on the row weights), so ``p`` rounds as with the max and
+    the log-sum kept apart. At a high temperature ``|lse|`` is in the hundreds and one ulp of it
+    is a relative error of several 1e-6 in every ``p``."""
     n, k = z.shape[0], codes.shape[0]
     dt = z.dtype
     lse = z.new_empty(n)
+    lse_lo = z.new_empty(n)
     idx = torch.zeros(n, dtype=torch.int64, device=z.device)
-    e = z.new_empty(n)
+    e = z.new_empty(n) if want_e else None
     q = z.new_empty(z.shape) if want_q else None
     zsq, csq = z.square().sum(1), codes.square().sum(1)
     for r0, r1, ctiles in _tiles(n, k, chunk):
@@ -77,33 +99,40 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
         bi = torch.zeros((r1 - r0,), dtype=torch.int64, device=z.device)
         for c0, c1 in ctiles:
             ct = codes[c0:c1]
-            x, _, _ = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
+            x, _, _ = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps, keep=False)
             tmax, targ = x.max(dim=1)  # max returns the first maximal index: ties -> lowest
             better = tmax > best  # strict: an earlier tile keeps exact ties
             best = torch.where(better, tmax, best)
             bi = torch.where(better, targ + c0, bi)
             m_new = torch.maximum(m, tmax)
             alpha = torch.exp(m - m_new)
-            pe = torch.exp(x - m_new[:, None])
+            # E_p[x] reads x again; otherwise the exponentials overwrite it
+            pe = _exp_(x - m_new[:, None] if want_e else x.sub_(m_new[:, None]))
             s = s * alpha + pe.sum(1)
-            se = se * alpha + torch.einsum("ij,ij->i", pe, x)
+            if want_e:
+                se = se * alpha + torch.einsum("ij,ij->i", pe, x)
             if want_q:
                 sq = torch.addmm(sq * alpha[:, None], pe, ct)
             m = m_new
-        lse[r0:r1] = m + s.log()
+        lg = s.log()
+        hi = m + lg
+        lse[r0:r1] = hi
+        lse_lo[r0:r1] = (m - hi) + lg  # exact when |lg| <= |m| (Fast2Sum); tiny otherwise
         idx[r0:r1] = bi
-        e[r0:r1] = se / s
+        if want_e:
+            e[r0:r1] = se / s
         if want_q:
             q[r0:r1] = sq / s[:, None]
     col = None
     if want_col:
         col = codes.new_zeros(k)
+        wl = w * torch.exp(-lse_lo)
         for r0, r1, ctiles in _tiles(n, k, chunk):
             zt, zs = z[r0:r1], zsq[r0:r1]
             for c0, c1 in ctiles:
-                x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps)
-                col[c0:c1] += w[r0:r1] @ x.sub_(lse[r0:r1, None]).exp_()
-    return lse, idx, e, q, col
+                x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps, False)
+                col[c0:c1] += wl[r0:r1] @ _exp_(x.sub_(lse[r0:r1, None]))
+    return lse, idx, e, q, col, lse_lo
 
 
 def _chain(h, zt, ct, s, d2, sim: str, eps: float):
@@ -113,48 +142,65 @@ def _chain(h, zt, ct, s, d2, sim: str, eps: float):
     if sim == "neg_l2":  # ds/dz = 2 (c - z), ds/dc = 2 (z - c)
         return 2.0 * (h @ ct - zt * h.sum(1)[:, None]), 2.0 * (h.t() @ zt - ct * h.sum(0)[:, None])
     # neg_dist: ds/dz = (z - c) / s, ds/dc = (c - z) / s; zero slope where the clamp holds
-    h = torch.where(d2 < eps * eps, 0.0, h / s)
+    h = h.div_(s).masked_fill_(d2 < eps * eps, 0.0)
     return zt * h.sum(1)[:, None] - h @ ct, ct * h.sum(0)[:, None] - h.t() @ zt
 
 
+def _upstream(p, a, x, ge, gq, g_col, ct, c0: int, c1: int, inv_tau: float):
+    """``dL/dx = p (a + g_e x + g_q . c + g_col) / tau`` of a tile from its weighted ``p`` (a new
+    buffer: ``p`` is read again for the codes' own term of ``q``)."""
+    if gq is not None:
+        inner = torch.addmm(a[:, None], gq, ct.t())
+    elif ge is None and g_col is not None:
+        inner = a[:, None] + g_col[c0:c1][None, :]
+    else:
+        inner = a[:, None].expand(-1, c1 - c0).clone()
+    if ge is not None:
+        inner.addcmul_(ge, x)
+    if g_col is not None and (gq is not None or ge is not None):
+        inner += g_col[c0:c1][None, :]
+    h = inner.mul_(p)
+    return h if inv_tau == 1.0 else h.mul_(inv_tau)
+
+
 def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
-                          eps: float, chunk: int, need_z: bool, need_c: bool,
-                          value_grad: bool = True):  # fmt: skip
+                          eps: float, chunk: tuple[int, int], need_z: bool, need_c: bool,
+                          value_grad: bool = True, lse_lo=None):  # fmt: skip
     """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 - e) - g_q . q``
     (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D) and
     ``g_col`` (K,), each None when that output has no gradient (its work is skipped). Rows with
     weight 0 get no gradient and give none to the codes. ``value_grad=False`` leaves out the
-    codes' direct term ``p^T g_q`` of ``q = p C`` (the gradient of ``p @ sg(C)``)."""
+    codes' direct term ``p^T g_q`` of ``q = p C`` (the gradient of ``p @ sg(C)``). ``lse_lo``
+    (N,) is the forward's rounding error of ``lse`` (None: 0)."""
     n, k = z.shape[0], codes.shape[0]
     dz, dc = torch.zeros_like(z), torch.zeros_like(codes)
     if not (need_z or need_c) or n == 0:
         return dz, dc
     zsq, csq = z.square().sum(1), codes.square().sum(1)
+    wl = w if lse_lo is None else w * torch.exp(-lse_lo)
     for r0, r1, ctiles in _tiles(n, k, chunk):
-        zt, zs, wt = z[r0:r1], zsq[r0:r1], w[r0:r1, None]
+        zt, zs, wt = z[r0:r1], zsq[r0:r1], wl[r0:r1, None]
         lt = lse[r0:r1, None]
         ge = None if g_e is None else g_e[r0:r1, None]
         gq = None if g_q is None else g_q[r0:r1]
         a = a0[r0:r1].clone()
         if g_col is not None:  # the column sums' row term needs a pass of its own
             for c0, c1 in ctiles:
-                x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps)
-                a -= x.sub_(lt).exp_().mul_(wt) @ g_col[c0:c1]
+                x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps, False)
+                a -= _exp_(x.sub_(lt)).mul_(wt) @ g_col[c0:c1]
+        # only lse's gradient: dL/dx is p times a row constant, one product with the weights
+        row = (wt * a[:, None] * inv_tau) if ge is None and gq is None and g_col is None else None
         for c0, c1 in ctiles:
             ct = codes[c0:c1]
             x, s, d2 = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
-            p = torch.exp(x - lt).mul_(wt)
-            if need_c and value_grad and gq is not None:
-                dc[c0:c1].addmm_(p.t(), gq)  # q = p C: the codes' own term
-            if gq is not None:
-                inner = torch.addmm(a[:, None], gq, ct.t())
+            p = _exp_(x - lt)
+            if row is not None:
+                h = p.mul_(row)
             else:
-                inner = a[:, None].expand(-1, c1 - c0).clone()
-            if ge is not None:
-                inner.addcmul_(ge, x)
-            if g_col is not None:
-                inner += g_col[c0:c1][None, :]
-            gz_t, gc_t = _chain(p.mul_(inner).mul_(inv_tau), zt, ct, s, d2, sim, eps)
+                h = _upstream(p.mul_(wt), a, x, ge, gq, g_col, ct, c0, c1, inv_tau)
+                if need_c and value_grad and gq is not None:
+                    dc[c0:c1].addmm_(p.t(), gq)  # q = p C: the codes' own term
+            gz_t, gc_t = _chain(h, zt, ct, s, d2, sim, eps)
             if need_z:
                 dz[r0:r1] += gz_t
             if need_c:

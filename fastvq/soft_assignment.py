@@ -19,6 +19,7 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, is_int, is_real
 from ._soft_assign_torch import (
+    ROWS_PER_TILE,
     SIMILARITIES,
     default_chunk,
     soft_assign_bwd_torch,
@@ -37,21 +38,21 @@ class SoftAssignment(NamedTuple):
 
     lse: torch.Tensor  # (N,) log sum_k exp(x_nk)
     index: torch.Tensor  # (N,) int64 argmax_k x_nk, ties -> lowest k; no gradient
-    expected_logit: torch.Tensor  # (N,) sum_k p_nk x_nk
+    expected_logit: torch.Tensor | None  # (N,) sum_k p_nk x_nk; None if not asked
     expected_code: torch.Tensor | None  # (N, D) sum_k p_nk c_k; None if not asked
     column_sums: torch.Tensor | None  # (K,) sum over counted rows of p_nk; None if not asked
 
 
-def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q):
+def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e):
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_fwd_triton
 
-        return soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col)
-    return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q)
+        return (*soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col), None)
+    return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e)
 
 
-def _bwd(backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk, *, need_z,
-         need_c, value_grad):  # fmt: skip
+def _bwd(backend, z, codes, w, lse, lse_lo, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk, *,
+         need_z, need_c, value_grad):  # fmt: skip
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_bwd_triton
 
@@ -63,7 +64,7 @@ def _bwd(backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chun
             need_c=need_c, value_grad=value_grad,
         )  # fmt: skip
     return soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
-                                 need_z, need_c, value_grad)  # fmt: skip
+                                 need_z, need_c, value_grad, lse_lo)  # fmt: skip
 
 
 class _SoftAssign(torch.autograd.Function):
@@ -71,12 +72,13 @@ class _SoftAssign(torch.autograd.Function):
     ``z``, ``C``, the row weights and the (N,) / (N, D) outputs: nothing of size N x K."""
 
     @staticmethod
-    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, value_grad,
-                backend):  # fmt: skip
-        lse, idx, e, q, col = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col,
-                                   want_q)  # fmt: skip
+    def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e,
+                value_grad, backend):  # fmt: skip
+        lse, idx, e, q, col, lse_lo = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col,
+                                   want_q, want_e)  # fmt: skip
         q = q if want_q else None
-        ctx.save_for_backward(z, codes, w, lse, e, q)
+        e = e if want_e else None
+        ctx.save_for_backward(z, codes, w, lse, lse_lo, e, q)
         ctx.args = (inv_tau, sim, eps, chunk, value_grad, backend)
         ctx.mark_non_differentiable(idx)
         # unused outputs' gradients arrive as None, and their passes are skipped
@@ -85,10 +87,11 @@ class _SoftAssign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        z, codes, w, lse, e, q = ctx.saved_tensors
+        z, codes, w, lse, lse_lo, e, q = ctx.saved_tensors
         inv_tau, sim, eps, chunk, value_grad, backend = ctx.args
-        g_lse, _, g_e = grads[:3]
-        rest = list(grads[3:])
+        g_lse = grads[0]
+        rest = list(grads[2:])
+        g_e = rest.pop(0) if e is not None else None
         g_q = rest.pop(0) if q is not None else None
         g_col = rest.pop(0) if rest else None
         keep = w > 0  # masked rows: no gradient, whatever their upstream
@@ -101,10 +104,10 @@ class _SoftAssign(torch.autograd.Function):
             a0 = a0 - (g_q * q).sum(1)
         a0 = torch.where(keep, a0, 0.0)
         dz, dc = _bwd(
-            backend, z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
+            backend, z, codes, w, lse, lse_lo, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
             need_z=ctx.needs_input_grad[0], need_c=ctx.needs_input_grad[1], value_grad=value_grad,
         )  # fmt: skip
-        return dz, dc, None, None, None, None, None, None, None, None, None
+        return dz, dc, None, None, None, None, None, None, None, None, None, None
 
 
 def _check(z, codes, temperature, similarity, mask, eps, chunk):
@@ -127,8 +130,11 @@ def _check(z, codes, temperature, similarity, mask, eps, chunk):
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if not is_real(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite real > 0, got {eps!r}")
-    if chunk is not None and (not is_int(chunk) or chunk < 1):
-        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+    pair = isinstance(chunk, tuple) and len(chunk) == 2
+    if chunk is not None and not all(is_int(c) and c >= 1 for c in (chunk if pair else (chunk,))):
+        raise ValueError(
+            f"chunk must be None, an int >= 1 or a pair (rows, codes) of them, got {chunk!r}"
+        )
     if mask is not None:
         check_tensor("mask", mask)
         if mask.dtype != torch.bool:
@@ -149,9 +155,10 @@ def soft_assign(
     mask: torch.Tensor | None = None,
     eps: float = VQP_DIST_EPS,
     backend: str = "auto",
-    chunk: int | None = None,
+    chunk: int | tuple[int, int] | None = None,
     column_sums: bool = True,
     expected_code: bool = True,
+    expected_logit: bool = True,
     value_grad: bool = True,
 ) -> SoftAssignment:
     """Softmax of each row over the whole codebook, reduced on the fly: no N x K tensor.
@@ -169,21 +176,23 @@ def soft_assign(
             to the column sums and get no gradient, NaN padding included.
         eps: the distance floor of ``"neg_dist"`` (its gradient is 0 below it).
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"`` (no fp64).
-        chunk: codes per tile of the torch backend (default: 4 MiB tiles of 512 rows); the last
-            tile may be shorter.
+        chunk: codes per tile of the torch backend, or a pair ``(rows, codes)`` per tile
+            (default: 4 MiB tiles of 512 rows); the last tile may be shorter.
         column_sums: False skips the column sums (one pass over the codes less); the field is
             None.
         expected_code: False skips ``p @ C`` (one product per tile less on the torch
+            backend); the field is None.
+        expected_logit: False skips ``E_p[x]`` (one product per tile less on the torch
             backend); the field is None.
         value_grad: False makes ``expected_code`` ``p @ sg(C)``: its gradient reaches ``C``
             through ``p`` only (the flash-attention picture: ``C`` as keys, not as values),
             as IBQ's straight-through estimator needs.
 
     Returns:
-        :class:`SoftAssignment` ``(lse (N,), index int64 (N,), expected_logit (N,),
-        expected_code (N, D), column_sums (K,) or None)``, computed in fp32 from the inputs as
-        given (fp64 for fp64 inputs). Every output but ``index`` is differentiable to ``z`` and
-        ``C``, with the exact gradient of the literal formula.
+        :class:`SoftAssignment` ``(lse (N,), index int64 (N,), expected_logit (N,) or None,
+        expected_code (N, D) or None, column_sums (K,) or None)``, computed in fp32 from the
+        inputs as given (fp64 for fp64 inputs). Every output but ``index`` is differentiable to
+        ``z`` and ``C``, with the exact gradient of the literal formula.
 
     Non-finite input: a counted row holding a NaN or Inf (or every row, if a code holds one)
     outputs NaN in ``lse``, ``expected_logit`` and ``expected_code``, index 0, makes every
@@ -198,7 +207,12 @@ def soft_assign(
     if backend == "triton" and z.dtype == torch.float64:
         raise TypeError("backend='triton' takes no float64 input: use backend='torch'")
     k = C.shape[0]
-    chunk = default_chunk(k) if chunk is None else min(chunk, k)
+    if chunk is None:
+        chunk = (ROWS_PER_TILE, default_chunk(k))
+    elif isinstance(chunk, tuple):
+        chunk = (int(chunk[0]), min(int(chunk[1]), k))
+    else:
+        chunk = (ROWS_PER_TILE, min(chunk, k))
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
     with torch.autocast(z.device.type, enabled=False):
         z32, c32 = z.to(work), C.to(work)
@@ -210,17 +224,20 @@ def soft_assign(
         w = keep.to(work)
         out = _SoftAssign.apply(z32.contiguous(), c32.contiguous(), w, 1.0 / temperature,
                                 similarity, float(eps), chunk, column_sums, expected_code,
-                                bool(value_grad), backend)  # fmt: skip
-    lse, idx, e = out[:3]
-    q = out[3] if expected_code else None
+                                expected_logit, bool(value_grad), backend)  # fmt: skip
+    lse, idx = out[:2]
+    rest = list(out[2:])
+    e = rest.pop(0) if expected_logit else None
+    q = rest.pop(0) if expected_code else None
     nan = torch.full((), math.nan, dtype=work, device=z.device)
     bad = keep & ~row_ok
     lse = torch.where(keep, torch.where(bad, nan, lse), 0.0)
-    e = torch.where(keep, torch.where(bad, nan, e), 0.0)
+    if e is not None:
+        e = torch.where(keep, torch.where(bad, nan, e), 0.0)
     if q is not None:
         q = torch.where(keep[:, None], torch.where(bad[:, None], nan, q), 0.0)
     idx = torch.where(keep & row_ok, idx, 0)
     col = None
     if column_sums:
-        col = torch.where(bad.any(), nan, out[-1])
+        col = torch.where(bad.any(), nan, rest.pop(0))
     return SoftAssignment(lse, idx, e, q, col)
