@@ -9,6 +9,8 @@ gradient to the encoder output and to the codebook (each term on its own, by aut
 
     python -m benchmarks.ibq_probe --codebook-size 1024 --steps 60 --out /tmp/ibq-probe.json
     python -m benchmarks.ibq_probe --codebook-size 1024 --steps 60 --vq-kwargs '{"init_scale": 0.1}'
+    python -m benchmarks.ibq_probe --init-only --codebook-size 16384   # step 0 only
+    python -m benchmarks.ibq_probe --summarize /tmp/ibq-probe.json     # markdown tables
 
 ``--vq-kwargs`` (JSON) passes IBQ options, so a probe of one change is one flag.
 """
@@ -31,6 +33,43 @@ def _softmax_stats(z, codes, temperature):
     logp = (z @ codes.T / temperature).log_softmax(1)
     p = logp.exp()
     return float(p.max(1).values.mean()), float(-(p * logp).sum(1).mean())
+
+
+def _picked(rows, codes) -> int:
+    """How many distinct codes the dot-product argmax gives ``rows``."""
+    return int((rows @ codes.T).argmax(1).unique().numel())
+
+
+def init_geometry(args) -> list[dict]:
+    """At initialisation (no step taken): the demo encoder's rows on the first batch, their
+    mean pairwise cosine, and the distinct codes their dot-product argmax picks against N(0, 1)
+    codes, against the same rows centred and against isotropic N(0, 1) rows."""
+    from fastvq.app import recipes as R
+    from fastvq.app.checkpoint import build
+    from fastvq.app.data import load_dataset, to_float
+    from fastvq.app.rng import seed_everything
+
+    torch.set_num_threads(1)
+    ds = load_dataset("fashion-mnist", args.data_dir)
+    x = to_float(ds.train.images[: args.batch_size])
+    rows = []
+    for dim in args.dims:
+        seed_everything(args.seed)
+        cfg = R.model_config("vqvae", ds, quantizer="ibq", codebook_size=args.codebook_size,
+                             dim=dim)  # fmt: skip
+        model = build("vqvae", cfg)
+        with torch.no_grad():
+            z = model.encoder(x).movedim(1, -1).reshape(-1, dim)
+            codes = model.vq.codes()
+            u = F.normalize(z, dim=1)
+            row = {"dim": dim, "rows": z.shape[0], "z_norm": float(z.norm(dim=1).mean()),
+                   "mean_z_norm": float(z.mean(0).norm()), "mean_cos": float((u @ u.T).mean()),
+                   "codes_picked": _picked(z, codes),
+                   "codes_picked_centred": _picked(z - z.mean(0), codes),
+                   "codes_picked_isotropic": _picked(torch.randn_like(z), codes)}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def probe(args) -> dict:
@@ -99,6 +138,8 @@ def probe(args) -> dict:
                      "commitment": c.commitment_weight * parts.commitment,
                      "codebook": c.codebook_weight * parts.codebook, "entropy": ent}  # fmt: skip
             for name, t in terms.items():
+                if not t.requires_grad:  # a term of weight 0
+                    continue
                 gz, gc = torch.autograd.grad(t, (z_e, q_layer.book.codebook), retain_graph=True,
                                              allow_unused=True)  # fmt: skip
                 rec[f"gz_{name}"] = 0.0 if gz is None else float(gz.norm())
@@ -123,6 +164,36 @@ def probe(args) -> dict:
     }
 
 
+COLUMNS = (("step", "step", "{}"), ("batch_codes", "codes in batch", "{}"),
+           ("seen_codes", "codes so far", "{}"), ("z_norm", "mean abs z", "{:.2f}"),
+           ("code_norm_mean", "mean abs c", "{:.2f}"), ("used_code_norm", "abs c, used", "{:.2f}"),
+           ("pmax_t1", "max p (T 1)", "{:.3f}"), ("pmax_ent", "max p (T 0.01)", "{:.3f}"),
+           ("recon_mse", "batch MSE", "{:.4f}"),
+           ("gc_rows_entropy", "codes with entropy grad", "{}"),
+           ("gc_entropy", "entropy grad to C", "{:.3g}"),
+           ("gc_double_quant", "dq grad to C", "{:.3g}"))  # fmt: skip
+
+
+def summarize(paths, every: int = 50) -> str:
+    """Markdown: per probe JSON its command, machine, date and peak RSS, and a table of every
+    ``every``-th step and the last (gradient columns where that step measured them)."""
+    out = []
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        recs = doc["records"]
+        keep = [r for r in recs if r["step"] % every == 0 or r is recs[-1]]
+        out += [f"Command: `{doc['command']}`; {doc['machine']}; {doc['date']}; peak RSS "
+                f"{doc['peak_rss_mib']:.0f} MiB.", "",
+                "| " + " | ".join(c[1] for c in COLUMNS) + " |",
+                "|" + "---:|" * len(COLUMNS)]  # fmt: skip
+        for r in keep:
+            cells = [fmt.format(r[k]) if k in r else "" for k, _, fmt in COLUMNS]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     import sys
 
@@ -143,10 +214,24 @@ def main(argv=None) -> int:
     ap.add_argument("--print-every", type=int, default=10)
     ap.add_argument("--grad-every", type=int, default=10, help="0: no per-term gradients")
     ap.add_argument("--vq-kwargs", default="{}", help="IBQ options, JSON")
+    ap.add_argument(
+        "--init-only",
+        action="store_true",
+        help="only the encoder's rows at initialisation, for each of --dims",
+    )
+    ap.add_argument("--dims", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--summarize", nargs="+", default=None,
+                    help="markdown tables of these probe JSONs (every 50th step)")  # fmt: skip
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.summarize:
+        print(summarize(args.summarize), end="")
+        return 0
+    if args.init_only:
+        init_geometry(args)
+        return 0
     doc = probe(args)
     if args.out:
         with open(args.out, "w") as f:
