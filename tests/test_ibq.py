@@ -121,21 +121,22 @@ def test_each_term_gradient_matches_literal(backend, term, code_scale):
 def test_entropy_gradient_reaches_every_code_only_unsaturated():
     """Why IBQ collapsed in the demo's VQ-VAE: with N(0, 1) codes in D = 16 and |z| ~ 3 the
     logits / 0.01 are ~1e3 apart, the entropy softmax is one-hot in fp32 and the codebook
-    entropy's gradient reaches only the codes already chosen; at init_scale 0.1 it reaches all."""
+    entropy's gradient reaches fewer codes than the argmax uses (79 and 185 of 512 here: a row
+    one-hot to fp32 passes exactly 0); at init_scale 0.1 it reaches all 512."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(200, 16, generator=g) * 0.75  # |z| ~ 3, as after a few demo steps
-    reached = {}
+    reached, chosen = {}, {}
     for scale in (1.0, 0.1):
         torch.manual_seed(0)
         q = IBQ(16, 512, init_scale=scale, double_quant_weight=0.0, commitment_weight=0.0,
                 codebook_weight=0.0, sample_entropy_weight=0.0)  # fmt: skip
-        q(z).loss.backward()
-        grad = q.book.codebook.grad
-        reached[scale] = int((grad.abs().sum(1) > 0).sum())
-        chosen = int(q(z).indices.unique().numel())
-        assert float(q.codes().std()) == pytest.approx(scale, rel=0.05)
-    assert reached[0.1] == 512
-    assert reached[1.0] < 512 // 2 and chosen <= 200
+        out = q(z)
+        out.loss.backward()
+        reached[scale] = int((q.book.codebook.grad.abs().sum(1) > 0).sum())
+        chosen[scale] = int(out.indices.unique().numel())
+        assert float(q.codes().detach().std()) == pytest.approx(scale, rel=0.05)
+    assert chosen[1.0] == chosen[0.1]  # the argmax does not depend on the codes' scale
+    assert reached[1.0] < chosen[1.0] and reached[0.1] == 512
 
 
 def test_layer_matches_literal_and_reaches_every_code(backend):
