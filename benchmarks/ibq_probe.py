@@ -165,8 +165,9 @@ def probe(args) -> dict:
 
 
 COLUMNS = (("step", "step", "{}"), ("batch_codes", "codes in batch", "{}"),
-           ("seen_codes", "codes so far", "{}"), ("z_norm", "mean abs z", "{:.2f}"),
-           ("code_norm_mean", "mean abs c", "{:.2f}"), ("used_code_norm", "abs c, used", "{:.2f}"),
+           ("seen_codes", "codes so far", "{}"), ("z_norm", "mean norm z", "{:.2f}"),
+           ("code_norm_mean", "mean norm c", "{:.2f}"),
+           ("used_code_norm", "norm c, used", "{:.2f}"),
            ("pmax_t1", "max p (T 1)", "{:.3f}"), ("pmax_ent", "max p (T 0.01)", "{:.3f}"),
            ("recon_mse", "batch MSE", "{:.4f}"),
            ("gc_rows_entropy", "codes with entropy grad", "{}"),
@@ -222,12 +223,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--summarize", nargs="+", default=None,
                     help="markdown tables of these probe JSONs (every 50th step)")  # fmt: skip
+    ap.add_argument("--every", type=int, default=50, help="with --summarize: rows every N steps")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.summarize:
-        print(summarize(args.summarize), end="")
+        print(summarize(args.summarize, args.every), end="")
         return 0
     if args.init_only:
         init_geometry(args)
