@@ -65,9 +65,10 @@ class IBQConfig:
             ``sample_minimization_weight`` and ``batch_maximization_weight`` (1, 1).
         entropy_eps: the ``eps`` in SEED-Voken's ``log(avg_probs + eps)`` (1e-5).
         init_scale: the initial codes' standard deviation, N(0, init_scale^2) (SEED-Voken's
-            ``nn.Embedding``: 1). Smaller codes keep the entropy term's softmax at
-            ``entropy_temperature`` from saturating, so its gradient reaches every code
-            (docs/ibq.md, "Why it collapsed in the demo's VQ-VAE").
+            ``nn.Embedding``: 1). In the demo's VQ-VAE smaller codes (0.1 at K = 2^14, 0.03
+            at 2^16) kept the entropy term's softmax at ``entropy_temperature`` from
+            saturating, so its gradient reached every code (docs/ibq.md, "Why it collapsed in
+            the demo's VQ-VAE"); the argmax itself does not depend on the scale.
         channel_first: input laid out (B, dim, ...).
         backend: the op's backend (``"auto"``, ``"torch"``, ``"triton"``).
     """
