@@ -63,6 +63,24 @@ CONFIGS = {
     "ibq-16384": ("ibq", {"quantizer": "ibq", "codebook_size": 2**14}, ""),
     "simvq-16384": ("simvq", {"quantizer": "simvq", "codebook_size": 2**14}, ""),
     "ibq-65536": ("ibq", {"quantizer": "ibq", "codebook_size": 2**16}, ""),
+    # issue 27's collapse (docs/ibq.md, "Why it collapsed"): the same with codes drawn at
+    # std 0.1 (IBQ's init_scale), so the entropy softmax at 0.01 reaches every code
+    "ibq-init0.1-16384": (
+        "ibq-init0.1",
+        {"quantizer": "ibq", "codebook_size": 2**14, "vq_kwargs": {"init_scale": 0.1}},
+        "codes N(0, 0.1^2)",
+    ),
+    "ibq-init0.1-65536": (
+        "ibq-init0.1",
+        {"quantizer": "ibq", "codebook_size": 2**16, "vq_kwargs": {"init_scale": 0.1}},
+        "codes N(0, 0.1^2)",
+    ),
+    # 0.1 left seed 2 collapsed at 2**16 (its entropy softmax saturated again): smaller codes
+    "ibq-init0.03-65536": (
+        "ibq-init0.03",
+        {"quantizer": "ibq", "codebook_size": 2**16, "vq_kwargs": {"init_scale": 0.03}},
+        "codes N(0, 0.03^2)",
+    ),
 }
 QUICK_MODEL = {"hidden": 8, "res_hidden": 4, "n_res": 1}
 
@@ -227,7 +245,8 @@ def plot(docs: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     colours = {"vq": "tab:blue", "fsq": "tab:orange", "lfq": "tab:green", "bsq": "tab:red",
-               "ibq": "tab:purple", "simvq": "tab:brown"}  # fmt: skip
+               "ibq": "tab:purple", "simvq": "tab:brown", "ibq-init0.1": "tab:pink",
+               "ibq-init0.03": "tab:olive"}  # fmt: skip
     keys = ("test_mse", "usage_fraction", "perplexity")
     for i, doc in enumerate(docs):
         s = doc["settings"]

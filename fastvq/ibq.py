@@ -64,6 +64,11 @@ class IBQConfig:
         sample_entropy_weight, codebook_entropy_weight: SEED-Voken's
             ``sample_minimization_weight`` and ``batch_maximization_weight`` (1, 1).
         entropy_eps: the ``eps`` in SEED-Voken's ``log(avg_probs + eps)`` (1e-5).
+        init_scale: the initial codes' standard deviation, N(0, init_scale^2) (SEED-Voken's
+            ``nn.Embedding``: 1). In the demo's VQ-VAE smaller codes (0.1 at K = 2^14, 0.03
+            at 2^16) kept the entropy term's softmax at ``entropy_temperature`` from
+            saturating, so its gradient reached every code (docs/ibq.md, "Why it collapsed in
+            the demo's VQ-VAE"); the argmax itself does not depend on the scale.
         channel_first: input laid out (B, dim, ...).
         backend: the op's backend (``"auto"``, ``"torch"``, ``"triton"``).
     """
@@ -79,6 +84,7 @@ class IBQConfig:
     sample_entropy_weight: float = 1.0
     codebook_entropy_weight: float = 1.0
     entropy_eps: float = 1e-5
+    init_scale: float = 1.0
     channel_first: bool = False
     backend: str = "auto"
 
@@ -92,7 +98,7 @@ class IBQConfig:
             if not is_real(v):
                 raise ValueError(f"{name} must be a finite float, got {v!r}")
             setattr(self, name, float(v))
-        for name in ("temperature", "entropy_temperature", "entropy_eps"):
+        for name in ("temperature", "entropy_temperature", "entropy_eps", "init_scale"):
             v = getattr(self, name)
             if not is_real(v) or v <= 0:
                 raise ValueError(f"{name} must be a positive float, got {v!r}")
@@ -156,7 +162,8 @@ class IBQ(nn.Module):
 
     ``IBQ(dim, codebook_size, **options)`` (:class:`IBQConfig`); ``q(x, mask=None)`` returns
     ``(quantized, indices, loss)`` like every fastvq layer (``return_loss_breakdown=True`` adds
-    an :class:`IBQLossBreakdown`). Codes start as ``nn.Embedding``'s N(0, 1), as SEED-Voken's.
+    an :class:`IBQLossBreakdown`). Codes start as N(0, init_scale^2): SEED-Voken's
+    ``nn.Embedding`` N(0, 1) by default.
     The op runs in fp32 (fp64 for fp64 rows) with autocast off; ``quantized`` takes x's dtype.
     """
 
@@ -169,7 +176,7 @@ class IBQ(nn.Module):
         cfg = IBQConfig(dim, codebook_size, **options)
         self.config = cfg
         self.book = Codebook(1, codebook_size, dim, learning="grad", grouped=False,
-                             init=torch.randn(codebook_size, dim), counters=False,
+                             init=torch.randn(codebook_size, dim) * cfg.init_scale, counters=False,
                              kmeans_flag=False)  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -71,6 +71,74 @@ def test_rows_and_loss_match_literal(backend, masked, temps):
     torch.testing.assert_close(c1.grad.double(), c2.grad, **tol)
 
 
+TERMS = {  # each loss term alone: every other weight 0
+    "double_quant": dict(commitment_weight=0.0, codebook_weight=0.0, entropy_loss_weight=0.0),
+    "commitment": dict(double_quant_weight=0.0, codebook_weight=0.0, entropy_loss_weight=0.0),
+    "codebook": dict(double_quant_weight=0.0, commitment_weight=0.0, entropy_loss_weight=0.0),
+    "sample_entropy": dict(double_quant_weight=0.0, commitment_weight=0.0, codebook_weight=0.0,
+                           entropy_loss_weight=1.0, codebook_entropy_weight=0.0),
+    "codebook_entropy": dict(double_quant_weight=0.0, commitment_weight=0.0,
+                             codebook_weight=0.0, entropy_loss_weight=1.0,
+                             sample_entropy_weight=0.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("term", list(TERMS))
+@pytest.mark.parametrize("code_scale", [1.0, 0.1])
+def test_each_term_gradient_matches_literal(backend, term, code_scale):
+    """Each term on its own (a sign or a lost path of one term cannot hide behind the others),
+    in the demo VQ-VAE's regime: D = 16, |z| ~ 3 rows sharing a direction, codes N(0, s^2); at
+    s = 1 the entropy softmax at 0.01 is one-hot to fp32 (docs/ibq.md), at s = 0.1 it is not."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(48, 16, generator=g) * 0.5 + torch.randn(16, generator=g) * 0.7
+    c = torch.randn(64, 16, generator=g) * code_scale
+    cfg = IBQConfig(16, 64, backend=backend, **TERMS[term])
+    z1, c1 = z.to(dtype).clone().requires_grad_(), c.to(dtype).clone().requires_grad_()
+    q, _, hard = ibq_quantize_rows(z1, c1, cfg.temperature, backend)
+    loss, _ = ibq_loss(z1, c1, None, q, hard, cfg)
+    loss.backward()
+    z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
+    _, _, ref = _literal(z2, c2, cfg)
+    ref.backward()
+    assert c2.grad.abs().max() + z2.grad.abs().max() > 0  # the term is not trivially zero
+    # fp32: a logit |z.c| ~ 10 rounds by ~1e-6, ~1e-4 after / 0.01, which moves p and the
+    # gradients by ~1e-4 relative. With rows one-hot to fp32 (code_scale 1) the entropies lose
+    # more: soft_assign gives the sample entropy as lse - E_p[x], a difference of two ~1e3
+    # logits, and the codebook entropy's gradient as p (g_k - E_p[g]); measured here, off by
+    # 1.2e-2 / 1.3e-2 (sample, torch / Triton) and 1.3e-3 (codebook) of the largest entry,
+    # against 1.2e-4 and 3.7e-5 for the literal formula run in fp32 (docs/ibq.md)
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    loose = tol
+    if dtype == torch.float32:
+        loose = {"sample_entropy": 3e-2, "codebook_entropy": 3e-3}.get(term, tol)
+    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
+    for got, want in ((z1.grad, z2.grad), (c1.grad, c2.grad)):
+        atol = loose * float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=loose, atol=atol)
+
+
+def test_entropy_gradient_reaches_every_code_only_unsaturated():
+    """Why IBQ collapsed in the demo's VQ-VAE: with N(0, 1) codes in D = 16 and |z| ~ 3 the
+    logits / 0.01 are ~1e3 apart, the entropy softmax is one-hot in fp32 and the codebook
+    entropy's gradient reaches fewer codes than the argmax uses (79 and 185 of 512 here: a row
+    one-hot to fp32 passes exactly 0); at init_scale 0.1 it reaches all 512."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 16, generator=g) * 0.75  # |z| ~ 3, as after a few demo steps
+    reached, chosen = {}, {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        q = IBQ(16, 512, init_scale=scale, double_quant_weight=0.0, commitment_weight=0.0,
+                codebook_weight=0.0, sample_entropy_weight=0.0)  # fmt: skip
+        out = q(z)
+        out.loss.backward()
+        reached[scale] = int((q.book.codebook.grad.abs().sum(1) > 0).sum())
+        chosen[scale] = int(out.indices.unique().numel())
+        assert float(q.codes().detach().std()) == pytest.approx(scale, rel=0.05)
+    assert chosen[1.0] == chosen[0.1]  # the argmax does not depend on the codes' scale
+    assert reached[1.0] < chosen[1.0] and reached[0.1] == 512
+
+
 def test_layer_matches_literal_and_reaches_every_code(backend):
     torch.manual_seed(0)
     q = IBQ(8, 300, backend=backend)
@@ -144,6 +212,7 @@ def test_empty_batch():
         (dict(codebook_weight=float("nan")), ValueError, "codebook_weight"),
         (dict(entropy_temperature=0.0), ValueError, "entropy_temperature"),
         (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(init_scale=0.0), ValueError, "init_scale"),
         (dict(channel_first=1), TypeError, "channel_first"),
         (dict(backend="gpu"), ValueError, "backend"),
         (dict(beta=0.25), TypeError, "beta"),
