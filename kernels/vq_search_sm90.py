@@ -203,65 +203,18 @@ def vq_search_fwd_sm90_kernel(
     b_acc_b = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
     b_top = gl.full([BLOCK_N, BLOCK_K], float("-inf"), gl.float32, acc_l)
     b_tile = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l) + (k_lo // BLOCK_K).to(gl.float32)
+    smem = (z_smem, c_smem, n_smem, c_desc, n_desc, bar)
     # Unrolled by the two slots: with the slot a constant, the stages' MMA descriptors are fixed
     # offsets (a run-time slot made ptxas rebuild them each trip; at D = 256 they overflowed the
     # uniform registers).
     for pair in range(0, n_pairs - 1, 2):
-        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
-            z_smem,
-            c_smem,
-            n_smem,
-            c_desc,
-            n_desc,
-            bar,
-            b_one,
-            b_acc_a,
-            b_acc_b,
-            b_top,
-            b_tile,
-            k_lo,
-            pair,
-            n_pairs,
-            0,
-            BLOCK_K,
-        )
-        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
-            z_smem,
-            c_smem,
-            n_smem,
-            c_desc,
-            n_desc,
-            bar,
-            b_one,
-            b_acc_a,
-            b_acc_b,
-            b_top,
-            b_tile,
-            k_lo,
-            pair + 1,
-            n_pairs,
-            1,
-            BLOCK_K,
-        )
+        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(*smem, b_one, b_acc_a, b_acc_b, b_top,
+            b_tile, k_lo, pair, n_pairs, 0, BLOCK_K)  # fmt: skip
+        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(*smem, b_one, b_acc_a, b_acc_b, b_top,
+            b_tile, k_lo, pair + 1, n_pairs, 1, BLOCK_K)  # fmt: skip
     if n_pairs % 2 == 1:
-        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(
-            z_smem,
-            c_smem,
-            n_smem,
-            c_desc,
-            n_desc,
-            bar,
-            b_one,
-            b_acc_a,
-            b_acc_b,
-            b_top,
-            b_tile,
-            k_lo,
-            n_pairs - 1,
-            n_pairs,
-            0,
-            BLOCK_K,
-        )
+        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(*smem, b_one, b_acc_a, b_acc_b, b_top,
+            b_tile, k_lo, n_pairs - 1, n_pairs, 0, BLOCK_K)  # fmt: skip
     mbarrier.invalidate(bar.index(0))
     mbarrier.invalidate(bar.index(1))
 
