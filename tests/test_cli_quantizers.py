@@ -26,7 +26,7 @@ FAMILIES = {
     "fsq": (["--levels", "5,3,3"], 45),
     "lfq": (["--codebook-size", "64"], 64),
     "bsq": (["--codebook-size", "32", "--entropy-weight", "0.2"], 32),
-    "ibq": (["--codebook-size", "32", "--codebook-weight", "0.5"], 32),
+    "ibq": (["--codebook-size", "32", "--codebook-weight", "0.5", "--init-scale", "0.1"], 32),
     "simvq": (["--codebook-size", "16", "--beta", "0.5"], 16),
 }
 LAYER_CLASS = {"vq": "VectorQuantizer", "fsq": "FSQ", "ibq": "IBQ", "simvq": "VectorQuantizer"}
@@ -77,6 +77,7 @@ def test_each_family_trains_records_and_resumes_bit_identically(quantizer, data_
         assert meta["args"]["codebook_weight"] == 0.5 and meta["args"]["beta"] is None
         assert meta["args"]["entropy_weight"] == IBQ_DEFAULTS["entropy_weight"]
         assert model.vq.config.codebook_weight == 0.5
+        assert meta["args"]["init_scale"] == 0.1 and model.vq.config.init_scale == 0.1
     if quantizer == "simvq":
         assert meta["args"]["beta"] == 0.5 and meta["args"]["ema"] is None
         assert model.vq.simvq and model.vq.beta == 0.5
@@ -134,6 +135,8 @@ BAD = [
     (["--quantizer", "lfq", "--codebook-weight", "1"], ["--codebook-weight", "--quantizer lfq"]),
     (["--codebook-weight", "1"], ["--codebook-weight", "--quantizer vq"]),
     (["--quantizer", "ibq", "--commitment-weight", "-1"], ["--commitment-weight", ">= 0"]),
+    (["--quantizer", "ibq", "--init-scale", "0"], ["--init-scale", "> 0"]),
+    (["--init-scale", "0.1"], ["--init-scale", "--quantizer vq"]),
     (["--quantizer", "simvq", "--entropy-weight", "1"], ["--entropy-weight", "simvq"]),
     (["--quantizer", "simvq", "--cosine"], ["--cosine", "--quantizer simvq"]),
 ]

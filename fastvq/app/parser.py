@@ -249,6 +249,7 @@ QUANTIZER_OPTIONS = {
         "commitment_weight": "commitment_weight",
         "codebook_weight": "codebook_weight",
         "double_quant_weight": "double_quant_weight",
+        "init_scale": "init_scale",
     },
     "simvq": {},
 }
@@ -260,6 +261,7 @@ IBQ_DEFAULTS = {
     "commitment_weight": 1.0,
     "codebook_weight": 0.25,
     "double_quant_weight": 1.0,
+    "init_scale": 1.0,
 }
 # each family's defaults of its options in QUANTIZER_OPTIONS (fsq's levels: FSQ_DEFAULT_LEVELS)
 QUANTIZER_DEFAULTS = {
@@ -447,6 +449,13 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
             default=None,
             help=f"ibq: weight of the {what} (default: {IBQ_DEFAULTS[dest]})",
         )
+    g.add_argument(
+        "--init-scale",
+        type=POSITIVE_FLOAT,
+        default=None,
+        help="ibq: the initial codes' standard deviation (default: 1, SEED-Voken's N(0, 1); "
+        "0.1 kept the demo's VQ-VAE from collapsing at K = 16384, docs/ibq.md)",
+    )
 
 
 TRAIN_NOTE = (
