@@ -28,26 +28,21 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-from ._stamp import (
-    add_protocol_args,
-    alternated_rounds,
-    git_commit,
-    median_peaks,
-    parse_shapes,
-    result_header,
-    write_result,
+from ._ab import (
+    ROOT,
+    ab_markdown,
+    ab_rows,
+    add_output_args,
+    finish,
+    ratio_stats,
+    run_worker,
+    smoke_protocol,
 )  # fmt: skip
+from ._stamp import add_protocol_args, git_commit, result_header
 from ._timed_worker import timed_worker
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(4100, 16384, 64), (4100, 16384, 256), (16384, 16384, 64)]
 SMOKE_SHAPES = [(64, 300, 8)]
 SIDES = ("fastvq", "dense")
@@ -87,68 +82,33 @@ rss0 = status_kib("VmRSS")
 """)
 
 
-def _run(side: str, shape, threads: int, calls: int, min_time: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    load = os.getloadavg()[0]
-    args = [*map(str, shape), str(threads), side, str(calls), str(min_time)]
-    out = subprocess.run([sys.executable, "-c", WORKER, *args], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=3600)  # fmt: skip
-    if out.returncode:
-        raise RuntimeError(f"{side} {shape}: {out.stderr[-2000:]}")
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    if Path(got["fastvq"]).resolve().parent != (ROOT / "fastvq").resolve():
-        raise RuntimeError(f"the worker imported {got['fastvq']}, not this checkout's fastvq")
-    return got | {"load": load}
-
-
 def measure(shapes, rounds, threads, calls, min_time, sides=SIDES) -> list[dict]:
     """One row per shape: per-round seconds and peaks of both sides, ratios second / first."""
-    rows = []
-    for shape in shapes:
-        per_round = alternated_rounds(
-            sides,
-            rounds,
-            lambda s, shape=shape: _run(s, shape, threads, calls, min_time),
-            str(shape),
-        )
-        ratios = [p[sides[1]] / p[sides[0]] for p in per_round]
-        rows.append({
-            "n": shape[0], "k": shape[1], "d": shape[2], "rounds": per_round, "sides": sides,
-            "ratios": ratios, "ratio": f"{sides[1]} / {sides[0]}",
-            "median_ratio": statistics.median(ratios),
-            "median_peak_bytes": median_peaks(per_round, sides),
-        })  # fmt: skip
-    return rows
+    run = lambda s, shape, what: run_worker(  # noqa: E731
+        WORKER, ROOT, shape, s, threads, calls, min_time
+    )
+
+    def row(what, shape, per_round):
+        ratios, median, peaks = ratio_stats(per_round, sides, sides[1], sides[0])
+        return {"n": shape[0], "k": shape[1], "d": shape[2], "rounds": per_round,
+                "sides": sides, "ratios": ratios, "ratio": f"{sides[1]} / {sides[0]}",
+                "median_ratio": median, "median_peak_bytes": peaks}  # fmt: skip
+
+    return ab_rows(sides, [("", s) for s in shapes], rounds, run, row)
 
 
 def markdown(doc: dict) -> str:
-    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    """The result's Markdown table, one line per shape."""
     a, b = doc["sides"]
-    lines = [
-        f"# CPU stochastic sampling ({doc['commit']}): {a} vs {b}, {doc['threads']} thread(s)",
-        "", f"`{doc['command']}` on {doc['machine']}, {doc['date']}; torch {doc['torch']}. Each "
-        f"figure: the minimum over at least {doc['calls']} call(s) and at least "
-        f"{doc['min_time']:g} s of calls, in a fresh process after one warm-up; sides alternate "
-        f"every round. Ratio: {b} time / {a} time (> 1: {a} faster). Peak: RSS high-water "
-        "growth over the process's RSS after the inputs were built (MiB, median of rounds).", "",
-        f"| N × K × D | {a} s per round | {b} s per round | ratios | median ratio | "
-        f"peak {a} / {b} MiB | load average per round |", "|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
-    for r in doc["rows"]:
-        new = ", ".join(f"{p[a]:.3f}" for p in r["rounds"])
-        old = ", ".join(f"{p[b]:.3f}" for p in r["rounds"])
-        rat = ", ".join(f"{x:.2f}" for x in r["ratios"])
-        loads = ", ".join(f"{max(p['loads']):.2f}" for p in r["rounds"])
-        peak = r["median_peak_bytes"]
-        lines.append(f"| {r['n']} × {r['k']} × {r['d']} | {new} | {old} | {rat} | "
-                     f"**{r['median_ratio']:.2f}** | {mib(peak[a])} / {mib(peak[b])} | "
-                     f"{loads} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return ab_markdown(
+        doc, f"# CPU stochastic sampling ({doc['commit']}): {a} vs {b}, {doc['threads']} thread(s)",
+        (a, b), "after the inputs were built", unit=("s", 1.0, 3), mib_digits=1,
+        calls_word="call(s)", ratios_key="ratios", median_key="median_ratio",
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
+    """The command (module docstring): ``argv`` as sys.argv[1:]; 0 when done."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_protocol_args(ap)
     # one call of the dense side at 16384 x 16384 takes tens of seconds: one timed call each
@@ -156,25 +116,18 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="N,K,D;N,K,D... (default 4100,16384,64;4100,16384,256;"
                     "16384,16384,64)")  # fmt: skip
     ap.add_argument("--sides", default=",".join(SIDES), help=f"two of {ALL_SIDES}")
-    ap.add_argument("--smoke", action="store_true", help="one tiny round (CI)")
-    ap.add_argument("--out", type=Path, help="JSON path (markdown beside it); --smoke: none")
+    add_output_args(ap)
     a = ap.parse_args(argv)
     sides = tuple(a.sides.split(","))
     if len(sides) != 2 or len(set(sides)) != 2 or any(x not in ALL_SIDES for x in sides):
         ap.error(f"--sides must be two different sides of {ALL_SIDES}, got {a.sides}")
-    shapes = parse_shapes(a.shapes, SMOKE_SHAPES if a.smoke else SHAPES)
-    rounds, calls, min_time = (1, 1, 0.0) if a.smoke else (a.rounds, a.calls, a.min_time)
+    shapes, rounds, calls, min_time = smoke_protocol(a, SHAPES, SMOKE_SHAPES)
     now, doc = result_header("sampling_speed", argv, a.threads, calls, min_time)
     doc |= {"commit": git_commit(ROOT) or "unknown", "sides": sides}
     doc["rows"] = measure(shapes, rounds, a.threads, calls, min_time, sides)
-    print(markdown(doc))
-    if a.out or not a.smoke:
-        stamp = now.strftime("%Y-%m-%d")
-        tag = "" if sides == SIDES else "-" + "-vs-".join(sides)
-        out = a.out or RESULTS / (
-            f"cpu-sampling{tag}-{stamp}-{doc['commit']}-threads{a.threads}.json"
-        )
-        write_result(doc, out, markdown(doc))
+    tag = "" if sides == SIDES else "-" + "-vs-".join(sides)
+    name = lambda date: f"cpu-sampling{tag}-{date}-{doc['commit']}-threads{a.threads}.json"  # noqa: E731
+    finish(doc, markdown(doc), a, now, name)
     return 0
 
 

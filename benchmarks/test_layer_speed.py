@@ -1,26 +1,9 @@
 """benchmarks/layer_speed.py (the layer's training step, two checkouts in fresh processes), one tiny
 round: it cannot rot."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._smoke import old_new_smoke
 
 
 def test_layer_speed_smoke(tmp_path):
-    out = tmp_path / "speed.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.layer_speed", "--smoke", "--threads", "1",
-         "--ref", str(ROOT), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "| ema | 256 × 128 × 16 |" in run.stdout and "| grad | 256 × 128 × 16 |" in run.stdout
-    doc = json.loads(out.read_text())
-    assert [r["step"] for r in doc["rows"]] == ["ema", "grad"]
-    for row in doc["rows"]:
-        (rnd,) = row["rounds"]
-        assert rnd["new"] > 0 and rnd["old"] > 0 and rnd["peak_bytes"]["new"] > 0
-    assert out.with_suffix(".md").is_file()
+    rounds = old_new_smoke(tmp_path, "layer_speed", "step", ["ema", "grad"], "256 × 128 × 16")
+    assert all(rnd["peak_bytes"]["new"] > 0 for rnd in rounds)

@@ -2,17 +2,12 @@
 pytest-benchmark pair (one group), and benchmarks/sampling_speed.py's fresh-process protocol for
 one tiny round, so that neither can rot."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import fastvq
+from benchmarks._smoke import smoke_run
 
-ROOT = Path(__file__).resolve().parents[1]
 N, K, D = 256, 1024, 64
 
 
@@ -39,15 +34,8 @@ def test_sampling(benchmark, side):
 
 
 def test_sampling_speed_smoke(tmp_path):
-    out = tmp_path / "sampling.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sampling_speed", "--smoke", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "| 64 × 300 × 8 |" in run.stdout
-    doc = json.loads(out.read_text())
+    stdout, doc = smoke_run(tmp_path, "sampling_speed")
+    assert "| 64 × 300 × 8 |" in stdout
     (row,) = doc["rows"]
     (rnd,) = row["rounds"]
     assert rnd["fastvq"] > 0 and rnd["dense"] > 0 and rnd["peak_bytes"]["dense"] > 0
-    assert out.with_suffix(".md").is_file()
