@@ -74,9 +74,11 @@ def _tiles(n: int, k: int, chunk: tuple[int, int]):
 def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chunk: tuple[int, int],
                           want_col: bool, want_q: bool = True, want_e: bool = True):  # fmt: skip
     """Forward over tiles. ``z`` (N, D), ``codes`` (K, D), ``w`` (N,) row weights (1 counted,
-    0 masked), all one float dtype (fp32 or fp64). Returns ``(lse, idx, e, q, col)``: (N,),
-    int64 (N,), (N,), (N, D), (K,) (``col`` None unless ``want_col``, ``q`` unless
-    ``want_q``, ``e`` unless ``want_e``), and ``lse_lo`` (N,): ``lse``'s fp32 rounding error
+    0 masked), all one float dtype (fp32 or fp64). Returns ``(lse, idx, e, ent, q, col)``: (N,),
+    int64 (N,), (N,), (N,), (N, D), (K,) (``col`` None unless ``want_col``, ``q`` unless
+    ``want_q``, ``e`` and ``ent = lse - e`` unless ``want_e``; ``ent`` is accumulated relative
+    to the row max, so it keeps its digits where ``lse`` and ``e`` cancel), and ``lse_lo`` (N,):
+    ``lse``'s fp32 rounding error
     ``(max + log(sum)) - lse``, which the backward's ``exp(x - lse)`` applies as the row factor
     ``exp(-lse_lo)`` (free: it rides on the row weights), so ``p`` rounds as with the max and
     the log-sum kept apart. At a high temperature ``|lse|`` is in the hundreds and one ulp of it
@@ -87,6 +89,7 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
     lse_lo = z.new_empty(n)
     idx = torch.zeros(n, dtype=torch.int64, device=z.device)
     e = z.new_empty(n) if want_e else None
+    ent = z.new_empty(n) if want_e else None
     q = z.new_empty(z.shape) if want_q else None
     zsq, csq = z.square().sum(1), codes.square().sum(1)
     for r0, r1, ctiles in _tiles(n, k, chunk):
@@ -106,11 +109,16 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
             bi = torch.where(better, targ + c0, bi)
             m_new = torch.maximum(m, tmax)
             alpha = torch.exp(m - m_new)
-            # E_p[x] reads x again; otherwise the exponentials overwrite it
-            pe = _exp_(x - m_new[:, None] if want_e else x.sub_(m_new[:, None]))
-            s = s * alpha + pe.sum(1)
+            xm = x.sub_(m_new[:, None])
+            # E_p[x - m] reads x - m again; otherwise the exponentials overwrite it
+            pe = _exp_(xm.clone() if want_e else xm)
             if want_e:
-                se = se * alpha + torch.einsum("ij,ij->i", pe, x)
+                # sum exp(x - m) (x - m), rebased on the new max: relative to the row max, not
+                # to 0, so that lse - E_p[x] keeps its digits when p is one-hot (both are then
+                # the max plus a few ulp); the first tile has s = 0 and m = -inf
+                shift = torch.where(s > 0, (m - m_new) * s, 0.0)
+                se = (se + shift) * alpha + torch.einsum("ij,ij->i", pe, xm)
+            s = s * alpha + pe.sum(1)
             if want_q:
                 sq = torch.addmm(sq * alpha[:, None], pe, ct)
             m = m_new
@@ -120,7 +128,9 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
         lse_lo[r0:r1] = (m - hi) + lg  # exact when |lg| <= |m| (Fast2Sum); tiny otherwise
         idx[r0:r1] = bi
         if want_e:
-            e[r0:r1] = se / s
+            em = se / s  # E_p[x - m]
+            e[r0:r1] = m + em
+            ent[r0:r1] = (hi - m) - em  # lse - E_p[x], the row entropy; hi - m is exact
         if want_q:
             q[r0:r1] = sq / s[:, None]
     col = None
@@ -132,7 +142,7 @@ def soft_assign_fwd_torch(z, codes, w, inv_tau: float, sim: str, eps: float, chu
             for c0, c1 in ctiles:
                 x, _, _ = tile_logits(zt, zs, codes[c0:c1], csq[c0:c1], inv_tau, sim, eps, False)
                 col[c0:c1] += wl[r0:r1] @ _exp_(x.sub_(lse[r0:r1, None]))
-    return lse, idx, e, q, col, lse_lo
+    return lse, idx, e, ent, q, col, lse_lo
 
 
 def _chain(h, zt, ct, s, d2, sim: str, eps: float):
@@ -147,8 +157,9 @@ def _chain(h, zt, ct, s, d2, sim: str, eps: float):
 
 
 def _upstream(p, a, x, ge, gq, g_col, ct, c0: int, c1: int, inv_tau: float):
-    """``dL/dx = p (a + g_e x + g_q . c + g_col) / tau`` of a tile from its weighted ``p`` (a new
-    buffer: ``p`` is read again for the codes' own term of ``q``)."""
+    """``dL/dx = p (a + g_e (x - lse) + g_q . c + g_col) / tau`` of a tile from its weighted ``p``
+    (a new buffer: ``p`` is read again for the codes' own term of ``q``); ``x`` here is
+    ``x - lse``."""
     if gq is not None:
         inner = torch.addmm(a[:, None], gq, ct.t())
     elif ge is None and g_col is not None:
@@ -166,8 +177,9 @@ def _upstream(p, a, x, ge, gq, g_col, ct, c0: int, c1: int, inv_tau: float):
 def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
                           eps: float, chunk: tuple[int, int], need_z: bool, need_c: bool,
                           value_grad: bool = True, lse_lo=None):  # fmt: skip
-    """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 - e) - g_q . q``
-    (N,) is the row constant without the column-sum term; ``g_e`` (N,), ``g_q`` (N, D) and
+    """Gradients ``(dz, dc)`` from the upstream ones. ``a0 = g_lse + g_e (1 + ent) - g_q . q``
+    (N,) is the row constant without the column-sum term (``ent = lse - e``; the element term is
+    ``g_e (x - lse)``); ``g_e`` (N,), ``g_q`` (N, D) and
     ``g_col`` (K,), each None when that output has no gradient (its work is skipped). Rows with
     weight 0 get no gradient and give none to the codes. ``value_grad=False`` leaves out the
     codes' direct term ``p^T g_q`` of ``q = p C`` (the gradient of ``p @ sg(C)``). ``lse_lo``
@@ -193,7 +205,10 @@ def soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float,
         for c0, c1 in ctiles:
             ct = codes[c0:c1]
             x, s, d2 = tile_logits(zt, zs, ct, csq[c0:c1], inv_tau, sim, eps)
-            p = _exp_(x - lt)
+            # x - lse, not x, in E_p[x]'s term (a0 holds g_e (1 + lse - E_p[x])): near the max
+            # both stay small and exact, where x and E_p[x] would cancel
+            x = x - lt  # a new buffer: x may be s itself (temperature 1)
+            p = _exp_(x.clone() if ge is not None else x)
             if row is not None:
                 h = p.mul_(row)
             else:

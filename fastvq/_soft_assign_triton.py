@@ -144,14 +144,17 @@ def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, wa
         if col is not None:
             col.fill_(float("nan"))
     if n == 0:
-        return lse, idx, e, q, col
+        return lse, idx, e, e.clone(), q, col
     zsq, csq, launch = _common(z, codes, inv_tau, sim, eps)
-    launch("fwd", soft_assign_fwd_kernel, z, codes, zsq, csq, lse, idx, e, q)
+    ent = torch.empty_like(lse)
+    # the kernel writes the row entropy lse - E_p[x] (accumulated relative to the row max)
+    launch("fwd", soft_assign_fwd_kernel, z, codes, zsq, csq, lse, idx, ent, q)
+    e = lse - ent
     if want_col:
         # unused gradient pointers: any fp32 tensor (BWD=False never reads them)
         launch("col", soft_assign_col_kernel, z, codes, zsq, csq, w, lse, col, lse, lse, q, lse, q,
                BWD=False, HAS_GCOL=False, VALUE_GRAD=False)  # fmt: skip
-    return lse, idx, e, q, col
+    return lse, idx, e, ent, q, col
 
 
 def soft_assign_bwd_triton(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,

@@ -132,7 +132,7 @@ def ibq_entropy_terms(z, codes, keep, temperature: float, eps: float, backend: s
     )
     m = z.shape[0] if keep is None else keep.sum()
     m = torch.as_tensor(m, dtype=out.lse.dtype, device=z.device).clamp(min=1)
-    sample = (out.lse - out.expected_logit).sum() / m  # H(p) = lse - E_p[x]; masked rows: 0
+    sample = out.entropy.sum() / m  # H(p) = lse - E_p[x], kept exact when p is one-hot; masked: 0
     avg = out.column_sums / m
     return sample, -(avg * torch.log(avg + eps)).sum()
 

@@ -41,13 +41,16 @@ class SoftAssignment(NamedTuple):
     expected_logit: torch.Tensor | None  # (N,) sum_k p_nk x_nk; None if not asked
     expected_code: torch.Tensor | None  # (N, D) sum_k p_nk c_k; None if not asked
     column_sums: torch.Tensor | None  # (K,) sum over counted rows of p_nk; None if not asked
+    # (N,) the row entropy lse - E_p[x], accumulated relative to the row max so it keeps its
+    # digits when p is one-hot (where lse and E_p[x] cancel); with expected_logit, else None
+    entropy: torch.Tensor | None = None
 
 
 def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e):
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_fwd_triton
 
-        return (*soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col), None)
+        return (*soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col), None)  # lse_lo
     return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e)
 
 
@@ -74,31 +77,36 @@ class _SoftAssign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e,
                 value_grad, backend):  # fmt: skip
-        lse, idx, e, q, col, lse_lo = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col,
-                                   want_q, want_e)  # fmt: skip
+        lse, idx, e, ent, q, col, lse_lo = _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk,
+                                                want_col, want_q, want_e)  # fmt: skip
         q = q if want_q else None
-        e = e if want_e else None
-        ctx.save_for_backward(z, codes, w, lse, lse_lo, e, q)
+        e, ent = (e, ent) if want_e else (None, None)
+        ctx.save_for_backward(z, codes, w, lse, lse_lo, ent, q)
         ctx.args = (inv_tau, sim, eps, chunk, value_grad, backend)
         ctx.mark_non_differentiable(idx)
         # unused outputs' gradients arrive as None, and their passes are skipped
         ctx.set_materialize_grads(False)
-        return tuple(t for t in (lse, idx, e, q, col) if t is not None)
+        return tuple(t for t in (lse, idx, e, ent, q, col) if t is not None)
 
     @staticmethod
     def backward(ctx, *grads):
-        z, codes, w, lse, lse_lo, e, q = ctx.saved_tensors
+        z, codes, w, lse, lse_lo, ent, q = ctx.saved_tensors
         inv_tau, sim, eps, chunk, value_grad, backend = ctx.args
         g_lse = grads[0]
         rest = list(grads[2:])
-        g_e = rest.pop(0) if e is not None else None
+        g_e = rest.pop(0) if ent is not None else None
+        g_ent = rest.pop(0) if ent is not None else None
         g_q = rest.pop(0) if q is not None else None
         g_col = rest.pop(0) if rest else None
+        if g_ent is not None:  # ent = lse - e
+            g_lse = g_ent if g_lse is None else g_lse + g_ent
+            g_e = -g_ent if g_e is None else g_e - g_ent
         keep = w > 0  # masked rows: no gradient, whatever their upstream
         a0 = torch.zeros_like(lse) if g_lse is None else g_lse
         if g_e is not None:
             g_e = torch.where(keep, g_e, 0.0)
-            a0 = a0 + g_e * (1 - e)
+            # the kernels' element term is g_e (x - lse): 1 + x - e = (1 + ent) + (x - lse)
+            a0 = a0 + g_e * (1 + ent)
         if g_q is not None:
             g_q = torch.where(keep[:, None], g_q, 0.0).contiguous()
             a0 = a0 - (g_q * q).sum(1)
@@ -182,22 +190,24 @@ def soft_assign(
             None.
         expected_code: False skips ``p @ C`` (one product per tile less on the torch
             backend); the field is None.
-        expected_logit: False skips ``E_p[x]`` (one product per tile less on the torch
-            backend); the field is None.
+        expected_logit: False skips ``E_p[x]`` and the row entropy (one product per tile less
+            on the torch backend); those fields are None.
         value_grad: False makes ``expected_code`` ``p @ sg(C)``: its gradient reaches ``C``
             through ``p`` only (the flash-attention picture: ``C`` as keys, not as values),
             as IBQ's straight-through estimator needs.
 
     Returns:
         :class:`SoftAssignment` ``(lse (N,), index int64 (N,), expected_logit (N,) or None,
-        expected_code (N, D) or None, column_sums (K,) or None)``, computed in fp32 from the
-        inputs as given (fp64 for fp64 inputs). Every output but ``index`` is differentiable to
-        ``z`` and ``C``, with the exact gradient of the literal formula.
+        expected_code (N, D) or None, column_sums (K,) or None, entropy (N,) or None)``
+        (``entropy`` = ``lse - expected_logit``, accumulated relative to the row max: use it
+        rather than the difference, which loses its digits when ``p`` is one-hot), computed in
+        fp32 from the inputs as given (fp64 for fp64 inputs). Every output but ``index`` is
+        differentiable to ``z`` and ``C``, with the exact gradient of the literal formula.
 
     Non-finite input: a counted row holding a NaN or Inf (or every row, if a code holds one)
-    outputs NaN in ``lse``, ``expected_logit`` and ``expected_code``, index 0, makes every
-    column sum NaN, and passes no gradient (its outputs are constants). Logits must fit fp32
-    (``|s| / temperature`` below about 3e38).
+    outputs NaN in ``lse``, ``expected_logit``, ``entropy`` and ``expected_code``, index 0,
+    makes every column sum NaN, and passes no gradient (its outputs are constants). Logits must
+    fit fp32 (``|s| / temperature`` below about 3e38).
     """
     _check(z, C, temperature, similarity, mask, eps, chunk)
     requested = backend
@@ -228,16 +238,18 @@ def soft_assign(
     lse, idx = out[:2]
     rest = list(out[2:])
     e = rest.pop(0) if expected_logit else None
+    ent = rest.pop(0) if expected_logit else None
     q = rest.pop(0) if expected_code else None
     nan = torch.full((), math.nan, dtype=work, device=z.device)
     bad = keep & ~row_ok
     lse = torch.where(keep, torch.where(bad, nan, lse), 0.0)
     if e is not None:
         e = torch.where(keep, torch.where(bad, nan, e), 0.0)
+        ent = torch.where(keep, torch.where(bad, nan, ent), 0.0)
     if q is not None:
         q = torch.where(keep[:, None], torch.where(bad[:, None], nan, q), 0.0)
     idx = torch.where(keep & row_ok, idx, 0)
     col = None
     if column_sums:
         col = torch.where(bad.any(), nan, rest.pop(0))
-    return SoftAssignment(lse, idx, e, q, col)
+    return SoftAssignment(lse, idx, e, q, col, ent)

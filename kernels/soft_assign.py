@@ -5,10 +5,11 @@ For rows ``z`` (N, D), codes ``C`` (K, D), similarity ``s`` (SIM 0: ``z.c``; 1: 
 
     soft_assign_fwd_kernel       one program per BLOCK_N rows and D chunk, online softmax
                                  over code tiles: lse, argmax (ties -> lowest k),
-                                 e = sum_k p x, q = p @ C
+                                 the entropy lse - sum_k p x, q = p @ C
     soft_assign_col_kernel       one program per BLOCK_K codes (and D chunk), over row tiles:
                                  BWD=False: col_k = sum_n w_n p_nk
-                                 BWD=True:  dC from G = w p (a + g_e x + g_q . c + g_col)
+                                 BWD=True:  dC from G = w p (a + g_e (x - lse) + g_q . c
+                                 + g_col), a holding g_e (1 + lse - e)
     soft_assign_bwd_row_kernel   one program per BLOCK_N rows and D chunk: the row constant
                                  a = a0 - sum_k w p g_col (stored for the column kernel), then dz
 
@@ -94,9 +95,10 @@ def soft_assign_fwd_kernel(
     PRECISION: tl.constexpr,
     D_CHUNK: tl.constexpr,
 ):
-    """Per row: running max ``m``, rescaled sums of ``exp(x - m)``, of ``exp(x - m) x`` and of
-    ``exp(x - m) c`` (this program's D chunk) over the code tiles; ``lse = m + log(sum)``, the
-    others divided by the sum."""
+    """Per row: running max ``m``, rescaled sums of ``exp(x - m)``, of ``exp(x - m) (x - m)``
+    and of ``exp(x - m) c`` (this program's D chunk) over the code tiles; ``lse = m + log(sum)``,
+    ``e_ptr`` takes the entropy ``(lse - m) - E_p[x - m]`` and ``q`` the last sum over the
+    first."""
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
     dc0 = tl.program_id(1) * BLOCK_D  # this program's D chunk (0 without the D loop)
     o_n = tl.arange(0, BLOCK_N)
@@ -136,15 +138,21 @@ def soft_assign_fwd_kernel(
         b_idx = tl.where(b_better, k0 + b_targ, b_idx)
         b_mnew = tl.maximum(b_m, b_tmax)
         b_alpha = tl.exp(b_m - b_mnew)  # 0 on the first tile (m = -inf)
-        b_pe = tl.exp(b_x - b_mnew[:, None])  # 0 for codes past K
+        b_xm = b_x - b_mnew[:, None]
+        b_pe = tl.exp(b_xm)  # 0 for codes past K
+        # sum exp(x - m) (x - m), rebased on the new max (the first tile has s = 0, m = -inf):
+        # relative to the row max, the entropy lse - E_p[x] keeps its digits when p is one-hot
+        b_shift = tl.where(b_s > 0, (b_m - b_mnew) * b_s, 0.0)
+        b_se = (b_se + b_shift) * b_alpha + tl.sum(b_pe * tl.where(m_k[None, :], b_xm, 0.0), 1)
         b_s = b_s * b_alpha + tl.sum(b_pe, axis=1)
-        b_se = b_se * b_alpha + tl.sum(b_pe * tl.where(m_k[None, :], b_x, 0.0), axis=1)
         b_sq = b_sq * b_alpha[:, None] + tl.dot(b_pe, b_c, input_precision=PRECISION)
         b_m = b_mnew
     if dc0 == 0:  # the per-row outputs: one writer
-        tl.store(lse_ptr + o_row, b_m + tl.log(b_s), mask=m_n)
+        b_lse = b_m + tl.log(b_s)
+        tl.store(lse_ptr + o_row, b_lse, mask=m_n)
         tl.store(idx_ptr + o_row, b_idx.to(tl.int64), mask=m_n)
-        tl.store(e_ptr + o_row, b_se / b_s, mask=m_n)
+        # the row entropy lse - E_p[x] = (lse - m) - E_p[x - m]; lse - m is exact
+        tl.store(e_ptr + o_row, (b_lse - b_m) - b_se / b_s, mask=m_n)
     tl.store(q_ptr + o_row[:, None] * D + o_d[None, :], b_sq / b_s[:, None], mask=m_nd)
 
 
@@ -232,7 +240,7 @@ def soft_assign_col_kernel(
         if BWD:
             b_a = tl.load(a_ptr + o_row, mask=m_n, other=0.0)
             b_ge = tl.load(ge_ptr + o_row, mask=m_n, other=0.0)
-            b_in = b_a[:, None] + b_ge[:, None] * b_x + b_gcol[None, :] + b_gqc
+            b_in = b_a[:, None] + b_ge[:, None] * (b_x - b_lse[:, None]) + b_gcol[None, :] + b_gqc
             b_h = b_p * b_in * INV_TAU  # dL/ds [BN, BK]
             if SIM == 0:
                 b_dc += tl.dot(tl.trans(b_h), b_z, input_precision=PRECISION)
@@ -341,7 +349,7 @@ def soft_assign_bwd_row_kernel(
             b_x = b_sim * INV_TAU
             b_p = tl.exp(b_x - b_lse[:, None]) * b_w[:, None]
             b_p = tl.where(m_k[None, :], b_p, 0.0)
-            b_in = b_a[:, None] + b_ge[:, None] * b_x + b_gqc
+            b_in = b_a[:, None] + b_ge[:, None] * (b_x - b_lse[:, None]) + b_gqc
             if HAS_GCOL:
                 b_in += tl.load(gcol_ptr + o_code, mask=m_k, other=0.0)[None, :]
             b_h = b_p * b_in * INV_TAU  # dL/ds [BN, BK]

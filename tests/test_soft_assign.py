@@ -87,6 +87,7 @@ def test_matches_literal(backend, dtype, sim, n, d, k):
     tol = _tol(dtype, scale)
     torch.testing.assert_close(out.lse.double(), lse, **tol)
     torch.testing.assert_close(out.expected_logit.double(), e, **tol)
+    torch.testing.assert_close(out.entropy.double(), lse - e, **tol)
     cscale = float(c.double().abs().max())
     torch.testing.assert_close(out.expected_code.double(), q, **_tol(dtype, cscale * scale))
     torch.testing.assert_close(out.column_sums.double(), p.sum(0), **_tol(dtype, n * scale))
@@ -105,20 +106,20 @@ def test_gradients_of_every_output_match_literal_autograd(backend, sim, masked):
     mask = torch.rand(n, generator=g) > 0.3 if masked else None
     w = torch.ones(n, dtype=torch.float64) if mask is None else mask.double()
     ups = [torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, d, generator=g),
-           torch.randn(k, generator=g)]  # fmt: skip
+           torch.randn(k, generator=g), torch.randn(n, generator=g)]  # fmt: skip
     ups = [u.double() for u in ups]
     temperature = 1.3
 
     z1, c1 = z.clone().requires_grad_(), c.clone().requires_grad_()
     out = soft_assign(z1, c1, temperature=temperature, similarity=sim, mask=mask,
                       backend=backend, chunk=16)  # fmt: skip
-    outs = (out.lse, out.expected_logit, out.expected_code, out.column_sums)
+    outs = (out.lse, out.expected_logit, out.expected_code, out.column_sums, out.entropy)
     loss = sum((o.double() * u).sum() for o, u in zip(outs, ups, strict=True))
     gz, gc = torch.autograd.grad(loss, (z1, c1))
 
     z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
     _, lse, p, e, q = _literal(z2, c2, temperature, sim)
-    refs = (lse * w, e * w, q * w[:, None], (p * w[:, None]).sum(0))
+    refs = (lse * w, e * w, q * w[:, None], (p * w[:, None]).sum(0), (lse - e) * w)
     ref_loss = sum((o * u).sum() for o, u in zip(refs, ups, strict=True))
     rz, rc = torch.autograd.grad(ref_loss, (z2, c2))
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
@@ -128,7 +129,9 @@ def test_gradients_of_every_output_match_literal_autograd(backend, sim, masked):
         assert (gz[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("which", ["lse", "expected_logit", "expected_code", "column_sums"])
+@pytest.mark.parametrize(
+    "which", ["lse", "expected_logit", "expected_code", "column_sums", "entropy"]
+)
 def test_each_output_alone_has_its_gradient(backend, which):
     """Only one output used: the others' gradients arrive as None, and the column-sum pass of
     the backward is skipped unless the column sums are used."""
@@ -138,11 +141,34 @@ def test_each_output_alone_has_its_gradient(backend, which):
     getattr(out, which).square().sum().backward()
     z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
     _, lse, p, e, q = _literal(z2, c2, 1.0, "dot")
-    {"lse": lse, "expected_logit": e, "expected_code": q, "column_sums": p.sum(0)}[
-        which
-    ].square().sum().backward()
+    literal = {"lse": lse, "expected_logit": e, "expected_code": q, "column_sums": p.sum(0),
+               "entropy": lse - e}  # fmt: skip
+    literal[which].square().sum().backward()
     torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c1.grad.double(), c2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_entropy_keeps_its_digits_when_p_is_one_hot(backend):
+    """At temperature 0.01 the rows are one-hot to fp32 and lse, E_p[x] are both the row max
+    (~1e3) plus a few ulp: their difference loses its digits, the entropy output (accumulated
+    relative to the max) and its gradient do not. Measured before the entropy output: the
+    gradient of lse - E_p[x] was 1.2e-2 (torch) / 1.3e-2 (Triton) off fp64 relative to its
+    largest entry, where the literal formula in fp32 is 1.2e-4 off."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(48, 16, generator=g) * 0.5 + torch.randn(16, generator=g) * 0.7
+    c = torch.randn(300, 16, generator=g)
+    z1, c1 = z.clone().requires_grad_(), c.clone().requires_grad_()
+    out = soft_assign(z1, c1, temperature=0.01, backend=backend, chunk=64)
+    up = torch.randn(48, generator=g)
+    gz, gc = torch.autograd.grad((out.entropy * up).sum(), (z1, c1))
+    z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
+    x = z2 @ c2.T / 0.01
+    ent = -(x.softmax(1) * x.log_softmax(1)).sum(1)
+    rz, rc = torch.autograd.grad((ent * up.double()).sum(), (z2, c2))
+    torch.testing.assert_close(out.entropy.double(), ent.detach(), rtol=1e-3, atol=1e-3)
+    for got, want in ((gz, rz), (gc, rc)):
+        atol = 1e-3 * float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=atol)
 
 
 def test_ragged_tiles_and_many_row_tiles_torch():
@@ -363,7 +389,7 @@ def test_forced_d_loop_with_ragged_chunks(monkeypatch, sim):
 
     z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
     x, lse, p, e, q = _literal(z2, c2, temperature, sim)
-    refs = (lse * w, e * w, q * w[:, None], (p * w[:, None]).sum(0))
+    refs = (lse * w, e * w, q * w[:, None], (p * w[:, None]).sum(0), (lse - e) * w)
     for got, ref in zip(outs, refs, strict=True):
         torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-4, atol=1e-4)
     _check_argmax(out.index[mask], x.detach()[mask])
