@@ -66,9 +66,10 @@ PRECISIONS = [
 
 
 def load_static(path: str | None = None) -> dict:
-    """The newest committed static report (or ``path``)."""
+    """The newest committed static report of the search (or ``path``): the dated
+    ``gpu-static-YYYY-MM-DD.json`` files, not the per-kernel ones such as ``gpu-static-soft-*``."""
     if path is None:
-        found = sorted(glob.glob(str(RESULTS / "gpu-static-*.json")))
+        found = sorted(glob.glob(str(RESULTS / "gpu-static-2*.json")))
         if not found:
             raise FileNotFoundError("no benchmarks/results/gpu-static-*.json: run gpu_static")
         path = found[-1]

@@ -121,8 +121,9 @@ def test_each_term_gradient_matches_literal(backend, term, code_scale):
 def test_entropy_gradient_reaches_every_code_only_unsaturated():
     """Why IBQ collapsed in the demo's VQ-VAE: with N(0, 1) codes in D = 16 and |z| ~ 3 the
     logits / 0.01 are ~1e3 apart, the entropy softmax is one-hot in fp32 and the codebook
-    entropy's gradient reaches fewer codes than the argmax uses (79 and 185 of 512 here: a row
-    one-hot to fp32 passes exactly 0); at init_scale 0.1 it reaches all 512."""
+    entropy's gradient reaches fewer codes than the argmax uses (52 and 185 of 512 here: a row
+    one-hot to fp32 passes nothing above fp32's underflow, where soft_assign's torch twin floors
+    exp at the smallest normal); at init_scale 0.1 it reaches all 512."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(200, 16, generator=g) * 0.75  # |z| ~ 3, as after a few demo steps
     reached, chosen = {}, {}
@@ -132,7 +133,8 @@ def test_entropy_gradient_reaches_every_code_only_unsaturated():
                 codebook_weight=0.0, sample_entropy_weight=0.0)  # fmt: skip
         out = q(z)
         out.loss.backward()
-        reached[scale] = int((q.book.codebook.grad.abs().sum(1) > 0).sum())
+        # the exp floor leaves at most ~1e-33 on codes a one-hot row does not reach
+        reached[scale] = int((q.book.codebook.grad.abs().sum(1) > 1e-30).sum())
         chosen[scale] = int(out.indices.unique().numel())
         assert float(q.codes().detach().std()) == pytest.approx(scale, rel=0.05)
     assert chosen[1.0] == chosen[0.1]  # the argmax does not depend on the codes' scale
