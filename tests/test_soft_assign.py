@@ -379,12 +379,13 @@ def test_forced_d_loop_with_ragged_chunks(monkeypatch, sim):
     g = torch.Generator().manual_seed(13)
     mask = torch.rand(n, generator=g) > 0.2
     w = mask.double()
-    ups = [torch.randn(*shape, generator=g).double() for shape in ((n,), (n,), (n, d), (k,))]
+    shapes = ((n,), (n,), (n, d), (k,), (n,))
+    ups = [torch.randn(*shape, generator=g).double() for shape in shapes]
     temperature = 0.8 if sim == "dot" else 2.0 * d
     z1, c1 = z.clone().requires_grad_(), c.clone().requires_grad_()
     out = soft_assign(z1, c1, temperature=temperature, similarity=sim, mask=mask,
                       backend="triton")  # fmt: skip
-    outs = (out.lse, out.expected_logit, out.expected_code, out.column_sums)
+    outs = (out.lse, out.expected_logit, out.expected_code, out.column_sums, out.entropy)
     sum((o.double() * u).sum() for o, u in zip(outs, ups, strict=True)).backward()
 
     z2, c2 = z.double().requires_grad_(), c.double().requires_grad_()
