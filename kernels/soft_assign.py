@@ -71,6 +71,22 @@ def _dots_over_d(z_ptr, g_ptr, c_ptr, o_row, m_n, o_code, m_k, D, BLOCK_N: tl.co
 
 
 @triton.jit
+def _dot_and_gq(b_z, b_gq, b_c, z_ptr, gq_ptr, c_ptr, o_row, m_n, o_code, m_k, D,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_CHUNK: tl.constexpr,
+                PRECISION: tl.constexpr):  # fmt: skip
+    """``z.c`` and ``gq.c`` [BN, BK] of one code tile: from the held row tiles ``b_z``, ``b_gq``
+    and code tile ``b_c``, or summed over D in D_CHUNK-wide pieces with the D loop (the held
+    tiles are then not read)."""
+    if D_CHUNK > 0:
+        b_dot, b_gqc = _dots_over_d(z_ptr, gq_ptr, c_ptr, o_row, m_n, o_code, m_k, D, BLOCK_N,
+                                    BLOCK_K, D_CHUNK, True, PRECISION)  # fmt: skip
+    else:
+        b_dot = tl.dot(b_z, tl.trans(b_c), input_precision=PRECISION)
+        b_gqc = tl.dot(b_gq, tl.trans(b_c), input_precision=PRECISION)
+    return b_dot, b_gqc
+
+
+@triton.jit
 def soft_assign_fwd_kernel(
     # pointers
     z_ptr,
@@ -221,12 +237,8 @@ def soft_assign_col_kernel(
         if BWD:
             b_z = tl.load(z_ptr + o_nd, mask=m_nd, other=0.0)  # [BN, BD]
             b_gq = tl.load(gq_ptr + o_nd, mask=m_nd, other=0.0)  # [BN, BD]
-            if D_CHUNK > 0:
-                b_dot, b_gqc = _dots_over_d(z_ptr, gq_ptr, c_ptr, o_row, m_n, o_code, m_k, D,
-                                            BLOCK_N, BLOCK_K, D_CHUNK, True, PRECISION)  # fmt: skip
-            else:
-                b_dot = tl.dot(b_z, tl.trans(b_c), input_precision=PRECISION)
-                b_gqc = tl.dot(b_gq, tl.trans(b_c), input_precision=PRECISION)
+            b_dot, b_gqc = _dot_and_gq(b_z, b_gq, b_c, z_ptr, gq_ptr, c_ptr, o_row, m_n, o_code,
+                                       m_k, D, BLOCK_N, BLOCK_K, D_CHUNK, PRECISION)  # fmt: skip
         elif D_CHUNK > 0:
             b_dot, _ = _dots_over_d(z_ptr, z_ptr, c_ptr, o_row, m_n, o_code, m_k, D, BLOCK_N,
                                     BLOCK_K, D_CHUNK, False, PRECISION)  # fmt: skip
@@ -330,6 +342,7 @@ def soft_assign_bwd_row_kernel(
         tl.store(a_ptr + o_row, b_a, mask=m_n)
     if NEED_DZ:
         b_ge = tl.load(ge_ptr + o_row, mask=m_n, other=0.0)
+        b_gq = b_z  # a placeholder with the D loop (the dots then read gq_ptr chunk by chunk)
         if D_CHUNK == 0:
             b_gq = tl.load(gq_ptr + o_nd, mask=m_nd, other=0.0)
         b_dz = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -339,12 +352,8 @@ def soft_assign_bwd_row_kernel(
             b_c = tl.load(c_ptr + o_code[:, None] * D + o_d[None, :],
                           mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]  # fmt: skip
             b_csq = tl.load(csq_ptr + o_code, mask=m_k, other=0.0)
-            if D_CHUNK > 0:
-                b_dot, b_gqc = _dots_over_d(z_ptr, gq_ptr, c_ptr, o_row, m_n, o_code, m_k, D,
-                                            BLOCK_N, BLOCK_K, D_CHUNK, True, PRECISION)  # fmt: skip
-            else:
-                b_dot = tl.dot(b_z, tl.trans(b_c), input_precision=PRECISION)
-                b_gqc = tl.dot(b_gq, tl.trans(b_c), input_precision=PRECISION)
+            b_dot, b_gqc = _dot_and_gq(b_z, b_gq, b_c, z_ptr, gq_ptr, c_ptr, o_row, m_n, o_code,
+                                       m_k, D, BLOCK_N, BLOCK_K, D_CHUNK, PRECISION)  # fmt: skip
             b_sim, b_d2 = _sim_tile(b_dot, b_zsq, b_csq, EPS, SIM)
             b_x = b_sim * INV_TAU
             b_p = tl.exp(b_x - b_lse[:, None]) * b_w[:, None]
