@@ -228,7 +228,7 @@ def _soft_launch(b: Binary):
     row_vec, code_vec = torch.empty(b.n, **f32), torch.empty(b.k, **f32)
     values = {
         "z_ptr": rows, "c_ptr": codes, "zsq_ptr": row_vec, "csq_ptr": code_vec,
-        "w_ptr": row_vec, "lse_ptr": row_vec,
+        "w_ptr": row_vec, "lse_ptr": row_vec, "lo_ptr": row_vec,
         "idx_ptr": torch.empty(b.n, dtype=torch.int64, device=meta), "e_ptr": row_vec,
         "q_ptr": rows, "col_ptr": code_vec, "a_ptr": row_vec, "a0_ptr": row_vec,
         "ge_ptr": row_vec, "gq_ptr": rows, "gcol_ptr": code_vec, "dc_ptr": codes, "dz_ptr": rows,

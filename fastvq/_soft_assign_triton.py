@@ -130,6 +130,13 @@ def _common(z, codes, inv_tau, sim, eps):
     return zsq, csq, launch
 
 
+def lo_weights(w: torch.Tensor, lse_lo: torch.Tensor | None) -> torch.Tensor:
+    """Row weights times ``exp(-lse_lo)``: the kernels' ``exp(x - lse)`` then rounds as with the
+    max and the log-sum kept apart (at a low temperature ``|lse|`` is ~1e3, and one ulp of it a
+    relative error of ~1e-4 in every ``p``)."""
+    return w if lse_lo is None else (w * torch.exp(-lse_lo)).contiguous()
+
+
 def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, want_col: bool):
     """Same contract as :func:`fastvq._soft_assign_torch.soft_assign_fwd_torch` (fp32 only)."""
     n, d = z.shape
@@ -139,29 +146,31 @@ def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, wa
     e = torch.empty_like(lse)
     q = torch.empty((n, d), dtype=torch.float32, device=z.device)
     col = torch.zeros(k, dtype=torch.float32, device=z.device) if want_col else None
+    ent, lse_lo = torch.empty_like(lse), torch.empty_like(lse)
     if POISON_OUTPUTS:
-        lse.fill_(float("nan")), idx.fill_(-1), e.fill_(float("nan")), q.fill_(float("nan"))
+        lse.fill_(float("nan")), idx.fill_(-1), q.fill_(float("nan"))
+        ent.fill_(float("nan")), lse_lo.fill_(float("nan"))
         if col is not None:
             col.fill_(float("nan"))
     if n == 0:
-        return lse, idx, e, e.clone(), q, col
+        return lse, idx, e, ent, q, col, lse_lo
     zsq, csq, launch = _common(z, codes, inv_tau, sim, eps)
-    ent = torch.empty_like(lse)
     # the kernel writes the row entropy lse - E_p[x] (accumulated relative to the row max)
-    launch("fwd", soft_assign_fwd_kernel, z, codes, zsq, csq, lse, idx, ent, q)
+    launch("fwd", soft_assign_fwd_kernel, z, codes, zsq, csq, lse, lse_lo, idx, ent, q)
     e = lse - ent
     if want_col:
         # unused gradient pointers: any fp32 tensor (BWD=False never reads them)
-        launch("col", soft_assign_col_kernel, z, codes, zsq, csq, w, lse, col, lse, lse, q, lse, q,
-               BWD=False, HAS_GCOL=False, VALUE_GRAD=False)  # fmt: skip
-    return lse, idx, e, ent, q, col
+        launch("col", soft_assign_col_kernel, z, codes, zsq, csq, lo_weights(w, lse_lo), lse, col,
+               lse, lse, q, lse, q, BWD=False, HAS_GCOL=False, VALUE_GRAD=False)  # fmt: skip
+    return lse, idx, e, ent, q, col, lse_lo
 
 
 def soft_assign_bwd_triton(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau: float, sim: str,
-                           eps: float, *, need_z: bool, need_c: bool,
-                           value_grad: bool = True):  # fmt: skip
+                           eps: float, *, need_z: bool, need_c: bool, value_grad: bool = True,
+                           lse_lo: torch.Tensor | None = None):  # fmt: skip
     """Same contract as :func:`fastvq._soft_assign_torch.soft_assign_bwd_torch`."""
     n = z.shape[0]
+    w = lo_weights(w, lse_lo)
     dz, dc = torch.zeros_like(z), torch.zeros_like(codes)
     if not (need_z or need_c) or n == 0:
         return dz, dc

@@ -50,7 +50,7 @@ def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_
     if backend == "triton":
         from ._soft_assign_triton import soft_assign_fwd_triton
 
-        return (*soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col), None)  # lse_lo
+        return soft_assign_fwd_triton(z, codes, w, inv_tau, sim, eps, want_col)
     return soft_assign_fwd_torch(z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e)
 
 
@@ -64,7 +64,7 @@ def _bwd(backend, z, codes, w, lse, lse_lo, a0, g_e, g_q, g_col, inv_tau, sim, e
         g_q = torch.zeros_like(z) if g_q is None else g_q
         return soft_assign_bwd_triton(
             z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, need_z=need_z,
-            need_c=need_c, value_grad=value_grad,
+            need_c=need_c, value_grad=value_grad, lse_lo=lse_lo,
         )  # fmt: skip
     return soft_assign_bwd_torch(z, codes, w, lse, a0, g_e, g_q, g_col, inv_tau, sim, eps, chunk,
                                  need_z, need_c, value_grad, lse_lo)  # fmt: skip

@@ -94,6 +94,7 @@ def soft_assign_fwd_kernel(
     zsq_ptr,
     csq_ptr,
     lse_ptr,
+    lo_ptr,
     idx_ptr,
     e_ptr,
     q_ptr,
@@ -112,7 +113,8 @@ def soft_assign_fwd_kernel(
     D_CHUNK: tl.constexpr,
 ):
     """Per row: running max ``m``, rescaled sums of ``exp(x - m)``, of ``exp(x - m) (x - m)``
-    and of ``exp(x - m) c`` (this program's D chunk) over the code tiles; ``lse = m + log(sum)``,
+    and of ``exp(x - m) c`` (this program's D chunk) over the code tiles; ``lse = m + log(sum)``
+    and its rounding error (``lo_ptr``),
     ``e_ptr`` takes the entropy ``(lse - m) - E_p[x - m]`` and ``q`` the last sum over the
     first."""
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
@@ -164,8 +166,12 @@ def soft_assign_fwd_kernel(
         b_sq = b_sq * b_alpha[:, None] + tl.dot(b_pe, b_c, input_precision=PRECISION)
         b_m = b_mnew
     if dc0 == 0:  # the per-row outputs: one writer
-        b_lse = b_m + tl.log(b_s)
+        b_lg = tl.log(b_s)
+        b_lse = b_m + b_lg
         tl.store(lse_ptr + o_row, b_lse, mask=m_n)
+        # lse's fp32 rounding error, exact when |log(sum)| <= |m| (Fast2Sum): the launcher folds
+        # exp(-lo) into the row weights, so p rounds as with the max and the log-sum kept apart
+        tl.store(lo_ptr + o_row, (b_m - b_lse) + b_lg, mask=m_n)
         tl.store(idx_ptr + o_row, b_idx.to(tl.int64), mask=m_n)
         # the row entropy lse - E_p[x] = (lse - m) - E_p[x - m]; lse - m is exact
         tl.store(e_ptr + o_row, (b_lse - b_m) - b_se / b_s, mask=m_n)
