@@ -143,7 +143,6 @@ def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, wa
     k = codes.shape[0]
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
     idx = torch.empty(n, dtype=torch.int64, device=z.device)
-    e = torch.empty_like(lse)
     q = torch.empty((n, d), dtype=torch.float32, device=z.device)
     col = torch.zeros(k, dtype=torch.float32, device=z.device) if want_col else None
     ent, lse_lo = torch.empty_like(lse), torch.empty_like(lse)
@@ -153,7 +152,7 @@ def soft_assign_fwd_triton(z, codes, w, inv_tau: float, sim: str, eps: float, wa
         if col is not None:
             col.fill_(float("nan"))
     if n == 0:
-        return lse, idx, e, ent, q, col, lse_lo
+        return lse, idx, lse.clone(), ent, q, col, lse_lo
     zsq, csq, launch = _common(z, codes, inv_tau, sim, eps)
     # the kernel writes the row entropy lse - E_p[x] (accumulated relative to the row max)
     launch("fwd", soft_assign_fwd_kernel, z, codes, zsq, csq, lse, lse_lo, idx, ent, q)

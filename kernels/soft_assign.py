@@ -48,6 +48,16 @@ def _sim_tile(b_dot, b_zsq, b_csq, EPS, SIM: tl.constexpr):
 
 
 @triton.jit
+def _p_tile(b_dot, b_zsq, b_csq, b_lse, b_w, m_k, INV_TAU, EPS, SIM: tl.constexpr):
+    """The backward's weighted ``w p`` [BN, BK] of one tile (0 past K) from its dot, with the
+    similarity ``s``, ``d2`` (see :func:`_sim_tile`) and the logits ``x`` the chain reads."""
+    b_sim, b_d2 = _sim_tile(b_dot, b_zsq, b_csq, EPS, SIM)
+    b_x = b_sim * INV_TAU
+    b_p = tl.where(m_k[None, :], tl.exp(b_x - b_lse[:, None]) * b_w[:, None], 0.0)
+    return b_sim, b_d2, b_x, b_p
+
+
+@triton.jit
 def _dots_over_d(z_ptr, g_ptr, c_ptr, o_row, m_n, o_code, m_k, D, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, WITH_G: tl.constexpr,
                  PRECISION: tl.constexpr):  # fmt: skip
@@ -251,10 +261,7 @@ def soft_assign_col_kernel(
         else:
             b_z = tl.load(z_ptr + o_nd, mask=m_nd, other=0.0)
             b_dot = tl.dot(b_z, tl.trans(b_c), input_precision=PRECISION)
-        b_sim, b_d2 = _sim_tile(b_dot, b_zsq, b_csq, EPS, SIM)
-        b_x = b_sim * INV_TAU
-        b_p = tl.exp(b_x - b_lse[:, None]) * b_w[:, None]
-        b_p = tl.where(m_k[None, :], b_p, 0.0)  # [BN, BK]
+        b_sim, b_d2, b_x, b_p = _p_tile(b_dot, b_zsq, b_csq, b_lse, b_w, m_k, INV_TAU, EPS, SIM)
         if BWD:
             b_a = tl.load(a_ptr + o_row, mask=m_n, other=0.0)
             b_ge = tl.load(ge_ptr + o_row, mask=m_n, other=0.0)
@@ -340,10 +347,9 @@ def soft_assign_bwd_row_kernel(
                 b_c = tl.load(c_ptr + o_code[:, None] * D + o_d[None, :],
                               mask=m_k[:, None] & m_d[None, :], other=0.0)  # fmt: skip
                 b_dot = tl.dot(b_z, tl.trans(b_c), input_precision=PRECISION)
-            b_sim, _ = _sim_tile(b_dot, b_zsq, b_csq, EPS, SIM)
-            b_p = tl.exp(b_sim * INV_TAU - b_lse[:, None]) * b_w[:, None]
+            _, _, _, b_p = _p_tile(b_dot, b_zsq, b_csq, b_lse, b_w, m_k, INV_TAU, EPS, SIM)
             b_gcol = tl.load(gcol_ptr + o_code, mask=m_k, other=0.0)
-            b_a -= tl.sum(tl.where(m_k[None, :], b_p * b_gcol[None, :], 0.0), axis=1)
+            b_a -= tl.sum(b_p * b_gcol[None, :], axis=1)
     if dc0 == 0:
         tl.store(a_ptr + o_row, b_a, mask=m_n)
     if NEED_DZ:
@@ -360,10 +366,8 @@ def soft_assign_bwd_row_kernel(
             b_csq = tl.load(csq_ptr + o_code, mask=m_k, other=0.0)
             b_dot, b_gqc = _dot_and_gq(b_z, b_gq, b_c, z_ptr, gq_ptr, c_ptr, o_row, m_n, o_code,
                                        m_k, D, BLOCK_N, BLOCK_K, D_CHUNK, PRECISION)  # fmt: skip
-            b_sim, b_d2 = _sim_tile(b_dot, b_zsq, b_csq, EPS, SIM)
-            b_x = b_sim * INV_TAU
-            b_p = tl.exp(b_x - b_lse[:, None]) * b_w[:, None]
-            b_p = tl.where(m_k[None, :], b_p, 0.0)
+            b_sim, b_d2, b_x, b_p = _p_tile(b_dot, b_zsq, b_csq, b_lse, b_w, m_k, INV_TAU, EPS,
+                                            SIM)  # fmt: skip
             b_in = b_a[:, None] + b_ge[:, None] * (b_x - b_lse[:, None]) + b_gqc
             if HAS_GCOL:
                 b_in += tl.load(gcol_ptr + o_code, mask=m_k, other=0.0)[None, :]
