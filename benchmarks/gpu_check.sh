@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200; torch, triton, pytest, pytest-benchmark; no
-# network). At most 5 minutes: the stage limits below (BUDGET) add to 290 s, checked by
+# network). At most 5 minutes: the stage limits below (BUDGET) add to 285 s, checked by
 # tests/test_gpu_check.py; every stage runs under its own `timeout` and writes its results
 # (JSON) into $OUT as soon as it ends, so a stage that overruns costs only itself. The run
 # records the Triton version (env.json) and keeps the TTGIR of every binary it compiled
@@ -14,17 +14,26 @@
 # -> default configs vs alternatives vs cuBLAS, beside the static model's prediction
 # (benchmarks/gpu_configs.py) -> pruned grid (N=65536, D=256, K=16384/65536/262144; bf16 and fp32;
 # forward and forward+backward; cuBLAS matmul yardstick; fastvq-torch, naive and
-# vector-quantize-pytorch at one K each) -> fused soft assignment vs the literal N x K softmax,
-# forward + backward, and the fused op alone at K = 2^18 (benchmarks/soft_assign_gpu.py) ->
-# markdown/PNG report of whatever JSON exists.
+# vector-quantize-pytorch at one K each) -> the EMA layer's training step under bf16 autocast
+# against vector-quantize-pytorch and cdist + one-hot, the backward's scatter alone, the forward
+# at K = 2^18 and 2^20 (benchmarks/train_step_gpu.py) -> fused soft assignment vs the literal
+# N x K softmax, forward + backward, and the fused op alone at K = 2^18
+# (benchmarks/soft_assign_gpu.py) -> markdown/PNG report of whatever JSON exists.
 set -u
 cd "$(dirname "$0")/.."
 
 # Stage limits in seconds (sum <= 300; the setup and the TTGIR copy take a few seconds more).
 # B_SOFT's 30 s came out of B_CONFIGS (125 -> 95): gpu_configs.py writes its JSON after every
 # case, so a cut there loses only its last cases, while the soft-assignment timings had none.
-B_PREFLIGHT=15 B_CUDA_TESTS=50 B_CONFIGS=95 B_BF16=30 B_FP32=25 B_PEERS=30 B_SOFT=30 B_REPORT=15
-BUDGET=$((B_PREFLIGHT + B_CUDA_TESTS + B_CONFIGS + B_BF16 + B_FP32 + B_PEERS + B_SOFT + B_REPORT))
+# The H200 run of 2026-11-26 (results/gpu-h200-2026-11-26/run1/stages.tsv) took 16 s in preflight
+# (torch's first import on a fresh machine), so its limit is 20 s: at 15 a slow start stopped
+# the whole run. B_TRAIN's 25 s and those 5 s came from the grid stages, which that run's limits
+# cut anyway (bf16 -5, fp32 -5, peers -15: its vqp cells are what train_step_gpu.py times in
+# the issue's form), B_CONFIGS (-5) and B_REPORT (-5; it took 3 s).
+B_PREFLIGHT=20 B_CUDA_TESTS=50 B_CONFIGS=90 B_BF16=25 B_FP32=20 B_PEERS=15 B_TRAIN=25 B_SOFT=30
+B_REPORT=10
+BUDGET=$((B_PREFLIGHT + B_CUDA_TESTS + B_CONFIGS + B_BF16 + B_FP32 + B_PEERS + B_TRAIN + B_SOFT
+    + B_REPORT))
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -135,6 +144,13 @@ bench() {  # bench NAME SECONDS PROVIDERS DTYPES
 bench bench-bf16 $B_BF16 fastvq-triton,matmul bf16
 bench bench-fp32 $B_FP32 fastvq-triton,matmul fp32
 bench bench-peers $B_PEERS fastvq-torch,naive,vqp-train bf16,fp32
+
+# ---- the EMA layer's training step vs vqp and cdist + one-hot; scatter; forward at 2^18, 2^20 --
+if [ $DRY = 1 ]; then
+    TRITON_INTERPRET=1 stage train-step $B_TRAIN "$PY" -m benchmarks.train_step_gpu --dry-run
+else
+    stage train-step $B_TRAIN "$PY" -m benchmarks.train_step_gpu
+fi
 
 # ---- fused soft assignment vs the literal N x K softmax (forward + backward), K = 2^18 --------
 # The dry run interprets the kernels on CPU at tiny sizes (this is the only stage that does).

@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
+
+from ._cuda_timing import measure, mib
 
 # (N, K, D): fused vs literal; then the fused op alone at the issue's size. D = 100 runs the
 # kernels' D loop (benchmarks/gpu_static.py gates its tiles).
@@ -64,39 +65,6 @@ def _step(fn, z, c, ups):
     return (lse.detach(), idx), dz, dc
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _measure(fn, z, c, ups, reps):
-    """(median seconds, per-call seconds, peak growth bytes or None, the last call's results)."""
-    dev = z.device
-    res = _step(fn, z, c, ups)  # warm-up: compiles the kernels
-    del res
-    _sync(dev)
-    growth = None
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            res = _step(fn, z, c, ups)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            res = _step(fn, z, c, ups)
-            times.append(time.perf_counter() - t0)
-        if dev.type == "cuda" and growth is None:
-            growth = torch.cuda.max_memory_allocated(dev) - base
-    return statistics.median(times), times, growth, res
-
-
 def _inputs(n, k, d, dev):
     g = torch.Generator(device="cpu").manual_seed(n + k + d)
     z = torch.randn(n, d, generator=g).to(dev).requires_grad_()
@@ -130,11 +98,11 @@ def run_case(n, k, d, dev, reps, literal: bool) -> dict:
     rec = {"N": n, "K": k, "D": d, "similarity": "dot", "dtype": "float32",
            "nxk_fp32_mib": round(n * k * 4 / 2**20, 1),
            "configs": _configs(n, k, d, dev)}  # fmt: skip
-    t, times, growth, fused = _measure(_fused, z, c, ups, reps)
-    rec["fused"] = {"median_s": t, "times_s": times, "peak_growth_mib": _mib(growth)}
+    t, times, growth, fused = measure(lambda: _step(_fused, z, c, ups), dev, reps)
+    rec["fused"] = {"median_s": t, "times_s": times, "peak_growth_mib": mib(growth)}
     if literal and _literal_fits(n, k, dev):
-        t, times, growth, lit = _measure(_literal, z, c, ups, reps)
-        rec["literal"] = {"median_s": t, "times_s": times, "peak_growth_mib": _mib(growth)}
+        t, times, growth, lit = measure(lambda: _step(_literal, z, c, ups), dev, reps)
+        rec["literal"] = {"median_s": t, "times_s": times, "peak_growth_mib": mib(growth)}
         rec["speedup"] = rec["literal"]["median_s"] / rec["fused"]["median_s"]
         (lse_f, idx_f), dz_f, dc_f = fused
         (lse_l, idx_l), dz_l, dc_l = lit
@@ -147,10 +115,6 @@ def run_case(n, k, d, dev, reps, literal: bool) -> dict:
     elif literal:
         rec["literal"] = "skipped: estimated peak above free GPU memory"
     return rec
-
-
-def _mib(b):
-    return None if b is None else round(b / 2**20, 1)
 
 
 def main(argv=None) -> int:

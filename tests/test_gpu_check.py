@@ -15,7 +15,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 def test_stage_limits_fit_five_minutes():
     text = SCRIPT.read_text()
     limits = dict(re.findall(r"\b(B_[A-Z0-9_]+)=(\d+)", text))
-    assert len(limits) == 8, limits
+    assert len(limits) == 9, limits
     total = sum(map(int, limits.values()))
     assert total <= 300, limits
     assert f"add to {total} s" in text  # the header states the sum
@@ -37,7 +37,7 @@ def test_dry_run(tmp_path):
     stages = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()]
     names = [s[0] for s in stages]
     assert names[:2] == ["preflight", "cuda-tests"], names
-    assert {"bench-bf16", "bench-fp32", "bench-peers", "soft-assign"} <= set(names), names
+    assert {"bench-bf16", "bench-fp32", "bench-peers", "train-step", "soft-assign"} <= set(names)
     assert (tmp_path / "env.json").exists()
     assert "triton" in (tmp_path / "env.json").read_text()
     for s in stages:  # rc 5: no CUDA test collected on CPU
@@ -49,4 +49,12 @@ def test_dry_run(tmp_path):
         assert c["fused"]["median_s"] > 0
         if c["K"] != 128:  # the literal N x K version beside it, and the two agree
             assert c["max_abs_diff"]["dz"] < 1e-4 and c["argmax_agree"] == 1.0, c
-    assert "budget 290s" in (tmp_path / "gpu_check.log").read_text()
+    train = json.loads((tmp_path / "train_step_gpu.json").read_text())
+    assert [c["case"] for c in train["cases"]] == ["ema-step", "scatter", "forward", "forward"]
+    ema = train["cases"][0]
+    for name in ("fastvq", "cdist + one-hot"):  # vqp is an extra: recorded either way
+        assert ema["layers"][name]["median_s"] > 0, ema
+    assert all(v["median_s"] > 0 for v in train["cases"][1]["variants"].values())
+    assert [c["K"] for c in train["cases"][2:]] == [128, 256]
+    assert all(c["median_s"] > 0 for c in train["cases"][2:])
+    assert "budget 285s" in (tmp_path / "gpu_check.log").read_text()
