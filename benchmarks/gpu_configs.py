@@ -31,6 +31,9 @@ ALTERNATIVES = {  # (fp32 search?, D) -> configs (BN, BK, BD, warps, stages)
 }
 
 
+# Cases timed with their default alone (and the Gluon kernel where it applies): (label, D, K).
+DEFAULT_ONLY = {("fp16", 256, 16384), ("fp16", 64, 16384), ("bf16", 64, 65536)}
+
 # The name under which the Gluon kernel (kernels/vq_search_sm90.py) is timed where it applies.
 GLUON = "gluon sm_90"
 
@@ -84,6 +87,10 @@ def main() -> int:
         ("autocast mix tf32x3", "mix tf32x3", torch.bfloat16, torch.float32, "tf32x3", 256,
          16384),
         ("fp32 ieee", "fp32 ieee", torch.float32, torch.float32, "ieee", 256, 16384),
+        # last, the default (and the Gluon kernel) only: fp16, and K = 65536 at D = 64
+        ("fp16", "fp16", torch.float16, torch.float16, None, 256, 16384),
+        ("fp16", "fp16", torch.float16, torch.float16, None, 64, 16384),
+        ("bf16", "bf16", torch.bfloat16, torch.bfloat16, None, 64, 65536),
     ]  # fmt: skip
     quick = os.environ.get("FASTVQ_GPU_CONFIGS_QUICK") == "1"
     if quick:
@@ -100,14 +107,15 @@ def main() -> int:
         default = vs.pick_config(n, k, d, search_t, arch=vs.gpu_arch(dev), precision=prec or "")
         alts = {"default": None, "pre-gate default": old_fp32 if search_t == torch.float32
                 else old_16[d]}  # fmt: skip
-        if prec == "ieee":
-            alts = {"default": None}  # the exact reference, not a speed path: defaults only
+        if prec == "ieee" or (label, d, k) in DEFAULT_ONLY:
+            # the exact reference, not a speed path; or a case added for its default alone
+            alts = {"default": None}
         if quick:
             alts = {"default": None}
             if (label, d) in QUICK_CASES and QUICK_CASES[(label, d)]:
                 alts["first-run default"] = vs.SearchConfig(*QUICK_CASES[(label, d)])
         extra = []
-        if static is not None and prec != "ieee" and not quick:
+        if static is not None and len(alts) > 1 and not quick:
             # the static model's two best spill-free candidates, so the run can confirm it
             ez, ec = (
                 torch.tensor([], dtype=zt).element_size(),
@@ -115,9 +123,7 @@ def main() -> int:
             )
             ranked = gpu_model.rank(static, model_dev, n, k, d, prefix, ez, ec, prec)
             extra = [tuple(r["config"]) for r in ranked if r["spill_free"]][:2]
-        for cfg in (
-            [*ALTERNATIVES[(search_t == torch.float32, d)], *extra] if prec != "ieee" else ()
-        ):
+        for cfg in [*ALTERNATIVES[(search_t == torch.float32, d)], *extra] if len(alts) > 1 else ():
             alts["BN{} BK{} BD{} w{} s{}".format(*cfg)] = vs.SearchConfig(*cfg)
         if vs.gluon_applies(vs.gpu_arch(dev), zt, ct, d):
             # the opt-in sm_90 kernel, right after the default (a stage cut short keeps it)
