@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200; torch, triton, pytest, pytest-benchmark; no
-# network). At most 5 minutes: the stage limits below (BUDGET) add to 285 s, checked by
+# network). At most 5 minutes: the stage limits below (BUDGET) add to 290 s, checked by
 # tests/test_gpu_check.py; every stage runs under its own `timeout` and writes its results
 # (JSON) into $OUT as soon as it ends, so a stage that overruns costs only itself. The run
 # records the Triton version (env.json) and keeps the TTGIR of every binary it compiled
@@ -18,7 +18,8 @@
 # against vector-quantize-pytorch and cdist + one-hot, the backward's scatter alone, the forward
 # at K = 2^18 and 2^20 (benchmarks/train_step_gpu.py) -> fused soft assignment vs the literal
 # N x K softmax, forward + backward, and the fused op alone at K = 2^18
-# (benchmarks/soft_assign_gpu.py) -> markdown/PNG report of whatever JSON exists.
+# (benchmarks/soft_assign_gpu.py) -> markdown/PNG report of whatever JSON exists -> issue 28's
+# targets, met or not (benchmarks/gpu_targets.py, targets.md).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -31,9 +32,9 @@ cd "$(dirname "$0")/.."
 # cut anyway (bf16 -5, fp32 -5, peers -15: its vqp cells are what train_step_gpu.py times in
 # the issue's form), B_CONFIGS (-5) and B_REPORT (-5; it took 3 s).
 B_PREFLIGHT=20 B_CUDA_TESTS=50 B_CONFIGS=90 B_BF16=25 B_FP32=20 B_PEERS=15 B_TRAIN=25 B_SOFT=30
-B_REPORT=10
+B_REPORT=10 B_TARGETS=5
 BUDGET=$((B_PREFLIGHT + B_CUDA_TESTS + B_CONFIGS + B_BF16 + B_FP32 + B_PEERS + B_TRAIN + B_SOFT
-    + B_REPORT))
+    + B_REPORT + B_TARGETS))
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -170,6 +171,8 @@ if [ -n "$JSONS" ]; then
     # shellcheck disable=SC2086
     stage report $B_REPORT "$PY" -m benchmarks.report $JSONS --out "$OUT" --name gpu-check
 fi
+# ---- issue 28's targets, met or not, from this run's JSON (benchmarks/gpu_targets.py) ----------
+stage targets $B_TARGETS "$PY" -m benchmarks.gpu_targets "$OUT" --out "$OUT/targets.md"
 # ---- TTGIR of the binaries this run compiled ----------------------------------------------------
 mkdir -p "$OUT/ttgir"
 find "$OUT/triton-cache" -name '*.ttgir' -exec cp {} "$OUT/ttgir/" \; 2> /dev/null
