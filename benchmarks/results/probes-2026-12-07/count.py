@@ -1,6 +1,6 @@
 """Count a search binary's loop mix for sm_90 as benchmarks/gpu_static.py does (the probes).
 
-    python benchmarks/results/probes-2026-12-07/count.py gluon D [OUT_PREFIX]
+    python benchmarks/results/probes-2026-12-07/count.py gluon D
     python benchmarks/results/probes-2026-12-07/count.py triton D BN,BK,BD,WARPS,STAGES
 
 Run from the repository root with TRITON_INTERPRET unset, after applying one probe's patch
@@ -8,9 +8,7 @@ Run from the repository root with TRITON_INTERPRET unset, after applying one pro
 instructions per accumulator element (for the Gluon kernel, the loop's count over 4 tiles).
 """
 
-import subprocess
 import sys
-from pathlib import Path
 
 from benchmarks import gpu_static as gs
 
@@ -23,18 +21,6 @@ def main(argv: list[str]) -> None:
     rec = gs.compile_one(b)
     print({k: rec[k] for k in ("regs", "spill_stores", "spill_loads", "loop_per_element")})
     print(rec["loop"])
-    if kind == "gluon" and len(argv) > 2:  # keep the SASS to read the descriptor moves
-        import triton
-        from triton.experimental.gluon._runtime import GluonASTSource
-
-        fn, target, _plan, _kw, (options, sig, consts, attrs) = gs._specialised(b)
-        src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        kernel = triton.compile(src, target=target, options=options.__dict__)
-        cubin = Path(argv[2] + ".cubin")
-        cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([gs._tool("nvdisasm"), str(cubin)], capture_output=True,
-                              text=True, check=True).stdout  # fmt: skip
-        Path(argv[2] + ".sass").write_text(sass)
 
 
 if __name__ == "__main__":
