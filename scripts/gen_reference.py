@@ -2,6 +2,7 @@
 
     python scripts/gen_reference.py           # rewrite docs/reference.md
     python scripts/gen_reference.py --check   # exit 1 if the committed file is stale
+    python scripts/gen_reference.py --missing # list the arguments without a description
 
 The page is generated so it cannot drift from the code: tests/test_reference_doc.py fails when
 the committed file differs from what this script writes. Each object gets its signature, its
@@ -46,6 +47,9 @@ SECTIONS = (
     ("Front ends: diffusers", "fastvq.compat.diffusers", ["VectorQuantizer", "swap_quantizer"]),
     ("Front ends: pretrained codebooks", "fastvq.compat", ["from_pretrained_codebook"]),
 )  # fmt: skip
+
+# "object: argument" for every argument ``render`` found no description for (``--missing``).
+MISSING: list[str] = []
 
 _SECTION = re.compile(r"^(Args|Arguments|Parameters|Returns|Raises|Yields|Example|Examples):\s*$")
 _ARG = re.compile(r"^(\*{0,2}\w+)(?:\s*\([^)]*\))?:\s*(.*)$")
@@ -194,6 +198,8 @@ def _entry(title: str, obj, level: str = "###") -> list[str]:
             desc = args.get(name.lstrip("*"), "").strip()
             shown = f"`{name}={default}`" if default else f"`{name}`"
             lines.append(f"- {shown}: {desc}" if desc else f"- {shown}")
+            if not desc:
+                MISSING.append(f"{title}: {name}")
         lines.append("")
     for section, body in others:
         while body and not body[-1].strip():
@@ -257,8 +263,15 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/reference.md is stale")
+    ap.add_argument("--missing", action="store_true",
+                    help="list arguments without a description; exit 1 if any")  # fmt: skip
     opts = ap.parse_args(argv)
+    MISSING.clear()
     text = render()
+    if opts.missing:
+        print("\n".join(MISSING))
+        print(f"{len(MISSING)} arguments without a description", file=sys.stderr)
+        return 1 if MISSING else 0
     if opts.check:
         if not OUT.exists() or OUT.read_text() != text:
             print(f"{OUT.relative_to(ROOT)} is stale: run python scripts/gen_reference.py")
