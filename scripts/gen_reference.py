@@ -48,7 +48,7 @@ SECTIONS = (
     ("Front ends: pretrained codebooks", "fastvq.compat", ["from_pretrained_codebook"]),
 )  # fmt: skip
 
-# "object: argument" for every argument ``render`` found no description for (``--missing``).
+# "object: argument (file)" for every argument ``render`` found no description for (``--missing``).
 MISSING: list[str] = []
 
 _SECTION = re.compile(r"^(Args|Arguments|Parameters|Returns|Raises|Yields|Example|Examples):\s*$")
@@ -177,6 +177,15 @@ def _paragraphs(lines: list[str]) -> list[str]:
     return out
 
 
+def _source(obj) -> str:
+    """The file that defines ``obj`` (decorators unwrapped), relative to the checkout."""
+    try:
+        path = Path(inspect.getsourcefile(inspect.unwrap(obj)) or "?")
+    except TypeError:
+        return "?"
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _entry(title: str, obj, level: str = "###") -> list[str]:
     doc = inspect.getdoc(obj) or ""
     if inspect.isclass(obj) and doc.startswith(obj.__name__ + "("):
@@ -199,7 +208,7 @@ def _entry(title: str, obj, level: str = "###") -> list[str]:
             shown = f"`{name}={default}`" if default else f"`{name}`"
             lines.append(f"- {shown}: {desc}" if desc else f"- {shown}")
             if not desc:
-                MISSING.append(f"{title}: {name}")
+                MISSING.append(f"{title}: {name} ({_source(obj)})")
         lines.append("")
     for section, body in others:
         while body and not body[-1].strip():
