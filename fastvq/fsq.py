@@ -171,6 +171,14 @@ class FSQ(ImplicitQuantizer):
     the bound's), ``indices`` int64 (``x``'s shape without the channel dim, plus
     ``num_codebooks`` when > 1), ``loss`` a zero fp32 scalar. The rounding runs in fp32 with
     autocast off, whatever ``x``'s dtype; the index is integer arithmetic on the levels.
+
+    Args:
+        levels: values per channel, a sequence (or 1-D tensor) of ints >= 2 (2 only with
+            ``preserve_symmetry``); ``codebook_size = prod(levels)``, as :class:`FSQConfig`.
+        dim: channels of the input (default ``len(levels) * num_codebooks``; otherwise a linear
+            projection in and out).
+        **options: every other :class:`FSQConfig` option, by keyword (TypeError for an unknown
+            name).
     """
 
     def __init__(self, levels, dim: int | None = None, **options):
@@ -196,7 +204,15 @@ class FSQ(ImplicitQuantizer):
 
     def quantize_rows(self, z: torch.Tensor, keep: torch.Tensor | None, training: bool):
         """Quantize rows ``z`` (N, C, d) (any float dtype; fp32 inside): ``(q, idx)`` with
-        ``q`` fp32 (N, C, d) (codes forward; masked rows: no gradient) and ``idx`` int64 (N, C)."""
+        ``q`` fp32 (N, C, d) (codes forward; masked rows: no gradient) and ``idx`` int64 (N, C).
+
+        Args:
+            z: (N, C, d) rows, ``project_in``'s output split into ``C = num_codebooks`` groups.
+            keep: None, or bool (N,), True for the real rows (masked rows get their code, no
+                gradient and no noise).
+            training: apply ``noise_dropout`` (its only effect: the gradient goes through the
+                bound in either mode).
+        """
         with torch.autocast(z.device.type, enabled=False):
             z = z.to(torch.float32)
             if keep is not None:  # masked rows: their code, no gradient, no NaN in autograd
@@ -230,7 +246,14 @@ class FSQ(ImplicitQuantizer):
         """Quantize ``x`` (``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``);
         ``mask`` bool, ``x``'s shape without the channel dim (True = real row: masked rows
         output their code, pass no gradient and count in no statistic). ``return_stats`` adds
-        :class:`~fastvq.CodebookStats` (counts ``(num_codebooks, codebook_size)``)."""
+        :class:`~fastvq.CodebookStats` (counts ``(num_codebooks, codebook_size)``).
+
+        Args:
+            x: float32, float16 or bfloat16 ``(..., dim)``, or ``(B, dim, ...)`` with
+                ``channel_first``.
+            mask: None, or bool with ``x``'s shape without the channel dim; True = real row.
+            return_stats: also return :class:`~fastvq.CodebookStats` of the real rows.
+        """
         check_input(x, self.dim, self.channel_first)
         lead, keep, z = self.rows_in(x, mask)  # z (N, C * d)
         n = z.shape[0]
@@ -245,11 +268,21 @@ class FSQ(ImplicitQuantizer):
 
     def index_levels(self, indices: torch.Tensor) -> torch.Tensor:
         """int64 levels ``(..., d)`` in ``[0, L)`` of int ``indices`` (vqp's
-        ``indices_to_level_indices``)."""
+        ``indices_to_level_indices``).
+
+        Args:
+            indices: int tensor of any shape, values in ``[0, codebook_size)`` (not checked);
+                the levels are ``indices.shape + (d,)``.
+        """
         return fsq_index_levels(indices, self.levels_t, self.basis)
 
     def grid_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """fp32 grid codes ``(..., d)`` of ``indices``, before ``project_out``."""
+        """fp32 grid codes ``(..., d)`` of ``indices``, before ``project_out``.
+
+        Args:
+            indices: int tensor of any shape, values in ``[0, codebook_size)`` (not checked);
+                the codes are ``indices.shape + (d,)``, values in ``[-1, 1]``.
+        """
         lv = self.levels_t
         return fsq_codes(self.index_levels(indices), lv, symmetric=self.preserve_symmetry)
 

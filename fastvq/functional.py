@@ -35,9 +35,9 @@ from .ops import _scatter_rows_unchecked, resolve_backend, search
 class VQOutput(NamedTuple):
     """Result of :func:`vector_quantize`; unpacks as ``(quantized, indices, loss)``."""
 
-    quantized: torch.Tensor
-    indices: torch.Tensor
-    loss: torch.Tensor
+    quantized: torch.Tensor  # like z: value codebook[indices]; grad to z straight-through/rotated
+    indices: torch.Tensor  # int64, z.shape[:-1]: the nearest code per row, ties to the lowest
+    loss: torch.Tensor  # fp32 0-dim: mse(sg(z), z_q) + beta * mse(z, sg(z_q)); 0 for no rows
 
 
 ROTATION_EPS = 1e-6  # the norms' floor, as vector-quantize-pytorch's ``safe_div`` / ``l2norm``

@@ -54,15 +54,18 @@ class IBQConfig:
     """Every option of :class:`IBQ`, checked (TypeError/ValueError naming the argument).
 
     Args:
-        dim: D, the rows' channels (no projection). codebook_size: K >= 1.
+        dim: D, the rows' channels (no projection).
+        codebook_size: K >= 1, the number of codes.
         temperature: of the softmax whose gradient the codes get (SEED-Voken: 1).
         double_quant_weight: ``mean((q - z)^2)`` (SEED-Voken: 1).
         commitment_weight: ``mean((sg(C[i]) - z)^2)`` (SEED-Voken: 1).
         codebook_weight: ``mean((C[i] - sg(z))^2)``, SEED-Voken's ``beta`` (0.25).
         entropy_loss_weight: of the entropy term (SEED-Voken's 2^18 configuration: 0.05; 0 off).
         entropy_temperature: its own softmax temperature (SEED-Voken: 0.01).
-        sample_entropy_weight, codebook_entropy_weight: SEED-Voken's
-            ``sample_minimization_weight`` and ``batch_maximization_weight`` (1, 1).
+        sample_entropy_weight: ``w_s``, weight of the mean per-row entropy inside the entropy
+            term, SEED-Voken's ``sample_minimization_weight`` (1).
+        codebook_entropy_weight: ``w_b``, weight of the entropy of the rows' mean distribution
+            over the codes (subtracted: maximised), SEED-Voken's ``batch_maximization_weight`` (1).
         entropy_eps: the ``eps`` in SEED-Voken's ``log(avg_probs + eps)`` (1e-5).
         init_scale: the initial codes' standard deviation, N(0, init_scale^2) (SEED-Voken's
             ``nn.Embedding``: 1). In the demo's VQ-VAE smaller codes (0.1 at K = 2^14, 0.03
@@ -164,7 +167,13 @@ class IBQ(nn.Module):
     ``(quantized, indices, loss)`` like every fastvq layer (``return_loss_breakdown=True`` adds
     an :class:`IBQLossBreakdown`). Codes start as N(0, init_scale^2): SEED-Voken's
     ``nn.Embedding`` N(0, 1) by default.
-    The op runs in fp32 (fp64 for fp64 rows) with autocast off; ``quantized`` takes x's dtype.
+    The op runs in fp32 with autocast off; ``quantized`` takes x's dtype.
+
+    Args:
+        dim: D, the input's channels (no projection).
+        codebook_size: K >= 1, the number of codes.
+        **options: every other :class:`IBQConfig` option, by keyword (TypeError for an unknown
+            name).
     """
 
     def __init__(self, dim: int, codebook_size: int, **options):
@@ -191,7 +200,15 @@ class IBQ(nn.Module):
                 return_loss_breakdown: bool = False):  # fmt: skip
         """Quantize ``x`` (``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``); ``mask``
         bool, x's shape without the channel dim (False rows output their code, pass no gradient
-        and count in no loss). Loss in training only (a zero fp32 scalar in eval)."""
+        and count in no loss). Loss in training only (a zero fp32 scalar in eval).
+
+        Args:
+            x: float32, float16 or bfloat16 ``(..., dim)``, or ``(B, dim, ...)`` with
+                ``channel_first``.
+            mask: None, or bool with ``x``'s shape without the channel dim; True = real row.
+            return_loss_breakdown: also return the detached :class:`IBQLossBreakdown`
+                (unweighted terms; zeros in eval).
+        """
         c = self.config
         check_input(x, c.dim, c.channel_first)
         xr = x.movedim(1, -1) if c.channel_first else x
@@ -221,7 +238,13 @@ class IBQ(nn.Module):
         """The codes (fp32) of int ``indices`` ``(...)``, as the eval forward outputs them
         (before the cast to x's dtype): ``(..., dim)``, or ``(B, dim, ...)`` with
         ``channel_first``, as every fastvq layer (a model decodes any family's index maps the
-        same way). ``check``: ValueError on indices outside ``[0, codebook_size)`` (a host sync)."""
+        same way). ``check``: ValueError on indices outside ``[0, codebook_size)`` (a host sync).
+
+        Args:
+            indices: int tensor of any shape ``(...)``, values in ``[0, codebook_size)``.
+            check: raise ValueError on indices outside ``[0, codebook_size)`` (a host sync);
+                False skips the check.
+        """
         check_indices(indices, 1, self.config.codebook_size, check)
         q = self.codes().to(torch.float32)[indices.to(torch.int64)]
         return q.movedim(-1, 1) if self.config.channel_first else q

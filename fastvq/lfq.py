@@ -53,7 +53,10 @@ class LFQConfig:
         dim: channels of the input; default ``log2(codebook_size) * num_codebooks``. Otherwise
             (or with ``projections=True``) a linear projection in and out.
         codebook_size: codes per codebook, a power of 2 (default ``2 ** dim``).
-        entropy_loss_weight, commitment_loss_weight: the loss's weights.
+        entropy_loss_weight: ``w_e``, the entropy term's weight (0: the entropies are not
+            computed, unless ``forward`` asks for a loss breakdown).
+        commitment_loss_weight: ``w_c``, the weight of ``mse(z, sg(codes))`` over the real rows
+            (0, the default: not computed, and 0 in the breakdown).
         diversity_gamma: the codebook entropy's weight inside the entropy term.
         num_codebooks: split the projected channels into this many groups of ``d`` bits, each
             with its own index (``indices`` gains a trailing dim of that size when > 1).
@@ -67,7 +70,9 @@ class LFQConfig:
             as vector-quantize-pytorch does (``1e-5``); computed in chunks of codes.
         entropy_chunk: codes per chunk in the entropies (default: ``C * N * chunk`` about 1M).
         projections: force the projections on or off (default: when ``dim != C * d``).
-        channel_first, projection_has_bias: as :class:`~fastvq.FSQ`.
+        channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
+        projection_has_bias: ``project_in`` and ``project_out`` have a bias (when there are
+            projections).
     """
 
     dim: int | None = None
@@ -159,6 +164,14 @@ class LFQ(ImplicitQuantizer):
     straight through), ``indices`` int64 (``x``'s shape without the channel dim, plus
     ``num_codebooks`` when > 1), ``loss`` fp32 (in training; zero in eval). The sign and the
     entropies run in fp32 with autocast off, whatever ``x``'s dtype.
+
+    Args:
+        dim: channels of the input (default ``log2(codebook_size) * num_codebooks``), as
+            :class:`LFQConfig`.
+        codebook_size: codes per codebook, a power of 2 in ``[2, 2**62]`` (default ``2 ** dim``);
+            ``dim`` or ``codebook_size`` must be given.
+        **options: every other :class:`LFQConfig` option, by keyword (TypeError for an unknown
+            name).
     """
 
     def __init__(self, dim: int | None = None, codebook_size: int | None = None, **options):
@@ -190,7 +203,11 @@ class LFQ(ImplicitQuantizer):
         return s / math.sqrt(self.codebook_dim) if self.spherical else s
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
-        """fp32 ``z`` (N, C * d) -> (N, C, d): the soft clamp, the split, the sphere."""
+        """fp32 ``z`` (N, C * d) -> (N, C, d): the soft clamp, the split, the sphere.
+
+        Args:
+            z: fp32 (N, C * d), ``project_in``'s output rows (``C = num_codebooks``).
+        """
         v = self.soft_clamp_input_value
         if v is not None:
             z = torch.tanh(z / v) * v
@@ -200,7 +217,14 @@ class LFQ(ImplicitQuantizer):
     def quantize_rows(self, z: torch.Tensor, keep: torch.Tensor | None, training: bool):
         """Quantize bounded fp32 rows ``z`` (N, C, d): ``(q, codes, idx)``, ``q`` fp32 (N, C, d)
         (codes forward; straight through in training; masked rows: no gradient), ``codes`` the
-        codes and ``idx`` int64 (N, C)."""
+        codes and ``idx`` int64 (N, C).
+
+        Args:
+            z: fp32 (N, C, d) rows from :meth:`bound`.
+            keep: None, or bool (N,), True for the real rows (masked rows get the bare codes).
+            training: the straight-through gradient ``codes + z - sg(z)``; False: the codes
+                alone, no gradient to ``z``.
+        """
         bits = z > 0
         codes = lfq_codes(bits, self.codebook_scale, self.spherical)
         idx = (bits.to(torch.int64) << self.bit_shifts).sum(-1)
@@ -210,7 +234,12 @@ class LFQ(ImplicitQuantizer):
         return q, codes, idx
 
     def entropy_rows(self, z: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """The rows (M, C, d) the entropies see: the real ones, then a random fraction."""
+        """The rows (M, C, d) the entropies see: the real ones, then a random fraction.
+
+        Args:
+            z: fp32 (N, C, d) rows from :meth:`bound`.
+            keep: None, or bool (N,), True for the real rows (the others are dropped first).
+        """
         if keep is not None:
             z = z[keep]
         f = self.frac_per_sample_entropy
@@ -221,7 +250,12 @@ class LFQ(ImplicitQuantizer):
         return z
 
     def entropies(self, z: torch.Tensor, inv_temperature: float):
-        """``(per_sample, codebook)`` entropies of rows ``z`` (M, C, d), means over codebooks."""
+        """``(per_sample, codebook)`` entropies of rows ``z`` (M, C, d), means over codebooks.
+
+        Args:
+            z: fp32 (M, C, d) rows, from :meth:`entropy_rows`.
+            inv_temperature: ``beta > 0`` of the logits ``-beta ||z - c||^2`` (not checked here).
+        """
         u = (4.0 * inv_temperature * self.bit_scale) * z.transpose(0, 1)  # (C, M, d) bit logits
         floor = None if self.prob_floor is None else math.log(self.prob_floor)
         chunk = self.entropy_chunk
@@ -230,7 +264,17 @@ class LFQ(ImplicitQuantizer):
         return hs.mean().float(), hc.mean().float()
 
     def loss_terms(self, z, codes, keep, inv_temperature: float, breakdown: bool):
-        """The loss (fp32 scalar) and its :class:`LFQLossBreakdown` of training rows."""
+        """The loss (fp32 scalar) and its :class:`LFQLossBreakdown` of training rows.
+
+        Args:
+            z: fp32 (N, C, d) rows from :meth:`bound`.
+            codes: fp32 (N, C, d), the rows' codes from :meth:`quantize_rows` (the commitment
+                target, detached).
+            keep: None, or bool (N,), True for the rows that count (the others count in no term).
+            inv_temperature: ``beta > 0`` of the entropies' logits.
+            breakdown: compute the entropies even when ``entropy_loss_weight`` is 0, so the
+                breakdown holds them.
+        """
         zero = torch.zeros((), dtype=torch.float32, device=z.device)
         hs = hc = commit = zero
         if self.entropy_loss_weight != 0 or breakdown:
@@ -250,7 +294,19 @@ class LFQ(ImplicitQuantizer):
         output their code, pass no gradient and count in no loss or statistic).
         ``inv_temperature`` overrides the configured one; ``return_stats`` adds
         :class:`~fastvq.CodebookStats`, ``return_loss_breakdown`` a detached
-        :class:`LFQLossBreakdown` (zeros in eval)."""
+        :class:`LFQLossBreakdown` (zeros in eval).
+
+        Args:
+            x: float32, float16 or bfloat16 ``(..., dim)``, or ``(B, dim, ...)`` with
+                ``channel_first``.
+            mask: None, or bool with ``x``'s shape without the channel dim; True = real row.
+            inv_temperature: positive float, ``beta`` of the entropies' logits for this call;
+                None: the configured one. Only the training loss uses it.
+            return_stats: also return :class:`~fastvq.CodebookStats` (counts
+                ``(num_codebooks, codebook_size)``) of the real rows.
+            return_loss_breakdown: also return the detached :class:`LFQLossBreakdown`; in
+                training the entropies are then computed even with ``entropy_loss_weight=0``.
+        """
         check_input(x, self.dim, self.channel_first)
         beta = self.inv_temperature if inv_temperature is None else inv_temperature
         if not is_real(beta) or beta <= 0:
@@ -270,7 +326,12 @@ class LFQ(ImplicitQuantizer):
         return quantize_output(quantized, indices, loss, stats, bd)
 
     def grid_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """fp32 codes ``(..., d)`` of int ``indices``, before ``project_out``."""
+        """fp32 codes ``(..., d)`` of int ``indices``, before ``project_out``.
+
+        Args:
+            indices: int tensor of any shape, values in ``[0, codebook_size)`` (not checked:
+                only the low ``d`` bits are read); the codes are ``indices.shape + (d,)``.
+        """
         bits = ((indices.to(torch.int64).unsqueeze(-1) >> self.bit_shifts) & 1).bool()
         return lfq_codes(bits, self.codebook_scale, self.spherical)
 

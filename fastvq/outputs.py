@@ -11,9 +11,9 @@ import torch
 class QuantizeOutput(NamedTuple):
     """Unpacks as ``(quantized, indices, loss)``."""
 
-    quantized: torch.Tensor
-    indices: torch.Tensor
-    loss: torch.Tensor
+    quantized: torch.Tensor  # like the input x: forward value the codes, gradient to x
+    indices: torch.Tensor  # int64: x's shape without the channel dim, plus the layer's extra dims
+    loss: torch.Tensor  # 0-dim: the layer's loss to add to the training objective
 
 
 class CodebookStats(NamedTuple):

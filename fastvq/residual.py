@@ -410,7 +410,11 @@ class ResidualVQ(nn.Module):
         )
 
     def depth_layer(self, depth: int) -> VectorQuantizer:
-        """The :class:`VectorQuantizer` searched at ``depth`` (the one layer when shared)."""
+        """The :class:`VectorQuantizer` searched at ``depth`` (the one layer when shared).
+
+        Args:
+            depth: the depth, an int in ``[0, num_quantizers)``.
+        """
         return self.layers[0 if self.shared_codebook else depth]
 
     def draw_num_active(self) -> int:
@@ -674,7 +678,10 @@ class GroupedResidualVQ(nn.Module):
 
     Args:
         dim: channels of the input (divisible by ``groups``).
-        codebook_size, num_quantizers: as :class:`ResidualVQ`, for every group.
+        codebook_size: K of every depth, or a sequence of Q sizes, one per depth (as
+            :class:`ResidualVQ`), the same for every group.
+        num_quantizers: number of depths Q of every group (may be left out when
+            ``codebook_size`` is a sequence).
         groups: number of groups.
         channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
         **kwargs: every other :class:`ResidualVQ` argument (``shared_codebook`` shares a
@@ -732,6 +739,21 @@ class GroupedResidualVQ(nn.Module):
     ):
         """Quantize every group (arguments as :meth:`ResidualVQ.forward`).
 
+        Args:
+            x: ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``; its channels are
+                split into ``groups`` contiguous slices.
+            mask: optional bool, ``x``'s shape without the channel dim (True = real token),
+                applied to every group.
+            return_stats: also return ``stats``: per group, the list of Q
+                :class:`~fastvq.CodebookStats` (None for a depth left out).
+            return_losses: also return ``losses``, fp32 ``(groups, Q)`` each group's per-depth
+                losses (0 for a depth left out).
+            beam_size: beam search with this many beams in every group for this call (default:
+                the groups' ``beam_size`` in training, ``eval_beam_size`` in eval; 1 is greedy).
+            num_active: quantize every group with its first ``num_active`` depths only (int in
+                ``[1, Q]``); in training with ``quantize_dropout`` one draw for all groups when
+                None.
+
         Returns:
             ``QuantizeOutput(quantized, indices, loss)``: ``quantized`` like ``x``, ``indices``
             int64 ``x``'s shape without the channel dim plus ``(groups, Q)``, ``loss`` the mean
@@ -766,7 +788,12 @@ class GroupedResidualVQ(nn.Module):
 
     def codes_from_indices(self, indices: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Decode ``(..., groups, Q)`` indices (``-1``: no code) to the module's output (eval:
-        bit-identical to forward); ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``."""
+        bit-identical to forward); ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+
+        Args:
+            indices: int ``(..., groups, Q)``; ``-1`` is no code (a depth left out).
+            check: raise ValueError on indices outside ``[-1, K_l)`` (a host sync).
+        """
         check_indices(indices, 1, 0, check=False)  # tensor and integer dtype
         if indices.dim() < 2 or indices.shape[-2:] != (self.groups, self.num_quantizers):
             raise ValueError(

@@ -33,12 +33,21 @@ class ResidualFSQ(ResidualStack):
         dim: channels of the input (default ``len(levels)``; otherwise one projection in and
             out shared by all depths, ``projection_has_bias``).
         channel_first: ``x`` is ``(B, dim, ...)``.
-        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as
-            :class:`~fastvq.ResidualVQ` (the same draw and replay; ``seed`` seeds it).
-        preserve_symmetry, hard_clamp: each depth's FSQ options (default True, as vqp's
-            ``ResidualFSQ``: the symmetric grid, clamped after the input's soft clamp).
+        quantize_dropout: in training, a forward without ``num_active`` runs only the first
+            ``n`` depths, ``n`` drawn per forward (the rest give index -1); off when Q is 1.
+        quantize_dropout_cutoff_index: in ``[0, Q)``: the last kept depth is drawn uniformly
+            from ``[cutoff, Q)``, so at least ``cutoff + 1`` depths run.
+        quantize_dropout_multiple_of: round the number of kept depths up to a multiple of this
+            (capped at Q), as :class:`~fastvq.ResidualVQ`.
+        preserve_symmetry: each depth's FSQ ``preserve_symmetry`` (default True, as vqp's
+            ``ResidualFSQ``: the symmetric grid).
+        hard_clamp: each depth's FSQ ``hard_clamp`` (default True, as vqp's ``ResidualFSQ``:
+            a clamp to ``[-1, 1]`` instead of ``tanh``; it also turns on the input's soft clamp).
         soft_clamp_input_value: ``c`` of the input clamp ``tanh(r / c) c`` (a float or one per
             channel); default ``1 + 1 / (levels - 1)`` with ``hard_clamp``, none without.
+        projection_has_bias: ``project_in`` and ``project_out`` have a bias (when ``dim !=
+            len(levels)``).
+        seed: seeds the quantize-dropout draw (a CPU generator, the same on every rank).
         **fsq_kwargs: every other FSQ option (``bound_margin``, ``noise_dropout``).
 
     ``forward`` (:meth:`~fastvq.stack.ResidualStack.forward`) returns ``(quantized, indices,
@@ -107,7 +116,8 @@ class GroupedResidualFSQ(GroupedResidualStack):
         dim: channels of the input, divisible by ``groups``.
         groups: stacks, each on ``dim // groups`` consecutive channels.
         channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
-        seed: group ``g``'s stack gets ``seed + g`` (its quantize-dropout and noise streams).
+        seed: group ``g``'s stack gets ``seed + g``; the one quantize-dropout draw per forward
+            comes from group 0's stream (``seed``).
     """
 
     def __init__(self, levels, num_quantizers: int, dim: int, *, groups: int = 1,

@@ -32,11 +32,17 @@ class ResidualLFQ(ResidualStack):
         dim: channels of the input (default ``d``; otherwise one projection in and out shared
             by all depths, ``projection_has_bias``).
         channel_first: ``x`` is ``(B, dim, ...)``.
-        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as
-            :class:`~fastvq.ResidualVQ` (the same draw and replay; ``seed`` seeds it).
+        quantize_dropout: in training, a forward without ``num_active`` runs only the first
+            ``n`` depths, ``n`` drawn per forward (the rest give index -1); off when Q is 1.
+        quantize_dropout_cutoff_index: in ``[0, Q)``: the last kept depth is drawn uniformly
+            from ``[cutoff, Q)``, so at least ``cutoff + 1`` depths run.
+        quantize_dropout_multiple_of: round the number of kept depths up to a multiple of this
+            (capped at Q), as :class:`~fastvq.ResidualVQ`.
         codebook_scale: ``s``, depth 0's code magnitude; depth ``i`` uses ``s 2^-i``.
         soft_clamp_input_value: None or ``v >= s``: depth ``i`` clamps its residual to
             ``tanh(r / v_i) v_i``, ``v_i = v 2^-i``.
+        projection_has_bias: ``project_in`` and ``project_out`` have a bias (when ``dim != d``).
+        seed: seeds the quantize-dropout draw (a CPU generator, the same on every rank).
         **lfq_kwargs: every other :class:`~fastvq.LFQ` option, the same at every depth
             (``entropy_loss_weight``, ``commitment_loss_weight``, ``diversity_gamma``,
             ``spherical``, ``frac_per_sample_entropy``, ``inv_temperature``, ``prob_floor``,
@@ -105,7 +111,24 @@ class ResidualLFQ(ResidualStack):
         return_losses: bool = False, return_loss_breakdown: bool = False,
         num_active: int | None = None,
     ):  # fmt: skip
-        """Quantize ``x`` with every depth (or the first ``num_active``); see the class."""
+        """Quantize ``x`` with every depth (or the first ``num_active``); see the class.
+
+        Args:
+            x: float32, float16 or bfloat16 ``(..., dim)``, or ``(B, dim, ...)`` with
+                ``channel_first``.
+            mask: None, or bool with ``x``'s shape without the channel dim; True = real row
+                (masked rows output their code, pass no gradient, count in no loss or stats).
+            inv_temperature: positive float, every depth's entropy ``beta`` for this call; None:
+                each depth's configured one.
+            return_stats: also return each depth's :class:`~fastvq.CodebookStats` (a list of Q,
+                None for a depth left out).
+            return_losses: also return ``losses``, fp32 (Q,), each depth's loss (0 for a depth
+                left out); ``loss`` is their sum.
+            return_loss_breakdown: return every field (``losses`` included, ``stats`` None
+                unless ``return_stats``) and the per-depth :class:`~fastvq.lfq.LFQLossBreakdown`.
+            num_active: run only the first ``num_active`` depths, in ``[1, Q]`` (the rest give
+                index -1); None: every depth, or in training with ``quantize_dropout`` a draw.
+        """
         return super().forward(
             x, mask, return_stats=return_stats, return_losses=return_losses,
             num_active=num_active, inv_temperature=inv_temperature,
@@ -118,6 +141,15 @@ class GroupedResidualLFQ(GroupedResidualStack):
     :class:`~fastvq.GroupedResidualVQ`): indices ``(..., groups, Q)``, losses ``(groups, Q)``,
     ``loss`` the groups' mean, one quantize-dropout draw per forward for every group; group
     ``g`` is seeded ``seed + g``. Other arguments: :class:`ResidualLFQ`.
+
+    Args:
+        codebook_size: codes per depth in every group, a power of 2 (as :class:`ResidualLFQ`).
+        num_quantizers: Q, depths per group.
+        dim: channels of the input, divisible by ``groups``.
+        groups: stacks, each on ``dim // groups`` consecutive channels.
+        channel_first: ``x`` is ``(B, dim, ...)`` instead of ``(..., dim)``.
+        seed: group ``g``'s stack gets ``seed + g``; the one quantize-dropout draw per forward
+            comes from group 0's stream (``seed``).
     """
 
     def __init__(self, codebook_size: int, num_quantizers: int, dim: int, *, groups: int = 1,
@@ -133,7 +165,22 @@ class GroupedResidualLFQ(GroupedResidualStack):
         inv_temperature: float | None = None, return_stats: bool = False,
         return_losses: bool = False, num_active: int | None = None,
     ):  # fmt: skip
-        """As :meth:`ResidualLFQ.forward`, per group (without a loss breakdown)."""
+        """As :meth:`ResidualLFQ.forward`, per group (without a loss breakdown).
+
+        Args:
+            x: float32, float16 or bfloat16 ``(..., dim)``, or ``(B, dim, ...)`` with
+                ``channel_first``; group ``g`` quantizes the ``g``-th slice of the channels.
+            mask: None, or bool with ``x``'s shape without the channel dim (True = real row),
+                given to every group.
+            inv_temperature: positive float, every depth's entropy ``beta`` in every group for
+                this call; None: each depth's configured one.
+            return_stats: also return ``stats``, a list per group of each depth's
+                :class:`~fastvq.CodebookStats` (None for a depth left out).
+            return_losses: also return ``losses``, fp32 ``(groups, Q)``; ``loss`` is the mean
+                over groups of each group's sum.
+            num_active: as :meth:`ResidualLFQ.forward`, the same for every group (one draw for
+                all groups under quantize dropout).
+        """
         return super().forward(
             x, mask, return_stats=return_stats, return_losses=return_losses,
             num_active=num_active, inv_temperature=inv_temperature,

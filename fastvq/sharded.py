@@ -405,10 +405,16 @@ class ShardedVectorQuantizer(nn.Module):
         dim: D, the channels of the input (inputs are (..., dim)).
         codebook_size: K, the global number of codes.
         beta: commitment weight.
-        ema, decay, eps: EMA codebook learning (as ``VectorQuantizer``).
-        kmeans_init, kmeans_iters: k-means init on the first training batch of every rank
-            (default off: the codes come from ``seed`` or ``codebook``).
-        dead_code_steps, restart_noise: dead-code restart (as ``VectorQuantizer``; 0 = never).
+        ema: learn the codes by EMA (a buffer; the loss is then ``beta`` * commitment) instead
+            of by the loss's codebook term (an ``nn.Parameter``, the default).
+        decay: EMA decay gamma of the per-code counts and sums (with ``ema``).
+        eps: EMA Laplace smoothing epsilon of the counts (with ``ema``).
+        kmeans_init: k-means init on the first training batch of every rank (default off: the
+            codes come from ``seed`` or ``codebook``; ignored when ``codebook`` is given).
+        kmeans_iters: Lloyd iterations of that k-means.
+        dead_code_steps: re-seed a code unused for this many training steps (as
+            ``VectorQuantizer``; 0 = never).
+        restart_noise: relative std of the noise added to a re-seeded code.
         codebook_dim: code dimension, with a linear projection in and out when it differs from
             ``dim`` (the projections are ordinary parameters: DDP averages them).
         cosine: l2-normalise inputs and codes.
@@ -505,7 +511,12 @@ class ShardedVectorQuantizer(nn.Module):
         self._ranks_checked = True
 
     def forward(self, x: torch.Tensor) -> VQOutput:
-        """``x`` (..., dim) -> VQOutput(quantized like x, global indices x.shape[:-1], loss)."""
+        """``x`` (..., dim) -> VQOutput(quantized like x, global indices x.shape[:-1], loss).
+
+        Args:
+            x: float32/16/bf16 ``(..., dim)``, this rank's rows (any count, zero included); a
+                collective: every rank of ``group`` calls it.
+        """
         check_input(x, self.dim, False)
         check_same_device("x", x, "codebook", self.book.anchor)
         if self.debug or not self._ranks_checked:
@@ -547,6 +558,10 @@ def ddp_ignore_shards(model: nn.Module) -> list[str]:
     neither broadcasts rank 0's shard at construction and per forward, nor checks shard shapes
     across ranks (they differ when K % R != 0), nor averages shard gradients (the op's backward
     already returns DDP's mean). Returns the names added to the ignore list.
+
+    Args:
+        model: the module to be wrapped; every ShardedVectorQuantizer among its submodules
+            (itself included) has its ``book`` parameters and buffers added to its ignore list.
     """
     names = []
     for mname, mod in model.named_modules():

@@ -43,7 +43,7 @@ class SoftAssignment(NamedTuple):
     column_sums: torch.Tensor | None  # (K,) sum over counted rows of p_nk; None if not asked
     # (N,) the row entropy lse - E_p[x], accumulated relative to the row max so it keeps its
     # digits when p is one-hot (where lse and E_p[x] cancel); with expected_logit, else None
-    entropy: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None  # (N,) row entropy; with expected_logit, else None
 
 
 def _fwd(backend, z, codes, w, inv_tau, sim, eps, chunk, want_col, want_q, want_e):

@@ -18,6 +18,10 @@ class UsageMeter:
         meter.used_fraction, meter.perplexity
 
     Counts accumulate on the indices' device (no host sync until read).
+
+    Args:
+        codebook_size: K, the number of codes; the counts, ``used_fraction`` and
+            ``perplexity`` are over all K (indices must lie in ``[0, K)``).
     """
 
     def __init__(self, codebook_size: int):

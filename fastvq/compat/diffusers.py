@@ -62,6 +62,9 @@ class VectorQuantizer(TamingStyleQuantizer):
     def forward(self, z: torch.Tensor):
         """Quantize ``z`` of shape ``(B, vq_embed_dim, H, W)``.
 
+        Args:
+            z: float32/16/bf16 ``(B, vq_embed_dim, H, W)``, on the codebook's device.
+
         Returns:
             ``(z_q, loss, (None, None, indices))``: ``z_q`` ``(B, vq_embed_dim, H, W)`` (forward
             value the codes, gradient straight through to ``z``), ``loss`` fp32 0-dim (what

@@ -214,6 +214,12 @@ class VectorQuantizer2(TamingStyleQuantizer):
         ``temp``, ``rescale_logits`` and ``return_logits`` exist, as in taming, only for interface
         compatibility with its Gumbel quantizer: anything but their defaults raises ValueError.
 
+        Args:
+            z: float32/16/bf16 ``(B, e_dim, H, W)``, on the codebook's device.
+            temp: None or 1.0 (ignored); any other value raises ValueError.
+            rescale_logits: must be False (True raises ValueError).
+            return_logits: must be False (True raises ValueError).
+
         Returns:
             ``(z_q, loss, (None, None, indices))``: ``z_q`` ``(B, e_dim, H, W)`` (forward value
             the codes, gradient straight through to ``z``), ``loss`` fp32 0-dim, ``indices``
@@ -241,5 +247,10 @@ def swap_quantizer(model: nn.Module, *, backend: str = "auto") -> nn.Module:
 
     The one-line switch for a built model: ``fastvq.compat.taming.swap_quantizer(model)``.
     ``model.state_dict()`` keeps its keys, so taming checkpoints load strictly before or after.
+
+    Args:
+        model: an ``nn.Module`` whose ``quantize`` is taming's ``VectorQuantizer2`` (codebook in
+            an ``nn.Embedding`` ``embedding``); TypeError without one.
+        backend: fastvq's backend for the new quantizer, "auto", "torch" or "triton".
     """
     return _swap(model, VectorQuantizer2, "e_dim", backend)

@@ -11,7 +11,7 @@ from torch import nn
 
 @dataclass
 class AEConfig:
-    in_channels: int = 1
+    in_channels: int = 1  # channels C of the input and reconstructed images
     image_size: int = 28  # H = W, divisible by 4
     hidden: int = 32  # channels of the first conv; the second has 2 * hidden
     latent_dim: int = 16  # size of the latent vector z
@@ -37,7 +37,11 @@ def conv_decoder(out_channels: int, hidden: int) -> nn.Sequential:
 
 
 class AE(nn.Module):
-    """x in [0, 1] -> z = encode(x) in R^latent_dim -> x_hat = sigmoid(decode(z)); MSE loss."""
+    """x in [0, 1] -> z = encode(x) in R^latent_dim -> x_hat = sigmoid(decode(z)); MSE loss.
+
+    Args:
+        cfg: the architecture; None: ``AEConfig()``.
+    """
 
     def __init__(self, cfg: AEConfig | None = None):
         super().__init__()
@@ -59,6 +63,11 @@ class AE(nn.Module):
         return torch.sigmoid(self.decoder(h))  # (B, C, H, W) in [0, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction ``sigmoid(decode(encode(x)))``, (B, C, H, W) in [0, 1].
+
+        Args:
+            x: float images (B, in_channels, image_size, image_size), values in [0, 1].
+        """
         return self.decode(self.encode(x))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

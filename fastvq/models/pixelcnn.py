@@ -62,7 +62,11 @@ class GatedLayer(nn.Module):
 
 
 class PixelCNN(nn.Module):
-    """Autoregressive prior p(c) = prod_i p(c_i | c_<i [, y]) over (B, H, W) int64 code maps."""
+    """Autoregressive prior p(c) = prod_i p(c_i | c_<i [, y]) over (B, H, W) int64 code maps.
+
+    Args:
+        cfg: the architecture; None: ``PixelCNNConfig()``.
+    """
 
     def __init__(self, cfg: PixelCNNConfig | None = None):
         super().__init__()
@@ -80,19 +84,36 @@ class PixelCNN(nn.Module):
         )
 
     def forward_embedded(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) embedded codes -> (B, K, H, W) logits."""
+        """(B, C, H, W) embedded codes -> (B, K, H, W) logits.
+
+        Args:
+            x: float (B, channels, H, W), the code embeddings (as :meth:`forward` makes them).
+            y: int64 (B,) class labels in [0, num_classes), or None (unconditional); ignored
+                when ``cfg.num_classes`` is None.
+        """
         v = h = x
         for layer in self.layers:
             v, h = layer(v, h, y)
         return self.head(h)
 
     def forward(self, indices: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, H, W) int64 -> (B, K, H, W) logits of p(c_ij | c_<ij)."""
+        """(B, H, W) int64 -> (B, K, H, W) logits of p(c_ij | c_<ij).
+
+        Args:
+            indices: int64 (B, H, W) code maps, values in [0, num_codes).
+            y: int64 (B,) class labels in [0, num_classes), or None (unconditional); ignored
+                when ``cfg.num_classes`` is None.
+        """
         x = self.embed(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
         return self.forward_embedded(x, y)
 
     def nll_bits(self, indices: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-map negative log-likelihood in bits per code, (B,)."""
+        """Per-map negative log-likelihood in bits per code, (B,).
+
+        Args:
+            indices: int64 (B, H, W) code maps, values in [0, num_codes).
+            y: int64 (B,) class labels, or None; as in :meth:`forward`.
+        """
         logits = self(indices, y)
         nll = F.cross_entropy(logits, indices, reduction="none")  # nats (B, H, W)
         return nll.flatten(1).mean(1) / math.log(2)
@@ -110,7 +131,17 @@ class PixelCNN(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Draw n code maps of ``shape`` (H, W) in raster order; returns (n, H, W) int64."""
+        """Draw n code maps of ``shape`` (H, W) in raster order; returns (n, H, W) int64.
+
+        Args:
+            n: number of maps.
+            shape: ``(H, W)`` of each map.
+            y: int64 (n,) class labels, or None; as in :meth:`forward`.
+            temperature: the logits are divided by it before the softmax (> 0; 1 samples the
+                model, lower is greedier).
+            generator: a CPU ``torch.Generator`` for the draws (taken on the CPU); None: torch's
+                global CPU RNG.
+        """
         device = next(self.parameters()).device
         H, W = shape
         out = torch.zeros(n, H, W, dtype=torch.long, device=device)

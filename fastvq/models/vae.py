@@ -25,10 +25,10 @@ from .ae import conv_decoder, conv_encoder
 
 @dataclass
 class VAEConfig:
-    in_channels: int = 1
+    in_channels: int = 1  # channels C of the images
     image_size: int = 28  # H = W, divisible by 4
-    hidden: int = 32
-    latent_dim: int = 16
+    hidden: int = 32  # channels of the first conv; the second has 2 * hidden
+    latent_dim: int = 16  # size of the latent z (the encoder outputs its mean and log-variance)
     min_log_scale: float = -7.0  # floor on the logistic log-scale, for stability
 
 
@@ -57,7 +57,11 @@ def discretized_logistic_log_prob(
 
 
 class VAE(nn.Module):
-    """q(z|x) = N(mu, diag sigma^2), p(z) = N(0, I), p(x|z) discretized logistic per pixel."""
+    """q(z|x) = N(mu, diag sigma^2), p(z) = N(0, I), p(x|z) discretized logistic per pixel.
+
+    Args:
+        cfg: the architecture; None: ``VAEConfig()``.
+    """
 
     def __init__(self, cfg: VAEConfig | None = None):
         super().__init__()
@@ -97,13 +101,24 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images from the prior, each the decoder mean of one z ~ N(0, I)."""
+        """n images from the prior, each the decoder mean of one z ~ N(0, I).
+
+        Args:
+            n: number of images; returns (n, C, H, W) in [0, 1].
+            generator: a CPU ``torch.Generator`` for the z draws (drawn on the CPU, then moved to
+                the model's device); None: torch's global CPU RNG.
+        """
         device = next(self.parameters()).device
         z = torch.randn(n, self.cfg.latent_dim, generator=generator).to(device)
         return self.mean_image(self.decode(z)[0])
 
     def neg_elbo_bits_per_dim(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Per-image negative ELBO in bits/dim (B,), with its two parts in the info dict."""
+        """Per-image negative ELBO in bits/dim (B,), with its two parts in the info dict.
+
+        Args:
+            x: float images (B, in_channels, image_size, image_size) in [0, 1], on the grid
+                k/255 of 8-bit pixels; z is drawn with the global RNG.
+        """
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar)
         mean, log_scale = self.decode(z)

@@ -26,21 +26,21 @@ from torch import nn
 
 @dataclass
 class VQVAEConfig:
-    in_channels: int = 1
+    in_channels: int = 1  # channels C of the images
     hidden: int = 64  # channels of the conv trunks
     res_hidden: int = 32  # bottleneck channels inside a residual block
     n_res: int = 2  # residual blocks in the encoder and in the decoder
     dim: int = 16  # channels of the encoder output = the quantizer's input dim
     # K; None: 256, or for "fsq" prod(levels) (the only value it may have there)
-    codebook_size: int | None = None
+    codebook_size: int | None = None  # K (None: 256, or prod(levels) for "fsq")
     # commitment weight: vq's beta, LFQ/BSQ's commitment_loss_weight (FSQ has no loss). LFQ's
     # own default is 0: its entropy term alone then lets the encoder's output grow without bound
     # (|z| ~ 3e5 at step 100, an infinite loss at step 107: benchmarks/lfq_vqvae_probe.py)
-    beta: float = 0.25
+    beta: float = 0.25  # commitment weight of vq, simvq, lfq and bsq; unused by fsq and ibq
     data_variance: float = 1.0  # recon loss = MSE / data_variance (set from the train set)
     # passed as-is to the quantizer (VectorQuantizer: e.g. ema, kmeans_init, codebook_dim,
     # cosine, dead-code threshold; FSQ: levels; LFQ: entropy_loss_weight); empty = its defaults
-    vq_kwargs: dict = field(default_factory=dict)
+    vq_kwargs: dict = field(default_factory=dict)  # extra quantizer arguments, passed as-is
     quantizer: str = "vq"  # one of QUANTIZERS; configs saved before the choice have none: "vq"
 
     def __post_init__(self):
@@ -101,6 +101,13 @@ class ResidualBlock(nn.Module):
 
 
 class VQVAE(nn.Module):
+    """Conv encoder -> ``make_quantizer(cfg)`` (channel-first) -> conv decoder with a sigmoid
+    output; a (B, C, H, W) image in [0, 1] becomes a (B, H/4, W/4) map of code indices.
+
+    Args:
+        cfg: the architecture and quantizer; None: ``VQVAEConfig()``.
+    """
+
     def __init__(self, cfg: VQVAEConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or VQVAEConfig()
@@ -126,7 +133,11 @@ class VQVAE(nn.Module):
         )
 
     def encode(self, x: torch.Tensor):
-        """(B, C, H, W) -> (quantized (B, D, H/4, W/4), indices (B, H/4, W/4), vq loss)."""
+        """(B, C, H, W) -> (quantized (B, D, H/4, W/4), indices (B, H/4, W/4), vq loss).
+
+        Args:
+            x: float images (B, in_channels, H, W) in [0, 1].
+        """
         z_e = self.encoder(x)  # (B, D, h, w)
         quantized, indices, loss = self.vq(z_e)
         return quantized, indices, loss
@@ -135,10 +146,21 @@ class VQVAE(nn.Module):
         return torch.sigmoid(self.decoder(quantized))  # (B, C, H, W) in [0, 1]
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) int64 code map -> image (B, C, H, W)."""
+        """(B, h, w) int64 code map -> image (B, C, H, W).
+
+        Args:
+            indices: int (B, h, w) code indices in [0, codebook_size), as :meth:`encode` returns
+                them; decoded with the quantizer's ``codes_from_indices`` (range checked).
+        """
         return self.decode(self.vq.codes_from_indices(indices))
 
     def forward(self, x: torch.Tensor):
+        """(B, C, H, W) -> (x_hat (B, C, H, W) in [0, 1], indices (B, H/4, W/4), vq loss).
+
+        Args:
+            x: float images (B, in_channels, H, W) in [0, 1]; H and W multiples of 4 (else
+                ``x_hat`` comes back at a different size).
+        """
         quantized, indices, vq_loss = self.encode(x)
         return self.decode(quantized), indices, vq_loss
 

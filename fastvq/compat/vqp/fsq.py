@@ -44,7 +44,35 @@ def _check_fsq_options(cls, allowed_dtypes, force_quantization_f32, orthogonal_r
 
 
 class FSQ(_FSQ):
-    """vqp's ``FSQ(levels, dim=None, num_codebooks=1, ...)``: ``forward(z) -> (out, indices)``."""
+    """vqp's ``FSQ(levels, dim=None, num_codebooks=1, ...)``: ``forward(z) -> (out, indices)``.
+
+    Args:
+        levels: values per channel, a sequence of ints >= 2 (2 only with ``preserve_symmetry``);
+            ``codebook_size = prod(levels)``.
+        dim: channels of the input; default ``len(levels) * num_codebooks``, otherwise a linear
+            projection in and out.
+        num_codebooks: split the projected channels into this many groups of ``len(levels)``,
+            each with its own index.
+        keep_num_codebooks_dim: indices keep a trailing dim of size ``num_codebooks`` (size 1
+            included); None: ``num_codebooks > 1``. False with ``num_codebooks > 1``: ValueError.
+        scale: stored as ``self.scale`` and unused (as in vqp).
+        allowed_dtypes: vqp's dtypes quantized without an fp32 cast; fastvq always quantizes in
+            fp32 and accepts only float32/float64 here (others: NotImplementedError).
+        channel_first: ``z`` is ``(B, dim, ...)`` (an input of 4+ dims is channel-first anyway);
+            the output keeps that layout, the indices are ``(B, ...)``.
+        projection_has_bias: the bias of the ``project_in`` / ``project_out`` linears.
+        return_indices: False: ``forward`` returns ``(out, None)``.
+        force_quantization_f32: must be True (False raises NotImplementedError): the
+            quantization always runs in fp32 with autocast off.
+        preserve_symmetry: the symmetric bound of Parker et al. 2024: ``L`` values evenly spaced
+            over ``[-1, 1]`` for every ``L`` (even ones and 2 included).
+        noise_dropout: in training, the probability in [0, 1] that an element is its bounded value
+            plus uniform noise one grid step wide (not vqp's noise); needs ``preserve_symmetry``.
+        bound_hard_clamp: clamp to ``[-1, 1]`` instead of ``tanh`` in the bound (for inputs
+            already in range).
+        orthogonal_rotation: vqp's rotation of the codes: not supported (True raises
+            NotImplementedError).
+    """
 
     def __init__(
         self, levels, dim: int | None = None, num_codebooks: int = 1,
@@ -84,6 +112,14 @@ class FSQ(_FSQ):
         return self.index_levels(indices)
 
     def forward(self, z: torch.Tensor):
+        """vqp's forward: ``(out, indices)``, ``out`` like ``z``, ``indices`` int32 ``(B, ...)``
+        (plus ``num_codebooks`` with ``keep_num_codebooks_dim``), or None without
+        ``return_indices``.
+
+        Args:
+            z: float tensor ``(B, ..., dim)``, or ``(B, dim, ...)`` when it has 4+ dims or with
+                ``channel_first``.
+        """
         move = z.ndim >= 4 or self.vqp_channel_first
         if move:
             z = z.movedim(1, -1)
@@ -97,7 +133,12 @@ class FSQ(_FSQ):
         return out, indices.to(torch.int32)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """vqp's inverse of the indices: ``(b, ..., dim)``, channel-first for an image layout."""
+        """vqp's inverse of the indices: ``(b, ..., dim)``, channel-first for an image layout.
+
+        Args:
+            indices: int tensor in ``forward``'s index layout (not range-checked); with 3+ dims
+                besides the codebook dim, or ``channel_first``, the output is ``(b, dim, ...)``.
+        """
         img = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         if self.keep_num_codebooks_dim and self.num_codebooks == 1:
             indices = indices.squeeze(-1)
@@ -128,7 +169,27 @@ def _fsq_kwargs(cls: str, kwargs: dict) -> dict:
 
 class ResidualFSQ(ImplicitStackFront, _ResidualFSQ):
     """vqp's ``ResidualFSQ(*, levels, num_quantizers, dim=None, ...)``:
-    ``forward(x) -> (out, indices[, all_codes])``."""
+    ``forward(x) -> (out, indices[, all_codes])``.
+
+    Args:
+        levels: values per channel of every depth, a sequence of ints >= 2 (``codebook_size =
+            prod(levels)``); depth ``i`` quantizes the residual times ``levels**i``.
+        num_quantizers: depths Q.
+        dim: channels of the input; default ``len(levels)``, otherwise one linear projection in
+            and out (with bias) shared by all depths.
+        is_channel_first: ``x`` is ``(B, dim, ...)`` and the indices ``(B, Q, ...)``; otherwise
+            ``(..., dim)`` and ``(..., Q)``.
+        quantize_dropout: in training with gradients on, run only the first n depths, n drawn
+            per forward; the dropped depths give index -1. Off when ``num_quantizers`` is 1.
+        quantize_dropout_cutoff_index: the last kept depth is drawn from ``[cutoff,
+            num_quantizers)``: at least ``cutoff + 1`` depths run (outside that range: ValueError).
+        quantize_dropout_multiple_of: the number of depths kept is rounded up to a multiple of
+            this positive int (at most ``num_quantizers``).
+        soft_clamp_input_value: ``c`` of the input clamp ``tanh(r / c) c`` after ``project_in``
+            (a float or one per channel, > 0); None: no clamp. Needs ``bound_hard_clamp=False``.
+        bound_hard_clamp: each depth's bound clamps to ``[-1, 1]`` instead of ``tanh``, and the
+            input is soft-clamped with ``c = 1 + 1 / (levels - 1)`` (vqp's default).
+    """
 
     def __init__(
         self, *, levels, num_quantizers: int, dim: int | None = None,
@@ -155,11 +216,29 @@ class ResidualFSQ(ImplicitStackFront, _ResidualFSQ):
         return torch.stack([layer.get_codebook() for layer in self.layers])
 
     def forward(self, x, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
+        """vqp's forward: ``(out, indices)``, ``out`` like ``x``, ``indices`` int32 (int64 once a
+        depth was dropped), -1 for a dropped depth; ``return_all_codes`` adds the codes.
+
+        Args:
+            x: float tensor ``(..., dim)``, or ``(B, dim, ...)`` with ``is_channel_first``.
+            return_all_codes: also return each depth's scaled code ``(Q, ..., len(levels))``
+                (channel-last, before ``project_out``; 0 for a dropped depth).
+            rand_quantize_dropout_fixed_seed: seed of the quantize-dropout draw
+                (``random.Random(seed)``, as vqp); None: the module's own seeded draw (replayed
+                under activation checkpointing), not vqp's. Used only when dropout applies.
+        """
         num_active = self.vqp_num_active(rand_quantize_dropout_fixed_seed)
         return self.forward_active(x, return_all_codes, num_active)
 
     def forward_active(self, x, return_all_codes: bool, num_active: int):
-        """vqp's forward with the first ``num_active`` depths."""
+        """vqp's forward with the first ``num_active`` depths.
+
+        Args:
+            x: as :meth:`forward`.
+            return_all_codes: as :meth:`forward`.
+            num_active: depths to run, an int in ``[1, num_quantizers]`` (not checked), the rest
+                index -1; no dropout draw, whatever the mode.
+        """
         if self.is_channel_first:
             x = x.movedim(1, -1)
         lead = x.shape[:-1]
@@ -178,7 +257,15 @@ class ResidualFSQ(ImplicitStackFront, _ResidualFSQ):
 
 class GroupedResidualFSQ(GroupedStack, nn.Module):
     """vqp's ``GroupedResidualFSQ(*, dim, groups=1, accept_image_fmap=False, **kwargs)``:
-    indices ``(groups, ...)``; one quantize-dropout draw for every group."""
+    indices ``(groups, ...)``; one quantize-dropout draw for every group.
+
+    Args:
+        dim: channels of the input, divisible by ``groups`` (ValueError otherwise).
+        groups: number of :class:`ResidualFSQ` stacks, each on ``dim // groups`` consecutive
+            channels; ``**kwargs`` go to every stack.
+        accept_image_fmap: split the channels along dim 1 instead of the last dim; the stacks
+            read channel-first chunks only with ``is_channel_first=True`` (as vqp).
+    """
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
@@ -189,6 +276,13 @@ class GroupedResidualFSQ(GroupedStack, nn.Module):
         self.codebook_size = self.rvqs[0].codebook_size
 
     def forward(self, x, return_all_codes: bool = False):
+        """vqp's forward: ``(out, indices)``, ``out`` like ``x``, indices ``(groups, ...)`` (each
+        group's as :meth:`ResidualFSQ.forward`); ``return_all_codes`` adds a tuple of codes.
+
+        Args:
+            x: float tensor ``(..., dim)``, or ``(B, dim, ...)`` with ``accept_image_fmap``.
+            return_all_codes: also return a tuple of each group's codes ``(Q, ..., len(levels))``.
+        """
         if x.shape[self.split_dim] != self.dim:
             raise ValueError(f"x must have {self.dim} channels in dim {self.split_dim}")
         first = self.rvqs[0]

@@ -115,7 +115,30 @@ class LFQDepth(_LFQ):
 
 class LFQ(LFQDepth):
     """vqp's ``LFQ(*, dim=None, codebook_size=None, ...)``:
-    ``forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)``."""
+    ``forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)``.
+
+    Args:
+        dim: channels of the input; None: ``log2(codebook_size) * num_codebooks``.
+        codebook_size: codes per codebook, a power of 2 (ValueError otherwise); None:
+            ``2 ** dim``. One of ``dim`` and ``codebook_size`` is required.
+        num_codebooks: codebooks the projected channels are split into, ``log2(codebook_size)``
+            bits each; ``indices`` gain a trailing dim of this size.
+        keep_num_codebooks_dim: keep that trailing dim in ``indices`` (size 1 for one codebook);
+            None: ``num_codebooks > 1``. False with ``num_codebooks > 1``: ValueError.
+        codebook_scale: ``s``, the codes' magnitude per channel (``+-s``; with ``spherical``,
+            their norm).
+        has_projections: force the linear projections in and out on or off (fastvq's
+            ``projections``); None: on when ``dim != num_codebooks * log2(codebook_size)``.
+        channel_first: True: inputs (and ``indices_to_codes``' output) are ``(b, dim, ...)``;
+            False: channel-last; None: channel-first for inputs of 4+ dims, as vqp.
+        **options: vqp's other LFQ keywords. ``entropy_loss_weight``, ``commitment_loss_weight``,
+            ``diversity_gamma``, ``frac_per_sample_entropy``, ``spherical``,
+            ``soft_clamp_input_value``, ``projection_has_bias`` go to :class:`fastvq.LFQ`;
+            ``entropy_loss_offset``, ``cosine_sim_project_in_scale`` are accepted and unused;
+            ``straight_through_activation``, ``cosine_sim_project_in``,
+            ``experimental_softplus_entropy_loss``, ``orthogonal_rotation``,
+            ``force_quantization_f32`` must keep vqp's defaults (else NotImplementedError).
+    """
 
     def __init__(
         self, *, dim=None, codebook_size=None, num_codebooks=1, keep_num_codebooks_dim=None,
@@ -140,6 +163,18 @@ class LFQ(LFQDepth):
         return torch.float32
 
     def forward(self, x, inv_temperature=100.0, return_loss_breakdown=False, mask=None):
+        """vqp's forward: ``(quantized, indices, entropy_aux_loss)`` (:class:`LFQReturn`).
+
+        Args:
+            x: float tensor ``(b, n, dim)`` or ``(..., dim)``; ``(b, dim, ...)`` with
+                ``channel_first`` (by default for 4+ dims).
+            inv_temperature: ``beta`` of the entropies' code probabilities, the softmax of
+                ``-beta ||z - c||^2``; a positive float (ValueError otherwise).
+            return_loss_breakdown: return ``(LFQReturn, LFQLossBreakdown)``, the unweighted terms
+                detached (zeros in eval; ``commitment`` 0 when ``commitment_loss_weight`` is 0).
+            mask: None or bool ``(b, n)``, ``n`` the positions per sample (vqp's packed layout),
+                or ``(b,)``; True = real row: False rows count in no loss and pass no gradient.
+        """
         move = x.ndim >= 4 if self.vqp_channel_first is None else self.vqp_channel_first
         if move:
             x = x.movedim(1, -1)
@@ -161,7 +196,14 @@ class LFQ(LFQDepth):
         return ret, LFQLossBreakdown(*out.breakdown)
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
-        """vqp's inverse of the indices: ``(b, ..., dim)``, channel-first for an image layout."""
+        """vqp's inverse of the indices: ``(b, ..., dim)``, channel-first for an image layout.
+
+        Args:
+            indices: int indices as ``forward`` returns them: ``(b, ...)``, or
+                ``(b, ..., num_codebooks)`` with ``keep_num_codebooks_dim``.
+            project_out: apply ``project_out`` (identity without projections); False: the codes
+                themselves, ``num_codebooks * log2(codebook_size)`` channels.
+        """
         img = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         move = img if self.vqp_channel_first is None else self.vqp_channel_first
         if not self.keep_num_codebooks_dim:
@@ -198,6 +240,24 @@ class ResidualLFQ(ImplicitStackFront, _ResidualLFQ):
     ``forward(x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None)``
     returns ``(quantized, indices (..., Q), losses (Q,)[, all_codes (Q, ..., d)])``; depth
     ``i``'s codes are ``+-2^-i``. Inputs are ``(..., dim)`` (vqp's stack takes ``(b, n, dim)``).
+
+    Args:
+        dim: channels of the input (its last dim); when not ``log2(codebook_size)``, one linear
+            projection in and out (with bias) shared by all depths.
+        num_quantizers: depths Q, a positive int.
+        codebook_size: codes per depth, a power of 2 (ValueError otherwise).
+        quantize_dropout: in training with gradients enabled, run only the first ``k`` depths,
+            ``k`` drawn per forward (the rest: index -1, loss 0); off for one quantizer.
+        quantize_dropout_cutoff_index: the last kept depth is drawn from
+            ``[cutoff, num_quantizers)``; an int in that range (ValueError otherwise).
+        quantize_dropout_multiple_of: the number of kept depths is rounded up to a multiple of
+            this (at most ``num_quantizers``); a positive int.
+        soft_clamp_input_value: None (no clamp) or ``v >= 1``: depth ``i`` clamps its residual to
+            ``tanh(r / v_i) v_i``, ``v_i = v 2^-i``, as vqp.
+        **kwargs: vqp's LFQ options for every depth, as :class:`LFQ`'s ``**options``
+            (``projection_has_bias`` unused: the depths have no projection); ``codebook_scale``:
+            TypeError; ``num_codebooks != 1`` or a true ``keep_num_codebooks_dim``,
+            ``has_projections`` or ``channel_first``: NotImplementedError.
     """
 
     depth_class = LFQDepth
@@ -223,11 +283,30 @@ class ResidualLFQ(ImplicitStackFront, _ResidualLFQ):
         return torch.stack([layer.codebook for layer in self.layers])
 
     def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
+        """vqp's forward; see the class docstring.
+
+        Args:
+            x: float tensor ``(..., dim)``, channel-last.
+            mask: None or bool, ``x``'s shape without the channel dim; True = real row: False
+                rows count in no depth's loss and pass no gradient.
+            return_all_codes: also return each depth's codes ``(Q, ..., log2(codebook_size))``,
+                before ``project_out`` (0 at dropped depths).
+            rand_quantize_dropout_fixed_seed: under quantize dropout: an int seeds vqp's draw
+                (``random.Random(seed)``); None: the stack's own seeded, replayable draw.
+        """
         num_active = self.vqp_num_active(rand_quantize_dropout_fixed_seed)
         return self.forward_active(x, mask, return_all_codes, num_active)
 
     def forward_active(self, x, mask, return_all_codes: bool, num_active: int):
-        """vqp's forward with the first ``num_active`` depths."""
+        """vqp's forward with the first ``num_active`` depths.
+
+        Args:
+            x: as :meth:`forward`.
+            mask: as :meth:`forward` (None for no mask).
+            return_all_codes: as :meth:`forward`.
+            num_active: the depths to run, an int in ``[1, num_quantizers]`` (ValueError
+                otherwise), in training and eval alike; the rest give index -1 and loss 0.
+        """
         out = _ResidualLFQ.forward(self, x, mask, return_losses=True, num_active=num_active)
         ret = (out.quantized, out.indices, out.losses)
         return (*ret, self.get_codes_from_indices(out.indices)) if return_all_codes else ret
@@ -237,7 +316,16 @@ class GroupedResidualLFQ(GroupedStack, nn.Module):
     """vqp's ``GroupedResidualLFQ(*, dim, groups=1, accept_image_fmap=False, **kwargs)``:
     ``forward(x, mask=None, return_all_codes=False)`` returns ``(quantized, indices (groups,
     ..., Q), losses (groups, Q)[, codes per group])``; one quantize-dropout draw for every
-    group."""
+    group.
+
+    Args:
+        dim: channels of the input (its last dim), divisible by ``groups`` (ValueError
+            otherwise); each group's :class:`ResidualLFQ` gets ``dim // groups``.
+        groups: the number of channel groups, one :class:`ResidualLFQ` each.
+        accept_image_fmap: must be False (True raises NotImplementedError): inputs are
+            channel-last.
+        **kwargs: :class:`ResidualLFQ`'s other arguments, the same for every group.
+    """
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
@@ -250,6 +338,14 @@ class GroupedResidualLFQ(GroupedStack, nn.Module):
         self.codebook_size = self.rvqs[0].codebook_size
 
     def forward(self, x, mask=None, return_all_codes: bool = False):
+        """vqp's forward; see the class docstring.
+
+        Args:
+            x: float tensor ``(..., dim)``; its last dim is split into the groups.
+            mask: as :meth:`ResidualLFQ.forward`, the same for every group.
+            return_all_codes: also return a tuple of each group's codes, as
+                :meth:`ResidualLFQ.forward`'s.
+        """
         if x.shape[self.split_dim] != self.dim:
             raise ValueError(f"x must have {self.dim} channels in dim {self.split_dim}")
         num_active = self.rvqs[0].vqp_num_active(None)  # one draw for every group

@@ -51,6 +51,43 @@ class ResidualVQ(nn.Module):
     :func:`~fastvq.residual.residual_beam_search` under vqp's score (the sum of every depth's
     weighted commitment), then computes outputs, losses and gradients along the chosen sequence
     (vqp computes them for every beam and keeps the chosen one: the same values).
+
+    Args:
+        dim: channels of the input ``x``.
+        num_quantizers: depths Q; may be None when ``codebook_size`` is a tuple (then its length).
+        codebook_size: codes per depth: an int for every depth, or a tuple of one size per depth
+            (its length must equal ``num_quantizers`` when both are given: ValueError otherwise).
+        codebook_dim: dim ``d`` of the codes; default ``dim``. Otherwise one ``nn.Linear`` in
+            (``dim -> d``) and one out, shared by all depths.
+        shared_codebook: every depth uses depth 0's codebook (one codebook size, else ValueError);
+            in training its EMA pools every depth, and dead codes are replaced from all depths.
+        diveq: vqp's DiVeQ: codes learned by gradient (layers without EMA or commitment loss),
+            ``quant_grad_frac`` 1, the summed output reparametrised (variance 5e-3, in eval too).
+        heads: must be 1 (ValueError otherwise, as vqp).
+        quantize_dropout: in training, run only the first n depths, n drawn per forward by vqp's
+            rule; the dropped depths give index -1 and loss 0. Off when ``num_quantizers`` is 1.
+        quantize_dropout_cutoff_index: the last kept depth is drawn from ``[cutoff,
+            num_quantizers)``: at least ``cutoff + 1`` depths run; negative: ValueError.
+        quantize_dropout_multiple_of: the number of depths kept is rounded up to a multiple of
+            this (at most ``num_quantizers``).
+        accept_image_fmap: ``x`` and the output are ``(B, dim, H, W)`` (indices ``(B, H, W, Q)``),
+            given to every depth's layer; no ``mask``, no beam search.
+        implicit_neural_codebook: vqp's QINCo codebooks: not supported (a true value raises
+            NotImplementedError).
+        mlp_kwargs: options of QINCo's MLPs: not supported (a non-empty dict raises
+            NotImplementedError; None or ``{}`` is accepted).
+        beam_size: beam width of the code search in training (and in eval unless
+            ``eval_beam_size``); None or 1: greedy, depth by depth. See the beam search above.
+        eval_beam_size: beam width in eval mode; default ``beam_size``. Needs ``beam_size``
+            (ValueError).
+        beam_score_quantizer_weights: one weight per depth on its commitment term in the beam's
+            score (length ``num_quantizers``, else ValueError); default all 1.0.
+        quant_grad_frac: the fraction of each depth's output gradient that flows into the next
+            depth's residual (0: the residual subtracts a detached code, as vqp); 1 with ``diveq``.
+        return_zeros_for_masked_padding: masked positions of the output are zeros (True) or the
+            input ``x`` (False); also given to every depth's layer.
+        **vq_kwargs: every other :class:`.vq.VectorQuantize` option, given to each depth's layer
+            (``shared_codebook`` and ``diveq`` override some, as listed above).
     """
 
     def __init__(
@@ -134,7 +171,12 @@ class ResidualVQ(nn.Module):
         return torch.stack(books) if self.uniform_codebook_size else books
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes ``(Q, B, ..., d)`` for indices ``(B, ..., q)`` (-1 and missing depths: 0)."""
+        """Codes ``(Q, B, ..., d)`` for indices ``(B, ..., q)`` (-1 and missing depths: 0).
+
+        Args:
+            indices: int ``(B, ..., q)``, one index per depth (-1: no code); ``q <
+                num_quantizers`` (the coarse depths only) needs ``quantize_dropout`` (ValueError).
+        """
         q = indices.shape[-1]
         if q < self.num_quantizers:
             if not self.quantize_dropout:
@@ -164,7 +206,26 @@ class ResidualVQ(nn.Module):
         self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
         freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None,
     ):  # fmt: skip
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            x: float tensor ``(B, N, dim)``, or ``(B, dim, H, W)`` with ``accept_image_fmap``.
+            mask: optional bool ``(B, N)``, True for real tokens: masked positions get index -1,
+                no loss or codebook update, zeros or ``x`` (``return_zeros_for_masked_padding``).
+            indices: vqp's cross entropy to given codes: not supported (NotImplementedError when
+                given; vqp 1.32.0 fails there too).
+            return_all_codes: also return each depth's codes ``(Q, B, N, codebook_dim)`` (zeros for
+                index -1), as :meth:`get_codes_from_indices`.
+            sample_codebook_temp: the layers' sampling temperature for this call
+                (``stochastic_sample_codes``, ``straight_through``); None: each layer's own.
+            freeze_codebook: True: no codebook update from this call (no EMA step; learned codes
+                get no commitment gradient); with ``shared_codebook`` dead codes are still replaced.
+            beam_size: beam width for this call; None: ``beam_size`` in training, ``eval_beam_size``
+                in eval.
+            rand_quantize_dropout_fixed_seed: seed of the quantize-dropout draw
+                (``random.Random(seed)``, as vqp); None: one draw of torch's global RNG, all-reduced
+                across ranks. Used only with ``quantize_dropout`` in training.
+        """
         if indices is not None:  # vqp 1.32.0 fails here too (3 values unpacked from 2)
             raise _unsupported(
                 type(self).__name__, "indices (cross-entropy to given codes)", "given"
@@ -349,7 +410,15 @@ class GroupedResidualVQ(GroupedStack, nn.Module):
     """vqp's ``GroupedResidualVQ``: the feature dim split into ``groups``, one
     :class:`ResidualVQ` each. ``forward(x, indices=None, return_all_codes=False,
     sample_codebook_temp=None, freeze_codebook=False, mask=None)`` returns ``(quantized,
-    indices (groups, B, N, Q), losses (groups, Q))``."""
+    indices (groups, B, N, Q), losses (groups, Q))``.
+
+    Args:
+        dim: channels of the input, divisible by ``groups`` (ValueError otherwise).
+        groups: number of :class:`ResidualVQ` stacks, each on ``dim // groups`` consecutive
+            channels; ``**kwargs`` go to every stack.
+        accept_image_fmap: ``x`` is ``(B, dim, H, W)``: split along dim 1, each stack built
+            with ``accept_image_fmap``.
+    """
 
     def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
         super().__init__()
@@ -365,7 +434,18 @@ class GroupedResidualVQ(GroupedStack, nn.Module):
         self, x, indices=None, return_all_codes=False, sample_codebook_temp=None,
         freeze_codebook=False, mask=None,
     ):  # fmt: skip
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            x: float tensor ``(B, N, dim)``, or ``(B, dim, H, W)`` with ``accept_image_fmap``.
+            indices: vqp's cross entropy to given codes: not supported (NotImplementedError when
+                given; vqp 1.32.0 fails there too).
+            return_all_codes: also return the codes ``(groups, Q, B, N, codebook_dim)``.
+            sample_codebook_temp: as :meth:`ResidualVQ.forward`, for every group.
+            freeze_codebook: as :meth:`ResidualVQ.forward`, for every group.
+            mask: optional bool ``(B, N)``, True for real tokens, given to every group (as
+                :meth:`ResidualVQ.forward`).
+        """
         if indices is not None:  # vqp 1.32.0 fails here too (its ResidualVQ does)
             raise _unsupported(
                 type(self).__name__, "indices (cross-entropy to given codes)", "given"

@@ -40,6 +40,10 @@ class Sequential(nn.Module):
     quantizer gets ``kwargs`` and its first output goes on, and the result is ``(x, *rest)``
     with ``rest`` the quantizer's other outputs (e.g. ``(out, indices, loss)``).
 
+    Args:
+        *fns: the modules, run in order: each an ``nn.Module``, exactly one of them a quantizer
+            (this front end's or vqp's).
+
     Raises:
         TypeError: an entry of ``fns`` is not an ``nn.Module``.
         ValueError: ``fns`` does not hold exactly one quantizer (vqp: an assertion).
@@ -58,7 +62,13 @@ class Sequential(nn.Module):
         self.fns = nn.ModuleList(fns)
 
     def forward(self, x, **kwargs):
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            x: the first module's input; each module's output (the quantizer's first) feeds
+                the next.
+            **kwargs: passed to the quantizer only.
+        """
         rest = ()
         for fn in self.fns:
             if not is_quantizer(fn):

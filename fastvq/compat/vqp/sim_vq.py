@@ -41,7 +41,20 @@ class SimVQ(nn.Module):
     codes are ``codebook_transform(frozen_codebook)`` ``(codebook_size, dim)``, the basis
     ``(codebook_size, frozen_codebook_dim)``.
 
-    ``backend`` (fastvq only): ``"auto"``, ``"torch"`` or ``"triton"`` for the search.
+    Args:
+        dim: channels of the input and of the codes, a positive int.
+        codebook_size: the number of codes, a positive int.
+        codebook_transform: any module mapping the basis to the codes ``(codebook_size, dim)``
+            (vqp's ``code_transform``); None: a bias-free ``nn.Linear(frozen_codebook_dim, dim)``.
+        init_fn: applied to the drawn basis ``randn(codebook_size, frozen_codebook_dim) /
+            sqrt(frozen_codebook_dim)``; must return a tensor of that shape (ValueError).
+        channel_first: ``x``, ``quantized`` and ``indices_to_codes``' output are ``(B, dim, ...)``.
+        rotation_trick: the gradient to ``x`` through the rotation trick; False: straight-through.
+        input_to_quantize_commit_loss_weight: weight (>= 0) of ``mse(x, sg(q))``, the term that
+            pulls the input to its code, next to ``mse(sg(x), q)`` that trains the map.
+        commitment_weight: factor (>= 0) on the whole loss.
+        frozen_codebook_dim: the basis' width; None: ``dim``.
+        backend: (fastvq only) ``"auto"``, ``"torch"`` or ``"triton"`` for the search.
     """
 
     def __init__(
@@ -109,14 +122,22 @@ class SimVQ(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """int64 ``indices`` ``(B, ...)`` -> codes ``(B, ..., dim)`` (``(B, dim, ...)`` with
-        ``channel_first``): the map applied to the gathered basis rows, as vqp."""
+        ``channel_first``): the map applied to the gathered basis rows, as vqp.
+
+        Args:
+            indices: int64 ``(B, ...)`` in ``[0, codebook_size)``, as ``forward`` returns them.
+        """
         codes = self.code_transform(self.frozen_codebook[indices])
         return codes.movedim(-1, 1) if self.channel_first else codes
 
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor):
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            x: float tensor ``(B, ..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x)}")
         if self.channel_first:
@@ -148,6 +169,24 @@ class ResidualSimVQ(nn.Module):
     ``forward(x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None)`` returns
     ``(quantized like x, indices (B, ..., Q), losses (Q,))`` (indices -1 and loss 0 at dropped
     depths) and, with ``return_all_codes``, the codes ``(Q, B, ..., dim)``.
+
+    Args:
+        dim: channels of the input and of every depth's codes (no projection).
+        num_quantizers: depths Q, a positive int.
+        codebook_size: codes per depth, a positive int.
+        heads: must be 1 (ValueError otherwise), as vqp.
+        quantize_dropout: in training, run only the first ``k`` depths, ``k`` drawn per forward
+            (the rest: index -1, loss 0); off for one quantizer.
+        quantize_dropout_cutoff_index: the last kept depth is drawn from
+            ``[cutoff, num_quantizers)``; an int >= 0 (the draw fails unless it is below Q).
+        quantize_dropout_multiple_of: the number of kept depths is rounded up to a multiple of
+            this (at most ``num_quantizers``); a positive int.
+        channel_first: ``x`` and ``quantized`` are ``(B, dim, ...)``, the codes
+            ``(Q, B, dim, ...)``; passed to every depth.
+        rotation_trick: every depth's gradient to its input through the rotation trick; False:
+            straight-through.
+        **sim_vq_kwargs: :class:`SimVQ`'s other arguments, the same for every depth (each draws
+            its own basis; a given ``codebook_transform`` module is shared by all, as vqp).
     """
 
     def __init__(
@@ -189,7 +228,12 @@ class ResidualSimVQ(nn.Module):
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes ``(Q, B, ..., dim)`` (``(Q, B, dim, ...)`` with ``channel_first``) for indices
-        ``(B, ..., q)``: -1 and missing depths give 0 (fewer depths need quantize dropout)."""
+        ``(B, ..., q)``: -1 and missing depths give 0 (fewer depths need quantize dropout).
+
+        Args:
+            indices: int64 ``(B, ..., q)``, ``q <= num_quantizers`` (-1: no code); ``q`` below
+                ``num_quantizers`` needs ``quantize_dropout`` (ValueError otherwise).
+        """
         q = indices.shape[-1]
         if q < self.num_quantizers:
             if not self.quantize_dropout:
@@ -204,11 +248,23 @@ class ResidualSimVQ(nn.Module):
         return codes.movedim(-1, 2) if self.channel_first else codes
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """The summed codes of :meth:`get_codes_from_indices`."""
+        """The summed codes of :meth:`get_codes_from_indices`.
+
+        Args:
+            indices: as :meth:`get_codes_from_indices`.
+        """
         return self.get_codes_from_indices(indices).sum(0)
 
     def forward(self, x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
-        """See the class docstring."""
+        """See the class docstring.
+
+        Args:
+            x: float tensor ``(B, ..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+            return_all_codes: also return :meth:`get_codes_from_indices` of the indices.
+            rand_quantize_dropout_fixed_seed: under quantize dropout: an int seeds vqp's draw
+                (``random.Random(seed)``); None: one draw of torch's global generator
+                (all-reduced across ranks), as vqp.
+        """
         active = self.num_quantizers
         if self.training and self.quantize_dropout:
             seed = rand_quantize_dropout_fixed_seed
