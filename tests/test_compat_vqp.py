@@ -226,6 +226,24 @@ def test_topk_and_update_indices_match_vqp(cosine):
     _close_states(ref, ours)
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["tokens", "image_fmap"])
+def test_topk_loss_breakdown_matches_vqp(layout, training):
+    """With ``topk``, the breakdown's commitment is vqp's per-candidate ``(B, N, k)`` (N the
+    tokens, ``H * W`` for a feature map), not the flat ``(1, B * N, k)`` it was."""
+    kw = dict(accept_image_fmap=True) if layout == "image_fmap" else {}
+    ref, ours = _pair("VectorQuantize", dict(dim=8, codebook_size=16, **kw))
+    x = torch.randn(2, 8, 3, 4) if kw else torch.randn(2, 5, 8)
+    for m in (ref, ours):
+        m.train(training)
+    (_, ir, lr, br), (_, io, lo, bo) = (m(x, topk=3, return_loss_breakdown=True)
+                                        for m in (ref, ours))  # fmt: skip
+    assert torch.equal(ir, io)
+    torch.testing.assert_close(lo, lr, **TOL)
+    assert bo.commitment.shape == br.commitment.shape == (2, 12 if kw else 5, 3)
+    torch.testing.assert_close(bo.commitment, br.commitment, **TOL)
+
+
 RVQ_CONFIGS = {
     "plain": dict(),
     "shared": dict(shared_codebook=True),
@@ -496,3 +514,19 @@ def test_beam_training_rejects_what_the_beam_route_does_not_apply(kw, name):
     rvq = C.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, beam_size=2, **kw)
     with pytest.raises(NotImplementedError, match=f"beam_size with {name}"):
         rvq(torch.randn(2, 6, 8))
+
+
+def test_update_indices_refuses_a_mask_where_forward_does():
+    """One rule for both entry points: a mask with one-token ``(B, dim)`` input or a feature map
+    is a ValueError in ``update_indices`` as in ``forward`` (it only checked feature maps)."""
+    one = C.VectorQuantize(dim=8, codebook_size=16).train()
+    fmap = C.VectorQuantize(dim=8, codebook_size=16, accept_image_fmap=True).train()
+    for m, x, idx, mask in (
+        (one, torch.randn(4, 8), torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool)),
+        (fmap, torch.randn(2, 8, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long),
+         torch.ones(2, 9, dtype=torch.bool)),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match="mask is not supported"):
+            m(x, mask=mask)
+        with pytest.raises(ValueError, match="mask is not supported"):
+            m.update_indices(x, idx, mask=mask)

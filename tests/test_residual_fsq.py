@@ -145,3 +145,20 @@ def test_bad_indices_and_inputs():
         rfsq(torch.randn(3, 2), num_active=3)
     with pytest.raises(ValueError, match="groups"):
         GroupedResidualFSQ([5], 2, dim=3, groups=2)
+
+
+def test_vqp_front_end_forward_active_checks_num_active():
+    """The vqp front end's ``forward_active``: 0 or more than Q depths is a ValueError naming
+    the argument (0 crashed with an IndexError, Q + 1 ran every depth silently); None runs all."""
+    from fastvq.compat.vqp import ResidualFSQ as VqpResidualFSQ
+
+    rfsq = VqpResidualFSQ(dim=8, levels=[5, 4], num_quantizers=3).eval()
+    x = torch.randn(2, 5, 8)
+    for bad in (0, 4, 1.5):
+        with pytest.raises(ValueError, match="num_active"):
+            rfsq.forward_active(x, False, bad)
+    out, idx = rfsq.forward_active(x, False, None)
+    ref, ref_idx = rfsq.forward_active(x, False, 3)
+    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+    _, idx = rfsq.forward_active(x, False, 2)
+    assert (idx[..., 2] == -1).all() and (idx[..., :2] >= 0).all()

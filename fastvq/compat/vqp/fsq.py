@@ -19,6 +19,7 @@ from torch import nn
 
 from ...fsq import FSQ as _FSQ
 from ...residual_fsq import ResidualFSQ as _ResidualFSQ
+from ...stack import check_active
 from .residual import GroupedStack, ImplicitStackFront
 
 __all__ = ["FSQ", "GroupedResidualFSQ", "ResidualFSQ"]
@@ -236,9 +237,11 @@ class ResidualFSQ(ImplicitStackFront, _ResidualFSQ):
         Args:
             x: as :meth:`forward`.
             return_all_codes: as :meth:`forward`.
-            num_active: depths to run, an int in ``[1, num_quantizers]`` (not checked), the rest
-                index -1; no dropout draw, whatever the mode.
+            num_active: depths to run, an int in ``[1, num_quantizers]`` (ValueError otherwise;
+                None: all), the rest index -1; no dropout draw, whatever the mode.
         """
+        check_active(num_active, self.num_quantizers)
+        num_active = self.num_quantizers if num_active is None else num_active
         if self.is_channel_first:
             x = x.movedim(1, -1)
         lead = x.shape[:-1]

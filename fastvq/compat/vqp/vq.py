@@ -46,7 +46,8 @@ class LossBreakdown(NamedTuple):
 
     Args:
         commitment: fp32 0-dim, the commitment term (mse, or the cross entropy with
-            ``commitment_use_cross_entropy_loss``); 0 when off or in eval; ``topk``: (1, B*N, k).
+            ``commitment_use_cross_entropy_loss``); 0 when off or in eval; with ``topk``, per
+            candidate ``(B, N, k)``, N the tokens (``H * W`` for a feature map, as vqp).
         codebook_diversity: fp32 0-dim, the diversity loss; 0 in eval or when its weight is 0.
         orthogonal_reg: fp32 0-dim, the orthogonal regulariser; 0 in eval or when its weight is 0.
         inplace_optimize: always 0 (vqp's ``in_place_codebook_optimizer`` is not supported).
@@ -480,8 +481,7 @@ class VectorQuantize(nn.Module):
             raise ValueError("pass mask or lens, not both")
         if lens is not None:
             mask = torch.arange(x.shape[1], device=lens.device) < lens[:, None]
-        if mask is not None and (x.ndim == 2 or self.layout.fmap):
-            raise ValueError("mask is not supported for one token or feature maps (as in vqp)")
+        self._check_mask_layout(x, mask)
         dtype = x.dtype
         xt, restore, rows = self._rows(x)  # rows (G, M, d)
         (b, n), g_count = xt.shape[:2], rows.shape[0]
@@ -616,6 +616,8 @@ class VectorQuantize(nn.Module):
         q, idx = restore(q, True), restore(idx, False)
         if is_topk:
             loss = restore(loss.reshape(b, n, topk), False)
+            if commit_term.dim():  # per candidate, (B, N, k) whatever the layout (as vqp's)
+                commit_term = commit_term.reshape(b, n, topk)
         if not return_loss_breakdown:
             return q, idx, loss
         return q, idx, loss, LossBreakdown(commit_term, diversity, ortho, zero)
@@ -671,6 +673,10 @@ class VectorQuantize(nn.Module):
         rows = x if self.heads == 1 else self.layout.split_heads(x)
         self._codebook.expire_(self._codebook.transform_input(rows).float())
 
+    def _check_mask_layout(self, x, mask) -> None:
+        if mask is not None and (x.ndim == 2 or self.layout.fmap):
+            raise ValueError("mask is not supported for one token or feature maps (as in vqp)")
+
     def update_indices(self, x, indices, mask=None) -> None:
         """The codebook step for ``x`` (the layer's input layout) and given ``indices`` (its
         index layout): vqp's manual EMA update (e.g. after ``topk`` or beam search).
@@ -679,10 +685,10 @@ class VectorQuantize(nn.Module):
             x: the input, in ``forward``'s layout.
             indices: int codes in the layer's index layout (as ``forward`` returns them); -1
                 counts as code 0 (leave such rows out with ``mask``).
-            mask: None or bool ``(B, N)``, True for rows to count; ValueError for feature maps.
+            mask: None or bool ``(B, N)``, True for rows to count; ValueError for one token or
+                feature maps.
         """
-        if self.layout.fmap and mask is not None:
-            raise ValueError("mask is not supported for one token or feature maps (as in vqp)")
+        self._check_mask_layout(x, mask)
         with torch.no_grad():
             xt, _, rows = self._rows(x)
         idx = self.layout.index_rows(indices, *xt.shape[:2])
