@@ -373,7 +373,7 @@ class ImplicitStackFront:
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``(Q, ..., d)`` each depth's scaled code (0 for -1); fewer than Q indices are padded
-        with -1 (coarse codes, as vqp)."""
+        with -1 (coarse codes; vqp accepts fewer only with ``quantize_dropout``)."""
         pad = self.num_quantizers - indices.shape[-1]
         if pad > 0:
             fill = indices.new_full((*indices.shape[:-1], pad), -1)
