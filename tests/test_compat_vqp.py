@@ -530,3 +530,17 @@ def test_update_indices_refuses_a_mask_where_forward_does():
             m(x, mask=mask)
         with pytest.raises(ValueError, match="mask is not supported"):
             m.update_indices(x, idx, mask=mask)
+
+
+def test_manual_ema_update_by_vqps_name():
+    """``manual_ema_update=True``: vqp users call ``vq._codebook.update_ema()``; it gives the same
+    codes as vqp's after the same steps."""
+    ref, ours = _pair("VectorQuantize", dict(dim=8, codebook_size=16, manual_ema_update=True))
+    x = torch.randn(2, 10, 8)
+    for m in (ref, ours):
+        m.train()
+        m(x)
+        before = m._codebook.embed.clone()
+        m._codebook.update_ema()
+        assert not torch.equal(m._codebook.embed, before)
+    _close_states(ref, ours)

@@ -50,6 +50,11 @@ class VqpCodebook(Codebook):
     def embed(self) -> torch.Tensor:
         return self.codebook
 
+    def update_ema(self) -> None:
+        """vqp's name for :meth:`~fastvq.codebook.Codebook.smooth_`: the codes from the EMA
+        statistics now (with ``manual_ema_update=True``, vqp's ``vq._codebook.update_ema()``)."""
+        self.smooth_()
+
     @property
     def threshold_ema_dead_code(self) -> float:
         return self.dead_code_threshold

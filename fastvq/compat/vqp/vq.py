@@ -236,7 +236,7 @@ class VectorQuantize(nn.Module):
             ``directional_reparam``. ValueError when on with ``learnable_codebook``.
         vq_bridge: not supported: anything but None raises ``NotImplementedError``.
         manual_ema_update: the EMA statistics move every training step, the codes only when
-            ``codebook_module.smooth_()`` is called (vqp: ``_codebook.update_ema()``).
+            ``codebook_module.smooth_()`` (or vqp's ``_codebook.update_ema()``) is called.
         learnable_codebook: the codes are an ``nn.Parameter`` trained by the gradient (the
             commitment mse included); None: ``directional_reparam``. Needs ``ema_update=False``;
             ValueError with ``use_cosine_sim`` or ``straight_through``.
