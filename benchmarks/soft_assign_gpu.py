@@ -21,15 +21,11 @@ a run cut by its time limit keeps what it measured; cases run cheapest first.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
 import torch
 
-from ._cuda_timing import measure, mib
+from ._cuda_timing import StageResults, measure, mib, stage_cli
 
 # (N, K, D): fused vs literal; then the fused op alone at the issue's size. D = 100 runs the
 # kernels' D loop (benchmarks/gpu_static.py gates its tiles).
@@ -118,50 +114,28 @@ def run_case(n, k, d, dev, reps, literal: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dry-run", action="store_true", help="CPU, interpreted Triton, tiny sizes")
-    ap.add_argument("--reps", type=int, help="timed calls per implementation (3; dry run: 1)")
-    a = ap.parse_args(argv)
-    a.reps = a.reps or (1 if a.dry_run else 3)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type != "cuda" and not a.dry_run:
-        print("needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+    parsed = stage_cli(__doc__.split("\n")[0], "implementation", argv)
+    if parsed is None:
         return 3
-    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("--dry-run on CPU needs TRITON_INTERPRET=1 (set before Triton loads)",
-              file=sys.stderr)  # fmt: skip
-        return 3
+    a, dev = parsed
     cases, big = (DRY_CASES, DRY_BIG) if a.dry_run else (CASES, BIG)
-    out = os.path.join(os.environ.get("OUT", "."), "soft_assign_gpu.json")
-    import triton
-
-    doc = {
-        "produced_by": "python -m benchmarks.soft_assign_gpu " + " ".join(argv or sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__, "triton": triton.__version__, "reps": a.reps,
-        "what": "forward + backward of every output to z and C; median of reps after a warm-up",
-        "cases": [],
-    }  # fmt: skip
-    if a.dry_run:
-        doc["note"] = "dry run: code path only; interpreted kernels' times mean nothing"
+    res = StageResults(
+        "soft_assign_gpu", argv, a, dev,
+        what="forward + backward of every output to z and C; median of reps after a warm-up",
+    )  # fmt: skip
     plan = [(case, True) for case in cases[:2]] + [(big, False)]
     plan += [(case, True) for case in cases[2:]]
     for (n, k, d), literal in plan:
         rec = run_case(n, k, d, dev, a.reps, literal)
-        doc["cases"].append(rec)
-        with open(out, "w") as f:
-            json.dump(doc, f, indent=1)
         lit = rec.get("literal")
         lit_s = (f"literal {lit['median_s'] * 1e3:.2f} ms, {lit['peak_growth_mib']} MiB; "
                  f"speed-up {rec['speedup']:.2f}x" if isinstance(lit, dict)
                  else lit or "literal not run")  # fmt: skip
-        tag = "[dry run, times mean nothing] " if a.dry_run else ""
-        print(f"{tag}N={n} K={k} D={d}: fused {rec['fused']['median_s'] * 1e3:.2f} ms, "
-              f"{rec['fused']['peak_growth_mib']} MiB; {lit_s}", flush=True)  # fmt: skip
+        res.add(rec, f"N={n} K={k} D={d}: fused {rec['fused']['median_s'] * 1e3:.2f} ms, "
+                     f"{rec['fused']['peak_growth_mib']} MiB; {lit_s}")  # fmt: skip
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"wrote {out}")
+    print(f"wrote {res.path}")
     return 0
 
 

@@ -27,15 +27,11 @@ missing peer) is recorded with its reason.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
 import torch
 
-from ._cuda_timing import measure, mib
+from ._cuda_timing import StageResults, measure, mib, stage_cli
 from ._providers import NaiveEMA, _train_step
 
 # vector-quantize-pytorch's VectorQuantize defaults, given to every layer of the step
@@ -149,46 +145,24 @@ def forward_case(s, k, dev, reps, backend) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dry-run", action="store_true", help="CPU, interpreted Triton, tiny sizes")
-    ap.add_argument("--reps", type=int, help="timed calls per layer (3; dry run: 1)")
-    a = ap.parse_args(argv)
-    a.reps = a.reps or (1 if a.dry_run else 3)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type != "cuda" and not a.dry_run:
-        print("needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+    parsed = stage_cli(__doc__.split("\n")[0], "layer", argv)
+    if parsed is None:
         return 3
-    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("--dry-run on CPU needs TRITON_INTERPRET=1 (set before Triton loads)",
-              file=sys.stderr)  # fmt: skip
-        return 3
+    a, dev = parsed
     s = DRY if a.dry_run else FULL
     backend = "triton"
-    out = os.path.join(os.environ.get("OUT", "."), "train_step_gpu.json")
-    import triton
-
-    doc = {
-        "produced_by": "python -m benchmarks.train_step_gpu " + " ".join(argv or sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__, "triton": triton.__version__, "reps": a.reps,
-        "memory": "torch.cuda.max_memory_allocated growth over one call, inputs and state "
-                  "allocated before it",
-        "cases": [],
-    }  # fmt: skip
-    if a.dry_run:
-        doc["note"] = "dry run: code path only; interpreted kernels' times mean nothing"
+    res = StageResults(
+        "train_step_gpu", argv, a, dev,
+        memory="torch.cuda.max_memory_allocated growth over one call, inputs and state "
+        "allocated before it",
+    )  # fmt: skip
     plan = [lambda: ema_step_case(s, dev, a.reps, backend),
             lambda: scatter_case(s, dev, a.reps, backend)]  # fmt: skip
     plan += [lambda k=k: forward_case(s, k, dev, a.reps, backend) for k in s["big_ks"]]
-    tag = "[dry run, times mean nothing] " if a.dry_run else ""
     for run in plan:
         rec = run()
-        doc["cases"].append(rec)
-        with open(out, "w") as f:
-            json.dump(doc, f, indent=1)
-        print(tag + summary(rec), flush=True)
-    print(f"wrote {out}")
+        res.add(rec, summary(rec))
+    print(f"wrote {res.path}")
     return 0
 
 
