@@ -12,6 +12,12 @@ Fixture, made with the old code (``git worktree add /tmp/old c49eadf`` and run t
 
 The old run saved its layer's restart generators under the layer's name (``vq``); today they
 live on its codebook (``vq.book``), and the resume must find them there.
+
+Bit for bit on the machine that made the fixture. torch picks its CPU kernels by the machine's
+vector capability, and on an AVX2-only AMD EPYC the same steps differ from the fixture by float
+rounding (20 of 36 tensors, at most 1.2e-7 absolute, on ``vq.embed_avg`` of magnitude 2.1;
+2026-12-07), so the comparison allows 1e-6: far below what a wrong resume changes (one that
+restores no random state ends 3.06 off in ``vq.cluster_size``, measured the same day).
 """
 
 import shutil
@@ -36,4 +42,5 @@ def test_old_vqvae_run_resumes_bit_identically(tmp_path):
     want = load_file(FIXTURES / "run_vqvae_c49eadf_step8_model.safetensors")
     assert sorted(got) == sorted(want)
     for key, value in want.items():
-        assert torch.equal(got[key], value), key
+        # float rounding of other CPU kernels only: about 1e-7 relative where it differs
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-6, msg=key)
