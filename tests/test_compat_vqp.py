@@ -544,3 +544,18 @@ def test_manual_ema_update_by_vqps_name():
         m._codebook.update_ema()
         assert not torch.equal(m._codebook.embed, before)
     _close_states(ref, ours)
+
+
+def test_dropout_cutoff_at_or_above_q_is_a_named_error():
+    """A cutoff of Q or more builds (as vqp's layers do), and the first quantize-dropout draw is a
+    ValueError naming the argument instead of ``randrange``'s "empty range" (vqp's failure)."""
+    rvq = C.ResidualVQ(dim=8, codebook_size=16, num_quantizers=3, quantize_dropout=True,
+                       quantize_dropout_cutoff_index=3).train()  # fmt: skip
+    sim = C.ResidualSimVQ(dim=8, codebook_size=16, num_quantizers=3, quantize_dropout=True,
+                          quantize_dropout_cutoff_index=5).train()  # fmt: skip
+    x = torch.randn(2, 5, 8)
+    for m in (rvq, sim):
+        with pytest.raises(ValueError, match="quantize_dropout_cutoff_index must be below"):
+            m(x)
+        m.eval()
+        m(x)  # no draw in eval: it runs

@@ -32,7 +32,14 @@ def _maybe_sync_seed(device, max_size: int = 10_000) -> int:
 
 def vqp_num_active(q: int, cutoff: int, multiple_of: int, seed) -> int:
     """Depths vqp's stacks run for a given ``rand_quantize_dropout_fixed_seed``: the last kept
-    depth from ``random.Random(seed)``, rounded up to a multiple, plus one (at most ``q``)."""
+    depth from ``random.Random(seed)``, rounded up to a multiple, plus one (at most ``q``).
+    Checked here, where vqp fails too (with ``randrange``'s "empty range"): the layers accept a
+    cutoff of Q or more at construction, as vqp's do, since only the draw uses it."""
+    if cutoff >= q:
+        raise ValueError(
+            f"quantize_dropout_cutoff_index must be below num_quantizers={q} for a quantize-"
+            f"dropout draw, got {cutoff}"
+        )
     i = random.Random(seed).randrange(cutoff, q)
     if multiple_of != 1:
         i = math.ceil((i + 1) / multiple_of) * multiple_of - 1
@@ -67,7 +74,8 @@ class ResidualVQ(nn.Module):
         quantize_dropout: in training, run only the first n depths, n drawn per forward by vqp's
             rule; the dropped depths give index -1 and loss 0. Off when ``num_quantizers`` is 1.
         quantize_dropout_cutoff_index: the last kept depth is drawn from ``[cutoff,
-            num_quantizers)``: at least ``cutoff + 1`` depths run; negative: ValueError.
+            num_quantizers)``: at least ``cutoff + 1`` depths run; negative: ValueError; Q or
+            more: ValueError at the first draw (as vqp, whose draw fails there).
         quantize_dropout_multiple_of: the number of depths kept is rounded up to a multiple of
             this (at most ``num_quantizers``).
         accept_image_fmap: ``x`` and the output are ``(B, dim, H, W)`` (indices ``(B, H, W, Q)``),

@@ -178,7 +178,8 @@ class ResidualSimVQ(nn.Module):
         quantize_dropout: in training, run only the first ``k`` depths, ``k`` drawn per forward
             (the rest: index -1, loss 0); off for one quantizer.
         quantize_dropout_cutoff_index: the last kept depth is drawn from
-            ``[cutoff, num_quantizers)``; an int >= 0 (the draw fails unless it is below Q).
+            ``[cutoff, num_quantizers)``; an int >= 0 (Q or more: ValueError at the first
+            draw, as vqp's draw fails there).
         quantize_dropout_multiple_of: the number of kept depths is rounded up to a multiple of
             this (at most ``num_quantizers``); a positive int.
         channel_first: ``x`` and ``quantized`` are ``(B, dim, ...)``, the codes
