@@ -55,3 +55,31 @@ def cli_env(monkeypatch):
     monkeypatch.delenv("FASTVQ_INTERRUPT_AT_STEP", raising=False)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that compare with vector-quantize-pytorch (marked ``extras``, in a module that uses
+    it) skip, saying why, when the installed release is not the one fastvq.compat.vqp follows
+    (``pip install -e ".[bench]"`` installs that one)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    from fastvq.compat.vqp import MIRRORED_VERSION
+
+    try:
+        installed = version("vector-quantize-pytorch")
+    except PackageNotFoundError:
+        return  # the tests skip on the import itself
+    if installed == MIRRORED_VERSION:
+        return
+    reason = (f"fastvq.compat.vqp follows vector-quantize-pytorch {MIRRORED_VERSION}; "
+              f"{installed} is installed")  # fmt: skip
+    texts: dict = {}
+    for item in items:
+        if item.get_closest_marker("extras") is None:
+            continue
+        path = Path(str(item.fspath))
+        if path not in texts:
+            texts[path] = "vector_quantize_pytorch" in path.read_text()
+        if texts[path]:
+            item.add_marker(pytest.mark.skip(reason=reason))

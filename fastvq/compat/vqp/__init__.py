@@ -15,12 +15,16 @@ vqp's policies
 and ``state_dict`` keys.
 """
 
-from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ
-from .lfq import LFQ, GroupedResidualLFQ, ResidualLFQ
-from .residual import GroupedResidualVQ, ResidualVQ
-from .sequential import Sequential
-from .sim_vq import ResidualSimVQ, SimVQ
-from .vq import LossBreakdown, VectorQuantize, orthogonal_loss
+# The vector-quantize-pytorch release this front end follows and is tested against (pyproject's
+# ``bench`` extra installs it); later releases change results (1.34.1 fails 59 agreement tests).
+MIRRORED_VERSION = "1.32.0"
+
+from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ  # noqa: E402
+from .lfq import LFQ, GroupedResidualLFQ, ResidualLFQ  # noqa: E402
+from .residual import GroupedResidualVQ, ResidualVQ  # noqa: E402
+from .sequential import Sequential  # noqa: E402
+from .sim_vq import ResidualSimVQ, SimVQ  # noqa: E402
+from .vq import LossBreakdown, VectorQuantize, orthogonal_loss  # noqa: E402
 
 __all__ = [
     "FSQ", "GroupedResidualFSQ", "GroupedResidualLFQ", "GroupedResidualVQ", "LFQ",
