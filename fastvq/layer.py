@@ -24,6 +24,7 @@ from torch import nn
 from . import _dist
 from . import objective as obj
 from ._checks import check_same_device
+from ._docs import add_args
 from .codebook import Codebook, batch_statistics, in_backward
 from .functional import quantize_rows
 from .layer_config import (
@@ -100,12 +101,6 @@ class VectorQuantizer(nn.Module):
     :class:`~fastvq.layer_config.VQConfig` (documented there), checked when the layer is built.
     The codes and their state live in ``self.book`` (a :class:`~fastvq.codebook.Codebook`); its
     tensors (``codebook``, ``cluster_size``, ``usage_counts``, ...) read as the layer's too.
-
-    Args:
-        dim: channels of the input (its last dim, or dim 1 with ``channel_first``).
-        codebook_size: K, codes per codebook.
-        **options: the other :class:`~fastvq.layer_config.VQConfig` fields by keyword (``beta``,
-            ``ema``, ``heads``, ``cosine``, ...); an unknown or invalid one raises when built.
     """
 
     def __init__(self, dim: int, codebook_size: int, **options):
@@ -163,12 +158,7 @@ class VectorQuantizer(nn.Module):
     def load_codebook(self, weight: torch.Tensor) -> None:
         """Set the codes from ``weight`` (K, codebook_dim) or (num_codebooks, K, codebook_dim)
         (:meth:`fastvq.codebook.Codebook.load_`: EMA statistics reset to match, no k-means,
-        dead-code counters cleared; SimVQ: basis = ``weight``, map = identity).
-
-        Args:
-            weight: float tensor of codes, ``(K, codebook_dim)`` or
-                ``(num_codebooks, K, codebook_dim)``.
-        """
+        dead-code counters cleared; SimVQ: basis = ``weight``, map = identity)."""
         self.book.load_(weight)
 
     # A host sync: under torch.compile it runs eagerly (a graph break on the calls that check).
@@ -193,13 +183,7 @@ class VectorQuantizer(nn.Module):
         """Check ``x`` and ``mask`` and cut ``x`` into rows: ``(backend, lead, n, groups)`` with
         ``lead`` x's shape without the channel dim, ``n = prod(lead)`` and per codebook
         ``(rows (M, codebook_dim), mask (M,) or None)`` (projected, not yet normalised; a shared
-        codebook folds the heads into the rows).
-
-        Args:
-            x: float32/16/bf16 input, ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
-            mask: bool tensor of ``x``'s shape without the channel dim (True = real token), or
-                None (every row counts).
-        """
+        codebook folds the heads into the rows)."""
         check_input(x, self.dim, self.channel_first)
         check_same_device("x", x, "codebook", self.book.anchor)
         if mask is not None:
@@ -234,21 +218,6 @@ class VectorQuantizer(nn.Module):
         ``return_loss_breakdown`` a :class:`LossBreakdown`, in that order. ``mask`` (True = real
         token), ``freeze_codebook``, ``ema_update``, ``topk`` and ``sample_codebook_temp``: see
         docs/layer.md.
-
-        Args:
-            x: float32/16/bf16 input, ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
-            mask: bool tensor of ``x``'s shape without the channel dim; False rows count in no
-                loss or codebook statistic. None: every row counts.
-            return_stats: also return this batch's :class:`CodebookStats`.
-            freeze_codebook: overrides the layer's ``freeze_codebook`` for this call (None: the
-                layer's); True: no codebook update and no gradient to the codes.
-            ema_update: False makes no state step in this call (no EMA, usage or dead-code
-                counters; k-means init still runs); EMA codebooks only. None/True: normal step.
-            topk: also return the ``topk`` nearest codes (int in ``[1, codebook_size]``) as a
-                trailing indices dim; the call then samples nothing and updates no codebook.
-            sample_codebook_temp: this call's sampling temperature (None: the layer's); only
-                used in training with ``stochastic_sample_codes``. 0 = the nearest code.
-            return_loss_breakdown: also return a :class:`LossBreakdown` of the loss's terms.
         """
         freeze, self._call_ema_step, temp = check_call_options(
             self, freeze_codebook, ema_update, topk, sample_codebook_temp
@@ -333,17 +302,7 @@ class VectorQuantizer(nn.Module):
         """One EMA step from given assignments instead of the search's (vqp's ``update_indices``;
         docs/layer.md): ``x`` in the layer's input layout, int ``indices`` in its indices layout,
         ``mask`` (True = counts). Runs whatever the mode; every rank must call it under
-        torch.distributed. ``check``: ValueError on indices outside ``[0, codebook_size)``.
-
-        Args:
-            x: float input in the layer's layout, ``(..., dim)`` or ``(B, dim, ...)`` with
-                ``channel_first``.
-            indices: int tensor of ``x``'s shape without the channel dim (plus ``heads`` when
-                ``heads > 1``), values in ``[0, codebook_size)``.
-            mask: bool tensor of ``x``'s shape without the channel dim (True = the row counts),
-                or None (every row).
-            check: check the indices' range (a host sync); False skips it.
-        """
+        torch.distributed. ``check``: ValueError on indices outside ``[0, codebook_size)``."""
         if not self.ema:
             raise ValueError(
                 "update_codebook_from_indices updates an EMA codebook (ema=True); this layer's "
@@ -370,23 +329,13 @@ class VectorQuantizer(nn.Module):
         """Decode int indices in the layer's layout (``(...)``, or ``(..., heads)``) to what
         the layer outputs for them (eval mode: bit-identical): ``(..., dim)``, or
         ``(B, dim, ...)`` with ``channel_first``. ``check``: ValueError on indices outside
-        ``[0, codebook_size)`` (a host sync).
-
-        Args:
-            indices: int tensor ``(...)``, or ``(..., heads)`` when ``heads > 1``, values in
-                ``[0, codebook_size)``.
-            check: check the indices' range (a host sync); False skips it.
-        """
+        ``[0, codebook_size)`` (a host sync)."""
         check_indices(indices, self.heads, self.codebook_size, check)
         q = self.project_out(self.book.lookup(indices.to(torch.int64), self.heads))
         return q.movedim(-1, 1) if self.channel_first else q
 
     def get_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices of ``x`` (the layer's input layout) as in eval mode, without updating state.
-
-        Args:
-            x: float input, ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
-        """
+        """Indices of ``x`` (the layer's input layout) as in eval mode, without updating state."""
         was = self.training
         self.eval()
         try:
@@ -394,3 +343,75 @@ class VectorQuantizer(nn.Module):
                 return self(x).indices
         finally:
             self.train(was)
+
+
+# VectorQuantizer's argument tables: beside the class, so that its body holds code (the skeleton's
+# size limits, tests/test_architecture.py); help() and docs/reference.md see one docstring.
+add_args(
+    VectorQuantizer,
+    """
+        dim: channels of the input (its last dim, or dim 1 with ``channel_first``).
+        codebook_size: K, codes per codebook.
+        **options: the other :class:`~fastvq.layer_config.VQConfig` fields by keyword (``beta``,
+            ``ema``, ``heads``, ``cosine``, ...); an unknown or invalid one raises when built.
+""",
+)
+add_args(
+    VectorQuantizer.load_codebook,
+    """
+            weight: float tensor of codes, ``(K, codebook_dim)`` or
+                ``(num_codebooks, K, codebook_dim)``.
+""",
+)
+add_args(
+    VectorQuantizer.rows,
+    """
+            x: float32/16/bf16 input, ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+            mask: bool tensor of ``x``'s shape without the channel dim (True = real token), or
+                None (every row counts).
+""",
+)
+add_args(
+    VectorQuantizer.forward,
+    """
+            x: float32/16/bf16 input, ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+            mask: bool tensor of ``x``'s shape without the channel dim; False rows count in no
+                loss or codebook statistic. None: every row counts.
+            return_stats: also return this batch's :class:`CodebookStats`.
+            freeze_codebook: overrides the layer's ``freeze_codebook`` for this call (None: the
+                layer's); True: no codebook update and no gradient to the codes.
+            ema_update: False makes no state step in this call (no EMA, usage or dead-code
+                counters; k-means init still runs); EMA codebooks only. None/True: normal step.
+            topk: also return the ``topk`` nearest codes (int in ``[1, codebook_size]``) as a
+                trailing indices dim; the call then samples nothing and updates no codebook.
+            sample_codebook_temp: this call's sampling temperature (None: the layer's); only
+                used in training with ``stochastic_sample_codes``. 0 = the nearest code.
+            return_loss_breakdown: also return a :class:`LossBreakdown` of the loss's terms.
+""",
+)
+add_args(
+    VectorQuantizer.update_codebook_from_indices,
+    """
+            x: float input in the layer's layout, ``(..., dim)`` or ``(B, dim, ...)`` with
+                ``channel_first``.
+            indices: int tensor of ``x``'s shape without the channel dim (plus ``heads`` when
+                ``heads > 1``), values in ``[0, codebook_size)``.
+            mask: bool tensor of ``x``'s shape without the channel dim (True = the row counts),
+                or None (every row).
+            check: check the indices' range (a host sync); False skips it.
+""",
+)
+add_args(
+    VectorQuantizer.codes_from_indices,
+    """
+            indices: int tensor ``(...)``, or ``(..., heads)`` when ``heads > 1``, values in
+                ``[0, codebook_size)``.
+            check: check the indices' range (a host sync); False skips it.
+""",
+)
+add_args(
+    VectorQuantizer.get_indices,
+    """
+            x: float input, ``(..., dim)``, or ``(B, dim, ...)`` with ``channel_first``.
+""",
+)

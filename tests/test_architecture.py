@@ -76,32 +76,16 @@ def private_accesses_at(path: Path) -> list:
         ROOT = saved
 
 
-def _docstring_lines(node) -> int:
-    """Lines of the docstrings of ``node`` and of every class and function in it."""
-    n = 0
-    for sub in ast.walk(node):
-        if isinstance(sub, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and sub.body:
-            first = sub.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                if isinstance(first.value.value, str):
-                    n += first.end_lineno - first.lineno + 1
-    return n
-
-
 def _classes():
-    """(path, class name, lines of code): docstrings do not count, so documenting every
-    argument never counts against a class's size."""
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
-                yield path, node.name, node.end_lineno - node.lineno + 1 - _docstring_lines(node)
+                yield path, node.name, node.end_lineno - node.lineno + 1
 
 
 def test_vector_quantizer_is_thin():
-    # 210 lines of code, as before its arguments were documented (249 lines in all then, 39 of
-    # them docstrings, under a limit of 250 in all); 301 in all now
     sizes = {name: n for path, name, n in _classes() if path.name == "layer.py"}
-    assert sizes["VectorQuantizer"] <= 212, sizes
+    assert sizes["VectorQuantizer"] <= 250, sizes
 
 
 def test_no_class_over_400_lines():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _dist
+from ..._docs import add_args
 from ...codebook.vqp_rules import l2norm
 from ...codebook_losses import ce_commitment_loss, diversity_loss
 from ...codebook_losses import orthogonal_loss as _orthogonal_loss
@@ -101,6 +102,13 @@ def _rotate_or_pass(z: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.T
 
 
 @torch.no_grad()
+def _check_mask_layout(layout, x, mask) -> None:
+    """vqp takes no mask with one-token ``(B, dim)`` input or a feature map, in ``forward`` and
+    ``update_indices`` alike."""
+    if mask is not None and (x.ndim == 2 or layout.fmap):
+        raise ValueError("mask is not supported for one token or feature maps (as in vqp)")
+
+
 def _pick_codes(rows, codes, *, cosine, temperature, topk):
     """vqp's ``gumbel_sample`` without its N x K tensor, on :mod:`fastvq.sampling`: one code per
     row sampled from ``softmax(logits / temperature)`` (``topk`` None: vqp's stochastic path in
@@ -165,97 +173,6 @@ class VectorQuantize(nn.Module):
     entropy of vqp's logits to ``indices`` (the training step still updates the codebook).
 
     ``backend`` (fastvq only): ``"auto"``, ``"torch"`` or ``"triton"`` for the search.
-
-    Args:
-        dim: the input's feature size (x's last axis; axis 1 with ``channel_last=False`` or a
-            feature map).
-        codebook_size: K, the number of codes of each codebook.
-        codebook_dim: d, the code size; None: ``dim``. When ``heads * d != dim``, the layer adds
-            ``project_in`` (``nn.Linear(dim, heads * d)``) and ``project_out`` (back to ``dim``).
-        heads: h: each token's ``heads * d`` (projected) features are quantized as h vectors of
-            d; with ``heads > 1`` the indices get a last axis of h.
-        separate_codebook_per_head: True: one codebook per head (``codebook`` ``(heads, K, d)``);
-            False: the heads share one codebook.
-        decay: EMA decay of the codes' counts and sums (vqp's rule: ``N <- lerp(N, n, 1 -
-            decay)``).
-        eps: Laplace smoothing epsilon of the EMA counts when the codes are recomputed from them.
-        freeze_codebook: default of ``forward``'s ``freeze_codebook`` (True: no codebook update,
-            no commitment gradient to a learnable codebook).
-        kmeans_init: the codes start at zero and are set by vqp's k-means (K sampled rows, then
-            Lloyd steps) on the first forward's unmasked rows, in training or eval.
-        kmeans_iters: Lloyd iterations of the k-means init.
-        sync_kmeans: accepted and ignored: vqp uses it only with ``sync_codebook`` and
-            ``kmeans_init`` or dead codes, which raise ``NotImplementedError`` here.
-        use_cosine_sim: inputs (after ``project_in``) and codes l2-normalised, nearest code by
-            dot product; ValueError with ``learnable_codebook``.
-        layernorm_after_project_in: an ``nn.LayerNorm`` after ``project_in`` (only when there is
-            a projection: ``heads * codebook_dim != dim``).
-        threshold_ema_dead_code: in training, codes whose EMA count (``cluster_size``) is below
-            this are replaced by random rows of the batch (vqp's rule); 0: never.
-        channel_last: True: tokens ``(B, N, dim)``; False: ``(B, dim, N)``. Ignored for feature
-            maps and one-token ``(B, dim)`` inputs.
-        accept_image_fmap: x is a feature map ``(B, dim, H, W)``, indices ``(B, H, W)``; no
-            ``mask``.
-        accept_3d_fmap: x is a volume ``(B, dim, D, H, W)``, indices ``(B, D, H, W)``; no
-            ``mask``.
-        commitment_weight: weight of the commitment term (mse of the codebook-space input to its
-            codes, or the cross entropy below) in the loss; <= 0: no commitment term in training.
-        commitment_use_cross_entropy_loss: the commitment term is the cross entropy of vqp's
-            logits (``-|z - c|``, ``z.c`` for cosine) to the chosen codes instead of the mse.
-        orthogonal_reg_weight: weight of :func:`orthogonal_loss` of the codebook in the training
-            loss; > 0 also makes the codes an ``nn.Parameter`` (the EMA still writes them).
-        orthogonal_reg_active_codes_only: the regulariser over this batch's chosen codes only;
-            ValueError in ``forward`` with ``separate_codebook_per_head`` and ``heads > 1``.
-        orthogonal_reg_max_codes: None: every code; else at most this many, a random subset
-            (``torch.randperm``, torch's global RNG) per step.
-        codebook_diversity_loss_weight: weight of vqp's diversity loss (minus the entropy of the
-            batch-averaged ``softmax(temperature * logits)``) in the training loss; 0: off. > 0
-            with ``separate_codebook_per_head`` and ``heads > 1`` raises ``NotImplementedError``.
-        codebook_diversity_temperature: the diversity loss's ``temperature``, multiplying vqp's
-            logits (``-|z - c|``, ``z.c`` for cosine) before the softmax.
-        stochastic_sample_codes: in training (temperature > 0) sample each code from
-            ``softmax(logits / sample_codebook_temp)`` (fastvq's Gumbel noise, not vqp's draws).
-        sample_codebook_temp: temperature of ``stochastic_sample_codes`` and
-            ``straight_through``; <= 0 turns both off (nearest code, no soft gradient).
-        straight_through: vqp's Gumbel straight-through in training: the output gets the
-            gradient of the ``softmax(logits / temp)``-weighted codes where x gets none (x without
-            grad, or ``route_gradients_to_input=False``). Needs ``rotation_trick=False``.
-        rotation_trick: the input's gradient by the rotation trick (Fifty et al. 2024) instead
-            of straight-through; None: ``dim > 1`` and not ``directional_reparam``.
-        directional_reparam: DiVeQ: in training (x requiring grad, routed) the output is ``z +
-            sg(u) |q - z|``, ``u`` the noised direction of ``q - z``; no commitment term. Sets
-            ``ema_update=False``, ``learnable_codebook=True`` by default; needs a dead-code
-            threshold (``threshold_ema_dead_code > 0``).
-        directional_reparam_variance: variance of the Gaussian noise (torch's global RNG) added
-            to ``q - z`` before its direction is taken.
-        sync_codebook: all-reduce the EMA counts and sums over torch.distributed ranks; None: on
-            when more than one rank runs at construction. ``NotImplementedError`` with
-            ``kmeans_init`` or ``threshold_ema_dead_code > 0``.
-        sync_affine_param: accepted and ignored (``affine_param`` is not supported).
-        ema_update: the codes follow vqp's EMA each training step; None: not
-            ``directional_reparam``. ValueError when on with ``learnable_codebook``.
-        vq_bridge: not supported: anything but None raises ``NotImplementedError``.
-        manual_ema_update: the EMA statistics move every training step, the codes only when
-            ``codebook_module.smooth_()`` (or vqp's ``_codebook.update_ema()``) is called.
-        learnable_codebook: the codes are an ``nn.Parameter`` trained by the gradient (the
-            commitment mse included); None: ``directional_reparam``. Needs ``ema_update=False``;
-            ValueError with ``use_cosine_sim`` or ``straight_through``.
-        in_place_codebook_optimizer: not supported: anything but None raises
-            ``NotImplementedError``.
-        manual_in_place_optimizer_update: accepted and ignored (``in_place_codebook_optimizer``
-            is not supported).
-        affine_param: not supported: anything but False raises ``NotImplementedError``.
-        affine_param_batch_decay: accepted and ignored (``affine_param`` is not supported).
-        affine_param_codebook_decay: accepted and ignored (``affine_param`` is not supported).
-        sync_update_v: v in [0, 1]; > 0 needs ``learnable_codebook``: in training the output
-            becomes ``q + v (q - sg(q))`` (vqtorch's synchronous update rule, eq. 21).
-        return_zeros_for_masked_padding: masked positions of the output hold zeros (True) or the
-            input (False); their index is -1 either way.
-        route_gradients_to_input: in training, x gets a gradient through the output
-            (straight-through, rotation trick or DiVeQ); False: the output carries only a
-            learnable codebook's gradient (or ``straight_through``'s).
-        backend: fastvq only (keyword): ``"auto"`` (Triton on CUDA when it imports, else torch),
-            ``"torch"`` or ``"triton"``, for the search, k-means and EMA statistics.
     """
 
     def __init__(
@@ -381,12 +298,7 @@ class VectorQuantize(nn.Module):
         return self._codebook
 
     def share_codebook_(self, other: VectorQuantize) -> None:
-        """Use ``other``'s codebook module (vqp's ``ResidualVQ(shared_codebook=True)``).
-
-        Args:
-            other: another :class:`VectorQuantize`; this layer then holds its codebook module
-                itself (codes and EMA state shared, not copied; sizes are not checked).
-        """
+        """Use ``other``'s codebook module (vqp's ``ResidualVQ(shared_codebook=True)``)."""
         self._codebook = other.codebook_module
 
     @property
@@ -407,22 +319,12 @@ class VectorQuantize(nn.Module):
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes in codebook space for ``indices`` (the layer's index layout): ``(..., heads *
-        d)``, channels moved to dim 1 as the layer's input layout has them.
-
-        Args:
-            indices: int, as ``forward`` returns them (``(B, N)``, ``(B, N, heads)``, ``(B, H,
-                W)``...), each in ``[0, codebook_size)`` (no -1).
-        """
+        d)``, channels moved to dim 1 as the layer's input layout has them."""
         codes = self._codebook.lookup(indices, self.heads)
         return codes.movedim(-1, 1) if self.layout.channels_first else codes
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """What the layer outputs in eval mode for ``indices``.
-
-        Args:
-            indices: int, as ``forward`` returns them (``(B, N)``, ``(B, N, heads)``, ``(B, H,
-                W)``...), each in ``[0, codebook_size)`` (no -1).
-        """
+        """What the layer outputs in eval mode for ``indices``."""
         out = self.project_out(self._codebook.lookup(indices, self.heads))
         return out.movedim(-1, 1) if self.layout.channels_first else out
 
@@ -437,34 +339,7 @@ class VectorQuantize(nn.Module):
         freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
         ema_update_weight=None, accum_ema_update=False, ema_update=None,
     ):  # fmt: skip
-        """See the class docstring.
-
-        Args:
-            x: ``(B, N, dim)`` float; ``(B, dim, N)`` with ``channel_last=False``, ``(B, dim, H,
-                W)`` / ``(B, dim, D, H, W)`` for feature maps, ``(B, dim)`` for one token.
-            indices: None, or target codes in the layer's index layout (-1 ignored): then the
-                call returns vqp's ``(codes in codebook space, cross entropy)``.
-            mask: None or bool ``(B, N)``, True for real tokens; the others output zeros (or x)
-                and index -1, and stay out of the commitment loss, k-means and codebook update.
-                ValueError for one token or feature maps.
-            lens: None or int ``(B,)`` lengths, ``mask = arange(x.shape[1]) < lens`` (so for
-                channel-last ``(B, N, dim)`` input); not together with ``mask``.
-            topk: None or k >= 1 (capped at ``codebook_size``): the k nearest codes per token,
-                nearest first (class docstring); one head only, no codebook update.
-            sample_codebook_temp: this call's sampling temperature; None: the constructor's.
-            freeze_codebook: None: the constructor's; True: no EMA or dead-code step in this
-                call (k-means init still runs) and no commitment gradient to a learnable codebook.
-            return_loss_breakdown: also return a :class:`LossBreakdown` (fourth output).
-            codebook_transform_fn: not supported: anything but None raises
-                ``NotImplementedError``.
-            ema_update_weight: None, or the EMA step's per-code weight ``w`` (factor ``(1 -
-                decay) w``): a float, a ``(G, K)`` (G codebooks) or ``(K,)`` tensor, or a function
-                of ``(sums (G, K, d), counts (G, K))`` returning one.
-            accum_ema_update: add this call's counts and sums to an accumulator instead of the
-                EMA and dead-code step; the next call without it steps on the total.
-            ema_update: None: the constructor's; False skips this call's EMA step (with
-                ``threshold_ema_dead_code > 0`` the statistics still move); True forces it.
-        """
+        """See the class docstring."""
         name = type(self).__name__
         if codebook_transform_fn is not None:
             raise _unsupported(name, "codebook_transform_fn", codebook_transform_fn)
@@ -481,7 +356,7 @@ class VectorQuantize(nn.Module):
             raise ValueError("pass mask or lens, not both")
         if lens is not None:
             mask = torch.arange(x.shape[1], device=lens.device) < lens[:, None]
-        self._check_mask_layout(x, mask)
+        _check_mask_layout(self.layout, x, mask)
         dtype = x.dtype
         xt, restore, rows = self._rows(x)  # rows (G, M, d)
         (b, n), g_count = xt.shape[:2], rows.shape[0]
@@ -663,32 +538,15 @@ class VectorQuantize(nn.Module):
 
     @torch.no_grad()
     def expire_codes_(self, x: torch.Tensor) -> None:
-        """vqp's dead-code replacement from ``x`` (codebook space, ``(B, N, heads * d)``).
-
-        Args:
-            x: float ``(B, N, heads * d)`` rows after ``project_in`` (l2-normalised here for
-                cosine); with one head only ``x[0]``'s rows are candidates, as in vqp.
-        """
+        """vqp's dead-code replacement from ``x`` (codebook space, ``(B, N, heads * d)``)."""
         # vqp hands one head's (B, N, d) over as is: its leading dim then plays the codebook dim
         rows = x if self.heads == 1 else self.layout.split_heads(x)
         self._codebook.expire_(self._codebook.transform_input(rows).float())
 
-    def _check_mask_layout(self, x, mask) -> None:
-        if mask is not None and (x.ndim == 2 or self.layout.fmap):
-            raise ValueError("mask is not supported for one token or feature maps (as in vqp)")
-
     def update_indices(self, x, indices, mask=None) -> None:
         """The codebook step for ``x`` (the layer's input layout) and given ``indices`` (its
-        index layout): vqp's manual EMA update (e.g. after ``topk`` or beam search).
-
-        Args:
-            x: the input, in ``forward``'s layout.
-            indices: int codes in the layer's index layout (as ``forward`` returns them); -1
-                counts as code 0 (leave such rows out with ``mask``).
-            mask: None or bool ``(B, N)``, True for rows to count; ValueError for one token or
-                feature maps.
-        """
-        self._check_mask_layout(x, mask)
+        index layout): vqp's manual EMA update (e.g. after ``topk`` or beam search)."""
+        _check_mask_layout(self.layout, x, mask)
         with torch.no_grad():
             xt, _, rows = self._rows(x)
         idx = self.layout.index_rows(indices, *xt.shape[:2])
@@ -696,3 +554,168 @@ class VectorQuantize(nn.Module):
         self._codebook.update_(rows, idx, self.layout.row_mask(mask, rows.shape[0]))
 
     update_ema_indices = update_indices
+
+
+# VectorQuantize's argument tables: beside the class, so that its body holds code (the skeleton's
+# size limits, tests/test_architecture.py); help() and docs/reference.md see one docstring.
+add_args(
+    VectorQuantize,
+    """
+        dim: the input's feature size (x's last axis; axis 1 with ``channel_last=False`` or a
+            feature map).
+        codebook_size: K, the number of codes of each codebook.
+        codebook_dim: d, the code size; None: ``dim``. When ``heads * d != dim``, the layer adds
+            ``project_in`` (``nn.Linear(dim, heads * d)``) and ``project_out`` (back to ``dim``).
+        heads: h: each token's ``heads * d`` (projected) features are quantized as h vectors of
+            d; with ``heads > 1`` the indices get a last axis of h.
+        separate_codebook_per_head: True: one codebook per head (``codebook`` ``(heads, K, d)``);
+            False: the heads share one codebook.
+        decay: EMA decay of the codes' counts and sums (vqp's rule: ``N <- lerp(N, n, 1 -
+            decay)``).
+        eps: Laplace smoothing epsilon of the EMA counts when the codes are recomputed from them.
+        freeze_codebook: default of ``forward``'s ``freeze_codebook`` (True: no codebook update,
+            no commitment gradient to a learnable codebook).
+        kmeans_init: the codes start at zero and are set by vqp's k-means (K sampled rows, then
+            Lloyd steps) on the first forward's unmasked rows, in training or eval.
+        kmeans_iters: Lloyd iterations of the k-means init.
+        sync_kmeans: accepted and ignored: vqp uses it only with ``sync_codebook`` and
+            ``kmeans_init`` or dead codes, which raise ``NotImplementedError`` here.
+        use_cosine_sim: inputs (after ``project_in``) and codes l2-normalised, nearest code by
+            dot product; ValueError with ``learnable_codebook``.
+        layernorm_after_project_in: an ``nn.LayerNorm`` after ``project_in`` (only when there is
+            a projection: ``heads * codebook_dim != dim``).
+        threshold_ema_dead_code: in training, codes whose EMA count (``cluster_size``) is below
+            this are replaced by random rows of the batch (vqp's rule); 0: never.
+        channel_last: True: tokens ``(B, N, dim)``; False: ``(B, dim, N)``. Ignored for feature
+            maps and one-token ``(B, dim)`` inputs.
+        accept_image_fmap: x is a feature map ``(B, dim, H, W)``, indices ``(B, H, W)``; no
+            ``mask``.
+        accept_3d_fmap: x is a volume ``(B, dim, D, H, W)``, indices ``(B, D, H, W)``; no
+            ``mask``.
+        commitment_weight: weight of the commitment term (mse of the codebook-space input to its
+            codes, or the cross entropy below) in the loss; <= 0: no commitment term in training.
+        commitment_use_cross_entropy_loss: the commitment term is the cross entropy of vqp's
+            logits (``-|z - c|``, ``z.c`` for cosine) to the chosen codes instead of the mse.
+        orthogonal_reg_weight: weight of :func:`orthogonal_loss` of the codebook in the training
+            loss; > 0 also makes the codes an ``nn.Parameter`` (the EMA still writes them).
+        orthogonal_reg_active_codes_only: the regulariser over this batch's chosen codes only;
+            ValueError in ``forward`` with ``separate_codebook_per_head`` and ``heads > 1``.
+        orthogonal_reg_max_codes: None: every code; else at most this many, a random subset
+            (``torch.randperm``, torch's global RNG) per step.
+        codebook_diversity_loss_weight: weight of vqp's diversity loss (minus the entropy of the
+            batch-averaged ``softmax(temperature * logits)``) in the training loss; 0: off. > 0
+            with ``separate_codebook_per_head`` and ``heads > 1`` raises ``NotImplementedError``.
+        codebook_diversity_temperature: the diversity loss's ``temperature``, multiplying vqp's
+            logits (``-|z - c|``, ``z.c`` for cosine) before the softmax.
+        stochastic_sample_codes: in training (temperature > 0) sample each code from
+            ``softmax(logits / sample_codebook_temp)`` (fastvq's Gumbel noise, not vqp's draws).
+        sample_codebook_temp: temperature of ``stochastic_sample_codes`` and
+            ``straight_through``; <= 0 turns both off (nearest code, no soft gradient).
+        straight_through: vqp's Gumbel straight-through in training: the output gets the
+            gradient of the ``softmax(logits / temp)``-weighted codes where x gets none (x without
+            grad, or ``route_gradients_to_input=False``). Needs ``rotation_trick=False``.
+        rotation_trick: the input's gradient by the rotation trick (Fifty et al. 2024) instead
+            of straight-through; None: ``dim > 1`` and not ``directional_reparam``.
+        directional_reparam: DiVeQ: in training (x requiring grad, routed) the output is ``z +
+            sg(u) |q - z|``, ``u`` the noised direction of ``q - z``; no commitment term. Sets
+            ``ema_update=False``, ``learnable_codebook=True`` by default; needs a dead-code
+            threshold (``threshold_ema_dead_code > 0``).
+        directional_reparam_variance: variance of the Gaussian noise (torch's global RNG) added
+            to ``q - z`` before its direction is taken.
+        sync_codebook: all-reduce the EMA counts and sums over torch.distributed ranks; None: on
+            when more than one rank runs at construction. ``NotImplementedError`` with
+            ``kmeans_init`` or ``threshold_ema_dead_code > 0``.
+        sync_affine_param: accepted and ignored (``affine_param`` is not supported).
+        ema_update: the codes follow vqp's EMA each training step; None: not
+            ``directional_reparam``. ValueError when on with ``learnable_codebook``.
+        vq_bridge: not supported: anything but None raises ``NotImplementedError``.
+        manual_ema_update: the EMA statistics move every training step, the codes only when
+            ``codebook_module.smooth_()`` (or vqp's ``_codebook.update_ema()``) is called.
+        learnable_codebook: the codes are an ``nn.Parameter`` trained by the gradient (the
+            commitment mse included); None: ``directional_reparam``. Needs ``ema_update=False``;
+            ValueError with ``use_cosine_sim`` or ``straight_through``.
+        in_place_codebook_optimizer: not supported: anything but None raises
+            ``NotImplementedError``.
+        manual_in_place_optimizer_update: accepted and ignored (``in_place_codebook_optimizer``
+            is not supported).
+        affine_param: not supported: anything but False raises ``NotImplementedError``.
+        affine_param_batch_decay: accepted and ignored (``affine_param`` is not supported).
+        affine_param_codebook_decay: accepted and ignored (``affine_param`` is not supported).
+        sync_update_v: v in [0, 1]; > 0 needs ``learnable_codebook``: in training the output
+            becomes ``q + v (q - sg(q))`` (vqtorch's synchronous update rule, eq. 21).
+        return_zeros_for_masked_padding: masked positions of the output hold zeros (True) or the
+            input (False); their index is -1 either way.
+        route_gradients_to_input: in training, x gets a gradient through the output
+            (straight-through, rotation trick or DiVeQ); False: the output carries only a
+            learnable codebook's gradient (or ``straight_through``'s).
+        backend: fastvq only (keyword): ``"auto"`` (Triton on CUDA when it imports, else torch),
+            ``"torch"`` or ``"triton"``, for the search, k-means and EMA statistics.
+""",
+)
+add_args(
+    VectorQuantize.share_codebook_,
+    """
+            other: another :class:`VectorQuantize`; this layer then holds its codebook module
+                itself (codes and EMA state shared, not copied; sizes are not checked).
+""",
+)
+add_args(
+    VectorQuantize.get_codes_from_indices,
+    """
+            indices: int, as ``forward`` returns them (``(B, N)``, ``(B, N, heads)``, ``(B, H,
+                W)``...), each in ``[0, codebook_size)`` (no -1).
+""",
+)
+add_args(
+    VectorQuantize.get_output_from_indices,
+    """
+            indices: int, as ``forward`` returns them (``(B, N)``, ``(B, N, heads)``, ``(B, H,
+                W)``...), each in ``[0, codebook_size)`` (no -1).
+""",
+)
+add_args(
+    VectorQuantize.forward,
+    """
+            x: ``(B, N, dim)`` float; ``(B, dim, N)`` with ``channel_last=False``, ``(B, dim, H,
+                W)`` / ``(B, dim, D, H, W)`` for feature maps, ``(B, dim)`` for one token.
+            indices: None, or target codes in the layer's index layout (-1 ignored): then the
+                call returns vqp's ``(codes in codebook space, cross entropy)``.
+            mask: None or bool ``(B, N)``, True for real tokens; the others output zeros (or x)
+                and index -1, and stay out of the commitment loss, k-means and codebook update.
+                ValueError for one token or feature maps.
+            lens: None or int ``(B,)`` lengths, ``mask = arange(x.shape[1]) < lens`` (so for
+                channel-last ``(B, N, dim)`` input); not together with ``mask``.
+            topk: None or k >= 1 (capped at ``codebook_size``): the k nearest codes per token,
+                nearest first (class docstring); one head only, no codebook update.
+            sample_codebook_temp: this call's sampling temperature; None: the constructor's.
+            freeze_codebook: None: the constructor's; True: no EMA or dead-code step in this
+                call (k-means init still runs) and no commitment gradient to a learnable codebook.
+            return_loss_breakdown: also return a :class:`LossBreakdown` (fourth output).
+            codebook_transform_fn: not supported: anything but None raises
+                ``NotImplementedError``.
+            ema_update_weight: None, or the EMA step's per-code weight ``w`` (factor ``(1 -
+                decay) w``): a float, a ``(G, K)`` (G codebooks) or ``(K,)`` tensor, or a function
+                of ``(sums (G, K, d), counts (G, K))`` returning one.
+            accum_ema_update: add this call's counts and sums to an accumulator instead of the
+                EMA and dead-code step; the next call without it steps on the total.
+            ema_update: None: the constructor's; False skips this call's EMA step (with
+                ``threshold_ema_dead_code > 0`` the statistics still move); True forces it.
+""",
+)
+add_args(
+    VectorQuantize.expire_codes_,
+    """
+            x: float ``(B, N, heads * d)`` rows after ``project_in`` (l2-normalised here for
+                cosine); with one head only ``x[0]``'s rows are candidates, as in vqp.
+""",
+)
+add_args(
+    VectorQuantize.update_indices,
+    """
+            x: the input, in ``forward``'s layout.
+            indices: int codes in the layer's index layout (as ``forward`` returns them); -1
+                counts as code 0 (leave such rows out with ``mask``).
+            mask: None or bool ``(B, N)``, True for rows to count; ValueError for one token or
+                feature maps.
+""",
+)
