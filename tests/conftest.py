@@ -15,6 +15,31 @@ import pytest  # noqa: E402
 
 import fastvq  # noqa: E402
 
+# Under pytest-xdist (`-n auto`, README's test command) each worker gets its share of the cores:
+# torch's default of one thread per core in every worker would oversubscribe them.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
+
+# The longest tests go first, so that under xdist none starts last and leaves one worker running
+# alone at the end (each takes 20 s to 5 min on the 2-core CI machine).
+_LONG_FIRST = (
+    "test_gpu_static.py::test_default_binaries_pass_the_gate",
+    "test_gpu_check.py::test_dry_run",
+    "test_codebook_losses_tiled.py::test_aux_losses_memory_stays_far_below_nxk",
+    "test_vqp_examples.py::test_example_agrees_across_impls[vqp_autoencoder.py]",
+    "test_vqp_examples.py::test_example_agrees_across_impls[vqp_autoencoder_sim_vq.py]",
+    "test_ddp.py::test_uneven_empty_and_masked_batches_do_not_hang",
+    "test_ddp.py::test_ddp_equals_single_process_and_ranks_agree",
+)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each worker holds torch, about 1 GB)."""
+    return max(1, min(4, _CORES))
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -58,6 +83,16 @@ def cli_env(monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
+    _long_first(items)
+    _skip_other_vqp(items)
+
+
+def _long_first(items):
+    first = [it for it in items if it.nodeid.endswith(_LONG_FIRST)]
+    items[:] = first + [it for it in items if it not in first]
+
+
+def _skip_other_vqp(items):
     """Tests that compare with vector-quantize-pytorch (marked ``extras``, in a module that uses
     it) skip, saying why, when the installed release is not the one fastvq.compat.vqp follows
     (``pip install -e ".[bench]"`` installs that one)."""
