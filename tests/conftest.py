@@ -88,8 +88,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _long_first(items):
-    first = [it for it in items if it.nodeid.endswith(_LONG_FIRST)]
-    items[:] = first + [it for it in items if it not in first]
+    items.sort(key=lambda it: not it.nodeid.endswith(_LONG_FIRST))  # stable: order kept otherwise
 
 
 def _skip_other_vqp(items):
