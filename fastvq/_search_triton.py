@@ -194,7 +194,8 @@ def gluon_applies(arch: int | None, z_dtype: torch.dtype, c_dtype: torch.dtype, 
 
 def gluon_config_ok(cfg: SearchConfig, d: int) -> bool:
     """Whether the Gluon kernel can run ``cfg``: the row tile covers D (one TMA box), one warp
-    per 16 rows in whole warpgroups, and a pair of code tiles fits one TMA box (<= 256 rows)."""
+    per 16 rows in whole warpgroups, and a code tile of at most 128 (two tiles' accumulators and
+    the best tile's copy take 3 * BLOCK_K / 2 registers per thread)."""
     return (
         cfg.block_d >= d and cfg.block_n == 16 * cfg.num_warps and cfg.num_warps % 4 == 0
         and cfg.block_k in (16, 32, 64, 128)
@@ -222,14 +223,13 @@ def norm_pieces(cnorm: torch.Tensor, rows: int) -> torch.Tensor:
 
 def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, part_d):
     """(args, constexprs) of kernels/vq_search_sm90.py: TMA descriptors of the searched rows and
-    codes, and of their norms as bf16 pieces padded with -inf to whole pairs of code tiles."""
+    codes, and of their norms as bf16 pieces padded with -inf to whole code tiles."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     cfg = plan.config
     n, d = rows_s.shape
     k = codes_s.shape[0]
-    pair = 2 * cfg.block_k
 
     def desc(t, block, dt):
         # TMA: aligned, unit stride, 16-byte row pitch, rows that do not overlap (expand())
@@ -246,10 +246,10 @@ def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, 
 
     gdt = gl.bfloat16 if codes_s.dtype == torch.bfloat16 else gl.float16
     # the norm step is a bf16 MMA for fp16 searches too: bf16 has fp32's range
-    pieces = norm_pieces(cnorm[:k], triton.cdiv(k, pair) * pair)
+    pieces = norm_pieces(cnorm[:k], triton.cdiv(k, cfg.block_k) * cfg.block_k)
     args = (
-        desc(rows_s, [cfg.block_n, cfg.block_d], gdt), desc(codes_s, [pair, cfg.block_d], gdt),
-        desc(pieces, [pair, 16], gl.bfloat16), z2d, codebook, part_i, z_q, err, part_d,
+        desc(rows_s, [cfg.block_n, cfg.block_d], gdt), desc(codes_s, [cfg.block_k, cfg.block_d], gdt),
+        desc(pieces, [cfg.block_k, 16], gl.bfloat16), z2d, codebook, part_i, z_q, err, part_d,
         n, k, d, plan.k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
         z_q.stride(0), z_q.stride(1),
@@ -299,14 +299,15 @@ def plan_search(
     if gluon and config is not None and not gluon_config_ok(config, d):
         gluon = False  # a Triton tile config was asked for: the Triton kernel runs it
     if gluon:
-        # one warp per 16 rows (wgmma m64 per warpgroup), 64-code tiles taken in pairs; always two
+        # one warp per 16 rows (wgmma m64 per warpgroup), 128-code tiles (m64n128: half the
+        # MMA instructions, and their descriptor moves, per score of 64-code tiles); always two
         # warpgroups: at D = 256 one block fills the shared memory, and one warpgroup alone would
         # leave 4 warps on the SM (split-K gives small batches their parallelism)
-        cfg = config or SearchConfig(128, 64, max(16, triton.next_power_of_2(d)), 8, 1)
+        cfg = config or SearchConfig(128, 128, max(16, triton.next_power_of_2(d)), 8, 1)
     else:
         cfg = config or pick_config(n, k, d, search_dtype, arch=arch, precision=precision)
-    # each split covers whole BLOCK_K tiles (whole pairs of them for the Gluon kernel)
-    tile_k = cfg.block_k * (2 if gluon else 1)
+    # each split covers whole BLOCK_K tiles
+    tile_k = cfg.block_k
     row_blocks = triton.cdiv(n, cfg.block_n)
     if splits is None:
         splits = 1

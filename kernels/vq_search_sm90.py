@@ -45,14 +45,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 # Width of the extra K step that carries the norm pieces (the 16-bit MMA's K granularity).
 NORM_K = gl.constexpr(16)
-# Code tiles per trip of the main loop (two pairs, one per stage): the static report divides the
-# loop's instruction count by it.
-TILES_PER_TRIP = 4
+# Code tiles per trip of the main loop (one per stage): the static report divides the loop's
+# instruction count by it.
+TILES_PER_TRIP = 2
 
 
 @gluon.jit
-def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, EXTRA: gl.constexpr = 0):
-    """TMA the pair of code tiles at k0 (one box of 2 * BLOCK_K rows) and their norm pieces.
+def _load_tile(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, EXTRA: gl.constexpr = 0):
+    """TMA the code tile at k0 and its norm pieces into stage ``slot``.
 
     The one expect-tx of the barrier's phase (an arrive: a second would complete the phase
     early) counts these bytes and EXTRA more, loaded by the caller on the same barrier.
@@ -64,28 +64,30 @@ def _load_pair(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, EXTRA: gl.co
 
 
 @gluon.jit
-def _issue(z_smem, c_smem, b_one, n_smem, slot, half, b_free, BLOCK_K: gl.constexpr):
-    """Start the MMAs of tile ``half`` (0, 1) of the pair in ``slot``: the codes, then the norm
-    step, into the registers of ``b_free`` (use_acc=False ignores their values)."""
-    codes = c_smem.index(slot).slice(half * BLOCK_K, BLOCK_K)
-    tok = warpgroup_mma(z_smem, codes.permute((1, 0)), b_free, use_acc=False, is_async=True)
+def _issue(z_smem, c_smem, b_one, n_smem, slot, b_free, zslot=0):
+    """Start the MMAs of the tile in stage ``slot``: the codes, then the norm step, into the
+    registers of ``b_free`` (use_acc=False ignores their values)."""
+    tok = warpgroup_mma(z_smem.index(zslot), c_smem.index(slot).permute((1, 0)), b_free, use_acc=False,
+                        is_async=True)  # fmt: skip
     # an async MMA may take another's pending result as its accumulator, with no wait
-    pieces = n_smem.index(slot).slice(half * BLOCK_K, BLOCK_K)
-    return warpgroup_mma(b_one, pieces.permute((1, 0)), tok, is_async=True)
+    return warpgroup_mma(b_one, n_smem.index(slot).permute((1, 0)), tok, is_async=True)
 
 
 @gluon.jit
-def _keep_best(b_score, b_top, b_tile, k0, BLOCK_K: gl.constexpr):
-    """Fold one tile's scores into the running per-element (best score, its tile's number).
+def _keep_best(b_score, b_top, b_tile, b_best, tile):
+    """Fold tile number ``tile``'s scores into the running state of each row: its best score
+    (``b_top``), the tile that holds it (``b_tile``), and that tile's scores (``b_best``).
 
-    The tile number is held as an fp32 (exact below 2^24 tiles): selected with the same mask
-    and type as the score, LLVM keeps one vector grouping for both; an int32 tile number made it
-    shuffle the <32 x i1> mask between groupings, which NVPTX packs into integers (about two
-    instructions per element more).
+    Per element this is one max (the row's maximum over the tile, within the thread before the
+    lanes of a row combine) and one select (the copy, under the row's predicate); the column is
+    found once, after the loop, in the copy. The copy holds the MMA's own values, so the final
+    comparison with ``b_top`` finds the maximum exactly.
     """
-    # strict >: the earlier tile keeps an exact tie; NaN never wins
-    b_up = b_score > b_top
-    return gl.where(b_up, b_score, b_top), gl.where(b_up, (k0 // BLOCK_K).to(gl.float32), b_tile)
+    b_max = gl.max(b_score, axis=1)  # NaN never wins: max ignores NaN operands
+    # strict >: the earlier tile keeps an exact tie
+    b_up = b_max > b_top
+    b_best = gl.where(b_up[:, None], b_score, b_best)
+    return gl.where(b_up, b_max, b_top), gl.where(b_up, tile, b_tile), b_best
 
 
 @gluon.jit
@@ -101,30 +103,42 @@ def _pair_step(
     b_acc_b,
     b_top,
     b_tile,
-    k_lo,
-    pair,
-    n_pairs,
-    SLOT: gl.constexpr,
+    b_best,
+    tile0,
+    t,
+    n_tiles,
     BLOCK_K: gl.constexpr,
+    RUNTIME_STAGE: gl.constexpr,
 ):
-    """One pair of code tiles (in stage SLOT): prefetch the next pair into the other stage, both
-    tiles' MMAs, and the two epilogues, the first while the second tile's MMAs run."""
-    mbarrier.wait(bar.index(SLOT), (pair // 2) & 1)
-    # Every warpgroup has retired the previous pair's MMAs (each waited for all its MMAs before
-    # this point): the other stage takes the next pair.
-    gl.barrier()
-    k0 = k_lo + 2 * pair * BLOCK_K
-    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 1 - SLOT, k0 + 2 * BLOCK_K, pair + 1 < n_pairs)
-    tok_a = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 0, b_acc_a, BLOCK_K)
-    tok_b = _issue(z_smem, c_smem, b_one, n_smem, SLOT, 1, b_acc_b, BLOCK_K)
-    # tile b's two commit groups (codes, norm step) stay in flight
+    """Tiles t (stage 0) and t + 1 (stage 1): both tiles' MMAs, tile t's epilogue while tile
+    t + 1's MMAs run, and each stage refilled with the tile two on as soon as every warpgroup
+    is done reading it."""
+    phase = (t // 2) & 1
+    stage = 0
+    if RUNTIME_STAGE:
+        # 0, but not to the compiler (the grid is 2-D): the code tiles' MMA descriptors are
+        # then built each trip instead of held, 32 of them, in registers the loop lacks at D = 256
+        stage = t * gl.program_id(2)
+    mbarrier.wait(bar.index(0), phase)
+    tok_a = _issue(z_smem, c_smem, b_one, n_smem, stage, b_acc_a)
+    mbarrier.wait(bar.index(1), phase)
+    tok_b = _issue(z_smem, c_smem, b_one, n_smem, stage + 1, b_acc_b)
+    # tile t + 1's two commit groups (codes, norm step) stay in flight
     b_acc_a = warpgroup_mma_wait(num_outstanding=2, deps=[tok_a])
-    b_top, b_tile = _keep_best(b_acc_a, b_top, b_tile, k0, BLOCK_K)
-    # b_top and b_tile ride along so that tile a's epilogue stays before this wait (else LLVM
-    # sinks it past, and MMA(b) no longer overlaps anything)
-    b_acc_b, b_top, b_tile = warpgroup_mma_wait(num_outstanding=0, deps=[tok_b, b_top, b_tile])
-    b_top, b_tile = _keep_best(b_acc_b, b_top, b_tile, k0 + BLOCK_K, BLOCK_K)
-    return b_acc_a, b_acc_b, b_top, b_tile
+    # every warpgroup has retired its MMAs on stage 0: it takes tile t + 2
+    gl.barrier()
+    k0 = (tile0 + t + 2) * BLOCK_K
+    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 0, k0, t + 2 < n_tiles)
+    b_top, b_tile, b_best = _keep_best(b_acc_a, b_top, b_tile, b_best, tile0 + t)
+    # the running state rides along so that tile t's epilogue stays before this wait (else LLVM
+    # sinks it past, and the MMAs of tile t + 1 no longer overlap anything)
+    b_acc_b, b_top, b_tile, b_best = warpgroup_mma_wait(
+        num_outstanding=0, deps=[tok_b, b_top, b_tile, b_best]
+    )
+    gl.barrier()
+    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 1, k0 + BLOCK_K, t + 3 < n_tiles)
+    b_top, b_tile, b_best = _keep_best(b_acc_b, b_top, b_tile, b_best, tile0 + t + 1)
+    return b_acc_a, b_acc_b, b_top, b_tile, b_best
 
 
 @gluon.jit
@@ -162,7 +176,7 @@ def vq_search_fwd_sm90_kernel(
     """
     BLOCK_N: gl.constexpr = z_desc.block_type.shape[0]
     BLOCK_D: gl.constexpr = z_desc.block_type.shape[1]
-    BLOCK_K: gl.constexpr = c_desc.block_type.shape[0] // 2  # a TMA box holds a pair
+    BLOCK_K: gl.constexpr = c_desc.block_type.shape[0]
     NUM_WARPS: gl.constexpr = gl.num_warps()
     gl.static_assert(BLOCK_N == 16 * NUM_WARPS, "one warp per 16 rows (wgmma m64 per warpgroup)")
     dtype: gl.constexpr = c_desc.dtype
@@ -175,9 +189,9 @@ def vq_search_fwd_sm90_kernel(
     TPW_D: gl.constexpr = min(32, BLOCK_D // 8)
     ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1], [1, 0])
 
-    z_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], z_desc.layout)
-    c_smem = gl.allocate_shared_memory(dtype, [2, 2 * BLOCK_K, BLOCK_D], c_desc.layout)
-    n_smem = gl.allocate_shared_memory(n_desc.dtype, [2, 2 * BLOCK_K, NORM_K], n_desc.layout)
+    z_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_D], z_desc.layout)
+    c_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_K, BLOCK_D], c_desc.layout)
+    n_smem = gl.allocate_shared_memory(n_desc.dtype, [2, BLOCK_K, NORM_K], n_desc.layout)
     bar = mbarrier.allocate_mbarrier(batch=2)
     mbarrier.init(bar.index(0), count=1)
     mbarrier.init(bar.index(1), count=1)
@@ -188,12 +202,14 @@ def vq_search_fwd_sm90_kernel(
     row0 = pid * BLOCK_N
     k_lo = pid_s * K_PER_SPLIT
     k_hi = gl.minimum(k_lo + K_PER_SPLIT, K)
-    n_pairs = gl.cdiv(k_hi - k_lo, 2 * BLOCK_K)
+    n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
+    tile0 = k_lo // BLOCK_K
     o_kc = gl.arange(0, BLOCK_K, layout=col_l)
 
-    # Prologue: the row tile and the first pair, on barrier 0.
-    _load_pair(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, z_desc.block_type.nbytes)
-    tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem)
+    # Prologue: the row tile and the first tile on barrier 0, the second tile on barrier 1.
+    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, z_desc.block_type.nbytes)
+    tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem.index(0))
+    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 1, k_lo + BLOCK_K, n_tiles > 1)
     # ones where the pieces sit, <1, pieces> = -||C_k||^2 / 2: the A operand of the norm step,
     # from registers (a shared-memory copy written here made every trip take one more barrier)
     one_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
@@ -201,38 +217,47 @@ def vq_search_fwd_sm90_kernel(
     b_one = gl.zeros([BLOCK_N, NORM_K], n_desc.dtype, one_l) + (o_j < 3).to(n_desc.dtype)[None, :]
     b_acc_a = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
     b_acc_b = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l)
-    b_top = gl.full([BLOCK_N, BLOCK_K], float("-inf"), gl.float32, acc_l)
-    b_tile = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, acc_l) + (k_lo // BLOCK_K).to(gl.float32)
+    # A row with no score above -inf (all NaN, or -inf) keeps tile0's column 0, that is k_lo:
+    # its copy is all -inf and ties with b_top there.
+    b_best = gl.full([BLOCK_N, BLOCK_K], float("-inf"), gl.float32, acc_l)
+    b_top = gl.full([BLOCK_N], float("-inf"), gl.float32, row_l)
+    b_tile = gl.zeros([BLOCK_N], gl.int32, row_l) + tile0
     smem = (z_smem, c_smem, n_smem, c_desc, n_desc, bar)
-    # Unrolled by the two slots: with the slot a constant, the stages' MMA descriptors are fixed
-    # offsets (a run-time slot made ptxas rebuild them each trip; at D = 256 they overflowed the
-    # uniform registers).
-    for pair in range(0, n_pairs - 1, 2):
-        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(*smem, b_one, b_acc_a, b_acc_b, b_top,
-            b_tile, k_lo, pair, n_pairs, 0, BLOCK_K)  # fmt: skip
-        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(*smem, b_one, b_acc_a, b_acc_b, b_top,
-            b_tile, k_lo, pair + 1, n_pairs, 1, BLOCK_K)  # fmt: skip
-    if n_pairs % 2 == 1:
-        b_acc_a, b_acc_b, b_top, b_tile = _pair_step(*smem, b_one, b_acc_a, b_acc_b, b_top,
-            b_tile, k_lo, n_pairs - 1, n_pairs, 0, BLOCK_K)  # fmt: skip
+    # Unrolled by the two stages: with the stage a constant, the MMA descriptors are fixed
+    # offsets (a run-time stage made ptxas rebuild them each trip; at D = 256 they overflowed
+    # the uniform registers).
+    for t in range(0, n_tiles - 1, 2):
+        b_acc_a, b_acc_b, b_top, b_tile, b_best = _pair_step(*smem, b_one, b_acc_a, b_acc_b,
+            b_top, b_tile, b_best, tile0, t, n_tiles, BLOCK_K, BLOCK_D > 128)  # fmt: skip
+    if n_tiles % 2 == 1:
+        # the last tile, alone in stage 0 (its MMAs overlap nothing)
+        mbarrier.wait(bar.index(0), ((n_tiles - 1) // 2) & 1)
+        tok = _issue(z_smem, c_smem, b_one, n_smem, 0, b_acc_a)
+        b_acc_a = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+        b_top, b_tile, b_best = _keep_best(b_acc_a, b_top, b_tile, b_best, tile0 + n_tiles - 1)
     mbarrier.invalidate(bar.index(0))
     mbarrier.invalidate(bar.index(1))
 
-    # One row reduction: the largest score, ties -> the lowest code. A row whose scores are all
-    # -inf or NaN (a NaN row) keeps k_lo: every element ties at -inf with tile k_lo.
-    b_max = gl.max(b_top, axis=1)  # [BN]
-    b_code = gl.where(b_top == b_max[:, None], b_tile.to(gl.int32) * BLOCK_K + o_kc[None, :], k_hi)
-    b_idx = gl.min(b_code, axis=1)
+    # The column: the lowest one of the best tile's copy that holds the row's best score.
+    b_col = gl.min(gl.where(b_best == b_top[:, None], o_kc[None, :], BLOCK_K), axis=1)
+    # (the copy always holds b_top; the clamp only keeps a broken invariant from reading past C)
+    b_idx = gl.minimum(b_tile * BLOCK_K + b_col, K - 1)
+    b_max = b_top
     # +inf only comes from a row holding Inf: like a NaN row it gets k_lo (the torch backend's
-    # policy), and its partial distance is +inf so the split merge stays comparable.
-    b_idx = gl.where(b_max < float("inf"), b_idx, k_lo)
-    b_best = gl.where((b_max > float("-inf")) & (b_max < float("inf")), -2.0 * b_max, float("inf"))
+    # policy), and its partial distance is +inf so the split merge stays comparable. (k_lo from
+    # tile0, which the loop keeps anyway: a k_lo kept across the loop went to the stack.)
+    b_idx = gl.where(b_max < float("inf"), b_idx, gl.program_id(1) * K_PER_SPLIT)
+    b_best_d = gl.where((b_max > float("-inf")) & (b_max < float("inf")), -2.0 * b_max,
+                        float("inf"))  # fmt: skip
 
+    # The row tile's first row, read again: a row0 kept across the loop went to the stack at
+    # D = 256 (the loop holds 255 registers), and an impure read is not merged with the first.
+    row0 = gl.inline_asm("mov.u32 $0, %ctaid.x;", "=r", [], gl.int32) * BLOCK_N
     o_nr = gl.arange(0, BLOCK_N, layout=row_l)
     m_nr = o_nr < N - row0
     if SPLIT_K:
         o_part = pid_s.to(gl.int64) * N + row0 + o_nr
-        gl.store(part_ptr + o_part, b_best, mask=m_nr)
+        gl.store(part_ptr + o_part, b_best_d, mask=m_nr)
         gl.store(idx_ptr + o_part, b_idx.to(gl.int64), mask=m_nr)
     else:
         gl.store(idx_ptr + row0 + o_nr, b_idx.to(gl.int64), mask=m_nr)
