@@ -185,8 +185,10 @@ def vq_search_fwd_sm90_kernel(
     )
     row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
-    # 16-byte vectors along D for the gather
-    TPW_D: gl.constexpr = min(32, BLOCK_D // 8)
+    # the gather walks D in chunks of 64 (a whole row at once spilled after the loop at D = 200),
+    # 16-byte vectors along D
+    GATHER_D: gl.constexpr = min(BLOCK_D, 64)
+    TPW_D: gl.constexpr = GATHER_D // 8
     ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1], [1, 0])
 
     z_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_D], z_desc.layout)
@@ -263,15 +265,20 @@ def vq_search_fwd_sm90_kernel(
         gl.store(idx_ptr + row0 + o_nr, b_idx.to(gl.int64), mask=m_nr)
         # gather z_q = C[idx] and the per-row squared error from the gathered row
         o_nl = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_l))
-        o_dl = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ld_l))
-        m_nd = (o_nl < N - row0)[:, None] & (o_dl < D)[None, :]
+        m_n = o_nl < N - row0
         b_gi = gl.convert_layout(b_idx, gl.SliceLayout(1, ld_l)).to(gl.int64)
-        p_z = z_ptr + (row0 + o_nl).to(gl.int64)[:, None] * stride_zn + o_dl[None, :] * stride_zd
-        b_z = gl.load(p_z, mask=m_nd, other=0.0).to(gl.float32)
-        b_q = gl.load(c_ptr + b_gi[:, None] * stride_ck + o_dl[None, :] * stride_cd, mask=m_nd,
-                      other=0.0)  # fmt: skip
-        b_diff = b_z - b_q.to(gl.float32)
-        gl.store(err_ptr + row0 + o_nl, gl.sum(b_diff * b_diff, axis=1), mask=o_nl < N - row0)
-        if STORE_ZQ:
-            p_q = zq_ptr + (row0 + o_nl).to(gl.int64)[:, None] * stride_qn
-            gl.store(p_q + o_dl[None, :] * stride_qd, b_q.to(zq_ptr.dtype.element_ty), mask=m_nd)
+        p_z = z_ptr + (row0 + o_nl).to(gl.int64)[:, None] * stride_zn
+        p_c = c_ptr + b_gi[:, None] * stride_ck
+        p_q = zq_ptr + (row0 + o_nl).to(gl.int64)[:, None] * stride_qn
+        b_err = gl.zeros([BLOCK_N], gl.float32, gl.SliceLayout(1, ld_l))
+        for d0 in gl.static_range(0, BLOCK_D, GATHER_D):
+            o_dl = d0 + gl.arange(0, GATHER_D, layout=gl.SliceLayout(0, ld_l))
+            m_nd = m_n[:, None] & (o_dl < D)[None, :]
+            b_z = gl.load(p_z + o_dl[None, :] * stride_zd, mask=m_nd, other=0.0).to(gl.float32)
+            b_q = gl.load(p_c + o_dl[None, :] * stride_cd, mask=m_nd, other=0.0)
+            b_diff = b_z - b_q.to(gl.float32)
+            b_err += gl.sum(b_diff * b_diff, axis=1)
+            if STORE_ZQ:
+                gl.store(p_q + o_dl[None, :] * stride_qd, b_q.to(zq_ptr.dtype.element_ty),
+                         mask=m_nd)  # fmt: skip
+        gl.store(err_ptr + row0 + o_nl, b_err, mask=m_n)
