@@ -295,7 +295,10 @@ def plan_search(
         precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
     else:
         precision = "tf32" if track else fp32_precision
-    gluon = (kernel or search_kernel()) == "gluon" and gluon_applies(arch, z_dtype, c_dtype, d)
+    # under the interpreter "gluon" runs the Gluon kernel's Triton twin (the same plan)
+    gluon = (kernel or search_kernel()) == "gluon" and gluon_applies(
+        90 if interp else arch, z_dtype, c_dtype, d
+    )
     if gluon and config is not None and not gluon_config_ok(config, d):
         gluon = False  # a Triton tile config was asked for: the Triton kernel runs it
     if gluon:
@@ -367,8 +370,9 @@ def vq_search_triton(
         indices.fill_(-1), z_q.fill_(float("nan")), err.fill_(float("nan"))
     if n == 0:
         return indices, z_q, err
+    arch = gpu_arch(dev)
     plan = plan_search(
-        n, k, d, z2d.dtype, codebook.dtype, arch=gpu_arch(dev), num_sms=_num_sms(dev),
+        n, k, d, z2d.dtype, codebook.dtype, arch=arch, num_sms=_num_sms(dev),
         fp32_precision=fp32_precision, config=config, splits=splits,
     )  # fmt: skip
     if plan.config.block_n * max(abs(z2d.stride(0)), abs(z2d.stride(1))) >= 2**31 - 1:
@@ -406,10 +410,24 @@ def vq_search_triton(
     )  # fmt: skip
     flags = plan.constexprs()
     use_autotune = (
-        config is None and gpu_arch(dev) is not None and not split and not plan.gluon
+        config is None and arch is not None and not split and not plan.gluon
         and os.environ.get("FASTVQ_AUTOTUNE") == "1"
     )  # fmt: skip
-    if plan.gluon:
+    if plan.gluon and arch is None:  # the interpreter: the Gluon kernel's Triton twin
+        from fastvq.kernels.vq_search_sm90_twin import vq_search_fwd_sm90_twin_kernel
+
+        cfg = plan.config
+        pieces = norm_pieces(cnorm[:k], triton.cdiv(k, cfg.block_k) * cfg.block_k)
+        vq_search_fwd_sm90_twin_kernel[(triton.cdiv(n, cfg.block_n), plan.splits)](
+            rows_s, codes_s, pieces, z2d, codebook, part_i, z_q, err, part_d,
+            n, k, d, plan.k_per_split,
+            rows_s.stride(0), rows_s.stride(1), codes_s.stride(0), codes_s.stride(1),
+            z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
+            z_q.stride(0), z_q.stride(1),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+            STORE_ZQ=plan.store_zq, SPLIT_K=split,
+        )  # fmt: skip
+    elif plan.gluon:
         try:
             from fastvq.kernels.vq_search_sm90 import vq_search_fwd_sm90_kernel
         except ImportError as exc:

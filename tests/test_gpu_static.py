@@ -164,9 +164,9 @@ def test_gate_reports_the_sm90_targets(tmp_path):
     ids=["bf16-D64", "fp16-D256-splitK", "bf16-D40-odd"],
 )  # fmt: skip
 def test_gluon_launch_is_the_gated_one(monkeypatch, zt, d, n, k):
-    """FASTVQ_SEARCH_KERNEL=gluon on sm_90: the launch the gate compiles, whole pairs of code
-    tiles per split, and the norm pieces padded with -inf past the last pair (the kernel reads
-    them unmasked)."""
+    """FASTVQ_SEARCH_KERNEL=gluon on sm_90: the launch the gate compiles, whole code tiles per
+    split, and the norm pieces padded with -inf past the last tile (the kernel reads them
+    unmasked)."""
     from benchmarks.gpu_static import ARCHS, Binary, _search_launch
     from fastvq.kernels import vq_search_sm90
 
@@ -188,10 +188,10 @@ def test_gluon_launch_is_the_gated_one(monkeypatch, zt, d, n, k):
     name = str(zt).removeprefix("torch.")
     b = Binary("x", "search_gluon", 90, False, z_dtype=name, c_dtype=name, d=d, n=n, k=k)
     fn, args, gated, plan = _search_launch(b)
-    assert plan.gluon and plan.k_per_split % (2 * plan.config.block_k) == 0
+    assert plan.gluon and plan.k_per_split % plan.config.block_k == 0
     assert launched.pop("grid")[1] == plan.splits
     pieces = launched.pop("pieces")  # -||c||^2 / 2 in three bf16 parts, -inf past K
-    assert pieces.shape[0] % (2 * plan.config.block_k) == 0 and pieces.shape[0] >= k
+    assert pieces.shape[0] % plan.config.block_k == 0 and pieces.shape[0] >= k
     assert (pieces[k:, 0] == float("-inf")).all() and torch.isfinite(pieces[:k]).all()
     assert (pieces[:k, 3:] == 0).all()
     assert launched == gated
