@@ -126,7 +126,8 @@ def main() -> int:
         for cfg in [*ALTERNATIVES[(search_t == torch.float32, d)], *extra] if len(alts) > 1 else ():
             alts["BN{} BK{} BD{} w{} s{}".format(*cfg)] = vs.SearchConfig(*cfg)
         if vs.gluon_applies(vs.gpu_arch(dev), zt, ct, d):
-            # the opt-in sm_90 kernel, right after the default (a stage cut short keeps it)
+            # the sm_90 default for 16-bit operands, right after the Triton kernel's default
+            # config (a stage cut short keeps it)
             alts = {
                 "default": None,
                 GLUON: GLUON,
@@ -142,12 +143,10 @@ def main() -> int:
 
                 def fn(cfg=cfg, z=z, c=c, prec=prec):
                     if cfg == GLUON:
-                        os.environ["FASTVQ_SEARCH_KERNEL"] = "gluon"
-                        try:
-                            return vs.vq_search_triton(z, c)
-                        finally:
-                            del os.environ["FASTVQ_SEARCH_KERNEL"]
-                    return vs.vq_search_triton(z, c, fp32_precision=prec, config=cfg)
+                        return vs.vq_search_triton(z, c, kernel="gluon")
+                    # the Triton kernel's rows (on sm_90 "auto" would run the Gluon one)
+                    return vs.vq_search_triton(z, c, fp32_precision=prec, config=cfg,
+                                               kernel="triton")  # fmt: skip
 
                 idx = fn()[0]
                 ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")

@@ -168,19 +168,74 @@ class SearchPlan(NamedTuple):
         )  # fmt: skip
 
 
-# Which search kernel a CUDA launch uses: "triton" (kernels/vq_search.py, everywhere) or "gluon"
-# (kernels/vq_search_sm90.py: sm_90, 16-bit operands of one dtype, D <= 256; the next tile's MMA
-# overlaps this tile's epilogue). The Gluon kernel compiles and passes the static gate but has
-# not run on a GPU yet, so it is opt-in until the CUDA tests and benchmarks/gpu_check.sh pass.
-SEARCH_KERNELS = ("triton", "gluon")
+# Which search kernel a CUDA launch uses: "auto" (the default: the Gluon kernel where it applies
+# and has passed its first-use check on this device, else Triton), "triton" (kernels/vq_search.py,
+# everywhere) or "gluon" (kernels/vq_search_sm90.py where it applies, unchecked; under the
+# interpreter, its Triton twin kernels/vq_search_sm90_twin.py). The Gluon kernel's MMA for the next
+# code tile overlaps this tile's epilogue; it has been compiled and read (the static gate) and its
+# algorithm tested through the twin, but not yet timed on a GPU: see docs/benchmarks.md.
+SEARCH_KERNELS = ("auto", "triton", "gluon")
 
 
 def search_kernel() -> str:
-    """``FASTVQ_SEARCH_KERNEL`` if set, else "triton"."""
-    name = os.environ.get("FASTVQ_SEARCH_KERNEL", "triton")
+    """``FASTVQ_SEARCH_KERNEL`` if set, else "auto"."""
+    name = os.environ.get("FASTVQ_SEARCH_KERNEL", "auto")
     if name not in SEARCH_KERNELS:
         raise ValueError(f"FASTVQ_SEARCH_KERNEL must be one of {SEARCH_KERNELS}, got {name!r}")
     return name
+
+
+# (device index, dtype, D) -> whether the Gluon kernel passed its first-use check there
+_GLUON_CHECKED: dict[tuple, bool] = {}
+
+
+def gluon_checked(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    """Whether the Gluon kernel gives exact results on this device for (dtype, D); checked once.
+
+    The check searches small-integer rows and codes (every score exact in fp32, many exact ties):
+    300 rows (three row blocks, the last partial) against 1000 codes (a partial last tile), whole
+    and in three K splits (odd and even tile counts), and compares indices and z_q with an fp64
+    oracle, ties to the lowest index. A wrong result, or a kernel that does not build with this
+    Triton, warns once and leaves the search to the Triton kernel.
+    """
+    key = (device.index, dtype, d)
+    if key not in _GLUON_CHECKED:
+        _GLUON_CHECKED[key] = _gluon_probe(device, dtype, d)
+    return _GLUON_CHECKED[key]
+
+
+def _gluon_probe(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    import warnings
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randint(-3, 4, (300, d), generator=gen).to(device=device, dtype=dtype)
+    codes = torch.randint(-3, 4, (1000, d), generator=gen).to(device=device, dtype=dtype)
+    dist = torch.cdist(z.double(), codes.double()).square()
+    pos = torch.arange(codes.shape[0], device=device, dtype=torch.float64)
+    top = dist.min(dim=1, keepdim=True).values
+    oracle = torch.where(dist == top, pos, float("inf")).min(dim=1).values.long()
+    why = None
+    try:
+        for splits in (1, 3):
+            idx, z_q, _ = vq_search_triton(z, codes, splits=splits, kernel="gluon")
+            if not torch.equal(idx, oracle) or not torch.equal(z_q, codes[idx]):
+                wrong = int((idx != oracle).sum())
+                why = f"{wrong} of 300 indices differ from the fp64 oracle (splits={splits})"
+                break
+    except Exception as exc:  # a build or launch failure is a failed check, not a crash
+        why = f"{type(exc).__name__}: {exc}"
+    if why is None:
+        return True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    warnings.warn(
+        f"fastvq: the sm_90 Gluon search failed its first-use check on {name} "
+        f"({dtype}, D={d}, Triton {triton.__version__}): "
+        f"{why}. The Triton kernel runs instead; FASTVQ_SEARCH_KERNEL=triton skips the check. "
+        f"Please report this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
 
 
 def gluon_applies(arch: int | None, z_dtype: torch.dtype, c_dtype: torch.dtype, d: int) -> bool:
@@ -248,7 +303,8 @@ def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, 
     # the norm step is a bf16 MMA for fp16 searches too: bf16 has fp32's range
     pieces = norm_pieces(cnorm[:k], triton.cdiv(k, cfg.block_k) * cfg.block_k)
     args = (
-        desc(rows_s, [cfg.block_n, cfg.block_d], gdt), desc(codes_s, [cfg.block_k, cfg.block_d], gdt),
+        desc(rows_s, [cfg.block_n, cfg.block_d], gdt),
+        desc(codes_s, [cfg.block_k, cfg.block_d], gdt),
         desc(pieces, [cfg.block_k, 16], gl.bfloat16), z2d, codebook, part_i, z_q, err, part_d,
         n, k, d, plan.k_per_split,
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
@@ -280,8 +336,9 @@ def plan_search(
 
     ``arch`` None means "whatever runs here" (the interpreter under ``TRITON_INTERPRET``);
     the static gate passes 80 or 90 to get exactly what the launcher would run on that GPU.
-    ``kernel``: "triton" or "gluon" (default :func:`search_kernel`); "gluon" falls back to the
-    Triton kernel where it does not apply (see :func:`gluon_applies`).
+    ``kernel``: "auto", "triton" or "gluon" (default :func:`search_kernel`); "auto" and "gluon"
+    fall back to the Triton kernel where the Gluon one does not apply (see :func:`gluon_applies`);
+    under the interpreter only "gluon" takes it (its Triton twin).
     """
     interp = arch is None and interpreting()
     search_dtype = torch.promote_types(z_dtype, c_dtype)
@@ -295,10 +352,12 @@ def plan_search(
         precision = "ieee" if interp else "tf32"  # "tf32" is ignored for bf16/fp16 operands
     else:
         precision = "tf32" if track else fp32_precision
-    # under the interpreter "gluon" runs the Gluon kernel's Triton twin (the same plan)
-    gluon = (kernel or search_kernel()) == "gluon" and gluon_applies(
-        90 if interp else arch, z_dtype, c_dtype, d
-    )
+    choice = kernel or search_kernel()
+    if interp:
+        # only when asked for: the Gluon kernel's Triton twin, with the plan sm_90 would run
+        gluon = choice == "gluon" and gluon_applies(90, z_dtype, c_dtype, d)
+    else:
+        gluon = choice in ("auto", "gluon") and gluon_applies(arch, z_dtype, c_dtype, d)
     if gluon and config is not None and not gluon_config_ok(config, d):
         gluon = False  # a Triton tile config was asked for: the Triton kernel runs it
     if gluon:
@@ -339,6 +398,7 @@ def vq_search_triton(
     fp32_precision: str | None = None,
     config: SearchConfig | None = None,
     splits: int | None = None,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused search. Same contract as ``fastvq._search_torch.search_torch``.
 
@@ -356,6 +416,8 @@ def vq_search_triton(
         config: tile sizes; default from :func:`pick_config`.
         splits: number of K splits (1 = none). Default: split K when the row blocks alone
             would leave most SMs idle (small N) and K is large.
+        kernel: "auto", "triton" or "gluon" (see :data:`SEARCH_KERNELS`); default
+            :func:`search_kernel` (env ``FASTVQ_SEARCH_KERNEL``, else "auto").
 
     Returns:
         (indices int64 (N,), z_q (N, D) in z2d.dtype, err fp32 (N,)).
@@ -371,10 +433,17 @@ def vq_search_triton(
     if n == 0:
         return indices, z_q, err
     arch = gpu_arch(dev)
+    choice = kernel or search_kernel()
     plan = plan_search(
         n, k, d, z2d.dtype, codebook.dtype, arch=arch, num_sms=_num_sms(dev),
-        fp32_precision=fp32_precision, config=config, splits=splits,
+        fp32_precision=fp32_precision, config=config, splits=splits, kernel=choice,
     )  # fmt: skip
+    unchecked = plan.gluon and arch is not None and choice == "auto"
+    if unchecked and not gluon_checked(dev, z2d.dtype, d):
+        plan = plan_search(
+            n, k, d, z2d.dtype, codebook.dtype, arch=arch, num_sms=_num_sms(dev),
+            fp32_precision=fp32_precision, config=config, splits=splits, kernel="triton",
+        )  # fmt: skip
     if plan.config.block_n * max(abs(z2d.stride(0)), abs(z2d.stride(1))) >= 2**31 - 1:
         z2d = z2d.contiguous()  # in-tile offsets are int32 (see the kernel)
 

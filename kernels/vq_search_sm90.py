@@ -64,10 +64,10 @@ def _load_tile(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, EXTRA: gl.co
 
 
 @gluon.jit
-def _issue(z_smem, c_smem, b_one, n_smem, slot, b_free, zslot=0):
+def _issue(z_smem, c_smem, b_one, n_smem, slot, b_free):
     """Start the MMAs of the tile in stage ``slot``: the codes, then the norm step, into the
     registers of ``b_free`` (use_acc=False ignores their values)."""
-    tok = warpgroup_mma(z_smem.index(zslot), c_smem.index(slot).permute((1, 0)), b_free, use_acc=False,
+    tok = warpgroup_mma(z_smem, c_smem.index(slot).permute((1, 0)), b_free, use_acc=False,
                         is_async=True)  # fmt: skip
     # an async MMA may take another's pending result as its accumulator, with no wait
     return warpgroup_mma(b_one, n_smem.index(slot).permute((1, 0)), tok, is_async=True)
@@ -191,7 +191,7 @@ def vq_search_fwd_sm90_kernel(
     TPW_D: gl.constexpr = GATHER_D // 8
     ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1], [1, 0])
 
-    z_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_D], z_desc.layout)
+    z_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], z_desc.layout)
     c_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_K, BLOCK_D], c_desc.layout)
     n_smem = gl.allocate_shared_memory(n_desc.dtype, [2, BLOCK_K, NORM_K], n_desc.layout)
     bar = mbarrier.allocate_mbarrier(batch=2)
@@ -210,7 +210,7 @@ def vq_search_fwd_sm90_kernel(
 
     # Prologue: the row tile and the first tile on barrier 0, the second tile on barrier 1.
     _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, z_desc.block_type.nbytes)
-    tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem.index(0))
+    tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem)
     _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 1, k_lo + BLOCK_K, n_tiles > 1)
     # ones where the pieces sit, <1, pieces> = -||C_k||^2 / 2: the A operand of the norm step,
     # from registers (a shared-memory copy written here made every trip take one more barrier)

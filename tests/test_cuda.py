@@ -192,7 +192,7 @@ def test_gluon_kernel_matches_triton_and_fp64(monkeypatch, n, k, d, dtype):
     codebook = torch.randn(k, d, device="cuda").to(dtype)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert plan_search(n, k, d, dtype, dtype, arch=90, num_sms=sms, kernel="gluon").gluon
-    ref = vq_search_triton(z, codebook)
+    ref = vq_search_triton(z, codebook, kernel="triton")
     monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "gluon")
     idx, z_q, err = vq_search_triton(z, codebook)
     top2, oracle = _oracle_top2(z, codebook)
@@ -218,10 +218,21 @@ def test_gluon_kernel_non_finite_rows(monkeypatch):
     z[3] = float("nan")
     z[7, 5] = float("inf")
     codebook = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16)
-    ref = vq_search_triton(z, codebook)
+    ref = vq_search_triton(z, codebook, kernel="triton")
     monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "gluon")
     got = vq_search_triton(z, codebook)
     assert got[0][3] == 0 and got[0][7] == ref[0][7] == 0
     finite = torch.ones(300, dtype=torch.bool, device="cuda")
     finite[[3, 7]] = False
     assert (got[0][finite] == ref[0][finite]).float().mean().item() > 0.99
+
+
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 256, 40])
+def test_gluon_kernel_passes_its_first_use_check(dtype, d):
+    """The default ("auto") runs the Gluon kernel on sm_90 only after this check passes."""
+    from fastvq import _search_triton as vs
+
+    vs._GLUON_CHECKED.clear()
+    assert vs.gluon_checked(torch.device("cuda", torch.cuda.current_device()), dtype, d)

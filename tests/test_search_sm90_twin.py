@@ -125,3 +125,33 @@ def test_twin_runs_the_plan_of_an_h100():
         assert cpu.gluon and sm90.gluon
         assert (cpu.config, cpu.splits, cpu.k_per_split) == (sm90.config, sm90.splits,
                                                               sm90.k_per_split)  # fmt: skip
+
+
+def test_first_use_check_passes_on_the_twin():
+    """The check that guards the sm_90 default, run through the twin: exact on its probe."""
+    assert vs._gluon_probe(torch.device("cpu"), torch.bfloat16, 64)
+
+
+def test_a_failed_first_use_check_warns_and_the_triton_kernel_runs(monkeypatch):
+    """A wrong Gluon result (here: the norm pieces zeroed) fails the check with a warning that
+    says what differed, and the default ("auto") launch on sm_90 goes to the Triton kernel."""
+    from fastvq.kernels import vq_search
+
+    monkeypatch.setattr(vs, "norm_pieces", lambda cnorm, rows: torch.zeros(rows, 16).bfloat16())
+    with pytest.warns(RuntimeWarning, match="first-use check.*differ from the fp64 oracle"):
+        assert not vs._gluon_probe(torch.device("cpu"), torch.bfloat16, 64)
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs) or args[5].zero_()
+
+    monkeypatch.delenv("FASTVQ_SEARCH_KERNEL")
+    monkeypatch.setattr(vs, "gpu_arch", lambda device: 90)
+    monkeypatch.setattr(vs, "_GLUON_CHECKED", {(None, torch.bfloat16, 64): False})
+    monkeypatch.setattr(vs, "vq_search_fwd_kernel", Recorder())
+    monkeypatch.setattr(vq_search, "vq_search_fwd_kernel", Recorder())
+    vs.vq_search_triton(torch.zeros(300, 64).bfloat16(), torch.ones(1000, 64).bfloat16())
+    triton_cfg = vs.pick_config(300, 1000, 64, torch.bfloat16, arch=90, precision="tf32")
+    assert len(launched) == 1 and launched[0]["BLOCK_K"] == triton_cfg.block_k
