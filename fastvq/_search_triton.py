@@ -185,6 +185,27 @@ def search_kernel() -> str:
     return name
 
 
+def finish_or_raise(device: torch.device, seconds: float = 60.0) -> None:
+    """Wait for the work queued on ``device``'s current stream, or raise after ``seconds``.
+
+    The first-use check's guard against a kernel that never finishes: a plain sync would hang
+    the process without a word. The GPU stays busy either way; the error says what to do.
+    """
+    import time
+
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    start = time.monotonic()
+    while not event.query():
+        if time.monotonic() - start > seconds:
+            raise RuntimeError(
+                f"fastvq: the sm_90 Gluon search did not finish its first-use check within "
+                f"{seconds:g} s (a small search that takes milliseconds): the GPU is likely "
+                f"stuck in it. Restart with FASTVQ_SEARCH_KERNEL=triton, and please report this."
+            )
+        time.sleep(0.001)
+
+
 # (device index, dtype, D) -> whether the Gluon kernel passed its first-use check there
 _GLUON_CHECKED: dict[tuple, bool] = {}
 
@@ -196,7 +217,8 @@ def gluon_checked(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     300 rows (three row blocks, the last partial) against 1000 codes (a partial last tile), whole
     and in three K splits (odd and even tile counts), and compares indices and z_q with an fp64
     oracle, ties to the lowest index. A wrong result, or a kernel that does not build with this
-    Triton, warns once and leaves the search to the Triton kernel.
+    Triton, warns once and leaves the search to the Triton kernel; a kernel that does not finish
+    within a minute raises (:func:`finish_or_raise`).
     """
     key = (device.index, dtype, d)
     if key not in _GLUON_CHECKED:
@@ -215,15 +237,18 @@ def _gluon_probe(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     top = dist.min(dim=1, keepdim=True).values
     oracle = torch.where(dist == top, pos, float("inf")).min(dim=1).values.long()
     why = None
-    try:
-        for splits in (1, 3):
+    for splits in (1, 3):
+        try:
             idx, z_q, _ = vq_search_triton(z, codes, splits=splits, kernel="gluon")
-            if not torch.equal(idx, oracle) or not torch.equal(z_q, codes[idx]):
-                wrong = int((idx != oracle).sum())
-                why = f"{wrong} of 300 indices differ from the fp64 oracle (splits={splits})"
-                break
-    except Exception as exc:  # a build or launch failure is a failed check, not a crash
-        why = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a build or launch failure is a failed check, not a crash
+            why = f"{type(exc).__name__}: {exc}"
+            break
+        if device.type == "cuda":
+            finish_or_raise(device)
+        if not torch.equal(idx, oracle) or not torch.equal(z_q, codes[idx]):
+            wrong = int((idx != oracle).sum())
+            why = f"{wrong} of 300 indices differ from the fp64 oracle (splits={splits})"
+            break
     if why is None:
         return True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
@@ -439,7 +464,11 @@ def vq_search_triton(
         fp32_precision=fp32_precision, config=config, splits=splits, kernel=choice,
     )  # fmt: skip
     unchecked = plan.gluon and arch is not None and choice == "auto"
-    if unchecked and not gluon_checked(dev, z2d.dtype, d):
+    # no check inside a CUDA graph capture (it syncs): the Triton kernel runs there
+    if unchecked and (
+        (dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        or not gluon_checked(dev, z2d.dtype, d)
+    ):
         plan = plan_search(
             n, k, d, z2d.dtype, codebook.dtype, arch=arch, num_sms=_num_sms(dev),
             fp32_precision=fp32_precision, config=config, splits=splits, kernel="triton",

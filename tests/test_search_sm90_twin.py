@@ -44,9 +44,9 @@ def _search(z, codebook, splits=None):
 @pytest.mark.parametrize(
     "n, k, d, splits",
     [(1, 1, 8, None), (63, 1000, 40, None), (130, 257, 256, None), (300, 129, 64, None),
-     (5, 128, 16, None), (200, 700, 64, 3), (17, 1000, 8, 4)],
+     (5, 128, 16, None), (200, 700, 64, 3), (17, 1000, 8, 4), (70, 300, 200, None)],
     ids=["N1-K1", "N63-K1000-odd-tiles", "D256-two-row-blocks", "K129-tail", "K128-one-tile",
-         "splitK3", "splitK4-D8"],
+         "splitK3", "splitK4-D8", "D200-padded-row-tile"],
 )  # fmt: skip
 def test_twin_equals_the_oracle_on_exact_scores(n, k, d, splits, dtype):
     g = torch.Generator().manual_seed(n + k + d)
@@ -155,3 +155,20 @@ def test_a_failed_first_use_check_warns_and_the_triton_kernel_runs(monkeypatch):
     vs.vq_search_triton(torch.zeros(300, 64).bfloat16(), torch.ones(1000, 64).bfloat16())
     triton_cfg = vs.pick_config(300, 1000, 64, torch.bfloat16, arch=90, precision="tf32")
     assert len(launched) == 1 and launched[0]["BLOCK_K"] == triton_cfg.block_k
+
+
+def test_a_check_that_never_finishes_raises_instead_of_hanging(monkeypatch):
+    """The first-use check waits on an event with a deadline: a stuck kernel is an error that
+    names the way out, not a silent hang."""
+
+    class StuckEvent:
+        def record(self, stream):
+            pass
+
+        def query(self):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "Event", StuckEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    with pytest.raises(RuntimeError, match="did not finish.*FASTVQ_SEARCH_KERNEL=triton"):
+        vs.finish_or_raise(torch.device("cuda"), seconds=0.05)
