@@ -222,7 +222,9 @@ def gluon_checked(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     """
     key = (device.index, dtype, d)
     if key not in _GLUON_CHECKED:
-        _GLUON_CHECKED[key] = _gluon_probe(device, dtype, d)
+        # the caller may be under autocast or autograd; the probe wants neither
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            _GLUON_CHECKED[key] = _gluon_probe(device, dtype, d)
     return _GLUON_CHECKED[key]
 
 
