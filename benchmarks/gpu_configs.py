@@ -157,6 +157,22 @@ def main() -> int:
                     ).config
                 row["configs"][alt] = {"config": list(used), "ms": ms,
                                        "tflops": 2 * n * k * d / ms / 1e9}  # fmt: skip
+                if cfg == GLUON and static is not None:
+                    try:  # the static model's figure for the Gluon kernel, beside its time
+                        gp = gpu_model.predict(
+                            static,
+                            model_dev,
+                            n,
+                            k,
+                            d,
+                            f"gluon {prefix}",
+                            z.element_size(),
+                            c.element_size(),
+                            prec,
+                        )
+                        row["configs"][alt]["predicted_ms"] = gp["fused_ms"]
+                    except KeyError as exc:
+                        row["configs"][alt]["predicted_ms"] = str(exc)
                 if alt == "default":
                     default_idx = idx
                 elif cfg == GLUON and default_idx is not None:

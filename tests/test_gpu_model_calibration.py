@@ -39,3 +39,18 @@ def test_table_carries_calibrated_ms_on_sm90_only():
     factor = gm.calibration(gm.load_static(), gm.MEASURED_H200)["factors"]["fp32 tf32x3"]
     assert h200 and all(r["calibrated_ms"] == pytest.approx(r["fused_ms"] * factor) for r in h200)
     assert all(r["calibrated_ms"] is None for r in rows if r["device"] == "A100")
+
+
+def test_the_gluon_search_has_its_own_rows_on_sm90():
+    """The sm_90 default for bf16 (the Gluon kernel) is modelled with its own schedule: a pair of
+    tiles takes T + max(T, E) + E (the first epilogue under the second tile's MMAs), or its L2
+    time; uncalibrated (no GPU run of it yet), and absent on sm_80."""
+    static = gm.load_static()
+    rows = gm.table(static, ("H100", "A100"))
+    gluon = [r for r in rows if r["case"] == "bf16 Gluon"]
+    assert gluon and all(r["device"] == "H100" and r["calibrated_ms"] is None for r in gluon)
+    for r in gluon:
+        t, e, m = r["tile_tensor"], r["tile_epilogue"], r["tile_l2"]
+        assert r["tile_tile"] == pytest.approx(max((t + max(t, e) + e) / 2, m))
+        assert r["config"][1] == 128 and r["tile_blocks_per_sm"] == 1
+    assert "| bf16 Gluon |" in gm.markdown(gluon)
