@@ -121,12 +121,13 @@ def tile_cycles(rec: dict, dev: dict, d: int, precision: str | None, ez: int, ec
 
 
 def _gluon_tile_cycles(rec, dev, cnt, bn, bk, d_eff, warps, ec) -> dict:
-    """The sm_90 Gluon search (kernels/vq_search_sm90.py): its loop covers a pair of tiles (the
-    counts are halved per tile), each tile's MMA has a 16-wide norm step on top of D, and the
-    first tile's epilogue runs under the second tile's MMAs while the second's runs alone (one
-    program per SM): a pair takes T + max(T, E) + E, or the L2 time of its two tiles."""
-    tiles = 2
-    per = {c: v / tiles for c, v in cnt.items()}
+    """The sm_90 Gluon search (kernels/vq_search_sm90.py): its loop covers one tile per stage
+    (``tiles_per_trip`` in the record; the counts are divided by it), each tile's MMA has a
+    16-wide norm step on top of D, and tiles go in pairs whose first epilogue runs under the
+    second tile's MMAs while the second's runs alone (one program per SM): a pair takes
+    T + max(T, E) + E, or the L2 time of its two tiles."""
+    per = {c: v / rec["tiles_per_trip"] for c, v in cnt.items()}
+    tiles = 2  # per pair
     tensor = 2 * bn * bk * (d_eff + 16) / dev["bf16"]
     fma = per.get("fma", 0) * warps * 32 / 128
     alu = sum(per.get(c, 0) for c in ALU_CLASSES) * warps * 32 / 64

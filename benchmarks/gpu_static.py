@@ -303,21 +303,60 @@ def compile_one(b: Binary) -> dict:
     rec.update(occupancy(b.arch, regs, rec["shared"], kwargs["num_warps"]))
     rec["overlap"] = analyse_ttgir(kernel.asm["ttgir"])
     rec["overlap"]["ptxas_serialised"] = wgmma_serialised(sass)
-    rec["overlap"]["overlap"] &= not rec["overlap"]["ptxas_serialised"]
+    under = epilogue_under_mma(sass)
+    rec["overlap"]["sass_epilogue_under_mma"] = under
+    # the SASS must keep some epilogue under the MMAs, not only the TTGIR allow it
+    rec["overlap"]["overlap"] &= not rec["overlap"]["ptxas_serialised"] and any(under)
     rec["loop_per_element"] = None
     if plan is not None:
         tiles = 1
         if plan.gluon:
-            from fastvq.kernels.vq_search_sm90 import TILES_PER_TRIP as tiles
+            from fastvq.kernels.vq_search_sm90 import stages_for
+
+            tiles = stages_for(plan.config.block_d)  # one tile per stage per trip
+        rec["tiles_per_trip"] = tiles
         rec["loop_per_element"] = loop_per_element(rec.get("loop"), plan.config, tiles)
     return rec
 
 
 def wgmma_serialised(sass: str) -> bool:
-    """Whether ptxas serialised the wgmma chains (its advisory C7514): then every HGMMA waits for
-    its own group (``gsb0``), none runs ahead of the next, and no dot overlaps anything."""
-    mma = re.findall(r"HGMMA[^;]*;", sass)
-    return len(mma) > 1 and all("gsb0" in m for m in mma)
+    """Whether ptxas serialised the wgmma chains (its advisory C7514): then every HGMMA closes its
+    own group (``gsb0``) and is waited for (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) before the next
+    HGMMA issues, so no dot overlaps anything. (A chain of one HGMMA per group, as at D <= 16,
+    also closes every group; it is serialised only if each is waited for at once.)"""
+    ops = re.findall(r"(HGMMA[^;]*|WARPGROUP\.DEPBAR\.LE gsb0, 0x0);", sass)
+    mma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
+    if len(mma) < 2 or not all("gsb0" in ops[i] for i in mma):
+        return False
+    return all(i + 1 < len(ops) and ops[i + 1].startswith("WARPGROUP") for i in mma)
+
+
+_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)")
+
+
+def epilogue_under_mma(sass: str) -> list[int]:
+    """For each wait that leaves MMAs in flight (``WARPGROUP.DEPBAR.LE gsb0, N`` with N > 0): the
+    compare/select/max and shuffle instructions ptxas scheduled before the next full wait (N =
+    0), i.e. the epilogue work that runs while those MMAs do. The TTGIR's pendings say the
+    program allows it; this says how much of it ptxas kept there."""
+    out, inside = [], None
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if not m:
+            continue
+        ins = m.group(1).strip()
+        dep = _DEPBAR.search(ins)
+        if dep:
+            if int(dep.group(1), 16) > 0:
+                inside = 0
+            elif inside is not None:
+                out.append(inside)
+                inside = None
+            continue
+        if inside is not None:
+            op = (ins.split()[1] if ins.startswith("@") else ins.split()[0]).split(".")[0]
+            inside += op in CMP_SEL or op == "SHFL"
+    return out
 
 
 def loop_per_element(loop: dict | None, cfg, tiles_per_trip: int = 1) -> float | None:
@@ -580,6 +619,8 @@ def markdown(records: list[dict], header: str) -> str:
             ovs = ("yes" if ov.get("overlap") else "no") + f" ({pend})"
             if ov.get("warp_specialized"):
                 ovs += " ws"
+            if ov.get("sass_epilogue_under_mma"):
+                ovs += " SASS " + "/".join(map(str, ov["sass_epilogue_under_mma"]))
             if r.get("targets"):
                 t = r["targets"]
                 per += " (target " + ("met" if t["per_element"] else "missed") + ")"
@@ -625,7 +666,9 @@ def main(argv=None) -> int:
                 f"accumulator element (<= {TARGET_PER_ELEMENT:g}: "
                 f"{'met' if r['targets']['per_element'] else 'missed'}); overlap "
                 f"{'met' if ov['overlap'] else 'missed'} (pendings "
-                f"{ov['dot_wait_pendings']}, warp specialised {ov['warp_specialized']})"
+                f"{ov['dot_wait_pendings']}, warp specialised {ov['warp_specialized']}, "
+                f"SASS epilogue instructions under the MMAs per wait "
+                f"{ov.get('sass_epilogue_under_mma')})"
             )
     if a.gate and not a.out:
         print(f"{len(records) - len(bad)}/{len(records)} default binaries pass the gate "
@@ -650,7 +693,9 @@ def main(argv=None) -> int:
               "BLOCK_N*BLOCK_K/(32*warps) per code tile the loop covers (2 for the Gluon "
               "search). Overlap: a TTGIR warp_group_dot_wait with pendings >= 1 or warp "
               "specialisation (an MMA in flight during an epilogue), unless ptxas serialised "
-              f"the wgmma chains; targets (sm_90 bf16 D64/D256): <= {TARGET_PER_ELEMENT:g} per "
+              "the wgmma chains or kept no epilogue instruction between a partial and the next "
+              "full wgmma wait ('SASS a/b/...': compare/select/max/shuffle instructions there, "
+              f"per partial wait); targets (sm_90 bf16 D64/D256): <= {TARGET_PER_ELEMENT:g} per "
               "element and overlap.")  # fmt: skip
     out.with_suffix(".md").write_text(markdown(records, header))
     print(f"wrote {out} and {out.with_suffix('.md')}; {len(bad)} default binaries fail the gate")

@@ -337,7 +337,10 @@ def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, 
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
         z_q.stride(0), z_q.stride(1),
     )  # fmt: skip
-    return args, dict(STORE_ZQ=plan.store_zq, SPLIT_K=plan.splits > 1)
+    from fastvq.kernels.vq_search_sm90 import stages_for
+
+    flags = dict(STORE_ZQ=plan.store_zq, SPLIT_K=plan.splits > 1, STAGES=stages_for(cfg.block_d))
+    return args, flags
 
 
 def default_fp32_precision() -> str:

@@ -45,9 +45,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 # Width of the extra K step that carries the norm pieces (the 16-bit MMA's K granularity).
 NORM_K = gl.constexpr(16)
-# Code tiles per trip of the main loop (one per stage): the static report divides the loop's
-# instruction count by it.
-TILES_PER_TRIP = 2
+
+
+def stages_for(block_d: int) -> int:
+    """Shared-memory stages of code tiles (the main loop's trip covers one tile per stage, which
+    the static report divides its instruction count by): 4 where they fit, so a tile's TMA is
+    issued three tiles ahead of its MMAs; 2 at D > 128, where a stage is 68 KiB and two fill the
+    shared memory beside the 64 KiB row tile."""
+    return 4 if block_d <= 128 else 2
 
 
 @gluon.jit
@@ -107,38 +112,54 @@ def _pair_step(
     tile0,
     t,
     n_tiles,
+    SA: gl.constexpr,
+    STAGES: gl.constexpr,
     BLOCK_K: gl.constexpr,
     RUNTIME_STAGE: gl.constexpr,
 ):
-    """Tiles t (stage 0) and t + 1 (stage 1): both tiles' MMAs, tile t's epilogue while tile
-    t + 1's MMAs run, and each stage refilled with the tile two on as soon as every warpgroup
+    """Tiles t (stage SA) and t + 1 (stage SA + 1): both tiles' MMAs, tile t's epilogue while
+    tile t + 1's MMAs run, and each stage refilled with the tile STAGES on once every warpgroup
     is done reading it."""
-    phase = (t // 2) & 1
-    stage = 0
+    phase = (t // STAGES) & 1
+    stage = SA
     if RUNTIME_STAGE:
-        # 0, but not to the compiler (the grid is 2-D): the code tiles' MMA descriptors are
+        # SA, but not to the compiler (the grid is 2-D): the code tiles' MMA descriptors are
         # then built each trip instead of held, 32 of them, in registers the loop lacks at D = 256
-        stage = t * gl.program_id(2)
-    mbarrier.wait(bar.index(0), phase)
+        stage = SA + t * gl.program_id(2)
+    mbarrier.wait(bar.index(SA), phase)
     tok_a = _issue(z_smem, c_smem, b_one, n_smem, stage, b_acc_a)
-    mbarrier.wait(bar.index(1), phase)
+    mbarrier.wait(bar.index(SA + 1), phase)
     tok_b = _issue(z_smem, c_smem, b_one, n_smem, stage + 1, b_acc_b)
     # tile t + 1's two commit groups (codes, norm step) stay in flight
     b_acc_a = warpgroup_mma_wait(num_outstanding=2, deps=[tok_a])
-    # every warpgroup has retired its MMAs on stage 0: it takes tile t + 2
-    gl.barrier()
-    k0 = (tile0 + t + 2) * BLOCK_K
-    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 0, k0, t + 2 < n_tiles)
     b_top, b_tile, b_best = _keep_best(b_acc_a, b_top, b_tile, b_best, tile0 + t)
+    # Every warpgroup has retired its MMAs on stage SA: it takes tile t + STAGES. The barrier and
+    # the TMA issue come after tile t's epilogue on purpose: ptxas does not move the next wait
+    # above them, while it did move that wait above an epilogue placed after them (and then no
+    # epilogue instruction ran under the MMAs of tile t + 1).
+    gl.barrier()
+    k0 = (tile0 + t + STAGES) * BLOCK_K
+    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, SA, k0, t + STAGES < n_tiles)
     # the running state rides along so that tile t's epilogue stays before this wait (else LLVM
     # sinks it past, and the MMAs of tile t + 1 no longer overlap anything)
     b_acc_b, b_top, b_tile, b_best = warpgroup_mma_wait(
         num_outstanding=0, deps=[tok_b, b_top, b_tile, b_best]
     )
     gl.barrier()
-    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 1, k0 + BLOCK_K, t + 3 < n_tiles)
+    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, SA + 1, k0 + BLOCK_K, t + 1 + STAGES < n_tiles)
     b_top, b_tile, b_best = _keep_best(b_acc_b, b_top, b_tile, b_best, tile0 + t + 1)
     return b_acc_a, b_acc_b, b_top, b_tile, b_best
+
+
+@gluon.jit
+def _single_step(z_smem, c_smem, n_smem, bar, b_one, b_acc, b_top, b_tile, b_best, tile0, t,
+                 SA: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The last tile of an odd count, alone in stage SA (its MMAs overlap nothing)."""
+    mbarrier.wait(bar.index(SA), (t // STAGES) & 1)
+    tok = _issue(z_smem, c_smem, b_one, n_smem, SA, b_acc)
+    b_acc = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+    b_top, b_tile, b_best = _keep_best(b_acc, b_top, b_tile, b_best, tile0 + t)
+    return b_acc, b_top, b_tile, b_best
 
 
 @gluon.jit
@@ -164,6 +185,7 @@ def vq_search_fwd_sm90_kernel(
     stride_qd,
     STORE_ZQ: gl.constexpr,
     SPLIT_K: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     """One program: BLOCK_N rows x codes [split * K_PER_SPLIT, ...).
 
@@ -192,11 +214,12 @@ def vq_search_fwd_sm90_kernel(
     ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1], [1, 0])
 
     z_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], z_desc.layout)
-    c_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_K, BLOCK_D], c_desc.layout)
-    n_smem = gl.allocate_shared_memory(n_desc.dtype, [2, BLOCK_K, NORM_K], n_desc.layout)
-    bar = mbarrier.allocate_mbarrier(batch=2)
-    mbarrier.init(bar.index(0), count=1)
-    mbarrier.init(bar.index(1), count=1)
+    gl.static_assert(STAGES % 2 == 0, "tiles go in pairs of stages")
+    c_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_D], c_desc.layout)
+    n_smem = gl.allocate_shared_memory(n_desc.dtype, [STAGES, BLOCK_K, NORM_K], n_desc.layout)
+    bar = mbarrier.allocate_mbarrier(batch=STAGES)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bar.index(s), count=1)
     fence_async_shared()
 
     pid = gl.program_id(0)
@@ -208,10 +231,11 @@ def vq_search_fwd_sm90_kernel(
     tile0 = k_lo // BLOCK_K
     o_kc = gl.arange(0, BLOCK_K, layout=col_l)
 
-    # Prologue: the row tile and the first tile on barrier 0, the second tile on barrier 1.
+    # Prologue: the row tile and the first tile on barrier 0, tile s on barrier s.
     _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, z_desc.block_type.nbytes)
     tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem)
-    _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 1, k_lo + BLOCK_K, n_tiles > 1)
+    for s in gl.static_range(1, STAGES):
+        _load_tile(c_desc, n_desc, c_smem, n_smem, bar, s, k_lo + s * BLOCK_K, n_tiles > s)
     # ones where the pieces sit, <1, pieces> = -||C_k||^2 / 2: the A operand of the norm step,
     # from registers (a shared-memory copy written here made every trip take one more barrier)
     one_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
@@ -225,20 +249,28 @@ def vq_search_fwd_sm90_kernel(
     b_top = gl.full([BLOCK_N], float("-inf"), gl.float32, row_l)
     b_tile = gl.zeros([BLOCK_N], gl.int32, row_l) + tile0
     smem = (z_smem, c_smem, n_smem, c_desc, n_desc, bar)
-    # Unrolled by the two stages: with the stage a constant, the MMA descriptors are fixed
-    # offsets (a run-time stage made ptxas rebuild them each trip; at D = 256 they overflowed
-    # the uniform registers).
-    for t in range(0, n_tiles - 1, 2):
-        b_acc_a, b_acc_b, b_top, b_tile, b_best = _pair_step(*smem, b_one, b_acc_a, b_acc_b,
-            b_top, b_tile, b_best, tile0, t, n_tiles, BLOCK_K, BLOCK_D > 128)  # fmt: skip
-    if n_tiles % 2 == 1:
-        # the last tile, alone in stage 0 (its MMAs overlap nothing)
-        mbarrier.wait(bar.index(0), ((n_tiles - 1) // 2) & 1)
-        tok = _issue(z_smem, c_smem, b_one, n_smem, 0, b_acc_a)
-        b_acc_a = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
-        b_top, b_tile, b_best = _keep_best(b_acc_a, b_top, b_tile, b_best, tile0 + n_tiles - 1)
-    mbarrier.invalidate(bar.index(0))
-    mbarrier.invalidate(bar.index(1))
+    # Tile t sits in stage t % STAGES. The loop is unrolled over the stages: with the stage a
+    # constant, the MMA descriptors are fixed offsets (a run-time stage made ptxas rebuild them
+    # each trip; at D = 256 they overflowed the uniform registers).
+    RT: gl.constexpr = BLOCK_D > 128
+    n_rounds = n_tiles // STAGES
+    for r in range(0, n_rounds):
+        for p in gl.static_range(STAGES // 2):
+            b_acc_a, b_acc_b, b_top, b_tile, b_best = _pair_step(*smem, b_one, b_acc_a, b_acc_b,
+                b_top, b_tile, b_best, tile0, r * STAGES + 2 * p, n_tiles, 2 * p, STAGES,
+                BLOCK_K, RT)  # fmt: skip
+    # the last round's fewer than STAGES tiles: pairs, then an odd one alone (no refills left)
+    base = n_rounds * STAGES
+    for p in gl.static_range(STAGES // 2):
+        if base + 2 * p + 1 < n_tiles:
+            b_acc_a, b_acc_b, b_top, b_tile, b_best = _pair_step(*smem, b_one, b_acc_a, b_acc_b,
+                b_top, b_tile, b_best, tile0, base + 2 * p, n_tiles, 2 * p, STAGES, BLOCK_K,
+                RT)  # fmt: skip
+        elif base + 2 * p < n_tiles:
+            b_acc_a, b_top, b_tile, b_best = _single_step(z_smem, c_smem, n_smem, bar, b_one,
+                b_acc_a, b_top, b_tile, b_best, tile0, base + 2 * p, 2 * p, STAGES)  # fmt: skip
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bar.index(s))
 
     # The column: the lowest one of the best tile's copy that holds the row's best score.
     b_col = gl.min(gl.where(b_best == b_top[:, None], o_kc[None, :], BLOCK_K), axis=1)
