@@ -43,6 +43,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+# Triton 3.6 and 3.9 name three of Gluon's builtins differently (the one lent GPU so far had 3.6,
+# CI has 3.9): the TMA load, the CTA barrier, and whether inline PTX with a scalar result exists.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+_HAS_INLINE_ASM = hasattr(gl, "inline_asm")
+
 # Width of the extra K step that carries the norm pieces (the 16-bit MMA's K granularity).
 NORM_K = gl.constexpr(16)
 
@@ -55,6 +61,23 @@ def stages_for(block_d: int) -> int:
     return 4 if block_d <= 128 else 2
 
 
+if _HAS_INLINE_ASM:
+
+    @gluon.jit
+    def _first_row(BLOCK_N: gl.constexpr):
+        """The row tile's first row, read again after the loop: a row0 kept across the loop went
+        to the stack at D = 256 (the loop holds 255 registers), and an impure read is not merged
+        with the first. (%ctaid.x is program_id(0) for a launch without clusters.)"""
+        return gl.inline_asm("mov.u32 $0, %ctaid.x;", "=r", [], gl.int32) * BLOCK_N
+
+else:
+
+    @gluon.jit
+    def _first_row(BLOCK_N: gl.constexpr):
+        """Triton 3.6: no scalar inline PTX; program_id (kept across the loop)."""
+        return gl.program_id(0) * BLOCK_N
+
+
 @gluon.jit
 def _load_tile(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, EXTRA: gl.constexpr = 0):
     """TMA the code tile at k0 and its norm pieces into stage ``slot``.
@@ -64,8 +87,8 @@ def _load_tile(c_desc, n_desc, c_smem, n_smem, bar, slot, k0, pred, EXTRA: gl.co
     """
     NBYTES: gl.constexpr = c_desc.block_type.nbytes + n_desc.block_type.nbytes + EXTRA
     mbarrier.expect(bar.index(slot), NBYTES, pred=pred)
-    tma.async_load(c_desc, [k0, 0], bar.index(slot), c_smem.index(slot), pred=pred)
-    tma.async_load(n_desc, [k0, 0], bar.index(slot), n_smem.index(slot), pred=pred)
+    _tma_load(c_desc, [k0, 0], bar.index(slot), c_smem.index(slot), pred=pred)
+    _tma_load(n_desc, [k0, 0], bar.index(slot), n_smem.index(slot), pred=pred)
 
 
 @gluon.jit
@@ -137,7 +160,7 @@ def _pair_step(
     # the TMA issue come after tile t's epilogue on purpose: ptxas does not move the next wait
     # above them, while it did move that wait above an epilogue placed after them (and then no
     # epilogue instruction ran under the MMAs of tile t + 1).
-    gl.barrier()
+    _cta_barrier()
     k0 = (tile0 + t + STAGES) * BLOCK_K
     _load_tile(c_desc, n_desc, c_smem, n_smem, bar, SA, k0, t + STAGES < n_tiles)
     # the running state rides along so that tile t's epilogue stays before this wait (else LLVM
@@ -145,7 +168,7 @@ def _pair_step(
     b_acc_b, b_top, b_tile, b_best = warpgroup_mma_wait(
         num_outstanding=0, deps=[tok_b, b_top, b_tile, b_best]
     )
-    gl.barrier()
+    _cta_barrier()
     _load_tile(c_desc, n_desc, c_smem, n_smem, bar, SA + 1, k0 + BLOCK_K, t + 1 + STAGES < n_tiles)
     b_top, b_tile, b_best = _keep_best(b_acc_b, b_top, b_tile, b_best, tile0 + t + 1)
     return b_acc_a, b_acc_b, b_top, b_tile, b_best
@@ -217,7 +240,7 @@ def vq_search_fwd_sm90_kernel(
     gl.static_assert(STAGES % 2 == 0, "tiles go in pairs of stages")
     c_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_D], c_desc.layout)
     n_smem = gl.allocate_shared_memory(n_desc.dtype, [STAGES, BLOCK_K, NORM_K], n_desc.layout)
-    bar = mbarrier.allocate_mbarrier(batch=STAGES)
+    bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bar.index(s), count=1)
     fence_async_shared()
@@ -233,7 +256,7 @@ def vq_search_fwd_sm90_kernel(
 
     # Prologue: the row tile and the first tile on barrier 0, tile s on barrier s.
     _load_tile(c_desc, n_desc, c_smem, n_smem, bar, 0, k_lo, True, z_desc.block_type.nbytes)
-    tma.async_load(z_desc, [row0, 0], bar.index(0), z_smem)
+    _tma_load(z_desc, [row0, 0], bar.index(0), z_smem)
     for s in gl.static_range(1, STAGES):
         _load_tile(c_desc, n_desc, c_smem, n_smem, bar, s, k_lo + s * BLOCK_K, n_tiles > s)
     # ones where the pieces sit, <1, pieces> = -||C_k||^2 / 2: the A operand of the norm step,
@@ -284,9 +307,7 @@ def vq_search_fwd_sm90_kernel(
     b_best_d = gl.where((b_max > float("-inf")) & (b_max < float("inf")), -2.0 * b_max,
                         float("inf"))  # fmt: skip
 
-    # The row tile's first row, read again: a row0 kept across the loop went to the stack at
-    # D = 256 (the loop holds 255 registers), and an impure read is not merged with the first.
-    row0 = gl.inline_asm("mov.u32 $0, %ctaid.x;", "=r", [], gl.int32) * BLOCK_N
+    row0 = _first_row(BLOCK_N)
     o_nr = gl.arange(0, BLOCK_N, layout=row_l)
     m_nr = o_nr < N - row0
     if SPLIT_K:
