@@ -275,12 +275,17 @@ def gluon_applies(arch: int | None, z_dtype: torch.dtype, c_dtype: torch.dtype, 
 
 
 def gluon_config_ok(cfg: SearchConfig, d: int) -> bool:
-    """Whether the Gluon kernel can run ``cfg``: the row tile covers D (one TMA box), one warp
-    per 16 rows in whole warpgroups, and a code tile of at most 128 (two tiles' accumulators and
-    the best tile's copy take 3 * BLOCK_K / 2 registers per thread)."""
+    """Whether the Gluon kernel can run ``cfg``: the row tile covers D in one TMA box (a power of
+    two up to 256), one warp per 16 rows in whole warpgroups, a code tile of at most 128 (two
+    tiles' accumulators and the best tile's copy take 3 * BLOCK_K / 2 registers per thread), and
+    the row tile and the stages fit Hopper's 227 KiB of shared memory per block."""
+    from fastvq.kernels.vq_search_sm90 import stages_for
+
+    bd = cfg.block_d
+    smem = 2 * cfg.block_n * bd + stages_for(bd) * 2 * cfg.block_k * (bd + 16) + 1024
     return (
-        cfg.block_d >= d and cfg.block_n == 16 * cfg.num_warps and cfg.num_warps % 4 == 0
-        and cfg.block_k in (16, 32, 64, 128)
+        d <= bd <= 256 and bd & (bd - 1) == 0 and cfg.block_n == 16 * cfg.num_warps
+        and cfg.num_warps % 4 == 0 and cfg.block_k in (16, 32, 64, 128) and smem <= 227 * 1024
     )  # fmt: skip
 
 

@@ -172,3 +172,17 @@ def test_a_check_that_never_finishes_raises_instead_of_hanging(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
     with pytest.raises(RuntimeError, match="did not finish.*FASTVQ_SEARCH_KERNEL=triton"):
         vs.finish_or_raise(torch.device("cuda"), seconds=0.05)
+
+
+def test_tile_configs_the_gluon_kernel_cannot_run_go_to_triton():
+    """An explicit config past the shared memory (two warpgroups' worth of rows more at D = 256)
+    or with a row tile that is not a power of two is refused, so the Triton kernel runs it."""
+    bf = torch.bfloat16
+    for cfg, d in ((vs.SearchConfig(256, 128, 256, 16, 1), 256),
+                   (vs.SearchConfig(128, 128, 96, 8, 1), 96)):  # fmt: skip
+        assert not vs.gluon_config_ok(cfg, d)
+        assert not vs.plan_search(100, 1000, d, bf, bf, arch=90, num_sms=132, kernel="gluon",
+                                  config=cfg).gluon  # fmt: skip
+    for d in (8, 64, 128, 200, 256):  # the defaults fit
+        cfg = vs.plan_search(100, 1000, d, bf, bf, arch=90, num_sms=132, kernel="gluon").config
+        assert vs.gluon_config_ok(cfg, d)
