@@ -324,7 +324,7 @@ def wgmma_serialised(sass: str) -> bool:
     own group (``gsb0``) and is waited for (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) before the next
     HGMMA issues, so no dot overlaps anything. (A chain of one HGMMA per group, as at D <= 16,
     also closes every group; it is serialised only if each is waited for at once.)"""
-    ops = re.findall(r"(HGMMA[^;]*|WARPGROUP\.DEPBAR\.LE gsb0, 0x0);", sass)
+    ops = re.findall(r"(HGMMA[^;]*|WARPGROUP\.DEPBAR\.LE gsb0, 0x0)\s*;", sass)
     mma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
     if len(mma) < 2 or not all("gsb0" in ops[i] for i in mma):
         return False
@@ -332,12 +332,14 @@ def wgmma_serialised(sass: str) -> bool:
 
 
 _DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)")
+# what a search epilogue is made of (not loop control: integer compares and selects are not)
+EPILOGUE_OPS = {"FMNMX", "FSEL", "FSETP", "SHFL"}
 
 
 def epilogue_under_mma(sass: str) -> list[int]:
     """For each wait that leaves MMAs in flight (``WARPGROUP.DEPBAR.LE gsb0, N`` with N > 0): the
-    compare/select/max and shuffle instructions ptxas scheduled before the next full wait (N =
-    0), i.e. the epilogue work that runs while those MMAs do. The TTGIR's pendings say the
+    float max/compare/select and shuffle instructions ptxas scheduled before the next full wait
+    (N = 0), i.e. the epilogue work that runs while those MMAs do. The TTGIR's pendings say the
     program allows it; this says how much of it ptxas kept there."""
     out, inside = [], None
     for line in sass.splitlines():
@@ -355,7 +357,7 @@ def epilogue_under_mma(sass: str) -> list[int]:
             continue
         if inside is not None:
             op = (ins.split()[1] if ins.startswith("@") else ins.split()[0]).split(".")[0]
-            inside += op in CMP_SEL or op == "SHFL"
+            inside += op in EPILOGUE_OPS
     return out
 
 
@@ -694,7 +696,8 @@ def main(argv=None) -> int:
               "the Gluon search). Overlap: a TTGIR warp_group_dot_wait with pendings >= 1 or warp "
               "specialisation (an MMA in flight during an epilogue), unless ptxas serialised "
               "the wgmma chains or kept no epilogue instruction between a partial and the next "
-              "full wgmma wait ('SASS a/b/...': compare/select/max/shuffle instructions there, "
+              "full wgmma wait ('SASS a/b/...': float max/compare/select and shuffle "
+              "instructions there, "
               f"per partial wait); targets (sm_90 bf16 D64/D256): <= {TARGET_PER_ELEMENT:g} per "
               "element and overlap.")  # fmt: skip
     out.with_suffix(".md").write_text(markdown(records, header))

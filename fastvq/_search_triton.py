@@ -214,42 +214,50 @@ def gluon_checked(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     """Whether the Gluon kernel gives exact results on this device for (dtype, D); checked once.
 
     The check searches small-integer rows and codes (every score exact in fp32, many exact ties):
-    300 rows (three row blocks, the last partial) against 1000 codes (a partial last tile), whole
-    and in three K splits (odd and even tile counts), and compares indices and z_q with an fp64
-    oracle, ties to the lowest index. A wrong result, or a kernel that does not build with this
-    Triton, warns once and leaves the search to the Triton kernel; a kernel that does not finish
-    within a minute raises (:func:`finish_or_raise`).
+    300 rows (three row blocks, the last partial) against 1000 codes (8 tiles, the last partial),
+    whole and in three K splits (3, 3 and 2 tiles), and against 856 codes (7 tiles: a round of
+    stages, then a pair and an odd tile at the next barrier phase), and compares indices and z_q
+    with an fp64 oracle, ties to the lowest index. A wrong result, or a kernel that does not
+    build with this Triton, warns once and leaves the search to the Triton kernel; a kernel that
+    does not finish within a minute raises (:func:`finish_or_raise`). Running out of memory
+    during the check fails only this call (it is checked again next time).
     """
     key = (device.index, dtype, d)
     if key not in _GLUON_CHECKED:
         # the caller may be under autocast or autograd; the probe wants neither
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            _GLUON_CHECKED[key] = _gluon_probe(device, dtype, d)
+            ok = _gluon_probe(device, dtype, d)
+        if ok is None:
+            return False
+        _GLUON_CHECKED[key] = ok
     return _GLUON_CHECKED[key]
 
 
-def _gluon_probe(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+def _gluon_probe(device: torch.device, dtype: torch.dtype, d: int) -> bool | None:
     import warnings
 
     gen = torch.Generator().manual_seed(0)
     z = torch.randint(-3, 4, (300, d), generator=gen).to(device=device, dtype=dtype)
     codes = torch.randint(-3, 4, (1000, d), generator=gen).to(device=device, dtype=dtype)
-    dist = torch.cdist(z.double(), codes.double()).square()
-    pos = torch.arange(codes.shape[0], device=device, dtype=torch.float64)
-    top = dist.min(dim=1, keepdim=True).values
-    oracle = torch.where(dist == top, pos, float("inf")).min(dim=1).values.long()
     why = None
-    for splits in (1, 3):
+    for k, splits in ((1000, 1), (1000, 3), (856, 1)):
+        c = codes[:k]
+        dist = torch.cdist(z.double(), c.double()).square()
+        pos = torch.arange(k, device=device, dtype=torch.float64)
+        top = dist.min(dim=1, keepdim=True).values
+        oracle = torch.where(dist == top, pos, float("inf")).min(dim=1).values.long()
         try:
-            idx, z_q, _ = vq_search_triton(z, codes, splits=splits, kernel="gluon")
+            idx, z_q, _ = vq_search_triton(z, c, splits=splits, kernel="gluon")
+        except torch.cuda.OutOfMemoryError:
+            return None  # not the kernel's fault: no verdict
         except Exception as exc:  # a build or launch failure is a failed check, not a crash
             why = f"{type(exc).__name__}: {exc}"
             break
         if device.type == "cuda":
             finish_or_raise(device)
-        if not torch.equal(idx, oracle) or not torch.equal(z_q, codes[idx]):
+        if not torch.equal(idx, oracle) or not torch.equal(z_q, c[idx]):
             wrong = int((idx != oracle).sum())
-            why = f"{wrong} of 300 indices differ from the fp64 oracle (splits={splits})"
+            why = f"{wrong} of 300 indices differ from the fp64 oracle (K={k}, splits={splits})"
             break
     if why is None:
         return True
@@ -393,8 +401,10 @@ def plan_search(
         gluon = choice == "gluon" and gluon_applies(90, z_dtype, c_dtype, d)
     else:
         gluon = choice in ("auto", "gluon") and gluon_applies(arch, z_dtype, c_dtype, d)
-    if gluon and config is not None and not gluon_config_ok(config, d):
-        gluon = False  # a Triton tile config was asked for: the Triton kernel runs it
+    if gluon and config is not None and (choice == "auto" or not gluon_config_ok(config, d)):
+        # a tile config was asked for: under "auto" (the first-use check covers the default
+        # config only) and where the Gluon kernel cannot run it, the Triton kernel runs it
+        gluon = False
     if gluon:
         # one warp per 16 rows (wgmma m64 per warpgroup), 128-code tiles (m64n128: half the
         # MMA instructions, and their descriptor moves, per score of 64-code tiles); always two
@@ -473,12 +483,15 @@ def vq_search_triton(
         n, k, d, z2d.dtype, codebook.dtype, arch=arch, num_sms=_num_sms(dev),
         fp32_precision=fp32_precision, config=config, splits=splits, kernel=choice,
     )  # fmt: skip
-    unchecked = plan.gluon and arch is not None and choice == "auto"
-    # no check inside a CUDA graph capture (it syncs): the Triton kernel runs there
-    if unchecked and (
-        (dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        or not gluon_checked(dev, z2d.dtype, d)
-    ):
+    if plan.gluon and arch is not None and choice == "auto":
+        # no check inside a CUDA graph capture (it syncs): there the Gluon kernel runs only if
+        # it passed before, else the Triton kernel
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        key = (dev.index, z2d.dtype, d)
+        ok = _GLUON_CHECKED.get(key, False) if capturing else gluon_checked(dev, z2d.dtype, d)
+    else:
+        ok = True
+    if not ok:
         plan = plan_search(
             n, k, d, z2d.dtype, codebook.dtype, arch=arch, num_sms=_num_sms(dev),
             fp32_precision=fp32_precision, config=config, splits=splits, kernel="triton",

@@ -1,14 +1,15 @@
 """The fused search for Hopper (sm_90) in Gluon: an MMA runs during each tile pair's first epilogue.
 
-Same contract as ``vq_search_fwd_kernel`` (kernels/vq_search.py, the portable Triton kernel and this
-one's interpretable twin) for 16-bit operands of one dtype, D <= 256, D a multiple of 8:
+Same contract as ``vq_search_fwd_kernel`` (kernels/vq_search.py, the portable Triton kernel) for
+16-bit operands of one dtype, D <= 256, D a multiple of 8; its interpretable twin, step for step,
+is kernels/vq_search_sm90_twin.py:
 
     score[n, k] = <z_n, C_k> - ||C_k||^2 / 2 = (||z_n||^2 - dist[n, k]) / 2   (fp32 accumulation)
     idx[n]      = argmax_k score[n, k]                    (ties -> lowest k; NaN never wins)
 
 Why Gluon: Triton's wgmma pipeliner keeps a dot asynchronous only when its result feeds another
 dot, so a per-tile epilogue always waits for its own tile (``warp_group_dot_wait {pendings = 0}``).
-Here code tiles go in pairs (a, b):
+Here code tiles of 128 go in pairs (a, b):
 
     issue MMA(a), MMA(b) (async)  ->  wait until b's are the only ones in flight
                                   ->  epilogue of a (MMA(b) runs)  ->  wait  ->  epilogue of b
@@ -20,17 +21,17 @@ always in flight hit.
 
 The norm term rides in the MMA: the launcher writes -||C_k||^2 / 2 as three bf16 pieces whose fp32
 sum is exact (``norm_pieces`` in the launcher), and a 16-wide extra K step multiplies them by ones
-held in registers, so the accumulator is the score. The epilogue keeps a running (score, tile)
-pair per accumulator element: one compare and two selects per element and tile, and no
-cross-lane reduction until after the loop. Code tiles arrive by TMA, one box per pair and one
-mbarrier per stage, into the other of two stages while this pair is worked on; rows past K come
-back as zeros and their norm pieces are padded with -inf, so no select guards bounds in the loop.
-Every program walks the codebook in the same order, so resident programs share code tiles
-through L2.
+held in registers, so the accumulator is the score. The epilogue keeps, per row, the best score,
+its tile and a copy of that tile's scores: a max and a select per element and tile; the column
+is found once, after the loop. Code tiles arrive by TMA, one box and one mbarrier per stage, in a
+ring of STAGES stages (tile t in stage t % STAGES, refilled with tile t + STAGES after tile t's
+epilogue); rows past K come back as zeros and their norm pieces are padded with -inf, so no
+select guards bounds in the loop. Every program walks the codebook in the same order, so
+resident programs share code tiles through L2.
 
 This file imports nothing from ``fastvq``; the launcher is ``fastvq/_search_triton.py``. Gluon does
-not run under ``TRITON_INTERPRET``: the Triton kernel is the CPU-tested twin, and the CUDA tests
-compare the two.
+not run under ``TRITON_INTERPRET``: the twin is what the CPU tests run, and the CUDA tests compare
+this kernel with the Triton kernel and an fp64 oracle.
 """
 
 from triton.experimental import gluon
@@ -213,11 +214,11 @@ def vq_search_fwd_sm90_kernel(
     """One program: BLOCK_N rows x codes [split * K_PER_SPLIT, ...).
 
     ``z_desc`` / ``c_desc``: TMA descriptors of the searched (scaled) rows (N, D) and codes
-    (K, D), blocks (BLOCK_N, BLOCK_D) and (2 * BLOCK_K, BLOCK_D); ``n_desc``: the bf16 norm
-    pieces (K padded to whole pairs, 16), block (2 * BLOCK_K, 16). ``z_ptr`` / ``c_ptr``: the
-    unscaled inputs the gather reads. Outputs as the Triton kernel's (the partial distances of a
-    split are ``-2 * score``). Needs BLOCK_N = 16 * num_warps and K_PER_SPLIT a multiple of
-    2 * BLOCK_K.
+    (K, D), blocks (BLOCK_N, BLOCK_D) and (BLOCK_K, BLOCK_D); ``n_desc``: the bf16 norm pieces
+    (K padded to whole tiles, 16), block (BLOCK_K, 16). ``z_ptr`` / ``c_ptr``: the unscaled
+    inputs the gather reads. Outputs as the Triton kernel's (the partial distances of a split
+    are ``-2 * score``). Needs BLOCK_N = 16 * num_warps, K_PER_SPLIT a multiple of BLOCK_K, a
+    non-empty split, and a 2-D grid (``program_id(2)`` is the opaque zero of RUNTIME_STAGE).
     """
     BLOCK_N: gl.constexpr = z_desc.block_type.shape[0]
     BLOCK_D: gl.constexpr = z_desc.block_type.shape[1]
@@ -282,14 +283,16 @@ def vq_search_fwd_sm90_kernel(
             b_acc_a, b_acc_b, b_top, b_tile, b_best = _pair_step(*smem, b_one, b_acc_a, b_acc_b,
                 b_top, b_tile, b_best, tile0, r * STAGES + 2 * p, n_tiles, 2 * p, STAGES,
                 BLOCK_K, RT)  # fmt: skip
-    # the last round's fewer than STAGES tiles: pairs, then an odd one alone (no refills left)
+    # The last round's fewer than STAGES tiles: pairs (at most STAGES // 2 - 1 of them), then an
+    # odd one alone. No refills are left.
     base = n_rounds * STAGES
-    for p in gl.static_range(STAGES // 2):
+    for p in gl.static_range(STAGES // 2 - 1):
         if base + 2 * p + 1 < n_tiles:
             b_acc_a, b_acc_b, b_top, b_tile, b_best = _pair_step(*smem, b_one, b_acc_a, b_acc_b,
                 b_top, b_tile, b_best, tile0, base + 2 * p, n_tiles, 2 * p, STAGES, BLOCK_K,
                 RT)  # fmt: skip
-        elif base + 2 * p < n_tiles:
+    for p in gl.static_range(STAGES // 2):
+        if n_tiles - base == 2 * p + 1:
             b_acc_a, b_top, b_tile, b_best = _single_step(z_smem, c_smem, n_smem, bar, b_one,
                 b_acc_a, b_top, b_tile, b_best, tile0, base + 2 * p, 2 * p, STAGES)  # fmt: skip
     for s in gl.static_range(STAGES):

@@ -180,11 +180,13 @@ sm90 = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
     "n, k, d",
-    [(8192, 16384, 64), (8192, 16384, 256), (333, 1000, 40), (1, 65, 8), (5000, 300, 128)],
-)
+    [(8192, 16384, 64), (8192, 16384, 256), (333, 1000, 40), (1, 65, 8), (5000, 300, 128),
+     (300, 856, 64), (300, 856, 256)],
+)  # fmt: skip
 def test_gluon_kernel_matches_triton_and_fp64(monkeypatch, n, k, d, dtype):
-    """kernels/vq_search_sm90.py against its interpretable twin and the fp64 oracle: odd N, K
-    past a pair of tiles, D below the tile, split-K (small N), z_q and the squared error."""
+    """kernels/vq_search_sm90.py against the Triton kernel and the fp64 oracle: odd N, a partial
+    last tile, D below the tile, split-K (small N), 7 tiles (a round of stages, then a pair and
+    an odd tile at the next barrier phase), z_q and the squared error."""
     from fastvq._search_triton import plan_search, vq_search_triton
 
     torch.manual_seed(0)

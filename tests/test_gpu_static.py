@@ -82,6 +82,9 @@ def test_gated_binary_is_the_one_the_launcher_uses(monkeypatch, arch, zt, ct, d,
             return launch
 
     sms = ARCHS[arch]["sms"]
+    # the Triton binaries (on sm_90 "auto" would take the Gluon kernel for 16-bit operands;
+    # test_gluon_launch_is_the_gated_one covers that launch)
+    monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "triton")
     monkeypatch.setattr(vs, "vq_search_fwd_kernel", Recorder())
     monkeypatch.setattr(vs, "gpu_arch", lambda device: arch)
     monkeypatch.setattr(vs, "_num_sms", lambda device: sms)
@@ -274,3 +277,33 @@ def test_gated_soft_binaries_are_the_ones_the_launcher_uses(monkeypatch, arch, d
         cfg = b.meta["config"]
         chunks = 1 if name == "soft_col" else -(-d // cfg[2])
         assert grid[1] == chunks and (cfg[5] > 0) == (d % 16 != 0 or d > 64), (name, cfg)
+
+
+def _sass(*ops):
+    """Instructions in nvdisasm's layout (address comment, padding, a space before ';')."""
+    pad = " " * 19
+    return "\n".join(f"        /*{16 * i:04x}*/{pad}{op} ;" for i, op in enumerate(ops))
+
+
+def test_wgmma_serialisation_is_each_hgmma_waited_for_at_once():
+    from benchmarks.gpu_static import wgmma_serialised
+
+    mma = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0"
+    wait = "WARPGROUP.DEPBAR.LE gsb0, 0x0"
+    assert wgmma_serialised(_sass(mma, wait, mma, wait))
+    # one HGMMA per group (D <= 16) closes every group, but the next issues before any wait
+    assert not wgmma_serialised(_sass(mma, "WARPGROUP.ARRIVE", mma, wait))
+    assert not wgmma_serialised(_sass("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24", mma, wait))
+
+
+def test_epilogue_under_mma_counts_float_epilogue_work_between_the_waits():
+    from benchmarks.gpu_static import epilogue_under_mma
+
+    sass = _sass(
+        "WARPGROUP.DEPBAR.LE gsb0, 0x2", "FMNMX R2, R24, R25, !PT",
+        "SHFL.BFLY PT, R3, R2, 0x1, 0x1f", "ISETP.LT.AND P0, PT, R4, UR5, PT", "SEL R6, R7, R8, P0",
+        "FSEL R9, R24, R9, P1", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "FMNMX R2, R26, R27, !PT",
+        "WARPGROUP.DEPBAR.LE gsb0, 0x1", "IADD3 R1, R1, 0x1, RZ", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+    )  # fmt: skip
+    # loop control (integer compares and selects) is not epilogue work
+    assert epilogue_under_mma(sass) == [3, 0]

@@ -186,3 +186,28 @@ def test_tile_configs_the_gluon_kernel_cannot_run_go_to_triton():
     for d in (8, 64, 128, 200, 256):  # the defaults fit
         cfg = vs.plan_search(100, 1000, d, bf, bf, arch=90, num_sms=132, kernel="gluon").config
         assert vs.gluon_config_ok(cfg, d)
+
+
+def test_auto_leaves_explicit_tile_configs_to_triton():
+    """The first-use check covers the default config only: under "auto" an explicit config runs
+    on the Triton kernel; FASTVQ_SEARCH_KERNEL=gluon still takes it where it fits."""
+    bf = torch.bfloat16
+    cfg = vs.SearchConfig(128, 64, 64, 8, 1)
+    assert not vs.plan_search(100, 1000, 64, bf, bf, arch=90, num_sms=132, kernel="auto",
+                              config=cfg).gluon  # fmt: skip
+    assert vs.plan_search(100, 1000, 64, bf, bf, arch=90, num_sms=132, kernel="gluon",
+                          config=cfg).gluon  # fmt: skip
+    assert vs.plan_search(100, 1000, 64, bf, bf, arch=90, num_sms=132, kernel="auto").gluon
+
+
+def test_running_out_of_memory_in_the_check_is_no_verdict(monkeypatch):
+    """Out of memory during the first-use check fails this call only: nothing is cached."""
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("no memory")
+
+    monkeypatch.setattr(vs, "vq_search_triton", oom)
+    monkeypatch.setattr(vs, "_GLUON_CHECKED", {})
+    assert vs._gluon_probe(torch.device("cpu"), torch.bfloat16, 64) is None
+    assert not vs.gluon_checked(torch.device("cpu"), torch.bfloat16, 64)
+    assert vs._GLUON_CHECKED == {}
