@@ -49,6 +49,78 @@ def _oracle_top2(z, codebook, chunk=2048):
     return torch.cat(vals), torch.cat(args)
 
 
+# The sm_90 Gluon search first: it is the default there and has not yet run on a GPU, so if
+# gpu_check.sh's time for this stage runs out, the tests it cuts are the long-verified ones.
+sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the Gluon search kernel is for sm_90",
+)
+
+
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "n, k, d",
+    [(8192, 16384, 64), (8192, 16384, 256), (333, 1000, 40), (1, 65, 8), (5000, 300, 128),
+     (300, 856, 64), (300, 856, 256)],
+)  # fmt: skip
+def test_gluon_kernel_matches_triton_and_fp64(monkeypatch, n, k, d, dtype):
+    """kernels/vq_search_sm90.py against the Triton kernel and the fp64 oracle: odd N, a partial
+    last tile, D below the tile, split-K (small N), 7 tiles (a round of stages, then a pair and
+    an odd tile at the next barrier phase), z_q and the squared error."""
+    from fastvq._search_triton import plan_search, vq_search_triton
+
+    torch.manual_seed(0)
+    z = torch.randn(n, d, device="cuda").to(dtype)
+    codebook = torch.randn(k, d, device="cuda").to(dtype)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert plan_search(n, k, d, dtype, dtype, arch=90, num_sms=sms, kernel="gluon").gluon
+    ref = vq_search_triton(z, codebook, kernel="triton")
+    monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "gluon")
+    idx, z_q, err = vq_search_triton(z, codebook)
+    top2, oracle = _oracle_top2(z, codebook)
+    z64, c64 = z.double(), codebook.double()
+    tau = 8 * (d**0.5 + 2) * torch.finfo(torch.float32).eps
+    clear = (top2[:, 1] - top2[:, 0]) > tau * (z64.square().sum(1) + c64.square().sum(1).max())
+    assert not ((idx != oracle) & clear).any()
+    # both kernels accumulate in fp32 on tensor cores: they may differ on near-ties only
+    assert not ((idx != ref[0]) & clear).any()
+    assert torch.equal(z_q, codebook[idx])
+    torch.testing.assert_close(err, (z.float() - codebook[idx].float()).square().sum(1))
+    _record(f"gluon-{n}x{k}x{d}-{str(dtype).split('.')[-1]}", {
+        "differs_from_triton": int((idx != ref[0]).sum()), "near_tie_rows": int((~clear).sum()),
+    })  # fmt: skip
+
+
+@sm90
+def test_gluon_kernel_non_finite_rows(monkeypatch):
+    """NaN and Inf rows get index 0 like the Triton kernel and the torch backend."""
+    from fastvq._search_triton import vq_search_triton
+
+    z = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
+    z[3] = float("nan")
+    z[7, 5] = float("inf")
+    codebook = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16)
+    ref = vq_search_triton(z, codebook, kernel="triton")
+    monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "gluon")
+    got = vq_search_triton(z, codebook)
+    assert got[0][3] == 0 and got[0][7] == ref[0][7] == 0
+    finite = torch.ones(300, dtype=torch.bool, device="cuda")
+    finite[[3, 7]] = False
+    assert (got[0][finite] == ref[0][finite]).float().mean().item() > 0.99
+
+
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 256])
+def test_gluon_kernel_passes_its_first_use_check(dtype, d):
+    """The default ("auto") runs the Gluon kernel on sm_90 only after this check passes."""
+    from fastvq import _search_triton as vs
+
+    vs._GLUON_CHECKED.clear()
+    assert vs.gluon_checked(torch.device("cuda", torch.cuda.current_device()), dtype, d)
+
+
 @pytest.mark.parametrize("d", [64, 256])
 @pytest.mark.parametrize(
     "dtype, precision",
@@ -168,73 +240,3 @@ def test_autotuned_kernel_matches_default(monkeypatch):
     monkeypatch.setenv("FASTVQ_AUTOTUNE", "1")
     got = vq_search_triton(z, codebook)
     assert (got[0] == ref[0]).float().mean().item() > 0.999
-
-
-sm90 = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-    reason="the Gluon search kernel is for sm_90",
-)
-
-
-@sm90
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize(
-    "n, k, d",
-    [(8192, 16384, 64), (8192, 16384, 256), (333, 1000, 40), (1, 65, 8), (5000, 300, 128),
-     (300, 856, 64), (300, 856, 256)],
-)  # fmt: skip
-def test_gluon_kernel_matches_triton_and_fp64(monkeypatch, n, k, d, dtype):
-    """kernels/vq_search_sm90.py against the Triton kernel and the fp64 oracle: odd N, a partial
-    last tile, D below the tile, split-K (small N), 7 tiles (a round of stages, then a pair and
-    an odd tile at the next barrier phase), z_q and the squared error."""
-    from fastvq._search_triton import plan_search, vq_search_triton
-
-    torch.manual_seed(0)
-    z = torch.randn(n, d, device="cuda").to(dtype)
-    codebook = torch.randn(k, d, device="cuda").to(dtype)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert plan_search(n, k, d, dtype, dtype, arch=90, num_sms=sms, kernel="gluon").gluon
-    ref = vq_search_triton(z, codebook, kernel="triton")
-    monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "gluon")
-    idx, z_q, err = vq_search_triton(z, codebook)
-    top2, oracle = _oracle_top2(z, codebook)
-    z64, c64 = z.double(), codebook.double()
-    tau = 8 * (d**0.5 + 2) * torch.finfo(torch.float32).eps
-    clear = (top2[:, 1] - top2[:, 0]) > tau * (z64.square().sum(1) + c64.square().sum(1).max())
-    assert not ((idx != oracle) & clear).any()
-    # both kernels accumulate in fp32 on tensor cores: they may differ on near-ties only
-    assert not ((idx != ref[0]) & clear).any()
-    assert torch.equal(z_q, codebook[idx])
-    torch.testing.assert_close(err, (z.float() - codebook[idx].float()).square().sum(1))
-    _record(f"gluon-{n}x{k}x{d}-{str(dtype).split('.')[-1]}", {
-        "differs_from_triton": int((idx != ref[0]).sum()), "near_tie_rows": int((~clear).sum()),
-    })  # fmt: skip
-
-
-@sm90
-def test_gluon_kernel_non_finite_rows(monkeypatch):
-    """NaN and Inf rows get index 0 like the Triton kernel and the torch backend."""
-    from fastvq._search_triton import vq_search_triton
-
-    z = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
-    z[3] = float("nan")
-    z[7, 5] = float("inf")
-    codebook = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16)
-    ref = vq_search_triton(z, codebook, kernel="triton")
-    monkeypatch.setenv("FASTVQ_SEARCH_KERNEL", "gluon")
-    got = vq_search_triton(z, codebook)
-    assert got[0][3] == 0 and got[0][7] == ref[0][7] == 0
-    finite = torch.ones(300, dtype=torch.bool, device="cuda")
-    finite[[3, 7]] = False
-    assert (got[0][finite] == ref[0][finite]).float().mean().item() > 0.99
-
-
-@sm90
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("d", [64, 256, 40])
-def test_gluon_kernel_passes_its_first_use_check(dtype, d):
-    """The default ("auto") runs the Gluon kernel on sm_90 only after this check passes."""
-    from fastvq import _search_triton as vs
-
-    vs._GLUON_CHECKED.clear()
-    assert vs.gluon_checked(torch.device("cuda", torch.cuda.current_device()), dtype, d)
