@@ -90,6 +90,15 @@ def find(static: dict, arch: int, name: str) -> dict:
 
 
 def tile_cycles(rec: dict, dev: dict, d: int, precision: str | None, ez: int, ec: int) -> dict:
+    """Cycles of one code tile of one program: tensor, epilogue and L2 (see the module docstring).
+
+    The sm_90 Gluon search (``kernel`` "search_gluon", kernels/vq_search_sm90.py) differs in
+    four places: its loop covers one tile per stage (``tiles_per_trip``: the counts are divided
+    by it), each tile's MMA has a 16-wide norm step on top of D, its norms come as 16 bf16
+    pieces per code, and tiles go in pairs whose first epilogue runs under the second tile's
+    MMAs while the second's runs alone (one program per SM): a pair takes T + max(T, E) + E, or
+    the L2 time of its two tiles.
+    """
     bn, bk, bd = rec["meta"]["config"][:3]
     warps = rec["num_warps"]
     d_eff = math.ceil(d / bd) * bd
@@ -97,48 +106,33 @@ def tile_cycles(rec: dict, dev: dict, d: int, precision: str | None, ez: int, ec
     outer, inner = loop.get("outer") or {}, loop.get("inner")
     reps = math.ceil(d / bd) if inner else 1
     cnt = {c: outer.get(c, 0) + (inner[c] * reps if inner else 0) for c in outer}
-    if rec.get("kernel") == "search_gluon":
-        return _gluon_tile_cycles(rec, dev, cnt, bn, bk, d_eff, warps, ec)
+    gluon = rec.get("kernel") == "search_gluon"
+    if gluon:
+        cnt = {c: v / rec["tiles_per_trip"] for c, v in cnt.items()}
     mult = 3 if precision == "tf32x3" else 1
     if precision == "ieee":
         tensor = 0.0
     else:
         rate = dev["bf16"] if precision is None else dev["tf32"]
-        tensor = 2 * bn * bk * d_eff * mult / rate
+        tensor = 2 * bn * bk * (d_eff + 16 * gluon) * mult / rate
     fma = cnt.get("fma", 0) * warps * 32 / 128
     alu = sum(cnt.get(c, 0) for c in ALU_CLASSES) * warps * 32 / 64
     issue = sum(cnt.values()) * warps / 4
     epi = max(fma, alu, issue)
     one_d = rec["meta"].get("one_d", False)
-    l2_bytes = bk * d_eff * ec + (0 if one_d else bn * d_eff * ez) + 4 * bk
+    norm_bytes = 16 * 2 if gluon else 4  # per code: bf16 pieces, or one fp32 norm
+    l2_bytes = bk * d_eff * ec + (0 if one_d else bn * d_eff * ez) + norm_bytes * bk
     l2_bpc = dev["l2_tbs"] * 1e12 / dev["sms"] / (dev["ghz"] * 1e9)
     mem = l2_bytes / l2_bpc
     b = rec["blocks_per_sm"]
-    t = max(tensor, epi, mem) if b >= 2 else max(tensor + epi, mem)
-    bound = max((tensor, "tensor"), (epi, "epilogue"), (mem, "L2"))[1]
+    if gluon:
+        t = max((tensor + max(tensor, epi) + epi) / 2, mem)
+        bound = "L2" if mem >= t else ("tensor" if tensor >= epi else "epilogue")
+    else:
+        t = max(tensor, epi, mem) if b >= 2 else max(tensor + epi, mem)
+        bound = max((tensor, "tensor"), (epi, "epilogue"), (mem, "L2"))[1]
     return dict(tensor=tensor, fma=fma, alu=alu, issue=issue, epilogue=epi, l2=mem, tile=t,
                 blocks_per_sm=b, bound=bound)  # fmt: skip
-
-
-def _gluon_tile_cycles(rec, dev, cnt, bn, bk, d_eff, warps, ec) -> dict:
-    """The sm_90 Gluon search (kernels/vq_search_sm90.py): its loop covers one tile per stage
-    (``tiles_per_trip`` in the record; the counts are divided by it), each tile's MMA has a
-    16-wide norm step on top of D, and tiles go in pairs whose first epilogue runs under the
-    second tile's MMAs while the second's runs alone (one program per SM): a pair takes
-    T + max(T, E) + E, or the L2 time of its two tiles."""
-    per = {c: v / rec["tiles_per_trip"] for c, v in cnt.items()}
-    tiles = 2  # per pair
-    tensor = 2 * bn * bk * (d_eff + 16) / dev["bf16"]
-    fma = per.get("fma", 0) * warps * 32 / 128
-    alu = sum(per.get(c, 0) for c in ALU_CLASSES) * warps * 32 / 64
-    issue = sum(per.values()) * warps / 4
-    epi = max(fma, alu, issue)
-    l2_bytes = bk * d_eff * ec + bk * 16 * 2
-    mem = l2_bytes / (dev["l2_tbs"] * 1e12 / dev["sms"] / (dev["ghz"] * 1e9))
-    t = max((tensor + max(tensor, epi) + epi) / tiles, mem)
-    bound = "L2" if mem >= t else ("tensor" if tensor >= epi else "epilogue")
-    return dict(tensor=tensor, fma=fma, alu=alu, issue=issue, epilogue=epi, l2=mem, tile=t,
-                blocks_per_sm=rec["blocks_per_sm"], bound=bound)  # fmt: skip
 
 
 def candidates(static: dict, arch: int, prefix: str, d: int) -> list[dict]:
