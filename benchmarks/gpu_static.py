@@ -319,19 +319,36 @@ def compile_one(b: Binary) -> dict:
     return rec
 
 
+def _wgmma_events(sass: str):
+    """(op, depbar) per HGMMA and per wgmma wait, in program order, read with ``_LINE`` (the
+    parser analyse_sass uses): op is "HGMMA" (depbar: whether it closes a group, ``gsb0``) or
+    "WAIT" (depbar: the N of ``WARPGROUP.DEPBAR.LE gsb0, N``, the groups left in flight); any
+    other instruction comes as (its opcode, None)."""
+    for line in sass.splitlines():
+        m = _LINE.search(line)
+        if not m:
+            continue
+        op, suffix, operands = m.group(3), m.group(4), m.group(5)
+        if op == "HGMMA":
+            yield "HGMMA", "gsb0" in operands
+        elif op == "WARPGROUP" and suffix == ".DEPBAR.LE":
+            yield "WAIT", int(operands.split(",")[-1], 16)
+        else:
+            yield op, None
+
+
 def wgmma_serialised(sass: str) -> bool:
     """Whether ptxas serialised the wgmma chains (its advisory C7514): then every HGMMA closes its
     own group (``gsb0``) and is waited for (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) before the next
     HGMMA issues, so no dot overlaps anything. (A chain of one HGMMA per group, as at D <= 16,
     also closes every group; it is serialised only if each is waited for at once.)"""
-    ops = re.findall(r"(HGMMA[^;]*|WARPGROUP\.DEPBAR\.LE gsb0, 0x0)\s*;", sass)
-    mma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
-    if len(mma) < 2 or not all("gsb0" in ops[i] for i in mma):
+    ev = [(op, x) for op, x in _wgmma_events(sass) if op == "HGMMA" or (op == "WAIT" and x == 0)]
+    mma = [i for i, (op, _) in enumerate(ev) if op == "HGMMA"]
+    if len(mma) < 2 or not all(ev[i][1] for i in mma):
         return False
-    return all(i + 1 < len(ops) and ops[i + 1].startswith("WARPGROUP") for i in mma)
+    return all(i + 1 < len(ev) and ev[i + 1][0] == "WAIT" for i in mma)
 
 
-_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)")
 # what a search epilogue is made of (not loop control: integer compares and selects are not)
 EPILOGUE_OPS = {"FMNMX", "FSEL", "FSETP", "SHFL"}
 
@@ -342,21 +359,14 @@ def epilogue_under_mma(sass: str) -> list[int]:
     (N = 0), i.e. the epilogue work that runs while those MMAs do. The TTGIR's pendings say the
     program allows it; this says how much of it ptxas kept there."""
     out, inside = [], None
-    for line in sass.splitlines():
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if not m:
-            continue
-        ins = m.group(1).strip()
-        dep = _DEPBAR.search(ins)
-        if dep:
-            if int(dep.group(1), 16) > 0:
+    for op, x in _wgmma_events(sass):
+        if op == "WAIT":
+            if x > 0:
                 inside = 0
             elif inside is not None:
                 out.append(inside)
                 inside = None
-            continue
-        if inside is not None:
-            op = (ins.split()[1] if ins.startswith("@") else ins.split()[0]).split(".")[0]
+        elif inside is not None:
             inside += op in EPILOGUE_OPS
     return out
 
