@@ -242,10 +242,8 @@ def _gluon_probe(device: torch.device, dtype: torch.dtype, d: int) -> bool | Non
     why = None
     for k, splits in ((1000, 1), (1000, 3), (856, 1)):
         c = codes[:k]
-        dist = torch.cdist(z.double(), c.double()).square()
-        pos = torch.arange(k, device=device, dtype=torch.float64)
-        top = dist.min(dim=1, keepdim=True).values
-        oracle = torch.where(dist == top, pos, float("inf")).min(dim=1).values.long()
+        # argmin returns the first of equal minima: ties go to the lowest index
+        oracle = torch.cdist(z.double(), c.double()).square().argmin(dim=1)
         try:
             idx, z_q, _ = vq_search_triton(z, c, splits=splits, kernel="gluon")
         except torch.cuda.OutOfMemoryError:
@@ -322,6 +320,8 @@ def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, 
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from fastvq.kernels.vq_search_sm90 import stages_for
+
     cfg = plan.config
     n, d = rows_s.shape
     k = codes_s.shape[0]
@@ -350,8 +350,6 @@ def gluon_launch(plan, z2d, codebook, rows_s, codes_s, cnorm, part_i, z_q, err, 
         z2d.stride(0), z2d.stride(1), codebook.stride(0), codebook.stride(1),
         z_q.stride(0), z_q.stride(1),
     )  # fmt: skip
-    from fastvq.kernels.vq_search_sm90 import stages_for
-
     flags = dict(STORE_ZQ=plan.store_zq, SPLIT_K=plan.splits > 1, STAGES=stages_for(cfg.block_d))
     return args, flags
 
